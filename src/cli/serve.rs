@@ -1,0 +1,74 @@
+//! `fencegate serve`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::{Config, ConfigError, Overrides};
+use crate::server::App;
+use crate::shutdown;
+
+/// The environment variable that holds the admin token (kept out of flags, so it is not visible in
+/// the process list).
+pub const ADMIN_TOKEN_ENV: &str = "FENCEGATE_ADMIN_TOKEN";
+
+/// Flags of `fencegate serve`; each also reads a `FENCEGATE_*` environment variable.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "FENCEGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data-plane address [default: 127.0.0.1:8080].
+    #[arg(long, env = "FENCEGATE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin-plane address [default: 127.0.0.1:9090].
+    #[arg(long, env = "FENCEGATE_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Without --config: one catch-all route to URL, resource `default`. With it: every route's upstream.
+    #[arg(long, env = "FENCEGATE_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// SQLite database file [default: fencegate.db].
+    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE")]
+    pub db: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Loads and validates the configuration these flags describe.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let overrides = Overrides {
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            upstream: self.upstream.clone(),
+            database: self.db.clone(),
+            admin_token: std::env::var(ADMIN_TOKEN_ENV).ok(),
+        };
+        Config::load(self.config.as_deref(), overrides)
+    }
+}
+
+/// Runs the server on a multi-threaded runtime until SIGINT or SIGTERM.
+pub fn run(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("fencegate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let app = App::build(config).await?;
+        app.run_until_stopped(shutdown::signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("fencegate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! Configuration: one typed [`Config`], loaded and fully validated before anything binds.
+//!
+//! Layering: the TOML file, then `FENCEGATE_*` environment variables, then flags (clap reads the
+//! environment variables for the flags that have them, so both arrive here as [`Overrides`]).
+//! Every error names the key that is wrong and what would be right.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use serde::Deserialize;
+
+use crate::proxy::Upstream;
+use crate::route::{DEFAULT_FENCED_METHODS, Route, RoutePolicy, RouteTable};
+
+/// Where the data plane listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the admin plane listens unless told otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// The SQLite file, relative to the working directory.
+pub const DEFAULT_DATABASE: &str = "fencegate.db";
+/// How long an upstream may take to answer before the client gets 504.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a torn-down upstream request keeps newer tokens back: the upstream may still apply it.
+pub const DEFAULT_IN_DOUBT_GRACE: Duration = Duration::from_secs(1);
+/// The largest request body forwarded: 16 MiB.
+pub const DEFAULT_MAX_BODY: u64 = 16 * 1024 * 1024;
+/// How long a graceful shutdown waits for in-flight requests.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The resource of the catch-all route that `--upstream` makes without a config file.
+pub const DEFAULT_RESOURCE: &str = "default";
+
+/// The admin bearer token. Never shown by `Debug` or in logs.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Whether `presented` is this token, compared in time independent of where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        let mut difference = expected.len() ^ presented.len();
+        for (i, byte) in expected.iter().enumerate() {
+            difference |= usize::from(byte ^ presented.get(i).copied().unwrap_or(0));
+        }
+        difference == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// The validated configuration of `fencegate serve`.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub database: PathBuf,
+    pub admin_token: Option<AdminToken>,
+    pub upstream_timeout: Duration,
+    pub in_doubt_grace: Duration,
+    pub max_body: u64,
+    pub shutdown_grace: Duration,
+    pub routes: RouteTable,
+}
+
+/// Values from flags and the environment; each one, when present, wins over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    /// Without a file: one catch-all route to this URL. With a file: replaces every route's upstream.
+    pub upstream: Option<String>,
+    pub database: Option<PathBuf>,
+    pub admin_token: Option<String>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+    #[error("no routes: pass --upstream URL, or --config FILE with at least one [[routes]] entry")]
+    NoRoutes,
+}
+
+fn invalid(key: impl Into<String>, problem: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.to_string(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    database: Option<PathBuf>,
+    admin_token: Option<String>,
+    upstream_timeout: Option<String>,
+    in_doubt_grace: Option<String>,
+    max_body: Option<Size>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    path: String,
+    upstream: String,
+    resource: String,
+    fenced_methods: Option<Vec<String>>,
+    #[serde(default)]
+    fence_reads: bool,
+    max_token_jump: Option<u64>,
+}
+
+/// `max_body = 1048576` and `max_body = "16MiB"` both work.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Config {
+    /// Loads `file` (if any) and applies `overrides`.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let parsed = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                parse_file(&text, path)?
+            }
+            None => FileConfig::default(),
+        };
+        build(parsed, file.is_some(), overrides)
+    }
+
+    /// Parses configuration text as if read from `origin` (used by tests and `check-config`).
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        overrides: Overrides,
+    ) -> Result<Config, ConfigError> {
+        build(parse_file(text, origin)?, true, overrides)
+    }
+}
+
+fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Config, ConfigError> {
+    let listen = address("listen", overrides.listen.or(file.listen), DEFAULT_LISTEN)?;
+    let admin_listen = address(
+        "admin_listen",
+        overrides.admin_listen.or(file.admin_listen),
+        DEFAULT_ADMIN_LISTEN,
+    )?;
+    let admin_token = match overrides.admin_token.or(file.admin_token) {
+        Some(token) if token.trim().is_empty() => {
+            return Err(invalid("admin_token", "must not be empty"));
+        }
+        Some(token) => Some(AdminToken(token)),
+        None => None,
+    };
+    if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+        return Err(invalid(
+            "admin_listen",
+            format!(
+                "{admin_listen} is not a loopback address, and no admin_token is set; \
+                 set admin_token (or FENCEGATE_ADMIN_TOKEN) before exposing the admin plane"
+            ),
+        ));
+    }
+    let routes = routes(file.routes, from_file, overrides.upstream.as_deref())?;
+    Ok(Config {
+        listen,
+        admin_listen,
+        database: overrides
+            .database
+            .or(file.database)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
+        admin_token,
+        upstream_timeout: duration(
+            "upstream_timeout",
+            file.upstream_timeout,
+            DEFAULT_UPSTREAM_TIMEOUT,
+        )?,
+        in_doubt_grace: duration(
+            "in_doubt_grace",
+            file.in_doubt_grace,
+            DEFAULT_IN_DOUBT_GRACE,
+        )?,
+        max_body: size("max_body", file.max_body, DEFAULT_MAX_BODY)?,
+        shutdown_grace: duration(
+            "shutdown_grace",
+            file.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+        )?,
+        routes,
+    })
+}
+
+fn address(key: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let text = value.as_deref().unwrap_or(default);
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an IP:port address, such as {default}"),
+        )
+    })
+}
+
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(&text).map_err(|e| {
+            invalid(
+                key,
+                format!("{text:?} is not a duration such as \"30s\" or \"1m\" ({e})"),
+            )
+        }),
+    }
+}
+
+fn size(key: &str, value: Option<Size>, default: u64) -> Result<u64, ConfigError> {
+    let bytes = match value {
+        None => default,
+        Some(Size::Bytes(bytes)) => bytes,
+        Some(Size::Text(text)) => text
+            .parse::<bytesize::ByteSize>()
+            .map_err(|_| {
+                invalid(
+                    key,
+                    format!("{text:?} is not a size such as \"16MiB\" or 1048576"),
+                )
+            })?
+            .as_u64(),
+    };
+    if bytes == 0 {
+        return Err(invalid(key, "must be more than 0 bytes"));
+    }
+    Ok(bytes)
+}
+
+fn routes(
+    file_routes: Vec<FileRoute>,
+    from_file: bool,
+    upstream: Option<&str>,
+) -> Result<RouteTable, ConfigError> {
+    if !from_file || file_routes.is_empty() {
+        if from_file {
+            return Err(ConfigError::NoRoutes);
+        }
+        let url = upstream.ok_or(ConfigError::NoRoutes)?;
+        let upstream = url
+            .parse::<Upstream>()
+            .map_err(|e| invalid("--upstream", e))?;
+        let policy = RoutePolicy {
+            fenced_methods: DEFAULT_FENCED_METHODS.to_vec(),
+            fence_reads: false,
+            max_token_jump: None,
+        };
+        let route = Route::new("/{*rest}", upstream, DEFAULT_RESOURCE, policy)
+            .map_err(|e| invalid("--upstream", e))?;
+        return Ok(RouteTable::new(vec![route]));
+    }
+    let routes = file_routes
+        .into_iter()
+        .enumerate()
+        .map(|(index, route)| build_route(index, route, upstream))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RouteTable::new(routes))
+}
+
+fn build_route(
+    index: usize,
+    route: FileRoute,
+    upstream_override: Option<&str>,
+) -> Result<Route, ConfigError> {
+    let key = |field: &str| format!("routes[{index}].{field}");
+    let (upstream_key, url) = match upstream_override {
+        Some(url) => ("--upstream".to_owned(), url),
+        None => (key("upstream"), route.upstream.as_str()),
+    };
+    let upstream = url
+        .parse::<Upstream>()
+        .map_err(|e| invalid(upstream_key, e))?;
+    let fenced_methods = match route.fenced_methods {
+        None => DEFAULT_FENCED_METHODS.to_vec(),
+        Some(names) => methods(&key("fenced_methods"), &names)?,
+    };
+    if route.max_token_jump == Some(0) {
+        return Err(invalid(
+            key("max_token_jump"),
+            "must be at least 1, or left out for no limit",
+        ));
+    }
+    let policy = RoutePolicy {
+        fenced_methods,
+        fence_reads: route.fence_reads,
+        max_token_jump: route.max_token_jump,
+    };
+    Route::new(&route.path, upstream, &route.resource, policy).map_err(|e| match e {
+        crate::route::RouteError::Path(problem) => {
+            invalid(key("path"), format!("{:?} {problem}", route.path))
+        }
+        other => invalid(key("resource"), other),
+    })
+}
+
+fn methods(key: &str, names: &[String]) -> Result<Vec<Method>, ConfigError> {
+    if names.is_empty() {
+        return Err(invalid(
+            key,
+            "must name at least one method, such as [\"PUT\"]",
+        ));
+    }
+    names
+        .iter()
+        .map(|name| {
+            // Methods are case-sensitive: "put" would silently leave PUT unfenced.
+            if name.is_empty() || *name != name.to_ascii_uppercase() {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} is not an upper-case method name such as \"PUT\""),
+                ));
+            }
+            Method::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(key, format!("{name:?} is not a method name")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"), Overrides::default())
+    }
+
+    fn error(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    const ROUTE: &str = r#"
+[[routes]]
+path = "/wallets/{id}"
+upstream = "http://127.0.0.1:5984"
+resource = "wallet:{id}"
+"#;
+
+    #[test]
+    fn contract_example_loads_with_its_values() {
+        let config = load(
+            r#"
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+database = "fencegate.db"
+upstream_timeout = "30s"
+in_doubt_grace = "1s"
+max_body = "16MiB"
+
+[[routes]]
+path = "/wallets/{id}"
+upstream = "http://127.0.0.1:5984"
+resource = "wallet:{id}"
+fenced_methods = ["POST", "PUT", "PATCH", "DELETE"]
+fence_reads = false
+max_token_jump = 1000000
+
+[[routes]]
+path = "/{*rest}"
+upstream = "http://127.0.0.1:5984"
+resource = "default"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.max_body, 16 * 1024 * 1024);
+        assert_eq!(config.in_doubt_grace, Duration::from_secs(1));
+        assert_eq!(config.routes.routes().len(), 2);
+        assert_eq!(config.routes.routes()[0].max_token_jump(), Some(1_000_000));
+    }
+
+    #[test]
+    fn defaults_apply_when_keys_are_absent() {
+        let config = load(ROUTE).unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.admin_listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+        assert_eq!(config.database, PathBuf::from(DEFAULT_DATABASE));
+        assert_eq!(config.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(config.max_body, DEFAULT_MAX_BODY);
+        assert!(config.admin_token.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert!(error("colour = \"blue\"").contains("unknown field `colour`"));
+        let in_route = error(&format!("{ROUTE}shape = 1"));
+        assert!(in_route.contains("unknown field `shape`"), "{in_route}");
+    }
+
+    #[test]
+    fn placeholder_the_path_does_not_capture_names_the_key() {
+        let text = ROUTE.replace("wallet:{id}", "wallet:{nope}");
+        assert_eq!(
+            error(&text),
+            "routes[0].resource: uses {nope}, which path /wallets/{id} does not capture"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                ROUTE.replace("http://127.0.0.1:5984", "not a url"),
+                "routes[0].upstream",
+            ),
+            (
+                ROUTE.replace("http://127.0.0.1:5984", "https://x"),
+                "routes[0].upstream",
+            ),
+            (
+                ROUTE.replace("/wallets/{id}", "wallets/{id}"),
+                "routes[0].path",
+            ),
+            (
+                format!("upstream_timeout = \"soon\"\n{ROUTE}"),
+                "upstream_timeout",
+            ),
+            (
+                format!("in_doubt_grace = \"-1s\"\n{ROUTE}"),
+                "in_doubt_grace",
+            ),
+            (format!("max_body = \"lots\"\n{ROUTE}"), "max_body"),
+            (format!("listen = \"localhost\"\n{ROUTE}"), "listen"),
+            (
+                format!("{ROUTE}fenced_methods = [\"put\"]"),
+                "routes[0].fenced_methods",
+            ),
+            (
+                format!("{ROUTE}fenced_methods = []"),
+                "routes[0].fenced_methods",
+            ),
+            (
+                format!("{ROUTE}max_token_jump = 0"),
+                "routes[0].max_token_jump",
+            ),
+        ];
+        for (text, key) in cases {
+            let message = error(&text);
+            assert!(message.starts_with(&format!("{key}: ")), "{key}: {message}");
+        }
+    }
+
+    #[test]
+    fn file_without_routes_is_refused() {
+        assert!(matches!(
+            load("listen = \"127.0.0.1:1\""),
+            Err(ConfigError::NoRoutes)
+        ));
+        assert!(matches!(
+            Config::load(None, Overrides::default()),
+            Err(ConfigError::NoRoutes)
+        ));
+    }
+
+    #[test]
+    fn upstream_flag_alone_makes_a_catch_all_default_route() {
+        let overrides = Overrides {
+            upstream: Some("http://127.0.0.1:7000".into()),
+            ..Overrides::default()
+        };
+        let config = Config::load(None, overrides).unwrap();
+        let resolved = config.routes.resolve("/any/path").unwrap();
+        assert_eq!(resolved.resource.as_str(), DEFAULT_RESOURCE);
+        assert_eq!(
+            resolved.route.upstream().to_string(),
+            "http://127.0.0.1:7000"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:1234".into()),
+            database: Some("other.db".into()),
+            upstream: Some("http://127.0.0.1:7000".into()),
+            ..Overrides::default()
+        };
+        let config = Config::from_toml(
+            &format!("listen = \"127.0.0.1:1\"\n{ROUTE}"),
+            Path::new("t"),
+            overrides,
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 1234);
+        assert_eq!(config.database, PathBuf::from("other.db"));
+        assert_eq!(
+            config.routes.routes()[0].upstream().to_string(),
+            "http://127.0.0.1:7000"
+        );
+    }
+
+    #[test]
+    fn exposed_admin_plane_needs_a_token() {
+        let exposed = format!("admin_listen = \"0.0.0.0:9090\"\n{ROUTE}");
+        assert!(
+            error(&exposed).starts_with("admin_listen: 0.0.0.0:9090 is not a loopback address")
+        );
+        let with_token = format!("admin_token = \"s3cret\"\n{exposed}");
+        let config = load(&with_token).unwrap();
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "the token must not show in Debug"
+        );
+    }
+
+    #[test]
+    fn admin_token_comparison_is_exact() {
+        let token = AdminToken("abc".into());
+        assert!(token.matches(b"abc"));
+        assert!(!token.matches(b"abd"));
+        assert!(!token.matches(b"ab"));
+        assert!(!token.matches(b"abcd"));
+        assert!(!token.matches(b""));
+    }
+}

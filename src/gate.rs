@@ -1,0 +1,446 @@
+//! The gate: per resource, the only place that decides whether a fenced request may be forwarded.
+//!
+//! Each resource has a [`Slot`] in memory holding its durable highest token, the token that is
+//! currently *open* (whose requests may be forwarded), how many forwarded requests are in flight,
+//! and until when a torn-down request stays *in doubt*. All in-flight requests carry the open
+//! token, because a new token opens only when none are left. That gives the contract's guarantee:
+//!
+//! - A request with the open token takes a [`Permit`] at once: a short mutex section, no I/O.
+//! - A higher token is first made durable through the store, then waits until the in-flight count
+//!   is zero and the in-doubt deadline has passed, and only then opens. Any request that is lower
+//!   than the highest by then (superseded while it waited) is refused and never forwarded.
+//! - A lower token is refused.
+//!
+//! The forwarding permit is held until the upstream has answered; dropping it without
+//! [`Permit::settle`] (a torn-down request) puts the resource in doubt for `in_doubt_grace`.
+//!
+//! Idle slots are evicted by [`Gate::evict_idle`] and reloaded from the database on next use.
+
+use std::cmp::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, OnceCell};
+use tokio::time::Instant;
+
+use crate::route::ResourceKey;
+use crate::store::{Advance, Store, StoreError, Via};
+use crate::token::FencingToken;
+
+/// How a token compares with a resource's highest: the pure check at the heart of fencing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Lower than the highest: a zombie's request.
+    Stale { highest: FencingToken },
+    /// Equal to the highest: the current leader.
+    Current,
+    /// Above the highest, or the first token the resource sees: a new leader.
+    Newer,
+}
+
+/// Compares `token` with the resource's highest (`None` if the resource was never seen).
+pub fn judge(highest: Option<FencingToken>, token: FencingToken) -> Verdict {
+    match highest.map(|highest| (highest, token.cmp(&highest))) {
+        Some((highest, Ordering::Less)) => Verdict::Stale { highest },
+        Some((_, Ordering::Equal)) => Verdict::Current,
+        None | Some((_, Ordering::Greater)) => Verdict::Newer,
+    }
+}
+
+/// Refuses a token further above `highest` than `max_jump` allows. A resource's first token is
+/// never a jump: there is nothing to measure it from.
+pub fn check_jump(
+    highest: Option<FencingToken>,
+    token: FencingToken,
+    max_jump: Option<u64>,
+) -> Result<(), Refusal> {
+    match (highest, max_jump) {
+        (Some(highest), Some(limit)) if token.get().saturating_sub(highest.get()) > limit => {
+            Err(Refusal::Jump { highest, limit })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why the gate refused a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("token is lower than the highest token {highest}")]
+    Stale { highest: FencingToken },
+    #[error("token is more than {limit} above the highest token {highest}")]
+    Jump { highest: FencingToken, limit: u64 },
+    #[error("the token is no longer the durable highest; retry")]
+    NotDurable,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How long a slot must go unused before [`Gate::evict_idle`] may drop it.
+pub const IDLE_EVICTION: Duration = Duration::from_secs(60);
+
+/// The per-resource ordering gate. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    slots: DashMap<ResourceKey, Arc<Slot>>,
+    store: Store,
+    in_doubt_grace: Duration,
+}
+
+impl Gate {
+    /// A gate whose durable state lives in `store`.
+    pub fn new(store: Store, in_doubt_grace: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                slots: DashMap::new(),
+                store,
+                in_doubt_grace,
+            }),
+        }
+    }
+
+    /// Admits a fenced request with `token` for `resource`, waiting as long as the ordering
+    /// guarantee requires. The returned permit must live until the upstream has answered.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn admit(
+        &self,
+        resource: &ResourceKey,
+        token: FencingToken,
+        max_jump: Option<u64>,
+    ) -> Result<Permit, Refusal> {
+        let slot = self.slot(resource).await?;
+        let newer = {
+            let mut state = slot.lock();
+            match judge(state.highest, token) {
+                Verdict::Stale { highest } => return Err(Refusal::Stale { highest }),
+                Verdict::Current if state.open == Some(token) => {
+                    state.enter();
+                    drop(state);
+                    return Ok(self.permit(slot));
+                }
+                // An advance to this token is still draining older requests: wait with it.
+                Verdict::Current => false,
+                Verdict::Newer => {
+                    check_jump(state.highest, token, max_jump)?;
+                    true
+                }
+            }
+        };
+        if newer {
+            self.make_durable(&slot, resource, token, Via::Write)
+                .await?;
+        }
+        self.wait_for_turn(slot, token).await
+    }
+
+    /// Raises `resource`'s highest token to `token` without forwarding anything, as a new leader
+    /// does at election time. Returns the highest once it is durable and every older in-flight
+    /// request has drained.
+    #[tracing::instrument(skip(self))]
+    pub async fn fence(
+        &self,
+        resource: &ResourceKey,
+        token: FencingToken,
+    ) -> Result<FencingToken, Refusal> {
+        let slot = self.slot(resource).await?;
+        let highest = slot.lock().highest;
+        if let Verdict::Stale { highest } = judge(highest, token) {
+            return Err(Refusal::Stale { highest });
+        }
+        self.make_durable(&slot, resource, token, Via::Fence)
+            .await?;
+        let permit = self.wait_for_turn(slot, token).await?;
+        Ok(permit.settle().unwrap_or(token))
+    }
+
+    /// The resource's highest token, loading it if it is not in memory.
+    pub async fn highest(
+        &self,
+        resource: &ResourceKey,
+    ) -> Result<Option<FencingToken>, StoreError> {
+        let slot = self.slot(resource).await?;
+        let highest = slot.lock().highest;
+        Ok(highest)
+    }
+
+    /// Drops the slots of resources that nobody has used for `idle_for` and that have nothing in
+    /// flight or in doubt; they reload from the database on next use. Returns how many were
+    /// dropped.
+    pub fn evict_idle(&self, idle_for: Duration) -> usize {
+        let now = Instant::now();
+        let before = self.inner.slots.len();
+        // A slot whose Arc is held elsewhere has a request in flight or waiting; the shard's write
+        // lock, held during `retain`, keeps anyone from taking a new reference meanwhile.
+        self.inner
+            .slots
+            .retain(|_, slot| Arc::strong_count(slot) > 1 || !slot.lock().is_idle(now, idle_for));
+        before.saturating_sub(self.inner.slots.len())
+    }
+
+    /// How many resources are held in memory.
+    pub fn resident(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    async fn slot(&self, resource: &ResourceKey) -> Result<Arc<Slot>, StoreError> {
+        let slot = match self.inner.slots.get(resource) {
+            Some(slot) => Arc::clone(&slot),
+            None => Arc::clone(
+                &self
+                    .inner
+                    .slots
+                    .entry(resource.clone())
+                    .or_insert_with(|| Arc::new(Slot::new())),
+            ),
+        };
+        slot.loaded
+            .get_or_try_init(|| async {
+                let highest = self.inner.store.load_highest(resource).await?;
+                let mut state = slot.lock();
+                state.highest = state.highest.max(highest);
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+        Ok(slot)
+    }
+
+    /// Makes `token` durable as the resource's highest. Runs as its own task so that memory
+    /// catches up with the database even if the request that asked is cancelled mid-commit:
+    /// otherwise a fence whose client hung up could be durable but not enforced until restart.
+    async fn make_durable(
+        &self,
+        slot: &Arc<Slot>,
+        resource: &ResourceKey,
+        token: FencingToken,
+        via: Via,
+    ) -> Result<(), Refusal> {
+        let store = self.inner.store.clone();
+        let slot = Arc::clone(slot);
+        let resource = resource.clone();
+        let durable = tokio::spawn(async move {
+            let highest = match store.advance(&resource, token, via).await? {
+                Advance::Raised { from } => {
+                    tracing::info!(%resource, from = from.map(FencingToken::get), to = %token, via = ?via, "epoch advanced");
+                    token
+                }
+                Advance::AlreadyAt { highest } => highest,
+            };
+            slot.raise_highest(highest);
+            Ok::<_, StoreError>(highest)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)??;
+        match judge(Some(durable), token) {
+            Verdict::Stale { highest } => Err(Refusal::Stale { highest }),
+            Verdict::Current | Verdict::Newer => Ok(()),
+        }
+    }
+
+    /// Waits until `token` (already durable) may be forwarded: no older request in flight or in
+    /// doubt. Refuses if a higher token became durable meanwhile.
+    async fn wait_for_turn(&self, slot: Arc<Slot>, token: FencingToken) -> Result<Permit, Refusal> {
+        loop {
+            // Registered before the state is read, so a release between the read and the await
+            // still wakes this waiter.
+            let notified = slot.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = match slot.lock().try_open(token, Instant::now()) {
+                Turn::Go => return Ok(self.permit(Arc::clone(&slot))),
+                Turn::Superseded { highest } => return Err(Refusal::Stale { highest }),
+                Turn::NotDurable => return Err(Refusal::NotDurable),
+                Turn::Wait { until } => until,
+            };
+            match deadline {
+                Some(deadline) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    fn permit(&self, slot: Arc<Slot>) -> Permit {
+        Permit {
+            slot,
+            in_doubt_grace: self.inner.in_doubt_grace,
+            settled: false,
+        }
+    }
+}
+
+/// The right to forward one request upstream. Hold it until the upstream has answered, then call
+/// [`Permit::settle`]. Dropped unsettled (the request was torn down, the upstream failed or timed
+/// out) it leaves the resource in doubt for `in_doubt_grace`: the upstream may still apply it.
+#[derive(Debug)]
+#[must_use = "dropping a permit at once marks its request as torn down"]
+pub struct Permit {
+    slot: Arc<Slot>,
+    in_doubt_grace: Duration,
+    settled: bool,
+}
+
+impl Permit {
+    /// The resource's highest token right now, for the `Fencing-Token-Highest` header.
+    pub fn highest(&self) -> Option<FencingToken> {
+        self.slot.lock().highest
+    }
+
+    /// The upstream has answered, or certainly never received the request. Returns the highest
+    /// token at this moment.
+    pub fn settle(mut self) -> Option<FencingToken> {
+        self.settled = true;
+        self.slot.leave(None)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.slot.leave(Some(self.in_doubt_grace));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    loaded: OnceCell<()>,
+    state: Mutex<EpochState>,
+    /// Signalled when a waiting higher token may be able to proceed or has been superseded.
+    changed: Notify,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            loaded: OnceCell::new(),
+            state: Mutex::new(EpochState::new()),
+            changed: Notify::new(),
+        }
+    }
+
+    /// The state is only ever changed in short sections that cannot panic, so a poisoned lock
+    /// still holds consistent state.
+    fn lock(&self) -> MutexGuard<'_, EpochState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn raise_highest(&self, durable: FencingToken) {
+        {
+            let mut state = self.lock();
+            state.highest = state.highest.max(Some(durable));
+        }
+        // Waiters with a lower token must learn that they have been superseded.
+        self.changed.notify_waiters();
+    }
+
+    fn leave(&self, in_doubt_for: Option<Duration>) -> Option<FencingToken> {
+        let (highest, wake) = {
+            let mut state = self.lock();
+            let wake = state.leave(Instant::now(), in_doubt_for);
+            (state.highest, wake)
+        };
+        if wake {
+            self.changed.notify_waiters();
+        }
+        highest
+    }
+}
+
+/// What [`EpochState::try_open`] decided for a waiting token.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    Go,
+    Superseded {
+        highest: FencingToken,
+    },
+    /// Cannot happen while the highest only rises; refusing keeps an undurable token from ever
+    /// being forwarded should that change.
+    NotDurable,
+    Wait {
+        until: Option<Instant>,
+    },
+}
+
+#[derive(Debug)]
+struct EpochState {
+    /// The durable highest token; `None` if the resource was never seen.
+    highest: Option<FencingToken>,
+    /// The token whose requests may be forwarded now. Every in-flight request carries it.
+    open: Option<FencingToken>,
+    in_flight: usize,
+    /// A torn-down request may still be applied upstream until then.
+    in_doubt_until: Option<Instant>,
+    last_used: Instant,
+}
+
+impl EpochState {
+    fn new() -> Self {
+        Self {
+            highest: None,
+            open: None,
+            in_flight: 0,
+            in_doubt_until: None,
+            last_used: Instant::now(),
+        }
+    }
+
+    fn enter(&mut self) {
+        self.in_flight += 1;
+        self.last_used = Instant::now();
+    }
+
+    /// Returns whether a waiter may now be able to proceed.
+    fn leave(&mut self, now: Instant, in_doubt_for: Option<Duration>) -> bool {
+        self.in_flight -= 1;
+        self.last_used = now;
+        if let Some(grace) = in_doubt_for {
+            let until = now + grace;
+            self.in_doubt_until = Some(self.in_doubt_until.map_or(until, |d| d.max(until)));
+        }
+        self.in_flight == 0 && self.highest != self.open
+    }
+
+    /// Opens `token` for forwarding if nothing older is in flight or in doubt. The caller made
+    /// `token` durable, so `highest` is at least `token`.
+    fn try_open(&mut self, token: FencingToken, now: Instant) -> Turn {
+        match judge(self.highest, token) {
+            Verdict::Stale { highest } => return Turn::Superseded { highest },
+            Verdict::Newer => return Turn::NotDurable,
+            Verdict::Current => {}
+        }
+        if self.open == Some(token) {
+            self.enter();
+            return Turn::Go;
+        }
+        if self.in_flight > 0 {
+            return Turn::Wait { until: None };
+        }
+        if let Some(until) = self.in_doubt_until.filter(|until| *until > now) {
+            return Turn::Wait { until: Some(until) };
+        }
+        self.open = Some(token);
+        self.in_doubt_until = None;
+        self.enter();
+        Turn::Go
+    }
+
+    fn is_idle(&self, now: Instant, idle_for: Duration) -> bool {
+        self.in_flight == 0
+            && self.in_doubt_until.is_none_or(|until| until <= now)
+            && now.duration_since(self.last_used) >= idle_for
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,229 @@
+use super::*;
+use crate::store::WriterGuard;
+use tokio::task::JoinHandle;
+
+fn t(value: u64) -> FencingToken {
+    FencingToken::new(value)
+}
+
+fn key(name: &str) -> ResourceKey {
+    ResourceKey::new(name)
+}
+
+struct Fixture {
+    gate: Gate,
+    _guard: WriterGuard,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(in_doubt_grace: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+    Fixture {
+        gate: Gate::new(store, in_doubt_grace),
+        _guard: guard,
+        _dir: dir,
+    }
+}
+
+fn admit_later(gate: &Gate, resource: &str, token: u64) -> JoinHandle<Result<Permit, Refusal>> {
+    let gate = gate.clone();
+    let resource = key(resource);
+    tokio::spawn(async move { gate.admit(&resource, t(token), None).await })
+}
+
+/// Waits (without assuming anything about timing) until `token` is the durable highest.
+async fn until_highest(gate: &Gate, resource: &str, token: u64) {
+    for _ in 0..5_000 {
+        if gate.highest(&key(resource)).await.unwrap() == Some(t(token)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{resource} never reached {token}");
+}
+
+/// Gives every other task on this single-threaded runtime many chances to run.
+async fn let_others_run() {
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[test]
+fn judge_compares_token_with_highest() {
+    assert_eq!(judge(Some(t(5)), t(4)), Verdict::Stale { highest: t(5) });
+    assert_eq!(judge(Some(t(5)), t(5)), Verdict::Current);
+    assert_eq!(judge(Some(t(5)), t(6)), Verdict::Newer);
+    assert_eq!(judge(None, t(0)), Verdict::Newer);
+}
+
+#[test]
+fn jump_limit_applies_only_above_a_known_highest() {
+    assert!(check_jump(Some(t(10)), t(110), Some(100)).is_ok());
+    assert!(matches!(
+        check_jump(Some(t(10)), t(111), Some(100)),
+        Err(Refusal::Jump { highest, limit: 100 }) if highest == t(10)
+    ));
+    assert!(check_jump(None, t(u64::MAX), Some(100)).is_ok());
+    assert!(check_jump(Some(t(0)), t(u64::MAX), None).is_ok());
+}
+
+#[tokio::test]
+async fn same_token_requests_are_admitted_together() {
+    let f = fixture(Duration::from_secs(1));
+    let first = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let second = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let third = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    for permit in [first, second, third] {
+        assert_eq!(permit.settle(), Some(t(1)));
+    }
+}
+
+#[tokio::test]
+async fn lower_token_is_refused_once_a_higher_one_is_durable() {
+    let f = fixture(Duration::from_secs(1));
+    f.gate.admit(&key("w"), t(2), None).await.unwrap().settle();
+    let refusal = f.gate.admit(&key("w"), t(1), None).await.unwrap_err();
+    assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(2)));
+}
+
+#[tokio::test]
+async fn higher_token_waits_until_older_in_flight_requests_settle() {
+    let f = fixture(Duration::from_secs(1));
+    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let new = admit_later(&f.gate, "w", 2);
+    until_highest(&f.gate, "w", 2).await;
+    let_others_run().await;
+    assert!(
+        !new.is_finished(),
+        "token 2 must not be forwarded while token 1 is in flight"
+    );
+
+    old.settle();
+    let permit = new.await.unwrap().unwrap();
+    assert_eq!(permit.highest(), Some(t(2)));
+}
+
+#[tokio::test]
+async fn resources_do_not_wait_on_each_other() {
+    let f = fixture(Duration::from_secs(1));
+    let _busy = f.gate.admit(&key("a"), t(1), None).await.unwrap();
+    let other = f.gate.admit(&key("b"), t(2), None).await.unwrap();
+    other.settle();
+}
+
+#[tokio::test]
+async fn requests_arriving_with_a_new_token_all_go_once_the_old_drain() {
+    let f = fixture(Duration::from_secs(1));
+    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let first = admit_later(&f.gate, "w", 2);
+    until_highest(&f.gate, "w", 2).await;
+    let second = admit_later(&f.gate, "w", 2);
+    let_others_run().await;
+    assert!(!first.is_finished() && !second.is_finished());
+
+    old.settle();
+    // Both permits are held at the same time: same-token requests never wait on each other.
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+    first.settle();
+    second.settle();
+}
+
+#[tokio::test]
+async fn waiter_superseded_by_an_even_higher_token_is_refused() {
+    let f = fixture(Duration::from_secs(1));
+    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let middle = admit_later(&f.gate, "w", 2);
+    until_highest(&f.gate, "w", 2).await;
+    let newest = admit_later(&f.gate, "w", 3);
+    until_highest(&f.gate, "w", 3).await;
+
+    let refusal = middle.await.unwrap().unwrap_err();
+    assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(3)));
+    let_others_run().await;
+    assert!(!newest.is_finished());
+    old.settle();
+    newest.await.unwrap().unwrap().settle();
+}
+
+#[tokio::test(start_paused = true)]
+async fn torn_down_request_holds_back_the_next_token_for_the_grace() {
+    let f = fixture(Duration::from_secs(10));
+    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    drop(old); // torn down: the upstream may still apply it
+    let new = admit_later(&f.gate, "w", 2);
+    until_highest(&f.gate, "w", 2).await;
+    let_others_run().await;
+    assert!(!new.is_finished());
+
+    tokio::time::advance(Duration::from_secs(8)).await;
+    let_others_run().await;
+    assert!(!new.is_finished(), "still inside the in-doubt grace");
+
+    tokio::time::advance(Duration::from_secs(3)).await;
+    new.await.unwrap().unwrap().settle();
+}
+
+#[tokio::test(start_paused = true)]
+async fn same_token_requests_are_not_held_back_by_a_torn_down_one() {
+    let f = fixture(Duration::from_secs(10));
+    drop(f.gate.admit(&key("w"), t(1), None).await.unwrap());
+    let again = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    again.settle();
+}
+
+#[tokio::test]
+async fn jump_beyond_the_route_limit_is_refused() {
+    let f = fixture(Duration::from_secs(1));
+    f.gate
+        .admit(&key("w"), t(10), Some(5))
+        .await
+        .unwrap()
+        .settle();
+    f.gate
+        .admit(&key("w"), t(15), Some(5))
+        .await
+        .unwrap()
+        .settle();
+    let refusal = f.gate.admit(&key("w"), t(21), Some(5)).await.unwrap_err();
+    assert!(matches!(refusal, Refusal::Jump { limit: 5, .. }));
+    assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(15)));
+}
+
+#[tokio::test]
+async fn fence_raises_the_highest_after_in_flight_writes_drain() {
+    let f = fixture(Duration::from_secs(1));
+    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let fence = {
+        let gate = f.gate.clone();
+        tokio::spawn(async move { gate.fence(&key("w"), t(7)).await })
+    };
+    until_highest(&f.gate, "w", 7).await;
+    let_others_run().await;
+    assert!(!fence.is_finished());
+    old.settle();
+    assert_eq!(fence.await.unwrap().unwrap(), t(7));
+
+    let stale = f.gate.fence(&key("w"), t(6)).await.unwrap_err();
+    assert!(matches!(stale, Refusal::Stale { highest } if highest == t(7)));
+    assert_eq!(f.gate.fence(&key("w"), t(7)).await.unwrap(), t(7));
+}
+
+#[tokio::test]
+async fn evicted_resources_reload_their_highest_from_the_database() {
+    let f = fixture(Duration::from_secs(1));
+    f.gate.admit(&key("a"), t(4), None).await.unwrap().settle();
+    let busy = f.gate.admit(&key("b"), t(9), None).await.unwrap();
+
+    assert_eq!(
+        f.gate.evict_idle(Duration::ZERO),
+        1,
+        "only the idle resource leaves"
+    );
+    assert_eq!(f.gate.resident(), 1);
+    let refusal = f.gate.admit(&key("a"), t(3), None).await.unwrap_err();
+    assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(4)));
+    busy.settle();
+}

@@ -1,0 +1,31 @@
+//! fencegate: an HTTP reverse proxy that enforces fencing tokens in front of storage that does not.
+//!
+//! # Layout
+//!
+//! - [`token`]: the `Fencing-Token` header, parsed once into a [`token::FencingToken`].
+//! - [`route`]: path normalisation, route matching and the resource a request is fenced under.
+//! - [`gate`]: per-resource ordering; the only place that decides whether a request is forwarded.
+//! - [`store`]: SQLite, owned by one group-commit writer thread; the only module that touches it.
+//! - [`audit`]: what a rejection record holds.
+//! - [`proxy`]: the data-plane service: edge checks, then gate, then upstream.
+//! - [`problem`]: every error fencegate answers itself, as `application/problem+json`.
+//! - [`admin`]: the admin plane (health and readiness).
+//! - [`config`]: the typed, validated configuration.
+//! - [`server`]: binds both planes, serves them, shuts them down in order.
+//! - [`shutdown`]: the OS signals that start a graceful shutdown.
+//! - [`telemetry`]: tracing set-up.
+//! - [`cli`]: the command line.
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod gate;
+pub mod problem;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod token;

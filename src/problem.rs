@@ -1,0 +1,268 @@
+//! Errors fencegate answers itself, as `application/problem+json` (RFC 9457).
+//!
+//! [`ProxyError`] says what went wrong; [`FencingContext`] adds, for a fenced request, the resource,
+//! the token and the highest token, both to the body and as the `Fencing-Token-Highest` header,
+//! so that a superseded leader learns of it from any answer.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::route::{PathError, ResourceKey};
+use crate::token::{FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// What went wrong with a request, independent of whether it was fenced.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadPath(#[from] PathError),
+    #[error("the {0} header is refused: it could turn this request into another method upstream")]
+    MethodOverride(HeaderName),
+    #[error("no route matches {path}")]
+    NoRoute { path: String },
+    #[error("{0}")]
+    MissingToken(TokenError),
+    #[error("{0}")]
+    InvalidToken(TokenError),
+    #[error(
+        "token {token} is lower than the highest token {highest} for this resource; a newer leader exists"
+    )]
+    Stale {
+        token: FencingToken,
+        highest: FencingToken,
+    },
+    #[error(
+        "token {token} is more than {limit} above the highest token {highest}; an operator can fence the resource to it"
+    )]
+    Jump {
+        token: FencingToken,
+        highest: FencingToken,
+        limit: u64,
+    },
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error(
+        "fencing state cannot be read or made durable right now; the request was not forwarded"
+    )]
+    StoreUnavailable,
+    #[error("the upstream could not be reached")]
+    UpstreamUnreachable,
+    #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
+    UpstreamTimeout(Duration),
+}
+
+impl ProxyError {
+    /// The status code and the problem `type` slug and `title`.
+    fn kind(&self) -> (StatusCode, &'static str, &'static str) {
+        use ProxyError::*;
+        match self {
+            BadPath(_) => (
+                StatusCode::BAD_REQUEST,
+                "bad-path",
+                "Ambiguous request path",
+            ),
+            MethodOverride(_) => (
+                StatusCode::BAD_REQUEST,
+                "method-override",
+                "Method override refused",
+            ),
+            NoRoute { .. } => (StatusCode::NOT_FOUND, "no-route", "No route"),
+            MissingToken(_) => (
+                StatusCode::PRECONDITION_REQUIRED,
+                "missing-token",
+                "Fencing token required",
+            ),
+            InvalidToken(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid-token",
+                "Invalid fencing token",
+            ),
+            Stale { .. } => (StatusCode::CONFLICT, "stale-token", "Stale fencing token"),
+            Jump { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "token-jump",
+                "Fencing token jump too large",
+            ),
+            BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Request body too large",
+            ),
+            StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Fencing state unavailable",
+            ),
+            UpstreamUnreachable => (
+                StatusCode::BAD_GATEWAY,
+                "upstream-unreachable",
+                "Upstream unreachable",
+            ),
+            UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream-timeout",
+                "Upstream timed out",
+            ),
+        }
+    }
+
+    /// The status code this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.kind().0
+    }
+}
+
+/// The fencing facts about a fenced request, attached to every answer to it.
+#[derive(Debug, Clone)]
+pub struct FencingContext {
+    pub resource: ResourceKey,
+    /// The token the request carried, when it parsed.
+    pub token: Option<FencingToken>,
+    /// The resource's highest token; `None` if the resource was never seen.
+    pub highest: Option<FencingToken>,
+}
+
+/// An error answer, ready to become a response.
+#[derive(Debug)]
+pub struct Rejected {
+    pub error: ProxyError,
+    pub fencing: Option<FencingContext>,
+}
+
+impl From<ProxyError> for Rejected {
+    fn from(error: ProxyError) -> Self {
+        Self {
+            error,
+            fencing: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    r#type: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    highest: Option<u64>,
+}
+
+/// The problem `type` URI for a slug.
+pub fn problem_type(slug: &str) -> String {
+    format!("urn:fencegate:problem:{slug}")
+}
+
+/// A problem+json response with the given status, slug, title and detail.
+pub fn response(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: String,
+) -> Response<Full<Bytes>> {
+    render(status, slug, title, detail, None)
+}
+
+/// The value sent as `Fencing-Token-Highest` (and `highest`): a never-seen resource reports 0,
+/// since no token is lower than that.
+pub fn highest_value(highest: Option<FencingToken>) -> u64 {
+    highest.map_or(0, FencingToken::get)
+}
+
+/// The `Fencing-Token-Highest` header value for `highest`.
+pub fn highest_header(highest: Option<FencingToken>) -> HeaderValue {
+    HeaderValue::from(highest_value(highest))
+}
+
+impl Rejected {
+    /// The error as a problem+json response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let (status, slug, title) = self.error.kind();
+        render(
+            status,
+            slug,
+            title,
+            self.error.to_string(),
+            self.fencing.as_ref(),
+        )
+    }
+}
+
+fn render(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: String,
+    fencing: Option<&FencingContext>,
+) -> Response<Full<Bytes>> {
+    let body = Body {
+        r#type: problem_type(slug),
+        title,
+        status: status.as_u16(),
+        detail,
+        resource: fencing.map(|f| f.resource.as_str()),
+        token: fencing.and_then(|f| f.token).map(FencingToken::get),
+        highest: fencing.map(|f| highest_value(f.highest)),
+    };
+    // Serialising this struct of strings and integers cannot fail.
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(json)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if let Some(fencing) = fencing {
+        headers.insert(FENCING_TOKEN_HIGHEST, highest_header(fencing.highest));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn stale_rejection_renders_every_contract_field() {
+        let rejected = Rejected {
+            error: ProxyError::Stale {
+                token: FencingToken::new(1),
+                highest: FencingToken::new(2),
+            },
+            fencing: Some(FencingContext {
+                resource: ResourceKey::new("wallet:1"),
+                token: Some(FencingToken::new(1)),
+                highest: Some(FencingToken::new(2)),
+            }),
+        };
+        let response = rejected.into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()[CONTENT_TYPE], PROBLEM_JSON);
+        assert_eq!(response.headers()[FENCING_TOKEN_HIGHEST], "2");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["type"], "urn:fencegate:problem:stale-token");
+        assert_eq!(json["status"], 409);
+        assert_eq!(json["resource"], "wallet:1");
+        assert_eq!(json["token"], 1);
+        assert_eq!(json["highest"], 2);
+        assert!(json["title"].is_string() && json["detail"].is_string());
+    }
+
+    #[test]
+    fn errors_without_fencing_context_carry_no_fencing_fields() {
+        let response = Rejected::from(ProxyError::NoRoute { path: "/x".into() }).into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert!(!response.headers().contains_key(FENCING_TOKEN_HIGHEST));
+    }
+}

@@ -1,0 +1,169 @@
+//! Proxy header conventions: hop-by-hop removal, `Forwarded` / `X-Forwarded-For`, and the refusal
+//! of method-override headers.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::HeaderMap;
+use http::header::{
+    CONNECTION, FORWARDED, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+
+use crate::problem::ProxyError;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see). They describe
+/// one connection and are never passed on.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// Headers that some frameworks use to run a request as another method. A GET carrying one could
+/// become an unfenced write upstream, so they are refused on every route.
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-http-method"),
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Refuses a request that carries a method-override header.
+pub fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyError> {
+    match METHOD_OVERRIDES
+        .iter()
+        .find(|name| headers.contains_key(*name))
+    {
+        Some(name) => Err(ProxyError::MethodOverride(name.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    // `Trailer` announces trailers of this hop's framing; hyper re-frames the body.
+    headers.remove(TRAILER);
+}
+
+/// Prepares a client's request headers for the upstream: hop-by-hop headers go, the client's
+/// `Host` goes (the upstream gets its own authority, and the original host travels in
+/// `Forwarded`), and the client's address is appended to `Forwarded` and `X-Forwarded-For`.
+pub fn prepare_upstream_request(headers: &mut HeaderMap, client: SocketAddr) {
+    strip_hop_by_hop(headers);
+    let host = headers.remove(HOST);
+    if let Ok(value) = HeaderValue::from_str(&forwarded_element(client.ip(), host.as_ref())) {
+        headers.append(FORWARDED, value);
+    }
+    append_x_forwarded_for(headers, client.ip());
+}
+
+fn forwarded_element(client: IpAddr, host: Option<&HeaderValue>) -> String {
+    let node = match client {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let mut element = format!("for={node};proto=http");
+    // Only a host that is safe inside a quoted-string is passed on.
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        if !host.is_empty() && !host.contains(['"', '\\']) {
+            element.push_str(&format!(";host=\"{host}\""));
+        }
+    }
+    element
+}
+
+fn append_x_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let earlier: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let chain = if earlier.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", earlier.join(", "))
+    };
+    if let Ok(value) = HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut map = headers(&[
+            ("connection", "close, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("x-secret", "1"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn client_address_is_appended_to_forwarding_headers() {
+        let mut map = headers(&[("host", "api.example"), ("x-forwarded-for", "10.0.0.1")]);
+        prepare_upstream_request(&mut map, "192.0.2.7:4000".parse().unwrap());
+        assert!(!map.contains_key(HOST));
+        assert_eq!(map["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(
+            map[FORWARDED],
+            "for=192.0.2.7;proto=http;host=\"api.example\""
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        let mut map = HeaderMap::new();
+        prepare_upstream_request(&mut map, "[::1]:4000".parse().unwrap());
+        assert_eq!(map[FORWARDED], "for=\"[::1]\";proto=http");
+        assert_eq!(map["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn every_method_override_header_is_refused() {
+        for name in [
+            "X-HTTP-Method-Override",
+            "X-Method-Override",
+            "X-HTTP-Method",
+        ] {
+            let map = headers(&[(name, "DELETE")]);
+            assert!(refuse_method_override(&map).is_err(), "{name}");
+        }
+        assert!(refuse_method_override(&headers(&[("x-other", "1")])).is_ok());
+    }
+}

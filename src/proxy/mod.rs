@@ -1,0 +1,349 @@
+//! The data plane: one plain async function from a client's request to its response.
+//!
+//! In order: refuse ambiguous paths and method overrides, route, and then either pass the request
+//! through (an unfenced read) or fence it: parse the token, let the [`Gate`] admit it, forward it
+//! while holding the gate's permit, and settle the permit once the upstream has answered. Every
+//! refusal on fencing grounds is committed to the audit log before the answer goes out.
+
+mod headers;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HeaderName};
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::audit::{self, Reason, Rejection};
+use crate::gate::{Gate, Permit, Refusal};
+use crate::problem::{self, FencingContext, ProxyError, Rejected};
+use crate::route::{self, Fencing, ResourceKey, Route, RouteTable};
+use crate::store::Store;
+use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
+
+pub use upstream::{ForwardError, Upstream, UpstreamClient, UpstreamUrlError};
+
+/// A response body: streamed from the upstream, or one of fencegate's own problem documents.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything the data plane needs to serve a request.
+#[derive(Debug)]
+pub struct DataPlane {
+    routes: RouteTable,
+    gate: Gate,
+    store: Store,
+    upstream: UpstreamClient,
+    max_body: u64,
+}
+
+impl DataPlane {
+    /// Assembles the data plane.
+    pub fn new(
+        routes: RouteTable,
+        gate: Gate,
+        store: Store,
+        upstream: UpstreamClient,
+        max_body: u64,
+    ) -> Self {
+        Self {
+            routes,
+            gate,
+            store,
+            upstream,
+            max_body,
+        }
+    }
+
+    /// Serves one request from `client`. Never fails: every error becomes a problem+json answer.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        match self.serve(request, client).await {
+            Ok(response) => response.map(Either::Left),
+            Err(rejected) => rejected.into_response().map(Either::Right),
+        }
+    }
+
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, Rejected> {
+        let path = route::normalise_path(request.uri().path()).map_err(ProxyError::from)?;
+        headers::refuse_method_override(request.headers())?;
+        let resolved = self
+            .routes
+            .resolve(&path)
+            .ok_or_else(|| ProxyError::NoRoute {
+                path: request.uri().path().to_owned(),
+            })?;
+        let fenced = match resolved.route.fencing_for(request.method()) {
+            Fencing::Required => true,
+            Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
+            Fencing::Off => false,
+        };
+        if fenced {
+            self.serve_fenced(resolved.route, resolved.resource, request, client)
+                .await
+        } else {
+            self.check_declared_length(&request)?;
+            self.forward_unfenced(resolved.route, request, client).await
+        }
+    }
+
+    async fn forward_unfenced(
+        &self,
+        route: &Route,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, Rejected> {
+        self.upstream
+            .forward(route.upstream(), request, client)
+            .await
+            .map_err(|e| self.forward_failure(e).into())
+    }
+
+    #[tracing::instrument(skip_all, fields(resource = %resource))]
+    async fn serve_fenced(
+        &self,
+        route: &Route,
+        resource: ResourceKey,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, Rejected> {
+        let token = match token::from_headers(request.headers()) {
+            Ok(token) => token,
+            Err(e) => return Err(self.refuse_unparsed(resource, e, &request, client).await),
+        };
+        if let Err(error) = self.check_declared_length(&request) {
+            let highest = self.gate.highest(&resource).await.ok().flatten();
+            return Err(fenced(error, resource, Some(token), highest));
+        }
+        let permit = match self
+            .gate
+            .admit(&resource, token, route.max_token_jump())
+            .await
+        {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                return Err(self
+                    .refuse(resource, token, refusal, &request, client)
+                    .await);
+            }
+        };
+        self.forward_with(permit, route, resource, token, request, client)
+            .await
+    }
+
+    /// Forwards while holding the permit. A response head settles it; a failure after the request
+    /// may have reached the upstream drops it unsettled, which keeps newer tokens back for the
+    /// in-doubt grace.
+    async fn forward_with(
+        &self,
+        permit: Permit,
+        route: &Route,
+        resource: ResourceKey,
+        token: FencingToken,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, Rejected> {
+        match self
+            .upstream
+            .forward(route.upstream(), request, client)
+            .await
+        {
+            Ok(mut response) => {
+                let highest = permit.settle();
+                response
+                    .headers_mut()
+                    .insert(FENCING_TOKEN_HIGHEST, problem::highest_header(highest));
+                Ok(response)
+            }
+            Err(e) => {
+                let highest = if e.never_sent() {
+                    permit.settle()
+                } else {
+                    let highest = permit.highest();
+                    drop(permit);
+                    highest
+                };
+                Err(fenced(
+                    self.forward_failure(e),
+                    resource,
+                    Some(token),
+                    highest,
+                ))
+            }
+        }
+    }
+
+    /// A missing or malformed token: refused and audited.
+    async fn refuse_unparsed(
+        &self,
+        resource: ResourceKey,
+        error: TokenError,
+        request: &Request<Incoming>,
+        client: SocketAddr,
+    ) -> Rejected {
+        let (reason, error) = match error {
+            TokenError::Missing => (Reason::Missing, ProxyError::MissingToken(error)),
+            TokenError::Repeated | TokenError::NotCanonical => {
+                (Reason::Invalid, ProxyError::InvalidToken(error))
+            }
+        };
+        let highest = match self.gate.highest(&resource).await {
+            Ok(highest) => highest,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the highest token");
+                return fenced(ProxyError::StoreUnavailable, resource, None, None);
+            }
+        };
+        self.audit(reason, error, resource, None, highest, request, client)
+            .await
+    }
+
+    /// A token the gate refused: stale or a jump is audited; a store failure fails closed.
+    async fn refuse(
+        &self,
+        resource: ResourceKey,
+        token: FencingToken,
+        refusal: Refusal,
+        request: &Request<Incoming>,
+        client: SocketAddr,
+    ) -> Rejected {
+        match refusal {
+            Refusal::Stale { highest } => {
+                let error = ProxyError::Stale { token, highest };
+                self.audit(
+                    Reason::Stale,
+                    error,
+                    resource,
+                    Some(token),
+                    Some(highest),
+                    request,
+                    client,
+                )
+                .await
+            }
+            Refusal::Jump { highest, limit } => {
+                let error = ProxyError::Jump {
+                    token,
+                    highest,
+                    limit,
+                };
+                self.audit(
+                    Reason::Jump,
+                    error,
+                    resource,
+                    Some(token),
+                    Some(highest),
+                    request,
+                    client,
+                )
+                .await
+            }
+            Refusal::NotDurable | Refusal::Store(_) => {
+                tracing::error!(error = %refusal, "fenced request not admitted");
+                let highest = self.gate.highest(&resource).await.ok().flatten();
+                fenced(ProxyError::StoreUnavailable, resource, Some(token), highest)
+            }
+        }
+    }
+
+    /// Commits the rejection to the audit log, then returns the answer. If the log cannot be
+    /// written the answer is 503: the request is refused either way, but never unrecorded.
+    #[allow(clippy::too_many_arguments)]
+    async fn audit(
+        &self,
+        reason: Reason,
+        error: ProxyError,
+        resource: ResourceKey,
+        token: Option<FencingToken>,
+        highest: Option<FencingToken>,
+        request: &Request<Incoming>,
+        client: SocketAddr,
+    ) -> Rejected {
+        let request_id = request
+            .headers()
+            .get(X_REQUEST_ID)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        tracing::info!(
+            %resource, %reason, token = token.map(FencingToken::get), highest = highest.map(FencingToken::get),
+            request_id = request_id.as_deref().unwrap_or(""), "fenced request rejected"
+        );
+        let rejection = Rejection {
+            at: SystemTime::now(),
+            resource: resource.clone(),
+            reason,
+            token,
+            highest,
+            method: request.method().to_string(),
+            path: audit::audited_path(request.uri().path()),
+            client: client.to_string(),
+            request_id,
+        };
+        match self.store.record_rejection(rejection).await {
+            Ok(()) => fenced(error, resource, token, highest),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a rejection in the audit log");
+                fenced(ProxyError::StoreUnavailable, resource, token, highest)
+            }
+        }
+    }
+
+    /// Refuses a body whose declared length is over `max_body` before anything is forwarded.
+    /// Bodies without a length are cut off while streaming instead.
+    fn check_declared_length(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
+        let declared = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        match declared {
+            Some(length) if length > self.max_body => Err(ProxyError::BodyTooLarge {
+                limit: self.max_body,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn forward_failure(&self, error: ForwardError) -> ProxyError {
+        match error {
+            ForwardError::Timeout => {
+                tracing::warn!("upstream timed out");
+                ProxyError::UpstreamTimeout(self.upstream.timeout())
+            }
+            ForwardError::BodyTooLarge => ProxyError::BodyTooLarge {
+                limit: self.max_body,
+            },
+            e @ (ForwardError::Connect(_) | ForwardError::Exchange(_) | ForwardError::Uri(_)) => {
+                tracing::warn!(error = %e, "upstream failed");
+                ProxyError::UpstreamUnreachable
+            }
+        }
+    }
+}
+
+fn fenced(
+    error: ProxyError,
+    resource: ResourceKey,
+    token: Option<FencingToken>,
+    highest: Option<FencingToken>,
+) -> Rejected {
+    Rejected {
+        error,
+        fencing: Some(FencingContext {
+            resource,
+            token,
+            highest,
+        }),
+    }
+}

@@ -1,0 +1,232 @@
+//! The upstream side: where a route forwards to, and the pooled client that does it.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body_util::LengthLimitError;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::headers;
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How long establishing a TCP connection to the upstream may take. The whole exchange is bounded
+/// by `upstream_timeout` as well.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A route's upstream: an `http://host:port` base, optionally with a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    authority: Authority,
+    /// Prepended to every forwarded path; empty or starting with `/`, never ending with one.
+    prefix: String,
+}
+
+/// Why an upstream URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamUrlError {
+    #[error("is not a URL ({0}); write it like http://127.0.0.1:5984")]
+    Unparsable(String),
+    #[error("must be an http:// URL with a host, like http://127.0.0.1:5984")]
+    NotHttp,
+    #[error(
+        "uses https, which fencegate does not speak to upstreams; terminate TLS in front of storage or use http on a private network"
+    )]
+    Https,
+    #[error("must not have a query string")]
+    Query,
+}
+
+impl FromStr for Upstream {
+    type Err = UpstreamUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let uri: Uri = s
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamUrlError::Unparsable(e.to_string()))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(UpstreamUrlError::Https),
+            _ => return Err(UpstreamUrlError::NotHttp),
+        }
+        let authority = uri.authority().cloned().ok_or(UpstreamUrlError::NotHttp)?;
+        if uri.query().is_some() {
+            return Err(UpstreamUrlError::Query);
+        }
+        Ok(Self {
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+impl Upstream {
+    /// The upstream URI for a client's request target: the same path and query, under this base.
+    fn uri_for(&self, original: &Uri) -> Result<Uri, http::Error> {
+        let path_and_query = match (self.prefix.is_empty(), original.path_and_query()) {
+            (true, Some(pq)) => pq.clone(),
+            (_, pq) => {
+                let pq = pq.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::from_str(&format!("{}{pq}", self.prefix))?
+            }
+        };
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+}
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("the upstream exchange failed: {0}")]
+    Exchange(#[source] hyper_util::client::legacy::Error),
+    #[error("the upstream did not answer in time")]
+    Timeout,
+    #[error("the request body exceeded the limit")]
+    BodyTooLarge,
+    #[error("cannot build the upstream URI: {0}")]
+    Uri(#[from] http::Error),
+}
+
+impl ForwardError {
+    /// Whether the upstream certainly never received the request, so it cannot apply it later.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, ForwardError::Connect(_) | ForwardError::Uri(_))
+    }
+}
+
+/// The pooled keep-alive HTTP/1.1 client used for every upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, Limited<Incoming>>,
+    timeout: Duration,
+    max_body: usize,
+}
+
+impl UpstreamClient {
+    /// A client whose exchanges time out after `timeout` and whose request bodies stop at
+    /// `max_body` bytes.
+    pub fn new(timeout: Duration, max_body: u64) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Self {
+            client,
+            timeout,
+            max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The configured exchange timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends `request` to `upstream` and returns its response head; the body streams on.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let (mut parts, body) = request.into_parts();
+        parts.uri = upstream.uri_for(&parts.uri)?;
+        // The client may have spoken HTTP/2 to us; the upstream connection is HTTP/1.1.
+        parts.version = Version::HTTP_11;
+        headers::prepare_upstream_request(&mut parts.headers, client);
+        let request = Request::from_parts(parts, Limited::new(body, self.max_body));
+        let mut response =
+            match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+                Err(_) => return Err(ForwardError::Timeout),
+                Ok(Err(e)) if exceeded_body_limit(&e) => return Err(ForwardError::BodyTooLarge),
+                Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
+                Ok(Err(e)) => return Err(ForwardError::Exchange(e)),
+                Ok(Ok(response)) => response,
+            };
+        headers::strip_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+}
+
+fn exceeded_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_validated() {
+        assert!("http://127.0.0.1:5984".parse::<Upstream>().is_ok());
+        assert!("http://storage.internal".parse::<Upstream>().is_ok());
+        assert_eq!(
+            "https://x".parse::<Upstream>(),
+            Err(UpstreamUrlError::Https)
+        );
+        assert_eq!(
+            "ftp://x".parse::<Upstream>(),
+            Err(UpstreamUrlError::NotHttp)
+        );
+        assert_eq!(
+            "/just/a/path".parse::<Upstream>(),
+            Err(UpstreamUrlError::NotHttp)
+        );
+        assert_eq!(
+            "http://x/?a=1".parse::<Upstream>(),
+            Err(UpstreamUrlError::Query)
+        );
+        assert!(matches!(
+            "http://a b".parse::<Upstream>(),
+            Err(UpstreamUrlError::Unparsable(_))
+        ));
+    }
+
+    #[test]
+    fn forwarded_uri_keeps_path_and_query_under_the_base() {
+        let plain: Upstream = "http://127.0.0.1:5984".parse().unwrap();
+        let original: Uri = "/wallets/1?x=2".parse().unwrap();
+        assert_eq!(
+            plain.uri_for(&original).unwrap(),
+            "http://127.0.0.1:5984/wallets/1?x=2"
+        );
+
+        let prefixed: Upstream = "http://127.0.0.1:5984/db/".parse().unwrap();
+        assert_eq!(
+            prefixed.uri_for(&original).unwrap(),
+            "http://127.0.0.1:5984/db/wallets/1?x=2"
+        );
+        assert_eq!(prefixed.to_string(), "http://127.0.0.1:5984/db");
+    }
+}

@@ -1,0 +1,307 @@
+//! The durable store: the only module that touches SQLite.
+//!
+//! One writer thread owns the database connection. Callers send it commands over a bounded channel
+//! and await a reply; the thread takes every command that is waiting, runs the writes among them
+//! in one transaction and answers each caller only after that transaction's commit is on disk
+//! (group commit). With `synchronous=FULL` in WAL mode one fsync therefore makes a whole batch of
+//! epoch advances and audit rows durable, however many requests produced them.
+//!
+//! The request hot path (a write with the current token of a resident resource) never comes here.
+
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::Rejection;
+use crate::route::ResourceKey;
+use crate::token::FencingToken;
+
+pub use writer::WriterGuard;
+
+/// How many commands may wait for the writer before senders are slowed down. It bounds the memory a
+/// flood of rejections can take while the disk is slow.
+const COMMAND_QUEUE: usize = 8192;
+
+/// What raised a resource's highest token; recorded in the epoch history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A fenced request carried a higher token.
+    Write,
+    /// An operator or a new leader fenced the resource through the admin API.
+    Fence,
+}
+
+impl Via {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Via::Write => "write",
+            Via::Fence => "fence",
+        }
+    }
+}
+
+/// The result of asking the store to raise a resource's highest token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advance {
+    /// The token is now the durable highest; `from` was the previous one.
+    Raised { from: Option<FencingToken> },
+    /// The durable highest was already at or above the token; nothing was written.
+    AlreadyAt { highest: FencingToken },
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: Arc<rusqlite::Error>,
+    },
+    #[error("cannot bring database {path} to the current schema: {source}")]
+    Migrate {
+        path: PathBuf,
+        source: Arc<rusqlite_migration::Error>,
+    },
+    #[error("database {path} did not switch to WAL journaling (it reports {mode:?})")]
+    NotWal { path: PathBuf, mode: String },
+    #[error("cannot start the database writer thread: {0}")]
+    Spawn(Arc<std::io::Error>),
+    #[error("database error: {0}")]
+    Sqlite(Arc<rusqlite::Error>),
+    #[error("the database writer has stopped")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(Arc::new(e))
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A request to the writer thread.
+#[derive(Debug)]
+enum Command {
+    Load {
+        resource: ResourceKey,
+        reply: Reply<Option<FencingToken>>,
+    },
+    Write(Write),
+    Ping {
+        reply: Reply<()>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A command that changes the database; it is answered only after its batch has committed.
+#[derive(Debug)]
+enum Write {
+    Advance {
+        resource: ResourceKey,
+        token: FencingToken,
+        via: Via,
+        reply: Reply<Advance>,
+    },
+    Reject {
+        rejection: Box<Rejection>,
+        reply: Reply<()>,
+    },
+}
+
+/// A cheap, cloneable handle to the writer thread.
+#[derive(Debug, Clone)]
+pub struct Store {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Store {
+    /// Opens (or creates) the database, applies pending migrations and starts the writer thread.
+    /// The returned guard stops the thread, after it has flushed, when closed or dropped.
+    pub fn open(path: &Path) -> Result<(Store, WriterGuard), StoreError> {
+        let conn = schema::open(path)?;
+        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        let guard = writer::spawn(conn, receiver, commands.clone())?;
+        Ok((Store { commands }, guard))
+    }
+
+    /// The durable highest token of `resource`, or `None` if it was never seen.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn load_highest(
+        &self,
+        resource: &ResourceKey,
+    ) -> Result<Option<FencingToken>, StoreError> {
+        let resource = resource.clone();
+        self.call(|reply| Command::Load { resource, reply }).await
+    }
+
+    /// Raises `resource`'s highest token to `token` unless it is already at or above it, and
+    /// records the advance in the epoch history. Returns once the change is durable.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn advance(
+        &self,
+        resource: &ResourceKey,
+        token: FencingToken,
+        via: Via,
+    ) -> Result<Advance, StoreError> {
+        let resource = resource.clone();
+        self.call(|reply| {
+            Command::Write(Write::Advance {
+                resource,
+                token,
+                via,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Appends a rejection to the audit log. Returns once the row is durable.
+    #[tracing::instrument(skip_all, level = "debug")]
+    pub async fn record_rejection(&self, rejection: Rejection) -> Result<(), StoreError> {
+        let rejection = Box::new(rejection);
+        self.call(|reply| Command::Write(Write::Reject { rejection, reply }))
+            .await
+    }
+
+    /// Answers once the writer thread has taken a command off its queue: it is alive and not stuck.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Ping { reply }).await
+    }
+
+    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Tokens are `u64`, SQLite integers `i64`: store the bit pattern, compare only in Rust.
+fn token_to_sql(token: FencingToken) -> i64 {
+    token.get() as i64
+}
+
+fn token_from_sql(value: i64) -> FencingToken {
+    FencingToken::new(value as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Reason;
+    use std::time::SystemTime;
+
+    fn key(name: &str) -> ResourceKey {
+        ResourceKey::new(name)
+    }
+
+    fn token(value: u64) -> FencingToken {
+        FencingToken::new(value)
+    }
+
+    #[tokio::test]
+    async fn advance_is_durable_across_reopen_and_never_lowers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.db");
+        {
+            let (store, guard) = Store::open(&path).unwrap();
+            assert_eq!(store.load_highest(&key("w")).await.unwrap(), None);
+            let first = store
+                .advance(&key("w"), token(5), Via::Write)
+                .await
+                .unwrap();
+            assert_eq!(first, Advance::Raised { from: None });
+            let lower = store
+                .advance(&key("w"), token(3), Via::Write)
+                .await
+                .unwrap();
+            assert_eq!(lower, Advance::AlreadyAt { highest: token(5) });
+            let higher = store
+                .advance(&key("w"), token(9), Via::Fence)
+                .await
+                .unwrap();
+            assert_eq!(
+                higher,
+                Advance::Raised {
+                    from: Some(token(5))
+                }
+            );
+            guard.close().await;
+        }
+        let (store, _guard) = Store::open(&path).unwrap();
+        assert_eq!(store.load_highest(&key("w")).await.unwrap(), Some(token(9)));
+    }
+
+    #[tokio::test]
+    async fn tokens_above_i64_max_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _guard) = Store::open(&dir.path().join("fg.db")).unwrap();
+        store
+            .advance(&key("big"), token(u64::MAX - 1), Via::Write)
+            .await
+            .unwrap();
+        let below = store
+            .advance(&key("big"), token(1 << 63), Via::Write)
+            .await
+            .unwrap();
+        assert_eq!(
+            below,
+            Advance::AlreadyAt {
+                highest: token(u64::MAX - 1)
+            }
+        );
+        assert_eq!(
+            store.load_highest(&key("big")).await.unwrap(),
+            Some(token(u64::MAX - 1))
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_commands_all_get_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, guard) = Store::open(&dir.path().join("fg.db")).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let resource = key(&format!("r{}", i % 10));
+                store
+                    .advance(&resource, token(i), Via::Write)
+                    .await
+                    .unwrap();
+                store
+                    .record_rejection(Rejection {
+                        at: SystemTime::now(),
+                        resource,
+                        reason: Reason::Stale,
+                        token: Some(token(0)),
+                        highest: Some(token(i)),
+                        method: "PUT".into(),
+                        path: "/x".into(),
+                        client: "127.0.0.1:1".into(),
+                        request_id: None,
+                    })
+                    .await
+                    .unwrap();
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for r in 0..10u64 {
+            let highest = store.load_highest(&key(&format!("r{r}"))).await.unwrap();
+            assert_eq!(highest, Some(token(190 + r)));
+        }
+        guard.close().await;
+        assert!(matches!(store.ping().await, Err(StoreError::Closed)));
+    }
+}

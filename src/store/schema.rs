@@ -1,0 +1,88 @@
+//! Opening the database: durability settings and migrations.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use rusqlite_migration::{M, Migrations};
+
+use super::StoreError;
+
+/// How long a statement waits for a lock held by another process (an operator's read-only
+/// `fencegate audit`, say) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema history, oldest first. Append only: a released migration is never edited.
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![
+        M::up(include_str!("../../migrations/0001_resources.sql")),
+        M::up(include_str!("../../migrations/0002_rejections.sql")),
+        M::up(include_str!("../../migrations/0003_epochs.sql")),
+    ])
+}
+
+/// Opens the database for writing: WAL journaling with `synchronous=FULL`, so a commit is on disk
+/// (and survives power loss) before it returns, then migrates it to the current schema.
+pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+    let open_error = |source| StoreError::Open {
+        path: path.to_owned(),
+        source: Arc::new(source),
+    };
+    let mut conn = Connection::open(path).map_err(open_error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NotWal {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_error)?;
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|source| StoreError::Migrate {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        })?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        assert!(migrations().validate().is_ok());
+    }
+
+    #[test]
+    fn opened_database_is_wal_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("fg.db")).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(sync, 2, "2 is FULL");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.db");
+        std::fs::write(
+            &path,
+            b"this is not an sqlite database, not even close to one........",
+        )
+        .unwrap();
+        assert!(open(&path).is_err());
+    }
+}

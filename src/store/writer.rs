@@ -1,0 +1,245 @@
+//! The writer thread and its group commit.
+
+use std::time::SystemTime;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Advance, Command, Reply, StoreError, Via, Write, token_from_sql, token_to_sql};
+use crate::audit::Rejection;
+use crate::route::ResourceKey;
+use crate::token::FencingToken;
+
+/// The most commands one transaction takes. Large enough that a storm of advances or rejections
+/// shares fsyncs; small enough that one batch does not hold the write lock for long.
+const MAX_BATCH: usize = 1024;
+
+/// Owns the writer thread. [`WriterGuard::close`] lets it finish every queued command, commit, and
+/// stop; dropping the guard without closing asks the same, without waiting.
+#[derive(Debug)]
+pub struct WriterGuard {
+    commands: mpsc::Sender<Command>,
+    closed: bool,
+}
+
+impl WriterGuard {
+    /// Flushes every command queued so far, stops the writer, and waits for it.
+    pub async fn close(mut self) {
+        self.closed = true;
+        let (done, finished) = oneshot::channel();
+        if self.commands.send(Command::Close { done }).await.is_ok() {
+            // An error here means the thread is already gone, which is what we wanted.
+            let _ = finished.await;
+        }
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if !self.closed {
+            let (done, _) = oneshot::channel();
+            let _ = self.commands.try_send(Command::Close { done });
+        }
+    }
+}
+
+pub(super) fn spawn(
+    conn: Connection,
+    receiver: mpsc::Receiver<Command>,
+    commands: mpsc::Sender<Command>,
+) -> Result<WriterGuard, StoreError> {
+    std::thread::Builder::new()
+        .name("fencegate-store".into())
+        .spawn(move || run(conn, receiver))
+        .map_err(|e| StoreError::Spawn(std::sync::Arc::new(e)))?;
+    Ok(WriterGuard {
+        commands,
+        closed: false,
+    })
+}
+
+fn run(mut conn: Connection, mut receiver: mpsc::Receiver<Command>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = receiver.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        if let Some(done) = execute(&mut conn, &mut batch) {
+            // Commands still queued are dropped with their reply channels: their callers get
+            // `StoreError::Closed`, never a false success.
+            receiver.close();
+            drop(receiver);
+            if let Err((_, e)) = conn.close() {
+                tracing::error!(error = %e, "closing the database failed");
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Answers reads at once and commits all writes of the batch in one transaction. Returns the
+/// close request, if the batch held one.
+fn execute(conn: &mut Connection, batch: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
+    let mut close = None;
+    let mut writes = Vec::new();
+    for command in batch.drain(..) {
+        match command {
+            Command::Load { resource, reply } => {
+                let _ = reply.send(load_highest(conn, &resource).map_err(StoreError::from));
+            }
+            Command::Ping { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+            Command::Close { done } => close = Some(done),
+            Command::Write(write) => writes.push(write),
+        }
+    }
+    if !writes.is_empty() {
+        commit(conn, writes);
+    }
+    close
+}
+
+fn load_highest(
+    conn: &Connection,
+    resource: &ResourceKey,
+) -> rusqlite::Result<Option<FencingToken>> {
+    conn.prepare_cached("SELECT highest FROM resources WHERE resource = ?1")?
+        .query_row([resource.as_str()], |row| row.get(0))
+        .optional()
+        .map(|highest| highest.map(token_from_sql))
+}
+
+/// A write that is in the open transaction, waiting for the commit to be answered.
+enum Applied {
+    Advance(Reply<Advance>, Advance),
+    Recorded(Reply<()>),
+}
+
+impl Applied {
+    fn succeed(self) {
+        // A caller that has gone away no longer needs its answer; the write stands regardless.
+        match self {
+            Applied::Advance(reply, advance) => drop(reply.send(Ok(advance))),
+            Applied::Recorded(reply) => drop(reply.send(Ok(()))),
+        }
+    }
+
+    fn fail(self, error: StoreError) {
+        match self {
+            Applied::Advance(reply, _) => drop(reply.send(Err(error))),
+            Applied::Recorded(reply) => drop(reply.send(Err(error))),
+        }
+    }
+}
+
+impl Write {
+    fn fail(self, error: StoreError) {
+        match self {
+            Write::Advance { reply, .. } => drop(reply.send(Err(error))),
+            Write::Reject { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
+}
+
+/// Every caller is answered only after the commit has returned: a success means "on disk". If any
+/// statement or the commit fails, the whole batch rolls back and every caller gets the error.
+fn commit(conn: &mut Connection, writes: Vec<Write>) {
+    let now = timestamp(SystemTime::now());
+    let count = writes.len();
+    let mut applied = Vec::with_capacity(count);
+    let mut pending = writes.into_iter();
+    let result = (|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for write in pending.by_ref() {
+            applied.push(apply(&tx, write, &now)?);
+        }
+        tx.commit()
+    })();
+    match result {
+        Ok(()) => applied.into_iter().for_each(Applied::succeed),
+        Err(e) => {
+            tracing::error!(error = %e, batch = count, "database commit failed");
+            let error = StoreError::from(e);
+            applied.into_iter().for_each(|a| a.fail(error.clone()));
+            pending.for_each(|w| w.fail(error.clone()));
+        }
+    }
+}
+
+/// Runs one write inside the transaction. On failure the write is lost with its reply channel,
+/// so its caller sees `StoreError::Closed`; the rest of the batch is answered with the error.
+fn apply(tx: &Transaction<'_>, write: Write, now: &str) -> rusqlite::Result<Applied> {
+    match write {
+        Write::Advance {
+            resource,
+            token,
+            via,
+            reply,
+        } => {
+            advance(tx, &resource, token, via, now).map(|outcome| Applied::Advance(reply, outcome))
+        }
+        Write::Reject { rejection, reply } => {
+            insert_rejection(tx, &rejection).map(|()| Applied::Recorded(reply))
+        }
+    }
+}
+
+fn advance(
+    tx: &Transaction<'_>,
+    resource: &ResourceKey,
+    token: FencingToken,
+    via: Via,
+    now: &str,
+) -> rusqlite::Result<Advance> {
+    let previous = load_highest(tx, resource)?;
+    if let Some(highest) = previous.filter(|highest| *highest >= token) {
+        return Ok(Advance::AlreadyAt { highest });
+    }
+    tx.prepare_cached(
+        "INSERT INTO resources (resource, highest, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (resource) DO UPDATE SET highest = excluded.highest, updated_at = excluded.updated_at",
+    )?
+    .execute(params![resource.as_str(), token_to_sql(token), now])?;
+    tx.prepare_cached(
+        "INSERT INTO epochs (at, resource, from_token, to_token, via) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        now,
+        resource.as_str(),
+        previous.map(token_to_sql),
+        token_to_sql(token),
+        via.as_str()
+    ])?;
+    Ok(Advance::Raised { from: previous })
+}
+
+fn insert_rejection(tx: &Transaction<'_>, r: &Rejection) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO rejections (at, resource, reason, token, highest, method, path, client, request_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        timestamp(r.at),
+        r.resource.as_str(),
+        r.reason.as_str(),
+        r.token.map(token_to_sql),
+        r.highest.map(token_to_sql),
+        r.method,
+        r.path,
+        r.client,
+        r.request_id,
+    ])?;
+    Ok(())
+}
+
+/// RFC 3339 UTC with milliseconds: fixed width, so the text order of stored timestamps is their
+/// time order.
+fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
