@@ -34,7 +34,7 @@ const METHOD_OVERRIDES: [HeaderName; 3] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Refuses a request that carries a method-override header.
-pub fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyError> {
+pub(super) fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyError> {
     match METHOD_OVERRIDES
         .iter()
         .find(|name| headers.contains_key(*name))
@@ -45,7 +45,7 @@ pub fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyError> {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -63,7 +63,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Prepares a client's request headers for the upstream: hop-by-hop headers go, the client's
 /// `Host` goes (the upstream gets its own authority, and the original host travels in
 /// `Forwarded`), and the client's address is appended to `Forwarded` and `X-Forwarded-For`.
-pub fn prepare_upstream_request(headers: &mut HeaderMap, client: SocketAddr) {
+pub(super) fn prepare_upstream_request(headers: &mut HeaderMap, client: SocketAddr) {
     strip_hop_by_hop(headers);
     let host = headers.remove(HOST);
     if let Ok(value) = HeaderValue::from_str(&forwarded_element(client.ip(), host.as_ref())) {

@@ -1,0 +1,224 @@
+//! The highest token per resource survives `kill -9`: the real binary is killed mid-storm and
+//! restarted on the same database, and every lower token is then rejected.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::RecordingUpstream;
+
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proxy {
+    /// A failing test must not leave a server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `fencegate serve` on free ports, one resource per `/crash/{id}`, and waits until ready.
+async fn start_binary(upstream: &str, db: &Path) -> Proxy {
+    let config = db.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!("[[routes]]\npath = \"/crash/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"crash:{{id}}\"\n"),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--db")
+        .arg(db)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the fencegate binary starts");
+    let mut proxy = Proxy {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let stderr = proxy.child.stderr.take().unwrap();
+    let (found, addresses) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("fencegate serving") {
+                let address = |key: &str| -> SocketAddr {
+                    let start = line.find(key).unwrap() + key.len();
+                    line[start..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                let _ = found.send((address("data="), address("admin=")));
+            }
+        }
+    });
+    let (data, admin) =
+        tokio::task::spawn_blocking(move || addresses.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("fencegate logs its addresses");
+    let ready = format!("http://{admin}/readyz");
+    for _ in 0..200 {
+        if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
+            proxy.addr = data;
+            return proxy;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fencegate never became ready");
+}
+
+async fn put(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    resource: usize,
+    token: u64,
+) -> Option<(u16, u64)> {
+    let response = client
+        .put(format!("http://{addr}/crash/{resource}"))
+        .header("fencing-token", token.to_string())
+        .send()
+        .await
+        .ok()?;
+    let highest = response
+        .headers()
+        .get("fencing-token-highest")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some((response.status().as_u16(), highest))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn highest_tokens_survive_kill_9_and_lower_tokens_are_rejected_after_restart() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let client = reqwest::Client::new();
+    const RESOURCES: usize = 6;
+
+    let mut proxy = start_binary(&upstream.url(), &db).await;
+    // Advance every resource a few times and confirm each advance was acknowledged.
+    for resource in 0..RESOURCES {
+        for token in [1, 10, 100 + resource as u64] {
+            assert_eq!(
+                put(&client, proxy.addr, resource, token).await,
+                Some((200, token))
+            );
+        }
+    }
+    // Then a storm of advances that is still running when the process is killed.
+    let addr = proxy.addr;
+    let storm: Vec<_> = (0..RESOURCES)
+        .map(|resource| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = 0;
+                for token in 1_000.. {
+                    match put(&client, addr, resource, token).await {
+                        Some((200, _)) => acknowledged = token,
+                        _ => break,
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.child.kill().unwrap(); // SIGKILL: no shutdown, no flush
+    proxy.child.wait().unwrap();
+    let mut acknowledged = HashMap::new();
+    for (resource, task) in storm.into_iter().enumerate() {
+        acknowledged.insert(resource, task.await.unwrap());
+    }
+    assert!(
+        acknowledged.values().any(|t| *t >= 1_000),
+        "the storm got going before the kill"
+    );
+
+    let proxy = start_binary(&upstream.url(), &db).await;
+    let seen_upstream = Arc::new(upstream.arrivals());
+    for resource in 0..RESOURCES {
+        let path = format!("/crash/{resource}");
+        let forwarded = seen_upstream
+            .iter()
+            .filter(|a| a.target == path)
+            .filter_map(|a| a.token)
+            .max()
+            .unwrap();
+        assert!(forwarded >= acknowledged[&resource]);
+        for lower in [0, 1, 10, forwarded - 1] {
+            let (status, highest) = put(&client, proxy.addr, resource, lower).await.unwrap();
+            assert_eq!(
+                status, 409,
+                "resource {resource}: token {lower} after restart"
+            );
+            assert!(
+                highest >= forwarded,
+                "highest {highest} forgot forwarded token {forwarded}"
+            );
+        }
+        let (status, _) = put(&client, proxy.addr, resource, forwarded + 1)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "the next leader still gets through");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start_binary(&upstream.url(), &dir.path().join("fencegate.db")).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/crash/slow", proxy.addr);
+    let slow = tokio::spawn(async move {
+        client
+            .put(url)
+            .header("fencing-token", "1")
+            .header(common::DELAY_HEADER, "500")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let pid = proxy.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the in-flight request completes"
+    );
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}

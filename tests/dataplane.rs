@@ -1,0 +1,485 @@
+//! The data plane, row by row of the contract's table, and the proxy conventions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RecordingUpstream, TestApp, problem, raw, raw_request, standard_routes};
+
+async fn setup() -> (RecordingUpstream, TestApp) {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    (upstream, app)
+}
+
+#[tokio::test]
+async fn current_token_write_is_forwarded_with_its_token_and_answer_carries_highest() {
+    let (upstream, app) = setup().await;
+    let response = app.put("/wallets/1", 5, "balance=100").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["fencing-token-highest"], "5");
+    assert_eq!(response.headers()["x-upstream"], "recording");
+    assert_eq!(response.text().await.unwrap(), "balance=100");
+
+    let again = app.put("/wallets/1", 5, "balance=150").await;
+    assert_eq!(again.status(), 200);
+    let arrivals = upstream.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    assert_eq!(
+        arrivals[0].headers["fencing-token"], "5",
+        "the token is forwarded unchanged"
+    );
+    assert_eq!(arrivals[1].body, "balance=150");
+    assert!(app.rejections().is_empty());
+}
+
+#[tokio::test]
+async fn missing_token_is_428_and_audited_as_missing() {
+    let (upstream, app) = setup().await;
+    app.put("/wallets/1", 3, "").await;
+    let response = app.client.put(app.url("/wallets/1")).send().await.unwrap();
+    assert_eq!(response.status(), 428);
+    assert_eq!(response.headers()["fencing-token-highest"], "3");
+    let body = problem(response).await;
+    assert_eq!(body["status"], 428);
+    assert_eq!(body["resource"], "wallet:1");
+    assert_eq!(body["highest"], 3);
+    assert!(body.get("token").is_none(), "no token was parsed");
+    assert_eq!(
+        upstream.arrivals().len(),
+        1,
+        "only the tokened write reached the upstream"
+    );
+    assert_eq!(
+        app.rejections(),
+        vec![(
+            "missing".into(),
+            None,
+            Some(3),
+            "PUT".into(),
+            "/wallets/1".into()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn non_canonical_or_repeated_token_is_400_and_audited_as_invalid() {
+    let (upstream, app) = setup().await;
+    for bad in [
+        "abc",
+        "01",
+        "-1",
+        "+1",
+        "1 0",
+        "1.0",
+        "18446744073709551616",
+        "",
+    ] {
+        let response = app
+            .client
+            .post(app.url("/wallets/9"))
+            .header("fencing-token", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{bad:?}");
+        assert_eq!(
+            response.headers()["fencing-token-highest"],
+            "0",
+            "never-seen resource"
+        );
+        let body = problem(response).await;
+        assert_eq!(body["resource"], "wallet:9");
+    }
+    let twice = app
+        .client
+        .post(app.url("/wallets/9"))
+        .header("fencing-token", "1")
+        .header("fencing-token", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 400);
+    assert!(upstream.arrivals().is_empty());
+    let rejections = app.rejections();
+    assert_eq!(rejections.len(), 9);
+    assert!(rejections.iter().all(|r| r.0 == "invalid" && r.1.is_none()));
+}
+
+#[tokio::test]
+async fn largest_u64_token_is_accepted() {
+    let (_upstream, app) = setup().await;
+    let response = app.put("/wallets/max", u64::MAX, "").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["fencing-token-highest"],
+        "18446744073709551615"
+    );
+}
+
+#[tokio::test]
+async fn stale_token_is_rejected_with_409_and_highest_and_never_forwarded() {
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 2, "new leader").await.status(), 200);
+    let response = app.put("/wallets/1", 1, "zombie").await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(response.headers()["fencing-token-highest"], "2");
+    let body = problem(response).await;
+    assert_eq!(body["type"], "urn:fencegate:problem:stale-token");
+    assert_eq!(
+        (body["token"].as_u64(), body["highest"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(body["resource"], "wallet:1");
+    assert!(upstream.arrivals().iter().all(|a| a.body != "zombie"));
+    assert_eq!(
+        app.rejections(),
+        vec![(
+            "stale".into(),
+            Some(1),
+            Some(2),
+            "PUT".into(),
+            "/wallets/1".into()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn higher_token_is_durable_before_the_upstream_sees_it() {
+    let (upstream, app) = setup().await;
+    let db = app.db_path.clone();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    upstream.on_arrival(move |arrival| {
+        record
+            .lock()
+            .unwrap()
+            .push((arrival.token, common::durable_highest(&db, "wallet:1")));
+    });
+    for token in [1, 4, 9] {
+        assert_eq!(app.put("/wallets/1", token, "").await.status(), 200);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![(Some(1), Some(1)), (Some(4), Some(4)), (Some(9), Some(9))]
+    );
+    let epochs = app.epochs();
+    assert_eq!(
+        epochs,
+        vec![
+            ("wallet:1".into(), None, 1, "write".into()),
+            ("wallet:1".into(), Some(1), 4, "write".into()),
+            ("wallet:1".into(), Some(4), 9, "write".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn resources_are_fenced_independently() {
+    let (_upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/a", 10, "").await.status(), 200);
+    assert_eq!(app.put("/wallets/b", 1, "").await.status(), 200);
+    assert_eq!(app.put("/wallets/a", 9, "").await.status(), 409);
+}
+
+#[tokio::test]
+async fn client_cannot_choose_its_resource_through_query_or_headers() {
+    let (_upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 5, "").await.status(), 200);
+    let response = app
+        .client
+        .put(app.url("/wallets/1?resource=elsewhere"))
+        .header("fencing-token", "1")
+        .header("fencing-resource", "elsewhere")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+}
+
+#[tokio::test]
+async fn percent_encoded_spelling_of_a_path_is_the_same_resource() {
+    let (_upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 5, "").await.status(), 200);
+    let (status, headers, _) = raw_request(
+        app.addr,
+        &raw("PUT", "/%77allets/%31", &["fencing-token: 4"]),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(headers["fencing-token-highest"], "5");
+}
+
+#[tokio::test]
+async fn reads_pass_through_unchecked_by_default() {
+    let (upstream, app) = setup().await;
+    app.put("/wallets/1", 5, "").await;
+    let plain = app.client.get(app.url("/wallets/1")).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    let stale = app
+        .client
+        .get(app.url("/wallets/1"))
+        .header("fencing-token", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.status(),
+        200,
+        "GET is not a fenced method on this route"
+    );
+    assert_eq!(upstream.arrivals().len(), 3);
+}
+
+#[tokio::test]
+async fn fence_reads_route_rejects_stale_reads_and_passes_untokened_ones() {
+    let (upstream, app) = setup().await;
+    app.put("/accounts/7", 5, "").await;
+    let stale = app
+        .client
+        .get(app.url("/accounts/7"))
+        .header("fencing-token", "4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409);
+    let current = app
+        .client
+        .get(app.url("/accounts/7"))
+        .header("fencing-token", "5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(current.status(), 200);
+    assert_eq!(current.headers()["fencing-token-highest"], "5");
+    let untokened = app.client.get(app.url("/accounts/7")).send().await.unwrap();
+    assert_eq!(untokened.status(), 200);
+    assert_eq!(upstream.arrivals().len(), 3);
+}
+
+#[tokio::test]
+async fn method_override_headers_are_rejected_on_every_route() {
+    let (upstream, app) = setup().await;
+    for header in [
+        "X-HTTP-Method-Override",
+        "X-Method-Override",
+        "X-HTTP-Method",
+    ] {
+        for path in ["/wallets/1", "/anything/else"] {
+            let response = app
+                .client
+                .get(app.url(path))
+                .header(header, "DELETE")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{header} on {path}");
+            problem(response).await;
+        }
+    }
+    assert!(upstream.arrivals().is_empty());
+}
+
+#[tokio::test]
+async fn ambiguous_paths_are_rejected_with_400_before_routing() {
+    let (upstream, app) = setup().await;
+    for target in [
+        "/wallets/../admin",
+        "/wallets/./1",
+        "/wallets/%2e%2e/x",
+        "/wallets/%2E",
+        "/wallets/a%2Fb",
+        "/wallets/a%2fb",
+        "/wallets/a%5Cb",
+        "/wallets//1",
+        "/wallets/%zz",
+    ] {
+        let (status, headers, body) =
+            raw_request(app.addr, &raw("PUT", target, &["fencing-token: 1"])).await;
+        assert_eq!(status, 400, "{target}");
+        assert_eq!(
+            headers["content-type"], "application/problem+json",
+            "{target}"
+        );
+        assert!(body.contains("\"status\":400"), "{target}: {body}");
+    }
+    assert!(upstream.arrivals().is_empty());
+}
+
+#[tokio::test]
+async fn unrouted_path_is_404_problem() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n",
+        upstream.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    let response = app.put("/elsewhere", 1, "").await;
+    assert_eq!(response.status(), 404);
+    problem(response).await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {
+    let (upstream, app) = setup().await;
+    let request = raw(
+        "PUT",
+        "/wallets/1",
+        &[
+            "fencing-token: 1",
+            "keep-alive: timeout=5",
+            "connection: close, x-private",
+            "x-private: secret",
+            "x-kept: yes",
+        ],
+    );
+    let (status, headers, _) = raw_request(app.addr, &request).await;
+    assert_eq!(status, 200);
+    assert!(
+        !headers.contains_key("x-upstream-hop"),
+        "upstream's Connection-named header is hop-by-hop"
+    );
+    let seen = &upstream.arrivals()[0].headers;
+    assert!(!seen.contains_key("keep-alive"));
+    assert!(!seen.contains_key("x-private"));
+    assert_eq!(seen["x-kept"], "yes");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(
+        seen["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"fencegate.test\""
+    );
+    assert!(
+        seen.contains_key("x-request-id"),
+        "a request id is generated and passed on"
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_kept_and_returned() {
+    let (upstream, app) = setup().await;
+    let response = app
+        .client
+        .put(app.url("/wallets/1"))
+        .header("fencing-token", "1")
+        .header("x-request-id", "req-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-123");
+    assert_eq!(upstream.arrivals()[0].headers["x-request-id"], "req-123");
+}
+
+#[tokio::test]
+async fn large_bodies_stream_through_both_ways() {
+    let (upstream, app) = setup().await;
+    let body: String = (0..2_000_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let response = app.put("/wallets/big", 1, &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        body,
+        "the upstream's echo comes back whole"
+    );
+    assert_eq!(upstream.arrivals()[0].body.len(), body.len());
+}
+
+#[tokio::test]
+async fn body_over_max_body_is_413() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "max_body = 1024\n{}",
+        standard_routes(&upstream.url())
+    ))
+    .await;
+    let declared = app.put("/wallets/1", 1, &"x".repeat(2048)).await;
+    assert_eq!(declared.status(), 413);
+    assert_eq!(declared.headers()["fencing-token-highest"], "0");
+    problem(declared).await;
+    assert!(
+        upstream.arrivals().is_empty(),
+        "a declared oversize body is refused before forwarding"
+    );
+
+    let chunks: Vec<Result<String, std::io::Error>> = (0..8).map(|_| Ok("y".repeat(512))).collect();
+    let streamed = app
+        .client
+        .put(app.url("/wallets/2"))
+        .header("fencing-token", "1")
+        .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 413);
+    problem(streamed).await;
+}
+
+fn futures_stream(
+    chunks: Vec<Result<String, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<String, std::io::Error>> {
+    tokio_stream::iter(chunks)
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_problem_with_highest() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = TestApp::spawn(&standard_routes(&format!("http://{closed}"))).await;
+    let response = app.put("/wallets/1", 3, "").await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["fencing-token-highest"], "3");
+    problem(response).await;
+    // The request never reached the upstream, so nothing is in doubt: a newer token goes at once.
+    let started = std::time::Instant::now();
+    assert_eq!(app.put("/wallets/1", 4, "").await.status(), 502);
+    assert!(started.elapsed() < Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_problem() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "upstream_timeout = \"200ms\"\n{}",
+        standard_routes(&upstream.url())
+    ))
+    .await;
+    let response = app
+        .slow_put("/wallets/1", 1, Duration::from_millis(2_000))
+        .await;
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["fencing-token-highest"], "1");
+    problem(response).await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let (_upstream, app) = setup().await;
+    let client = app.client.clone();
+    let url = app.url("/wallets/1");
+    let slow = tokio::spawn(async move {
+        client
+            .put(url)
+            .header("fencing-token", "1")
+            .header(common::DELAY_HEADER, "400")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = app.addr;
+    app.stop().await;
+    assert_eq!(
+        slow.await.unwrap(),
+        200,
+        "the in-flight request finished during shutdown"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}

@@ -1,0 +1,313 @@
+//! The one guarantee: per resource, the upstream sees tokens that never decrease, and a new token
+//! reaches it only after every older request has been answered.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{RecordingUpstream, TestApp, standard_routes};
+
+async fn setup(extra: &str) -> (RecordingUpstream, TestApp) {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!("{extra}\n{}", standard_routes(&upstream.url()))).await;
+    (upstream, app)
+}
+
+fn arrival_of(upstream: &RecordingUpstream, token: u64) -> common::Arrival {
+    upstream
+        .arrivals()
+        .into_iter()
+        .find(|a| a.token == Some(token))
+        .unwrap_or_else(|| panic!("token {token} never reached the upstream"))
+}
+
+#[tokio::test]
+async fn newer_token_reaches_upstream_only_after_the_slow_older_write_is_answered() {
+    let (upstream, app) = setup("").await;
+    let app = Arc::new(app);
+    let old = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.slow_put("/wallets/1", 1, Duration::from_millis(500))
+                .await
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let new = app.put("/wallets/1", 2, "token 2").await;
+    assert_eq!(new.status(), 200);
+    assert_eq!(
+        old.await.unwrap(),
+        200,
+        "the older write, already forwarded, completes"
+    );
+
+    let (first, second) = (arrival_of(&upstream, 1), arrival_of(&upstream, 2));
+    assert!(
+        second.arrived >= first.answered.unwrap(),
+        "token 2 arrived before token 1 was answered"
+    );
+    assert!(
+        upstream.violations().is_empty(),
+        "{:?}",
+        upstream.violations()
+    );
+}
+
+#[tokio::test]
+async fn same_token_writes_run_concurrently() {
+    let (upstream, app) = setup("").await;
+    let app = Arc::new(app);
+    app.put("/wallets/1", 1, "").await;
+    let started = Instant::now();
+    let writes: Vec<_> = (0..4)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                app.slow_put("/wallets/1", 1, Duration::from_millis(400))
+                    .await
+                    .status()
+            })
+        })
+        .collect();
+    for write in writes {
+        assert_eq!(write.await.unwrap(), 200);
+    }
+    assert_eq!(
+        upstream.max_in_flight("/wallets/1"),
+        4,
+        "all four were at the upstream at once"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1_200),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn first_writes_of_a_new_token_overlap_once_the_old_drain() {
+    let (upstream, app) = setup("").await;
+    let app = Arc::new(app);
+    let old = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.slow_put("/wallets/1", 1, Duration::from_millis(300))
+                .await
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let new: Vec<_> = (0..3)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                app.slow_put("/wallets/1", 2, Duration::from_millis(300))
+                    .await
+                    .status()
+            })
+        })
+        .collect();
+    assert_eq!(old.await.unwrap(), 200);
+    for write in new {
+        assert_eq!(write.await.unwrap(), 200);
+    }
+    assert_eq!(upstream.max_in_flight("/wallets/1"), 3);
+    assert!(
+        upstream.violations().is_empty(),
+        "{:?}",
+        upstream.violations()
+    );
+}
+
+#[tokio::test]
+async fn request_superseded_while_waiting_gets_409_and_is_never_forwarded() {
+    let (upstream, app) = setup("").await;
+    let app = Arc::new(app);
+    let old = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.slow_put("/wallets/1", 1, Duration::from_millis(500))
+                .await
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let middle = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let response = app.put("/wallets/1", 2, "").await;
+            (
+                response.status(),
+                response.headers()["fencing-token-highest"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let newest = app.put("/wallets/1", 3, "").await;
+    assert_eq!(newest.status(), 200);
+    assert_eq!(
+        middle.await.unwrap(),
+        (reqwest::StatusCode::CONFLICT, "3".to_owned())
+    );
+    assert_eq!(old.await.unwrap(), 200);
+
+    let tokens: Vec<_> = upstream.arrivals().iter().map(|a| a.token).collect();
+    assert_eq!(tokens, vec![Some(1), Some(3)]);
+    assert_eq!(app.rejections()[0].0, "stale");
+}
+
+#[tokio::test]
+async fn torn_down_request_keeps_newer_tokens_back_for_the_in_doubt_grace() {
+    let (upstream, app) = setup("upstream_timeout = \"200ms\"\nin_doubt_grace = \"700ms\"").await;
+    let timed_out = app
+        .slow_put("/wallets/1", 1, Duration::from_millis(1_500))
+        .await;
+    assert_eq!(timed_out.status(), 504);
+    let torn_down_at = Instant::now();
+
+    assert_eq!(app.put("/wallets/1", 2, "").await.status(), 200);
+    let waited = arrival_of(&upstream, 2)
+        .arrived
+        .duration_since(torn_down_at);
+    assert!(
+        waited >= Duration::from_millis(650),
+        "token 2 went upstream after only {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn same_token_is_not_held_back_by_a_torn_down_request() {
+    let (_upstream, app) = setup("upstream_timeout = \"200ms\"\nin_doubt_grace = \"5s\"").await;
+    assert_eq!(
+        app.slow_put("/wallets/1", 1, Duration::from_millis(1_000))
+            .await
+            .status(),
+        504
+    );
+    let started = Instant::now();
+    assert_eq!(app.put("/wallets/1", 1, "").await.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Many leaders and zombies over several resources, with elections as they go and random upstream
+/// delays. Whatever the interleaving, every resource's upstream sees non-decreasing tokens, never a
+/// newer token while an older one is unanswered, and every forwarded request gets its upstream's
+/// answer back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn property_upstream_order_never_decreases_under_elections_and_zombies() {
+    let seeds: Vec<u64> = match std::env::var("FENCEGATE_PROPERTY_SEED") {
+        Ok(seed) => vec![seed.parse().expect("FENCEGATE_PROPERTY_SEED is a number")],
+        Err(_) => vec![1, 2, 3, fastrand::u64(..)],
+    };
+    for seed in seeds {
+        println!("property seed {seed} (rerun with FENCEGATE_PROPERTY_SEED={seed})");
+        run_property_round(seed).await;
+    }
+}
+
+const RESOURCES: usize = 4;
+const CLIENTS: u64 = 24;
+const REQUESTS_PER_CLIENT: usize = 20;
+
+async fn run_property_round(seed: u64) {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        "in_doubt_grace = \"1s\"\n[[routes]]\npath = \"/r/{{id}}\"\nupstream = \"{}\"\nresource = \"r:{{id}}\"\n",
+        upstream.url()
+    );
+    let app = Arc::new(TestApp::spawn(&config).await);
+    let epochs: Arc<Vec<AtomicU64>> = Arc::new((0..RESOURCES).map(|_| AtomicU64::new(1)).collect());
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (app, epochs) = (app.clone(), epochs.clone());
+            tokio::spawn(async move {
+                let mut rng =
+                    fastrand::Rng::with_seed(seed.wrapping_mul(1_000).wrapping_add(client));
+                let mut outcomes = Vec::new();
+                for _ in 0..REQUESTS_PER_CLIENT {
+                    let resource = rng.usize(..RESOURCES);
+                    let token = match rng.u8(..100) {
+                        // An election: this client becomes the newest leader.
+                        0..=9 => epochs[resource].fetch_add(1, Ordering::SeqCst) + 1,
+                        // A zombie: a leader from some earlier generation wakes up.
+                        10..=34 => rng.u64(0..=epochs[resource].load(Ordering::SeqCst)),
+                        _ => epochs[resource].load(Ordering::SeqCst),
+                    };
+                    let delay = rng.u64(0..25);
+                    let response = app
+                        .client
+                        .put(app.url(&format!("/r/{resource}")))
+                        .header("fencing-token", token.to_string())
+                        .header(common::DELAY_HEADER, delay.to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status().as_u16();
+                    let highest: u64 = response.headers()["fencing-token-highest"]
+                        .to_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let answered_by_upstream = response.headers().contains_key("x-upstream");
+                    outcomes.push((resource, token, status, highest, answered_by_upstream));
+                }
+                outcomes
+            })
+        })
+        .collect();
+
+    let mut forwarded = 0;
+    let mut max_forwarded: HashMap<usize, u64> = HashMap::new();
+    for client in clients {
+        for (resource, token, status, highest, answered_by_upstream) in client.await.unwrap() {
+            match status {
+                200 => {
+                    assert!(answered_by_upstream, "a 200 must be the upstream's answer");
+                    assert!(highest >= token);
+                    forwarded += 1;
+                    let max = max_forwarded.entry(resource).or_default();
+                    *max = (*max).max(token);
+                }
+                409 => assert!(
+                    highest > token,
+                    "409 must name a higher token ({token} vs {highest})"
+                ),
+                other => panic!("seed {seed}: unexpected status {other} for token {token}"),
+            }
+        }
+    }
+
+    assert!(
+        upstream.violations().is_empty(),
+        "seed {seed}: {:?}",
+        upstream.violations()
+    );
+    let arrivals = upstream.arrivals();
+    assert_eq!(
+        arrivals.len(),
+        forwarded,
+        "seed {seed}: every forwarded request was answered"
+    );
+    for resource in 0..RESOURCES {
+        let path = format!("/r/{resource}");
+        let tokens: Vec<u64> = arrivals
+            .iter()
+            .filter(|a| a.target == path)
+            .filter_map(|a| a.token)
+            .collect();
+        assert!(
+            tokens.windows(2).all(|w| w[0] <= w[1]),
+            "seed {seed}: {path} saw {tokens:?}"
+        );
+        let durable = common::durable_highest(&app.db_path, &format!("r:{resource}")).unwrap_or(0);
+        assert!(durable >= max_forwarded.get(&resource).copied().unwrap_or(0));
+    }
+}
