@@ -6,6 +6,7 @@
 //! path (dot segments, encoded separators, empty segments, malformed escapes) and decodes the rest
 //! once, exactly as the upstream will.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -62,13 +63,12 @@ pub enum PathError {
 pub fn normalise_path(raw: &str) -> Result<String, PathError> {
     let rest = raw.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     let mut decoded = String::with_capacity(raw.len());
-    let segments: Vec<&str> = rest.split('/').collect();
-    let last = segments.len() - 1;
-    for (index, segment) in segments.into_iter().enumerate() {
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
         decoded.push('/');
         // A trailing slash (`/dir/`) is an ordinary path; an empty segment anywhere else is not.
         if segment.is_empty() {
-            if index == last {
+            if segments.peek().is_none() {
                 break;
             }
             return Err(PathError::EmptySegment);
@@ -78,7 +78,7 @@ pub fn normalise_path(raw: &str) -> Result<String, PathError> {
     Ok(decoded)
 }
 
-fn decode_segment(raw: &str) -> Result<String, PathError> {
+fn decode_segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if raw.contains('\\') {
         return Err(PathError::EncodedSeparator);
     }
@@ -95,7 +95,7 @@ fn decode_segment(raw: &str) -> Result<String, PathError> {
     if segment.chars().any(char::is_control) {
         return Err(PathError::NotText);
     }
-    Ok(segment.into_owned())
+    Ok(segment)
 }
 
 /// `percent_decode_str` passes a stray `%` through unchanged; an upstream might instead reject it or
@@ -274,6 +274,8 @@ fn captures_of(path: &str) -> Vec<String> {
 struct ResourceTemplate {
     source: String,
     parts: Vec<Part>,
+    /// The key itself when the template has no placeholders, shared by every request.
+    fixed: Option<ResourceKey>,
 }
 
 #[derive(Debug)]
@@ -314,15 +316,20 @@ impl ResourceTemplate {
         if !rest.is_empty() {
             parts.push(Part::Literal(rest.to_owned()));
         }
+        let fixed = match parts.as_slice() {
+            [Part::Literal(only)] => Some(ResourceKey::new(only.as_str())),
+            _ => None,
+        };
         Ok(Self {
             source: source.to_owned(),
             parts,
+            fixed,
         })
     }
 
     fn render<'p>(&self, capture: impl Fn(&str) -> &'p str) -> ResourceKey {
-        if let [Part::Literal(only)] = self.parts.as_slice() {
-            return ResourceKey::new(only.as_str());
+        if let Some(fixed) = &self.fixed {
+            return fixed.clone();
         }
         let mut name = String::new();
         for part in &self.parts {

@@ -36,7 +36,9 @@ const EVICTION_INTERVAL: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct App {
     data_listener: TcpListener,
+    data_addr: SocketAddr,
     admin_listener: TcpListener,
+    admin_addr: SocketAddr,
     plane: Arc<DataPlane>,
     gate: Gate,
     admin: AdminState,
@@ -64,7 +66,9 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
         Ok(App {
+            data_addr: data_listener.local_addr()?,
             data_listener,
+            admin_addr: admin_listener.local_addr()?,
             admin_listener,
             plane: Arc::new(plane),
             gate,
@@ -79,16 +83,12 @@ impl App {
 
     /// The data plane's bound address.
     pub fn data_addr(&self) -> SocketAddr {
-        self.data_listener
-            .local_addr()
-            .expect("a bound TCP listener has an address")
+        self.data_addr
     }
 
     /// The admin plane's bound address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_listener
-            .local_addr()
-            .expect("a bound TCP listener has an address")
+        self.admin_addr
     }
 
     /// Serves both planes until `shutdown` completes, then drains and flushes.

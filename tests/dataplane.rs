@@ -4,6 +4,8 @@ mod common;
 
 use std::time::Duration;
 
+use reqwest::Method;
+
 use common::{RecordingUpstream, TestApp, problem, raw, raw_request, standard_routes};
 
 async fn setup() -> (RecordingUpstream, TestApp) {
@@ -75,13 +77,7 @@ async fn non_canonical_or_repeated_token_is_400_and_audited_as_invalid() {
         "18446744073709551616",
         "",
     ] {
-        let response = app
-            .client
-            .post(app.url("/wallets/9"))
-            .header("fencing-token", bad)
-            .send()
-            .await
-            .unwrap();
+        let response = app.send(Method::POST, "/wallets/9", Some(bad)).await;
         assert_eq!(response.status(), 400, "{bad:?}");
         assert_eq!(
             response.headers()["fencing-token-highest"],
@@ -217,13 +213,7 @@ async fn reads_pass_through_unchecked_by_default() {
     app.put("/wallets/1", 5, "").await;
     let plain = app.client.get(app.url("/wallets/1")).send().await.unwrap();
     assert_eq!(plain.status(), 200);
-    let stale = app
-        .client
-        .get(app.url("/wallets/1"))
-        .header("fencing-token", "1")
-        .send()
-        .await
-        .unwrap();
+    let stale = app.send(Method::GET, "/wallets/1", Some("1")).await;
     assert_eq!(
         stale.status(),
         200,
@@ -236,21 +226,9 @@ async fn reads_pass_through_unchecked_by_default() {
 async fn fence_reads_route_rejects_stale_reads_and_passes_untokened_ones() {
     let (upstream, app) = setup().await;
     app.put("/accounts/7", 5, "").await;
-    let stale = app
-        .client
-        .get(app.url("/accounts/7"))
-        .header("fencing-token", "4")
-        .send()
-        .await
-        .unwrap();
+    let stale = app.send(Method::GET, "/accounts/7", Some("4")).await;
     assert_eq!(stale.status(), 409);
-    let current = app
-        .client
-        .get(app.url("/accounts/7"))
-        .header("fencing-token", "5")
-        .send()
-        .await
-        .unwrap();
+    let current = app.send(Method::GET, "/accounts/7", Some("5")).await;
     assert_eq!(current.status(), 200);
     assert_eq!(current.headers()["fencing-token-highest"], "5");
     let untokened = app.client.get(app.url("/accounts/7")).send().await.unwrap();

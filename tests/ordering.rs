@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{RecordingUpstream, TestApp, standard_routes};
+use common::{RecordingUpstream, TestApp, spawn_slow_put, standard_routes};
 
 async fn setup(extra: &str) -> (RecordingUpstream, TestApp) {
     let upstream = RecordingUpstream::start().await;
@@ -28,14 +28,7 @@ fn arrival_of(upstream: &RecordingUpstream, token: u64) -> common::Arrival {
 async fn newer_token_reaches_upstream_only_after_the_slow_older_write_is_answered() {
     let (upstream, app) = setup("").await;
     let app = Arc::new(app);
-    let old = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            app.slow_put("/wallets/1", 1, Duration::from_millis(500))
-                .await
-                .status()
-        })
-    };
+    let old = spawn_slow_put(&app, "/wallets/1", 1, Duration::from_millis(500));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let new = app.put("/wallets/1", 2, "token 2").await;
     assert_eq!(new.status(), 200);
@@ -64,14 +57,7 @@ async fn same_token_writes_run_concurrently() {
     app.put("/wallets/1", 1, "").await;
     let started = Instant::now();
     let writes: Vec<_> = (0..4)
-        .map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                app.slow_put("/wallets/1", 1, Duration::from_millis(400))
-                    .await
-                    .status()
-            })
-        })
+        .map(|_| spawn_slow_put(&app, "/wallets/1", 1, Duration::from_millis(400)))
         .collect();
     for write in writes {
         assert_eq!(write.await.unwrap(), 200);
@@ -92,24 +78,10 @@ async fn same_token_writes_run_concurrently() {
 async fn first_writes_of_a_new_token_overlap_once_the_old_drain() {
     let (upstream, app) = setup("").await;
     let app = Arc::new(app);
-    let old = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            app.slow_put("/wallets/1", 1, Duration::from_millis(300))
-                .await
-                .status()
-        })
-    };
+    let old = spawn_slow_put(&app, "/wallets/1", 1, Duration::from_millis(300));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let new: Vec<_> = (0..3)
-        .map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                app.slow_put("/wallets/1", 2, Duration::from_millis(300))
-                    .await
-                    .status()
-            })
-        })
+        .map(|_| spawn_slow_put(&app, "/wallets/1", 2, Duration::from_millis(300)))
         .collect();
     assert_eq!(old.await.unwrap(), 200);
     for write in new {
@@ -127,14 +99,7 @@ async fn first_writes_of_a_new_token_overlap_once_the_old_drain() {
 async fn request_superseded_while_waiting_gets_409_and_is_never_forwarded() {
     let (upstream, app) = setup("").await;
     let app = Arc::new(app);
-    let old = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            app.slow_put("/wallets/1", 1, Duration::from_millis(500))
-                .await
-                .status()
-        })
-    };
+    let old = spawn_slow_put(&app, "/wallets/1", 1, Duration::from_millis(500));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let middle = {
         let app = app.clone();

@@ -205,8 +205,12 @@ impl DataPlane {
                 return fenced(ProxyError::StoreUnavailable, resource, None, None);
             }
         };
-        self.audit(reason, error, resource, None, highest, request, client)
-            .await
+        let fencing = FencingContext {
+            resource,
+            token: None,
+            highest,
+        };
+        self.audit(reason, error, fencing, request, client).await
     }
 
     /// A token the gate refused: stale or a jump is audited; a store failure fails closed.
@@ -218,19 +222,9 @@ impl DataPlane {
         request: &Request<Incoming>,
         client: SocketAddr,
     ) -> Rejected {
-        match refusal {
+        let (reason, error, highest) = match refusal {
             Refusal::Stale { highest } => {
-                let error = ProxyError::Stale { token, highest };
-                self.audit(
-                    Reason::Stale,
-                    error,
-                    resource,
-                    Some(token),
-                    Some(highest),
-                    request,
-                    client,
-                )
-                .await
+                (Reason::Stale, ProxyError::Stale { token, highest }, highest)
             }
             Refusal::Jump { highest, limit } => {
                 let error = ProxyError::Jump {
@@ -238,38 +232,37 @@ impl DataPlane {
                     highest,
                     limit,
                 };
-                self.audit(
-                    Reason::Jump,
-                    error,
-                    resource,
-                    Some(token),
-                    Some(highest),
-                    request,
-                    client,
-                )
-                .await
+                (Reason::Jump, error, highest)
             }
             Refusal::NotDurable | Refusal::Store(_) => {
                 tracing::error!(error = %refusal, "fenced request not admitted");
                 let highest = self.gate.highest(&resource).await.ok().flatten();
-                fenced(ProxyError::StoreUnavailable, resource, Some(token), highest)
+                return fenced(ProxyError::StoreUnavailable, resource, Some(token), highest);
             }
-        }
+        };
+        let fencing = FencingContext {
+            resource,
+            token: Some(token),
+            highest: Some(highest),
+        };
+        self.audit(reason, error, fencing, request, client).await
     }
 
     /// Commits the rejection to the audit log, then returns the answer. If the log cannot be
     /// written the answer is 503: the request is refused either way, but never unrecorded.
-    #[allow(clippy::too_many_arguments)]
     async fn audit(
         &self,
         reason: Reason,
         error: ProxyError,
-        resource: ResourceKey,
-        token: Option<FencingToken>,
-        highest: Option<FencingToken>,
+        fencing: FencingContext,
         request: &Request<Incoming>,
         client: SocketAddr,
     ) -> Rejected {
+        let FencingContext {
+            resource,
+            token,
+            highest,
+        } = fencing;
         let request_id = request
             .headers()
             .get(X_REQUEST_ID)

@@ -277,6 +277,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Sends `method` to `path` with `token` as the raw `Fencing-Token` value, if any.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(token) = token {
+            request = request.header("fencing-token", token);
+        }
+        request.send().await.unwrap()
+    }
+
     /// Like [`TestApp::put`], with the upstream told to take `delay` before answering.
     pub async fn slow_put(&self, path: &str, token: u64, delay: Duration) -> reqwest::Response {
         self.client
@@ -334,6 +348,17 @@ impl TestApp {
             .map(Result::unwrap)
             .collect()
     }
+}
+
+/// Starts a slow fenced PUT in the background; the task yields its status code.
+pub fn spawn_slow_put(
+    app: &Arc<TestApp>,
+    path: &str,
+    token: u64,
+    delay: Duration,
+) -> JoinHandle<u16> {
+    let (app, path) = (Arc::clone(app), path.to_owned());
+    tokio::spawn(async move { app.slow_put(&path, token, delay).await.status().as_u16() })
 }
 
 /// The durable highest token of `resource` in the database at `db_path`, read by a separate
