@@ -14,6 +14,9 @@ use crate::token::FencingToken;
 /// each row arbitrarily large.
 pub const MAX_AUDITED_PATH: usize = 2048;
 
+/// The longest client-supplied request id kept in a rejection row.
+pub const MAX_AUDITED_REQUEST_ID: usize = 128;
+
 /// Why a fenced request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -62,16 +65,16 @@ pub struct Rejection {
     pub request_id: Option<String>,
 }
 
-/// Cuts `path` to [`MAX_AUDITED_PATH`] bytes on a character boundary.
-pub fn audited_path(path: &str) -> String {
-    if path.len() <= MAX_AUDITED_PATH {
-        return path.to_owned();
+/// Cuts client-controlled `text` to at most `max` bytes, on a character boundary, for storage.
+pub fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
     }
-    let mut end = MAX_AUDITED_PATH;
-    while !path.is_char_boundary(end) {
+    let mut end = max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    path[..end].to_owned()
+    text[..end].to_owned()
 }
 
 #[cfg(test)]
@@ -79,11 +82,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_paths_are_cut_on_a_char_boundary() {
-        assert_eq!(audited_path("/a"), "/a");
+    fn long_text_is_cut_on_a_char_boundary() {
+        assert_eq!(truncated("/a", MAX_AUDITED_PATH), "/a");
         let long = "é".repeat(MAX_AUDITED_PATH);
-        let cut = audited_path(&long);
-        assert!(cut.len() <= MAX_AUDITED_PATH);
+        let cut = truncated(&long, MAX_AUDITED_PATH);
+        assert!(cut.len() <= MAX_AUDITED_PATH && cut.len() > MAX_AUDITED_PATH - 2);
         assert!(cut.chars().all(|c| c == 'é'));
     }
 }

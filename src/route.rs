@@ -60,6 +60,14 @@ pub enum PathError {
 ///
 /// The decoded form is what routing matches against, so `/%77allets/1` reaches the `/wallets/{id}`
 /// route just as it reaches the upstream's wallet handler.
+///
+/// ```
+/// use fencegate::route::{PathError, normalise_path};
+///
+/// assert_eq!(normalise_path("/%77allets/1").as_deref(), Ok("/wallets/1"));
+/// assert_eq!(normalise_path("/wallets/%2e%2e/admin"), Err(PathError::DotSegment));
+/// assert_eq!(normalise_path("/wallets/a%2Fb"), Err(PathError::EncodedSeparator));
+/// ```
 pub fn normalise_path(raw: &str) -> Result<String, PathError> {
     let rest = raw.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     let mut decoded = String::with_capacity(raw.len());

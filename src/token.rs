@@ -16,6 +16,14 @@ pub const FENCING_TOKEN: HeaderName = HeaderName::from_static("fencing-token");
 pub const FENCING_TOKEN_HIGHEST: HeaderName = HeaderName::from_static("fencing-token-highest");
 
 /// A leader's epoch: a canonical decimal `u64`.
+///
+/// ```
+/// use fencegate::token::{FencingToken, TokenError};
+///
+/// assert_eq!("42".parse::<FencingToken>().map(FencingToken::get), Ok(42));
+/// // Two spellings of one number are never two epochs: only the canonical one is accepted.
+/// assert_eq!("042".parse::<FencingToken>(), Err(TokenError::NotCanonical));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(u64);
 

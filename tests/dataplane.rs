@@ -461,3 +461,24 @@ async fn shutdown_drains_in_flight_requests() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn audit_row_keeps_a_bounded_client_request_id() {
+    let (_upstream, app) = setup().await;
+    app.put("/wallets/1", 2, "").await;
+    let huge_id = "r".repeat(4_000);
+    let response = app
+        .client
+        .put(app.url("/wallets/1"))
+        .header("fencing-token", "1")
+        .header("x-request-id", &huge_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    let conn = rusqlite::Connection::open(&app.db_path).unwrap();
+    let stored: String = conn
+        .query_row("SELECT request_id FROM rejections", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored.len(), fencegate::audit::MAX_AUDITED_REQUEST_ID);
+}

@@ -267,7 +267,7 @@ impl DataPlane {
             .headers()
             .get(X_REQUEST_ID)
             .and_then(|value| value.to_str().ok())
-            .map(str::to_owned);
+            .map(|id| audit::truncated(id, audit::MAX_AUDITED_REQUEST_ID));
         tracing::info!(
             %resource, %reason, token = token.map(FencingToken::get), highest = highest.map(FencingToken::get),
             request_id = request_id.as_deref().unwrap_or(""), "fenced request rejected"
@@ -279,7 +279,7 @@ impl DataPlane {
             token,
             highest,
             method: request.method().to_string(),
-            path: audit::audited_path(request.uri().path()),
+            path: audit::truncated(request.uri().path(), audit::MAX_AUDITED_PATH),
             client: client.to_string(),
             request_id,
         };
