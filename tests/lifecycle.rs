@@ -1,5 +1,5 @@
-//! The highest token per resource survives `kill -9`: the real binary is killed mid-storm and
-//! restarted on the same database, and every lower token is then rejected.
+//! The real binary's life: it refuses to start on a bad config, its highest tokens survive
+//! `kill -9` mid-storm (after a restart every lower token is rejected), and SIGTERM drains.
 
 mod common;
 
@@ -221,4 +221,59 @@ async fn sigterm_drains_and_exits_zero() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn bad_config_stops_start_up_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\npath = \"/a/{id}\"\nupstream = \"http://127.0.0.1:1\"\nresource = \"a:{nope}\"\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--db")
+        .arg(dir.path().join("never-created.db"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("routes[0].resource: uses {nope}, which path /a/{id} does not capture"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("never-created.db").exists(),
+        "nothing is opened before the config is valid"
+    );
+}
+
+#[test]
+fn exposed_admin_plane_without_a_token_refuses_to_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+        .args([
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--admin-listen",
+            "0.0.0.0:0",
+        ])
+        .env_remove("FENCEGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("admin_listen: 0.0.0.0:0 is not a loopback address")
+    );
 }
