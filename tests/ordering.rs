@@ -276,3 +276,36 @@ async fn run_property_round(seed: u64) {
         assert!(durable >= max_forwarded.get(&resource).copied().unwrap_or(0));
     }
 }
+
+/// The hot path needs no disk: with SQLite's write lock held by someone else, writes with the
+/// current token still go straight through, while a higher token waits until it can be made
+/// durable and only then reaches the upstream.
+#[tokio::test]
+async fn current_token_writes_go_through_while_the_database_is_locked() {
+    let (upstream, app) = setup("").await;
+    let app = Arc::new(app);
+    assert_eq!(app.put("/wallets/1", 1, "").await.status(), 200);
+
+    let locker = rusqlite::Connection::open(&app.db_path).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let newer = spawn_slow_put(&app, "/wallets/1", 2, Duration::ZERO);
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(app.put("/wallets/1", 1, "").await.status(), 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !newer.is_finished(),
+        "token 2 cannot be durable while the database is locked"
+    );
+    assert!(upstream.arrivals().iter().all(|a| a.token == Some(1)));
+
+    locker.execute_batch("COMMIT").unwrap();
+    assert_eq!(newer.await.unwrap(), 200);
+    assert_eq!(common::durable_highest(&app.db_path, "wallet:1"), Some(2));
+}
