@@ -110,7 +110,7 @@ impl DataPlane {
             .map_err(|e| self.forward_failure(e).into())
     }
 
-    #[tracing::instrument(skip_all, fields(resource = %resource))]
+    #[tracing::instrument(level = "debug", skip_all, fields(resource = %resource))]
     async fn serve_fenced(
         &self,
         route: &Route,
