@@ -26,15 +26,10 @@ impl Drop for Proxy {
     }
 }
 
-/// Starts `fencegate serve` on free ports, one resource per `/crash/{id}`, and waits until ready.
-async fn start_binary(upstream: &str, db: &Path) -> Proxy {
-    let config = db.with_extension("toml");
-    std::fs::write(
-        &config,
-        format!("[[routes]]\npath = \"/crash/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"crash:{{id}}\"\n"),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+/// `fencegate serve` with `config` and `db`, both planes on free loopback ports.
+fn serve_command(config: &Path, db: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fencegate"));
+    command
         .args([
             "serve",
             "--listen",
@@ -43,9 +38,21 @@ async fn start_binary(upstream: &str, db: &Path) -> Proxy {
             "127.0.0.1:0",
             "--config",
         ])
-        .arg(&config)
+        .arg(config)
         .arg("--db")
-        .arg(db)
+        .arg(db);
+    command
+}
+
+/// Starts `fencegate serve` on free ports, one resource per `/crash/{id}`, and waits until ready.
+async fn start_binary(upstream: &str, db: &Path) -> Proxy {
+    let config = db.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!("[[routes]]\npath = \"/crash/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"crash:{{id}}\"\n"),
+    )
+    .unwrap();
+    let child = serve_command(&config, db)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -232,18 +239,7 @@ fn bad_config_stops_start_up_with_the_key_named() {
         "[[routes]]\npath = \"/a/{id}\"\nupstream = \"http://127.0.0.1:1\"\nresource = \"a:{nope}\"\n",
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_fencegate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--db")
-        .arg(dir.path().join("never-created.db"))
+    let output = serve_command(&config, &dir.path().join("never-created.db"))
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
