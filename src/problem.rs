@@ -112,11 +112,6 @@ impl ProxyError {
             ),
         }
     }
-
-    /// The status code this error answers with.
-    pub fn status(&self) -> StatusCode {
-        self.kind().0
-    }
 }
 
 /// The fencing facts about a fenced request, attached to every answer to it.
@@ -160,7 +155,7 @@ struct Body<'a> {
 }
 
 /// The problem `type` URI for a slug.
-pub fn problem_type(slug: &str) -> String {
+fn problem_type(slug: &str) -> String {
     format!("urn:fencegate:problem:{slug}")
 }
 
@@ -176,7 +171,7 @@ pub fn response(
 
 /// The value sent as `Fencing-Token-Highest` (and `highest`): a never-seen resource reports 0,
 /// since no token is lower than that.
-pub fn highest_value(highest: Option<FencingToken>) -> u64 {
+fn highest_value(highest: Option<FencingToken>) -> u64 {
     highest.map_or(0, FencingToken::get)
 }
 

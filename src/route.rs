@@ -156,7 +156,6 @@ pub enum RouteError {
 /// One configured route: a path template, its upstream, and how its resource is named.
 #[derive(Debug)]
 pub struct Route {
-    path: String,
     matcher: matchit::Router<()>,
     upstream: Upstream,
     resource: ResourceTemplate,
@@ -186,7 +185,6 @@ impl Route {
         let captures = captures_of(path);
         let resource = ResourceTemplate::parse(resource, &captures, path)?;
         Ok(Self {
-            path: path.to_owned(),
             matcher,
             upstream,
             resource,
@@ -196,34 +194,14 @@ impl Route {
         })
     }
 
-    /// The path template, as configured.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
     /// Where matching requests are forwarded.
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
     }
 
-    /// The resource template, as configured.
-    pub fn resource_template(&self) -> &str {
-        &self.resource.source
-    }
-
     /// The most a token may exceed the resource's highest, if limited.
     pub fn max_token_jump(&self) -> Option<u64> {
         self.max_token_jump
-    }
-
-    /// The methods this route fences.
-    pub fn fenced_methods(&self) -> &[Method] {
-        &self.fenced_methods
-    }
-
-    /// Whether reads that carry a token are checked too.
-    pub fn fence_reads(&self) -> bool {
-        self.fence_reads
     }
 
     /// How this route treats a request with `method`.
@@ -280,7 +258,6 @@ fn captures_of(path: &str) -> Vec<String> {
 /// A resource name with `{capture}` placeholders, checked against the path template once.
 #[derive(Debug)]
 struct ResourceTemplate {
-    source: String,
     parts: Vec<Part>,
     /// The key itself when the template has no placeholders, shared by every request.
     fixed: Option<ResourceKey>,
@@ -328,11 +305,7 @@ impl ResourceTemplate {
             [Part::Literal(only)] => Some(ResourceKey::new(only.as_str())),
             _ => None,
         };
-        Ok(Self {
-            source: source.to_owned(),
-            parts,
-            fixed,
-        })
+        Ok(Self { parts, fixed })
     }
 
     fn render<'p>(&self, capture: impl Fn(&str) -> &'p str) -> ResourceKey {

@@ -52,13 +52,7 @@ impl App {
         let (store, writer) = Store::open(&config.database)?;
         let gate = Gate::new(store.clone(), config.in_doubt_grace);
         let upstream = UpstreamClient::new(config.upstream_timeout, config.max_body);
-        let plane = DataPlane::new(
-            config.routes,
-            gate.clone(),
-            store.clone(),
-            upstream,
-            config.max_body,
-        );
+        let plane = DataPlane::new(config.routes, gate.clone(), store.clone(), upstream);
         let data_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;

@@ -1,6 +1,7 @@
 //! Proxy header conventions: hop-by-hop removal, `Forwarded` / `X-Forwarded-For`, and the refusal
 //! of method-override headers.
 
+use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
@@ -73,15 +74,16 @@ pub(super) fn prepare_upstream_request(headers: &mut HeaderMap, client: SocketAd
 }
 
 fn forwarded_element(client: IpAddr, host: Option<&HeaderValue>) -> String {
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    let mut element = String::with_capacity(64);
+    // Writing to a String cannot fail.
+    let _ = match client {
+        IpAddr::V4(ip) => write!(element, "for={ip};proto=http"),
+        IpAddr::V6(ip) => write!(element, "for=\"[{ip}]\";proto=http"),
     };
-    let mut element = format!("for={node};proto=http");
     // Only a host that is safe inside a quoted-string is passed on.
     if let Some(host) = host.and_then(|h| h.to_str().ok()) {
         if !host.is_empty() && !host.contains(['"', '\\']) {
-            element.push_str(&format!(";host=\"{host}\""));
+            let _ = write!(element, ";host=\"{host}\"");
         }
     }
     element

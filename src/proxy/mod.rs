@@ -38,24 +38,16 @@ pub struct DataPlane {
     gate: Gate,
     store: Store,
     upstream: UpstreamClient,
-    max_body: u64,
 }
 
 impl DataPlane {
     /// Assembles the data plane.
-    pub fn new(
-        routes: RouteTable,
-        gate: Gate,
-        store: Store,
-        upstream: UpstreamClient,
-        max_body: u64,
-    ) -> Self {
+    pub fn new(routes: RouteTable, gate: Gate, store: Store, upstream: UpstreamClient) -> Self {
         Self {
             routes,
             gate,
             store,
             upstream,
-            max_body,
         }
     }
 
@@ -258,23 +250,20 @@ impl DataPlane {
         request: &Request<Incoming>,
         client: SocketAddr,
     ) -> Rejected {
-        let FencingContext {
-            resource,
-            token,
-            highest,
-        } = fencing;
         let request_id = request
             .headers()
             .get(X_REQUEST_ID)
             .and_then(|value| value.to_str().ok())
             .map(|id| audit::truncated(id, audit::MAX_AUDITED_REQUEST_ID));
+        let (token, highest) = (fencing.token, fencing.highest);
         tracing::info!(
-            %resource, %reason, token = token.map(FencingToken::get), highest = highest.map(FencingToken::get),
+            resource = %fencing.resource, %reason, token = token.map(FencingToken::get),
+            highest = highest.map(FencingToken::get),
             request_id = request_id.as_deref().unwrap_or(""), "fenced request rejected"
         );
         let rejection = Rejection {
             at: SystemTime::now(),
-            resource: resource.clone(),
+            resource: fencing.resource.clone(),
             reason,
             token,
             highest,
@@ -283,12 +272,16 @@ impl DataPlane {
             client: client.to_string(),
             request_id,
         };
-        match self.store.record_rejection(rejection).await {
-            Ok(()) => fenced(error, resource, token, highest),
+        let error = match self.store.record_rejection(rejection).await {
+            Ok(()) => error,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record a rejection in the audit log");
-                fenced(ProxyError::StoreUnavailable, resource, token, highest)
+                ProxyError::StoreUnavailable
             }
+        };
+        Rejected {
+            error,
+            fencing: Some(fencing),
         }
     }
 
@@ -301,8 +294,8 @@ impl DataPlane {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
         match declared {
-            Some(length) if length > self.max_body => Err(ProxyError::BodyTooLarge {
-                limit: self.max_body,
+            Some(length) if length > self.upstream.max_body() => Err(ProxyError::BodyTooLarge {
+                limit: self.upstream.max_body(),
             }),
             _ => Ok(()),
         }
@@ -315,7 +308,7 @@ impl DataPlane {
                 ProxyError::UpstreamTimeout(self.upstream.timeout())
             }
             ForwardError::BodyTooLarge => ProxyError::BodyTooLarge {
-                limit: self.max_body,
+                limit: self.upstream.max_body(),
             },
             e @ (ForwardError::Connect(_) | ForwardError::Exchange(_) | ForwardError::Uri(_)) => {
                 tracing::warn!(error = %e, "upstream failed");

@@ -119,7 +119,7 @@ impl ForwardError {
 pub struct UpstreamClient {
     client: Client<HttpConnector, Limited<Incoming>>,
     timeout: Duration,
-    max_body: usize,
+    max_body: u64,
 }
 
 impl UpstreamClient {
@@ -137,13 +137,18 @@ impl UpstreamClient {
         Self {
             client,
             timeout,
-            max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+            max_body,
         }
     }
 
     /// The configured exchange timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The largest request body forwarded, in bytes.
+    pub fn max_body(&self) -> u64 {
+        self.max_body
     }
 
     /// Sends `request` to `upstream` and returns its response head; the body streams on.
@@ -158,7 +163,8 @@ impl UpstreamClient {
         // The client may have spoken HTTP/2 to us; the upstream connection is HTTP/1.1.
         parts.version = Version::HTTP_11;
         headers::prepare_upstream_request(&mut parts.headers, client);
-        let request = Request::from_parts(parts, Limited::new(body, self.max_body));
+        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
+        let request = Request::from_parts(parts, Limited::new(body, limit));
         let mut response =
             match tokio::time::timeout(self.timeout, self.client.request(request)).await {
                 Err(_) => return Err(ForwardError::Timeout),

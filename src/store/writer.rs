@@ -153,11 +153,18 @@ fn commit(conn: &mut Connection, writes: Vec<Write>) {
     let now = timestamp(SystemTime::now());
     let count = writes.len();
     let mut applied = Vec::with_capacity(count);
+    let mut failed = None;
     let mut pending = writes.into_iter();
     let result = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for write in pending.by_ref() {
-            applied.push(apply(&tx, write, &now)?);
+            match apply(&tx, write, &now) {
+                Ok(done) => applied.push(done),
+                Err((e, write)) => {
+                    failed = Some(write);
+                    return Err(e);
+                }
+            }
         }
         tx.commit()
     })();
@@ -167,26 +174,43 @@ fn commit(conn: &mut Connection, writes: Vec<Write>) {
             tracing::error!(error = %e, batch = count, "database commit failed");
             let error = StoreError::from(e);
             applied.into_iter().for_each(|a| a.fail(error.clone()));
-            pending.for_each(|w| w.fail(error.clone()));
+            failed
+                .into_iter()
+                .chain(pending)
+                .for_each(|w| w.fail(error.clone()));
         }
     }
 }
 
-/// Runs one write inside the transaction. On failure the write is lost with its reply channel,
-/// so its caller sees `StoreError::Closed`; the rest of the batch is answered with the error.
-fn apply(tx: &Transaction<'_>, write: Write, now: &str) -> rusqlite::Result<Applied> {
+/// Runs one write inside the transaction. A failed write is handed back, so that its caller too
+/// hears the database's error.
+fn apply(
+    tx: &Transaction<'_>,
+    write: Write,
+    now: &str,
+) -> Result<Applied, (rusqlite::Error, Write)> {
     match write {
         Write::Advance {
             resource,
             token,
             via,
             reply,
-        } => {
-            advance(tx, &resource, token, via, now).map(|outcome| Applied::Advance(reply, outcome))
-        }
-        Write::Reject { rejection, reply } => {
-            insert_rejection(tx, &rejection).map(|()| Applied::Recorded(reply))
-        }
+        } => match advance(tx, &resource, token, via, now) {
+            Ok(outcome) => Ok(Applied::Advance(reply, outcome)),
+            Err(e) => Err((
+                e,
+                Write::Advance {
+                    resource,
+                    token,
+                    via,
+                    reply,
+                },
+            )),
+        },
+        Write::Reject { rejection, reply } => match insert_rejection(tx, &rejection) {
+            Ok(()) => Ok(Applied::Recorded(reply)),
+            Err(e) => Err((e, Write::Reject { rejection, reply })),
+        },
     }
 }
 
