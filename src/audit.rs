@@ -5,6 +5,7 @@
 //! never behind what zombies were told.
 
 use std::fmt;
+use std::str::FromStr;
 use std::time::SystemTime;
 
 use crate::route::ResourceKey;
@@ -31,6 +32,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (so `reason as usize` indexes this array).
+    pub const ALL: [Reason; 4] = [
+        Reason::Stale,
+        Reason::Missing,
+        Reason::Invalid,
+        Reason::Jump,
+    ];
+
     /// The name stored in the database and shown to operators.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -45,6 +54,22 @@ impl Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not one of the [`Reason`]s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a rejection reason; use stale, missing, invalid or jump")]
+pub struct UnknownReason(String);
+
+impl FromStr for Reason {
+    type Err = UnknownReason;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == name)
+            .ok_or_else(|| UnknownReason(name.to_owned()))
     }
 }
 
@@ -65,6 +90,25 @@ pub struct Rejection {
     pub request_id: Option<String>,
 }
 
+/// Reads a `since` bound: an RFC 3339 timestamp (any offset) or a duration back from `now`, such
+/// as `15m` or `2h 30m`.
+pub fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, String> {
+    // Stored times are all after 1970; an earlier bound means "everything".
+    let not_before_1970 = |at: SystemTime| at.max(SystemTime::UNIX_EPOCH);
+    if let Ok(at) = text.parse::<jiff::Timestamp>() {
+        return Ok(not_before_1970(SystemTime::from(at)));
+    }
+    match humantime::parse_duration(text) {
+        Ok(ago) => Ok(not_before_1970(
+            now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH),
+        )),
+        Err(_) => Err(format!(
+            "{text:?} is neither an RFC 3339 time such as 2026-11-23T10:00:00Z nor a duration \
+             such as 15m"
+        )),
+    }
+}
+
 /// Cuts client-controlled `text` to at most `max` bytes, on a character boundary, for storage.
 pub fn truncated(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -80,6 +124,31 @@ pub fn truncated(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_takes_a_timestamp_with_any_offset_or_a_duration() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let utc = parse_since("1970-01-12T13:46:40Z", now).unwrap();
+        assert_eq!(utc, now);
+        assert_eq!(parse_since("1970-01-12T14:46:40+01:00", now).unwrap(), now);
+        let ago = now - std::time::Duration::from_secs(15 * 60);
+        assert_eq!(parse_since("15m", now).unwrap(), ago);
+        assert_eq!(parse_since("100000h", now).unwrap(), SystemTime::UNIX_EPOCH);
+        let ancient = parse_since("0001-01-01T00:00:00Z", now).unwrap();
+        assert_eq!(ancient, SystemTime::UNIX_EPOCH);
+        let error = parse_since("yesterday", now).unwrap_err();
+        assert!(error.contains("\"yesterday\""), "{error}");
+    }
+
+    #[test]
+    fn reasons_parse_from_their_names_only() {
+        for reason in Reason::ALL {
+            assert_eq!(reason.as_str().parse(), Ok(reason));
+            assert_eq!(Reason::ALL[reason as usize], reason);
+        }
+        assert!("Stale".parse::<Reason>().is_err());
+        assert!("".parse::<Reason>().is_err());
+    }
 
     #[test]
     fn long_text_is_cut_on_a_char_boundary() {

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::proxy::Upstream;
 use crate::route::{DEFAULT_FENCED_METHODS, Route, RoutePolicy, RouteTable};
+use crate::store::Retention;
 
 /// Where the data plane listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -29,6 +30,12 @@ pub const DEFAULT_IN_DOUBT_GRACE: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_BODY: u64 = 16 * 1024 * 1024;
 /// How long a graceful shutdown waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Audit-log rows older than this are pruned: 30 days.
+pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// At most this many audit-log rows are kept (roughly 200 MB of database at most).
+pub const DEFAULT_AUDIT_MAX_ROWS: u64 = 1_000_000;
+/// How often retention looks for audit-log rows to prune.
+pub const DEFAULT_AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// The resource of the catch-all route that `--upstream` makes without a config file.
 pub const DEFAULT_RESOURCE: &str = "default";
 
@@ -65,6 +72,9 @@ pub struct Config {
     pub in_doubt_grace: Duration,
     pub max_body: u64,
     pub shutdown_grace: Duration,
+    /// How much of the audit log to keep.
+    pub retention: Retention,
+    pub audit_prune_interval: Duration,
     pub routes: RouteTable,
 }
 
@@ -113,6 +123,9 @@ struct FileConfig {
     in_doubt_grace: Option<String>,
     max_body: Option<Size>,
     shutdown_grace: Option<String>,
+    audit_max_age: Option<String>,
+    audit_max_rows: Option<u64>,
+    audit_prune_interval: Option<String>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
@@ -218,6 +231,24 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             file.shutdown_grace,
             DEFAULT_SHUTDOWN_GRACE,
         )?,
+        retention: Retention {
+            max_age: positive(duration(
+                "audit_max_age",
+                file.audit_max_age,
+                DEFAULT_AUDIT_MAX_AGE,
+            )?)
+            .ok_or_else(|| invalid("audit_max_age", "must be longer than 0s"))?,
+            max_rows: match file.audit_max_rows {
+                Some(0) => return Err(invalid("audit_max_rows", "must be at least 1")),
+                rows => rows.unwrap_or(DEFAULT_AUDIT_MAX_ROWS),
+            },
+        },
+        audit_prune_interval: positive(duration(
+            "audit_prune_interval",
+            file.audit_prune_interval,
+            DEFAULT_AUDIT_PRUNE_INTERVAL,
+        )?)
+        .ok_or_else(|| invalid("audit_prune_interval", "must be longer than 0s"))?,
         routes,
     })
 }
@@ -242,6 +273,10 @@ fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Durat
             )
         }),
     }
+}
+
+fn positive(duration: Duration) -> Option<Duration> {
+    Some(duration).filter(|duration| !duration.is_zero())
 }
 
 fn size(key: &str, value: Option<Size>, default: u64) -> Result<u64, ConfigError> {
@@ -414,6 +449,9 @@ resource = "default"
         assert_eq!(config.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
         assert_eq!(config.max_body, DEFAULT_MAX_BODY);
         assert!(config.admin_token.is_none());
+        assert_eq!(config.retention.max_age, DEFAULT_AUDIT_MAX_AGE);
+        assert_eq!(config.retention.max_rows, DEFAULT_AUDIT_MAX_ROWS);
+        assert_eq!(config.audit_prune_interval, DEFAULT_AUDIT_PRUNE_INTERVAL);
     }
 
     #[test]
@@ -456,6 +494,12 @@ resource = "default"
                 "in_doubt_grace",
             ),
             (format!("max_body = \"lots\"\n{ROUTE}"), "max_body"),
+            (format!("audit_max_age = \"0s\"\n{ROUTE}"), "audit_max_age"),
+            (format!("audit_max_rows = 0\n{ROUTE}"), "audit_max_rows"),
+            (
+                format!("audit_prune_interval = \"often\"\n{ROUTE}"),
+                "audit_prune_interval",
+            ),
             (format!("listen = \"localhost\"\n{ROUTE}"), "listen"),
             (
                 format!("{ROUTE}fenced_methods = [\"put\"]"),

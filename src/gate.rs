@@ -24,8 +24,9 @@ use dashmap::DashMap;
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::route::ResourceKey;
-use crate::store::{Advance, Store, StoreError, Via};
+use crate::store::{Advance, Durable, Reset, Store, StoreError, Via};
 use crate::token::FencingToken;
 
 /// How a token compares with a resource's highest: the pure check at the heart of fencing.
@@ -90,28 +91,32 @@ struct Inner {
     slots: DashMap<ResourceKey, Arc<Slot>>,
     store: Store,
     in_doubt_grace: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Gate {
     /// A gate whose durable state lives in `store`.
-    pub fn new(store: Store, in_doubt_grace: Duration) -> Self {
+    pub fn new(store: Store, in_doubt_grace: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 slots: DashMap::new(),
                 store,
                 in_doubt_grace,
+                metrics,
             }),
         }
     }
 
     /// Admits a fenced request with `token` for `resource`, waiting as long as the ordering
     /// guarantee requires. The returned permit must live until the upstream has answered.
+    /// `request_id` only labels the log line of an epoch advance.
     #[tracing::instrument(skip(self), level = "debug")]
     pub async fn admit(
         &self,
         resource: &ResourceKey,
         token: FencingToken,
         max_jump: Option<u64>,
+        request_id: &str,
     ) -> Result<Permit, Refusal> {
         let slot = self.slot(resource).await?;
         let newer = {
@@ -132,7 +137,7 @@ impl Gate {
             }
         };
         if newer {
-            self.make_durable(&slot, resource, token, Via::Write)
+            self.make_durable(&slot, resource, token, Via::Write, request_id)
                 .await?;
         }
         self.wait_for_turn(slot, token).await
@@ -146,16 +151,49 @@ impl Gate {
         &self,
         resource: &ResourceKey,
         token: FencingToken,
+        request_id: &str,
     ) -> Result<FencingToken, Refusal> {
         let slot = self.slot(resource).await?;
         let highest = slot.lock().highest;
         if let Verdict::Stale { highest } = judge(highest, token) {
             return Err(Refusal::Stale { highest });
         }
-        self.make_durable(&slot, resource, token, Via::Fence)
+        self.make_durable(&slot, resource, token, Via::Fence, request_id)
             .await?;
         let permit = self.wait_for_turn(slot, token).await?;
         Ok(permit.settle().unwrap_or(token))
+    }
+
+    /// Sets `resource`'s highest token to `token` even if that is lower: an operator undoing a
+    /// runaway token. Returns once the reset is durable. Requests already in flight keep their
+    /// permits; the next token to be forwarded waits for them to drain, as after any advance.
+    #[tracing::instrument(skip(self))]
+    pub async fn reset(
+        &self,
+        resource: &ResourceKey,
+        token: FencingToken,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<Reset, Refusal> {
+        let slot = self.slot(resource).await?;
+        let store = self.inner.store.clone();
+        let metrics = Arc::clone(&self.inner.metrics);
+        let (resource, reason, request_id) =
+            (resource.clone(), reason.to_owned(), request_id.to_owned());
+        // Its own task, for the same reason as in `make_durable`.
+        let reset = tokio::spawn(async move {
+            let reset = store.reset(&resource, token, reason.clone()).await?;
+            slot.observe(reset.durable, Reopen::Yes);
+            metrics.advanced(Via::Reset);
+            tracing::warn!(
+                %resource, from = reset.from.map(FencingToken::get), to = %token, via = "reset",
+                %reason, request_id, "epoch reset"
+            );
+            Ok::<_, StoreError>(reset)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)??;
+        Ok(reset)
     }
 
     /// The resource's highest token, loading it if it is not in memory.
@@ -200,9 +238,8 @@ impl Gate {
         };
         slot.loaded
             .get_or_try_init(|| async {
-                let highest = self.inner.store.load_highest(resource).await?;
-                let mut state = slot.lock();
-                state.highest = state.highest.max(highest);
+                let durable = self.inner.store.load(resource).await?;
+                slot.observe(durable, Reopen::No);
                 Ok::<_, StoreError>(())
             })
             .await?;
@@ -218,24 +255,28 @@ impl Gate {
         resource: &ResourceKey,
         token: FencingToken,
         via: Via,
+        request_id: &str,
     ) -> Result<(), Refusal> {
         let store = self.inner.store.clone();
+        let metrics = Arc::clone(&self.inner.metrics);
         let slot = Arc::clone(slot);
-        let resource = resource.clone();
+        let (resource, request_id) = (resource.clone(), request_id.to_owned());
         let durable = tokio::spawn(async move {
-            let highest = match store.advance(&resource, token, via).await? {
-                Advance::Raised { from } => {
-                    tracing::info!(%resource, from = from.map(FencingToken::get), to = %token, via = ?via, "epoch advanced");
-                    token
-                }
-                Advance::AlreadyAt { highest } => highest,
-            };
-            slot.raise_highest(highest);
-            Ok::<_, StoreError>(highest)
+            let advance = store.advance(&resource, token, via).await?;
+            if let Advance::Raised { from, .. } = advance {
+                metrics.advanced(via);
+                tracing::info!(
+                    %resource, from = from.map(FencingToken::get), to = %token, via = via.as_str(),
+                    request_id, "epoch advanced"
+                );
+            }
+            let durable = advance.durable(token);
+            slot.observe(durable, Reopen::No);
+            Ok::<_, StoreError>(durable)
         })
         .await
         .map_err(|_| StoreError::Closed)??;
-        match judge(Some(durable), token) {
+        match judge(durable.highest, token) {
             Verdict::Stale { highest } => Err(Refusal::Stale { highest }),
             Verdict::Current | Verdict::Newer => Ok(()),
         }
@@ -335,10 +376,19 @@ impl Slot {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn raise_highest(&self, durable: FencingToken) {
+    /// Takes in what the database said, unless a later answer has already been taken in (see
+    /// [`Durable`]). With `Reopen::Yes` the open token is closed, so that whichever token comes
+    /// next waits for every request in flight, as after any change of epoch.
+    fn observe(&self, durable: Durable, reopen: Reopen) {
         {
             let mut state = self.lock();
-            state.highest = state.highest.max(Some(durable));
+            if durable.seq >= state.seq {
+                state.highest = durable.highest;
+                state.seq = durable.seq;
+            }
+            if reopen == Reopen::Yes {
+                state.open = None;
+            }
         }
         // Waiters with a lower token must learn that they have been superseded.
         self.changed.notify_waiters();
@@ -357,6 +407,13 @@ impl Slot {
     }
 }
 
+/// Whether taking in a durable state also closes the open token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reopen {
+    Yes,
+    No,
+}
+
 /// What [`EpochState::try_open`] decided for a waiting token.
 #[derive(Debug, PartialEq, Eq)]
 enum Turn {
@@ -364,8 +421,8 @@ enum Turn {
     Superseded {
         highest: FencingToken,
     },
-    /// Cannot happen while the highest only rises; refusing keeps an undurable token from ever
-    /// being forwarded should that change.
+    /// The highest fell below the waiting token (an operator's reset): the token is no longer
+    /// durable, and forwarding it would break rule 2 of the contract.
     NotDurable,
     Wait {
         until: Option<Instant>,
@@ -376,6 +433,8 @@ enum Turn {
 struct EpochState {
     /// The durable highest token; `None` if the resource was never seen.
     highest: Option<FencingToken>,
+    /// Where `highest` stands in the writer's commit order (see [`Durable`]).
+    seq: u64,
     /// The token whose requests may be forwarded now. Every in-flight request carries it.
     open: Option<FencingToken>,
     in_flight: usize,
@@ -388,6 +447,7 @@ impl EpochState {
     fn new() -> Self {
         Self {
             highest: None,
+            seq: 0,
             open: None,
             in_flight: 0,
             in_doubt_until: None,

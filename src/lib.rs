@@ -21,6 +21,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod gate;
+pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod route;

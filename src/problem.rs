@@ -152,6 +152,9 @@ struct Body<'a> {
     token: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     highest: Option<u64>,
+    /// For a bad query parameter or body field: its name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameter: Option<&'a str>,
 }
 
 /// The problem `type` URI for a slug.
@@ -166,7 +169,20 @@ pub fn response(
     title: &str,
     detail: String,
 ) -> Response<Full<Bytes>> {
-    render(status, slug, title, detail, None)
+    render(status, slug, title, detail, None, None)
+}
+
+/// 400 for a bad query parameter, path segment or body field, named in `parameter` both in the
+/// detail and as a member of its own, so that scripts need not parse prose.
+pub fn bad_parameter(parameter: &str, problem: &str) -> Response<Full<Bytes>> {
+    render(
+        StatusCode::BAD_REQUEST,
+        "bad-parameter",
+        "Bad parameter",
+        format!("{parameter}: {problem}"),
+        None,
+        Some(parameter),
+    )
 }
 
 /// The value sent as `Fencing-Token-Highest` (and `highest`): a never-seen resource reports 0,
@@ -190,6 +206,7 @@ impl Rejected {
             title,
             self.error.to_string(),
             self.fencing.as_ref(),
+            None,
         )
     }
 }
@@ -200,6 +217,7 @@ fn render(
     title: &str,
     detail: String,
     fencing: Option<&FencingContext>,
+    parameter: Option<&str>,
 ) -> Response<Full<Bytes>> {
     let body = Body {
         r#type: problem_type(slug),
@@ -209,6 +227,7 @@ fn render(
         resource: fencing.map(|f| f.resource.as_str()),
         token: fencing.and_then(|f| f.token).map(FencingToken::get),
         highest: fencing.map(|f| highest_value(f.highest)),
+        parameter,
     };
     // Serialising this struct of strings and integers cannot fail.
     let json = serde_json::to_vec(&body).unwrap_or_default();

@@ -26,11 +26,19 @@ use tower_http::trace::TraceLayer;
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::Config;
 use crate::gate::{Gate, IDLE_EVICTION};
+use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, UpstreamClient};
-use crate::store::{Store, WriterGuard};
+use crate::store::{Reader, Retention, Store, WriterGuard};
 
 /// How often idle resources are looked for and evicted from memory.
 const EVICTION_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Audit rows deleted per prune transaction: small, so that the writer's group commits wait for
+/// at most a few milliseconds of pruning.
+const PRUNE_BATCH: usize = 1000;
+
+/// The pause between two prune batches, which bounds pruning to a small share of the writer.
+const PRUNE_PAUSE: Duration = Duration::from_millis(10);
 
 /// A built, bound, not yet running fencegate.
 #[derive(Debug)]
@@ -44,15 +52,25 @@ pub struct App {
     admin: AdminState,
     writer: WriterGuard,
     shutdown_grace: Duration,
+    retention: Retention,
+    prune_interval: Duration,
 }
 
 impl App {
     /// Opens the database and binds both listeners.
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let (store, writer) = Store::open(&config.database)?;
-        let gate = Gate::new(store.clone(), config.in_doubt_grace);
+        let reader = Reader::open(&config.database)?;
+        let metrics = Metrics::new();
+        let gate = Gate::new(store.clone(), config.in_doubt_grace, Arc::clone(&metrics));
         let upstream = UpstreamClient::new(config.upstream_timeout, config.max_body);
-        let plane = DataPlane::new(config.routes, gate.clone(), store.clone(), upstream);
+        let plane = DataPlane::new(
+            config.routes,
+            gate.clone(),
+            store.clone(),
+            upstream,
+            Arc::clone(&metrics),
+        );
         let data_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
@@ -65,13 +83,19 @@ impl App {
             admin_addr: admin_listener.local_addr()?,
             admin_listener,
             plane: Arc::new(plane),
-            gate,
+            gate: gate.clone(),
             admin: AdminState {
                 store,
+                reader,
+                gate,
+                metrics,
                 readiness: Arc::new(Readiness::default()),
+                token: config.admin_token,
             },
             writer,
             shutdown_grace: config.shutdown_grace,
+            retention: config.retention,
+            prune_interval: config.audit_prune_interval,
         })
     }
 
@@ -93,6 +117,12 @@ impl App {
         let stop = CancellationToken::new();
         tracing::info!(data = %self.data_addr(), admin = %self.admin_addr(), "fencegate serving");
         let evictor = tokio::spawn(evict_idle_resources(self.gate.clone(), stop.clone()));
+        let pruner = tokio::spawn(prune_audit_log(
+            self.admin.clone(),
+            self.retention,
+            self.prune_interval,
+            stop.clone(),
+        ));
         let admin = tokio::spawn(
             axum::serve(self.admin_listener, admin::router(self.admin.clone()))
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
@@ -113,6 +143,7 @@ impl App {
             .context("the admin plane task failed")?
             .context("the admin plane failed")?;
         evictor.await.context("the eviction task failed")?;
+        pruner.await.context("the audit pruning task failed")?;
         self.writer.close().await;
         tracing::info!("fencegate stopped");
         Ok(())
@@ -199,6 +230,45 @@ async fn evict_idle_resources(gate: Gate, stop: CancellationToken) {
                     tracing::debug!(evicted, resident = gate.resident(), "idle resources evicted");
                 }
             }
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Retention: at start-up and then every `interval`, deletes audit rows past `retention` in small
+/// batches with pauses between them, until none are left.
+async fn prune_audit_log(
+    admin: AdminState,
+    retention: Retention,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut pruned = 0;
+        loop {
+            match admin.store.prune(retention, PRUNE_BATCH).await {
+                Ok(rows) => {
+                    pruned += rows;
+                    admin.metrics.pruned(rows);
+                    if rows < PRUNE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the audit log failed; retrying later");
+                    break;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(PRUNE_PAUSE) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(rows = pruned, "audit log pruned");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
             () = stop.cancelled() => return,
         }
     }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::metrics::Metrics;
 use crate::store::WriterGuard;
 use tokio::task::JoinHandle;
 
@@ -20,7 +21,7 @@ fn fixture(in_doubt_grace: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (store, guard) = Store::open(&dir.path().join("gate.db")).unwrap();
     Fixture {
-        gate: Gate::new(store, in_doubt_grace),
+        gate: Gate::new(store, in_doubt_grace, Metrics::new()),
         _guard: guard,
         _dir: dir,
     }
@@ -29,7 +30,7 @@ fn fixture(in_doubt_grace: Duration) -> Fixture {
 fn admit_later(gate: &Gate, resource: &str, token: u64) -> JoinHandle<Result<Permit, Refusal>> {
     let gate = gate.clone();
     let resource = key(resource);
-    tokio::spawn(async move { gate.admit(&resource, t(token), None).await })
+    tokio::spawn(async move { gate.admit(&resource, t(token), None, "").await })
 }
 
 /// Waits (without assuming anything about timing) until `token` is the durable highest.
@@ -72,9 +73,9 @@ fn jump_limit_applies_only_above_a_known_highest() {
 #[tokio::test]
 async fn same_token_requests_are_admitted_together() {
     let f = fixture(Duration::from_secs(1));
-    let first = f.gate.admit(&key("w"), t(1), None).await.unwrap();
-    let second = f.gate.admit(&key("w"), t(1), None).await.unwrap();
-    let third = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let first = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+    let second = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+    let third = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     for permit in [first, second, third] {
         assert_eq!(permit.settle(), Some(t(1)));
     }
@@ -83,15 +84,19 @@ async fn same_token_requests_are_admitted_together() {
 #[tokio::test]
 async fn lower_token_is_refused_once_a_higher_one_is_durable() {
     let f = fixture(Duration::from_secs(1));
-    f.gate.admit(&key("w"), t(2), None).await.unwrap().settle();
-    let refusal = f.gate.admit(&key("w"), t(1), None).await.unwrap_err();
+    f.gate
+        .admit(&key("w"), t(2), None, "")
+        .await
+        .unwrap()
+        .settle();
+    let refusal = f.gate.admit(&key("w"), t(1), None, "").await.unwrap_err();
     assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(2)));
 }
 
 #[tokio::test]
 async fn higher_token_waits_until_older_in_flight_requests_settle() {
     let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     let new = admit_later(&f.gate, "w", 2);
     until_highest(&f.gate, "w", 2).await;
     let_others_run().await;
@@ -108,15 +113,15 @@ async fn higher_token_waits_until_older_in_flight_requests_settle() {
 #[tokio::test]
 async fn resources_do_not_wait_on_each_other() {
     let f = fixture(Duration::from_secs(1));
-    let _busy = f.gate.admit(&key("a"), t(1), None).await.unwrap();
-    let other = f.gate.admit(&key("b"), t(2), None).await.unwrap();
+    let _busy = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+    let other = f.gate.admit(&key("b"), t(2), None, "").await.unwrap();
     other.settle();
 }
 
 #[tokio::test]
 async fn requests_arriving_with_a_new_token_all_go_once_the_old_drain() {
     let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     let first = admit_later(&f.gate, "w", 2);
     until_highest(&f.gate, "w", 2).await;
     let second = admit_later(&f.gate, "w", 2);
@@ -134,7 +139,7 @@ async fn requests_arriving_with_a_new_token_all_go_once_the_old_drain() {
 #[tokio::test]
 async fn waiter_superseded_by_an_even_higher_token_is_refused() {
     let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     let middle = admit_later(&f.gate, "w", 2);
     until_highest(&f.gate, "w", 2).await;
     let newest = admit_later(&f.gate, "w", 3);
@@ -151,7 +156,7 @@ async fn waiter_superseded_by_an_even_higher_token_is_refused() {
 #[tokio::test(start_paused = true)]
 async fn torn_down_request_holds_back_the_next_token_for_the_grace() {
     let f = fixture(Duration::from_secs(10));
-    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     drop(old); // torn down: the upstream may still apply it
     let new = admit_later(&f.gate, "w", 2);
     until_highest(&f.gate, "w", 2).await;
@@ -169,9 +174,9 @@ async fn torn_down_request_holds_back_the_next_token_for_the_grace() {
 #[tokio::test(start_paused = true)]
 async fn same_token_requests_are_not_held_back_by_a_torn_down_one() {
     let f = fixture(Duration::from_secs(10));
-    drop(f.gate.admit(&key("w"), t(1), None).await.unwrap());
+    drop(f.gate.admit(&key("w"), t(1), None, "").await.unwrap());
     let before = Instant::now();
-    let again = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let again = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     // The paused clock would jump over a wait, so prove there was none: no time passed.
     assert_eq!(
         Instant::now(),
@@ -185,16 +190,20 @@ async fn same_token_requests_are_not_held_back_by_a_torn_down_one() {
 async fn jump_beyond_the_route_limit_is_refused() {
     let f = fixture(Duration::from_secs(1));
     f.gate
-        .admit(&key("w"), t(10), Some(5))
+        .admit(&key("w"), t(10), Some(5), "")
         .await
         .unwrap()
         .settle();
     f.gate
-        .admit(&key("w"), t(15), Some(5))
+        .admit(&key("w"), t(15), Some(5), "")
         .await
         .unwrap()
         .settle();
-    let refusal = f.gate.admit(&key("w"), t(21), Some(5)).await.unwrap_err();
+    let refusal = f
+        .gate
+        .admit(&key("w"), t(21), Some(5), "")
+        .await
+        .unwrap_err();
     assert!(matches!(refusal, Refusal::Jump { limit: 5, .. }));
     assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(15)));
 }
@@ -202,10 +211,10 @@ async fn jump_beyond_the_route_limit_is_refused() {
 #[tokio::test]
 async fn fence_raises_the_highest_after_in_flight_writes_drain() {
     let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None).await.unwrap();
+    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
     let fence = {
         let gate = f.gate.clone();
-        tokio::spawn(async move { gate.fence(&key("w"), t(7)).await })
+        tokio::spawn(async move { gate.fence(&key("w"), t(7), "").await })
     };
     until_highest(&f.gate, "w", 7).await;
     let_others_run().await;
@@ -213,16 +222,20 @@ async fn fence_raises_the_highest_after_in_flight_writes_drain() {
     old.settle();
     assert_eq!(fence.await.unwrap().unwrap(), t(7));
 
-    let stale = f.gate.fence(&key("w"), t(6)).await.unwrap_err();
+    let stale = f.gate.fence(&key("w"), t(6), "").await.unwrap_err();
     assert!(matches!(stale, Refusal::Stale { highest } if highest == t(7)));
-    assert_eq!(f.gate.fence(&key("w"), t(7)).await.unwrap(), t(7));
+    assert_eq!(f.gate.fence(&key("w"), t(7), "").await.unwrap(), t(7));
 }
 
 #[tokio::test]
 async fn evicted_resources_reload_their_highest_from_the_database() {
     let f = fixture(Duration::from_secs(1));
-    f.gate.admit(&key("a"), t(4), None).await.unwrap().settle();
-    let busy = f.gate.admit(&key("b"), t(9), None).await.unwrap();
+    f.gate
+        .admit(&key("a"), t(4), None, "")
+        .await
+        .unwrap()
+        .settle();
+    let busy = f.gate.admit(&key("b"), t(9), None, "").await.unwrap();
 
     assert_eq!(
         f.gate.evict_idle(Duration::ZERO),
@@ -230,7 +243,54 @@ async fn evicted_resources_reload_their_highest_from_the_database() {
         "only the idle resource leaves"
     );
     assert_eq!(f.gate.resident(), 1);
-    let refusal = f.gate.admit(&key("a"), t(3), None).await.unwrap_err();
+    let refusal = f.gate.admit(&key("a"), t(3), None, "").await.unwrap_err();
     assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(4)));
     busy.settle();
+}
+
+#[tokio::test]
+async fn reset_lowers_the_highest_and_the_lower_token_waits_for_in_flight_writes() {
+    let f = fixture(Duration::from_secs(1));
+    let runaway = f.gate.admit(&key("w"), t(1_000), None, "").await.unwrap();
+    let reset = f.gate.reset(&key("w"), t(5), "runaway", "").await.unwrap();
+    assert_eq!(reset.from, Some(t(1_000)));
+    assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(5)));
+
+    let lower = admit_later(&f.gate, "w", 5);
+    let_others_run().await;
+    assert!(!lower.is_finished(), "token 1000 is still in flight");
+    runaway.settle();
+    lower.await.unwrap().unwrap().settle();
+    let stale = f.gate.admit(&key("w"), t(4), None, "").await.unwrap_err();
+    assert!(matches!(stale, Refusal::Stale { highest } if highest == t(5)));
+}
+
+#[tokio::test]
+async fn a_waiter_above_a_reset_token_is_refused_not_forwarded() {
+    let f = fixture(Duration::from_secs(1));
+    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+    let waiter = admit_later(&f.gate, "w", 9);
+    until_highest(&f.gate, "w", 9).await;
+    f.gate.reset(&key("w"), t(2), "undo", "").await.unwrap();
+    old.settle();
+    let refusal = waiter.await.unwrap().unwrap_err();
+    assert!(matches!(refusal, Refusal::NotDurable), "{refusal:?}");
+}
+
+#[test]
+fn an_older_durable_state_never_overwrites_a_newer_one() {
+    let slot = Slot::new();
+    let durable = |highest, seq| Durable {
+        highest: Some(t(highest)),
+        seq,
+    };
+    slot.observe(durable(9, 5), Reopen::No);
+    slot.observe(durable(4, 3), Reopen::No);
+    assert_eq!(slot.lock().highest, Some(t(9)));
+    slot.observe(durable(4, 6), Reopen::No);
+    assert_eq!(
+        slot.lock().highest,
+        Some(t(4)),
+        "a later reset does lower it"
+    );
 }

@@ -9,6 +9,7 @@ mod headers;
 mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use hyper::body::Incoming;
 
 use crate::audit::{self, Reason, Rejection};
 use crate::gate::{Gate, Permit, Refusal};
+use crate::metrics::Metrics;
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
 use crate::route::{self, Fencing, ResourceKey, Route, RouteTable};
 use crate::store::Store;
@@ -38,16 +40,24 @@ pub struct DataPlane {
     gate: Gate,
     store: Store,
     upstream: UpstreamClient,
+    metrics: Arc<Metrics>,
 }
 
 impl DataPlane {
     /// Assembles the data plane.
-    pub fn new(routes: RouteTable, gate: Gate, store: Store, upstream: UpstreamClient) -> Self {
+    pub fn new(
+        routes: RouteTable,
+        gate: Gate,
+        store: Store,
+        upstream: UpstreamClient,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             routes,
             gate,
             store,
             upstream,
+            metrics,
         }
     }
 
@@ -96,6 +106,8 @@ impl DataPlane {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
+        self.metrics.forwarded(false);
+        let _call = self.metrics.upstream_call();
         self.upstream
             .forward(route.upstream(), request, client)
             .await
@@ -118,11 +130,16 @@ impl DataPlane {
             let highest = self.gate.highest(&resource).await.ok().flatten();
             return Err(fenced(error, resource, Some(token), highest));
         }
-        let permit = match self
+        let admitted = self
             .gate
-            .admit(&resource, token, route.max_token_jump())
-            .await
-        {
+            .admit(
+                &resource,
+                token,
+                route.max_token_jump(),
+                request_id(&request),
+            )
+            .await;
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(refusal) => {
                 return Err(self
@@ -146,11 +163,14 @@ impl DataPlane {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
-        match self
+        self.metrics.forwarded(true);
+        let call = self.metrics.upstream_call();
+        let forwarded = self
             .upstream
             .forward(route.upstream(), request, client)
-            .await
-        {
+            .await;
+        drop(call);
+        match forwarded {
             Ok(mut response) => {
                 let highest = permit.settle();
                 response
@@ -250,10 +270,8 @@ impl DataPlane {
         request: &Request<Incoming>,
         client: SocketAddr,
     ) -> Rejected {
-        let request_id = request
-            .headers()
-            .get(X_REQUEST_ID)
-            .and_then(|value| value.to_str().ok())
+        let request_id = Some(request_id(request))
+            .filter(|id| !id.is_empty())
             .map(|id| audit::truncated(id, audit::MAX_AUDITED_REQUEST_ID));
         let (token, highest) = (fencing.token, fencing.highest);
         tracing::info!(
@@ -261,6 +279,7 @@ impl DataPlane {
             highest = highest.map(FencingToken::get),
             request_id = request_id.as_deref().unwrap_or(""), "fenced request rejected"
         );
+        self.metrics.rejected(reason);
         let rejection = Rejection {
             at: SystemTime::now(),
             resource: fencing.resource.clone(),
@@ -316,6 +335,16 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// The request's id: the client's `X-Request-Id`, or the one the server's request-id layer made.
+/// Empty if neither is there (or it is not visible ASCII).
+fn request_id<B>(request: &Request<B>) -> &str {
+    request
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
 }
 
 fn fenced(

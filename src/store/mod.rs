@@ -8,6 +8,7 @@
 //!
 //! The request hot path (a write with the current token of a resident resource) never comes here.
 
+mod reader;
 mod schema;
 mod writer;
 
@@ -20,6 +21,10 @@ use crate::audit::Rejection;
 use crate::route::ResourceKey;
 use crate::token::FencingToken;
 
+pub use reader::{
+    EpochQuery, EpochRow, Page, ReadError, Reader, RejectionQuery, RejectionRow, ResourceQuery,
+    ResourceRow,
+};
 pub use writer::WriterGuard;
 
 /// How many commands may wait for the writer before senders are slowed down. It bounds the memory a
@@ -33,24 +38,76 @@ pub enum Via {
     Write,
     /// An operator or a new leader fenced the resource through the admin API.
     Fence,
+    /// An operator set the token, possibly lower, through the admin API.
+    Reset,
 }
 
 impl Via {
-    const fn as_str(self) -> &'static str {
+    /// The name stored in the epoch history and shown to operators.
+    pub const fn as_str(self) -> &'static str {
         match self {
             Via::Write => "write",
             Via::Fence => "fence",
+            Via::Reset => "reset",
         }
     }
+}
+
+/// A resource's durable highest token as of one point in the writer's commit order.
+///
+/// `seq` orders observations: the writer numbers every write it applies, and a read sees the
+/// number of the last write before it. Whoever keeps a copy in memory keeps the observation with
+/// the greatest `seq`, so the copy follows the database even when a reset lowers the token and
+/// the answers to concurrent callers arrive out of order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    /// `None` if the resource was never seen.
+    pub highest: Option<FencingToken>,
+    pub seq: u64,
 }
 
 /// The result of asking the store to raise a resource's highest token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advance {
     /// The token is now the durable highest; `from` was the previous one.
-    Raised { from: Option<FencingToken> },
+    Raised {
+        from: Option<FencingToken>,
+        seq: u64,
+    },
     /// The durable highest was already at or above the token; nothing was written.
-    AlreadyAt { highest: FencingToken },
+    AlreadyAt { highest: FencingToken, seq: u64 },
+}
+
+impl Advance {
+    /// The durable state this advance left behind, for a caller that asked to raise to `token`.
+    pub fn durable(self, token: FencingToken) -> Durable {
+        match self {
+            Advance::Raised { seq, .. } => Durable {
+                highest: Some(token),
+                seq,
+            },
+            Advance::AlreadyAt { highest, seq } => Durable {
+                highest: Some(highest),
+                seq,
+            },
+        }
+    }
+}
+
+/// The result of an operator's reset: the token it replaced, and the state it left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reset {
+    pub from: Option<FencingToken>,
+    pub durable: Durable,
+}
+
+/// How much of the audit log to keep; older rows are pruned in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Rows older than this are deleted.
+    pub max_age: std::time::Duration,
+    /// At most this many of the newest rows are kept.
+    pub max_rows: u64,
 }
 
 /// Why the store could not do what was asked.
@@ -89,9 +146,15 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Command {
     Load {
         resource: ResourceKey,
-        reply: Reply<Option<FencingToken>>,
+        reply: Reply<Durable>,
     },
     Write(Write),
+    /// Deletes up to `batch` expired audit rows, in a transaction of its own.
+    Prune {
+        retention: Retention,
+        batch: usize,
+        reply: Reply<usize>,
+    },
     Ping {
         reply: Reply<()>,
     },
@@ -108,6 +171,12 @@ enum Write {
         token: FencingToken,
         via: Via,
         reply: Reply<Advance>,
+    },
+    Reset {
+        resource: ResourceKey,
+        token: FencingToken,
+        reason: String,
+        reply: Reply<Reset>,
     },
     Reject {
         rejection: Box<Rejection>,
@@ -131,12 +200,9 @@ impl Store {
         Ok((Store { commands }, guard))
     }
 
-    /// The durable highest token of `resource`, or `None` if it was never seen.
+    /// The durable highest token of `resource` (`None` if it was never seen).
     #[tracing::instrument(skip(self), level = "debug")]
-    pub async fn load_highest(
-        &self,
-        resource: &ResourceKey,
-    ) -> Result<Option<FencingToken>, StoreError> {
+    pub async fn load(&self, resource: &ResourceKey) -> Result<Durable, StoreError> {
         let resource = resource.clone();
         self.call(|reply| Command::Load { resource, reply }).await
     }
@@ -158,6 +224,39 @@ impl Store {
                 via,
                 reply,
             })
+        })
+        .await
+    }
+
+    /// Sets `resource`'s highest token to `token` even if that is lower, and records the reset and
+    /// the operator's `reason` in the epoch history. Returns once the change is durable.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn reset(
+        &self,
+        resource: &ResourceKey,
+        token: FencingToken,
+        reason: String,
+    ) -> Result<Reset, StoreError> {
+        let resource = resource.clone();
+        self.call(|reply| {
+            Command::Write(Write::Reset {
+                resource,
+                token,
+                reason,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` audit rows that `retention` no longer keeps, oldest first, in a
+    /// transaction of its own. Returns how many were deleted; fewer than `batch` means none are
+    /// left to prune.
+    pub async fn prune(&self, retention: Retention, batch: usize) -> Result<usize, StoreError> {
+        self.call(|reply| Command::Prune {
+            retention,
+            batch,
+            reply,
         })
         .await
     }
@@ -214,31 +313,26 @@ mod tests {
         let path = dir.path().join("fg.db");
         {
             let (store, guard) = Store::open(&path).unwrap();
-            assert_eq!(store.load_highest(&key("w")).await.unwrap(), None);
+            assert_eq!(store.load(&key("w")).await.unwrap().highest, None);
             let first = store
                 .advance(&key("w"), token(5), Via::Write)
                 .await
                 .unwrap();
-            assert_eq!(first, Advance::Raised { from: None });
+            assert!(matches!(first, Advance::Raised { from: None, .. }));
             let lower = store
                 .advance(&key("w"), token(3), Via::Write)
                 .await
                 .unwrap();
-            assert_eq!(lower, Advance::AlreadyAt { highest: token(5) });
+            assert!(matches!(lower, Advance::AlreadyAt { highest, .. } if highest == token(5)));
             let higher = store
                 .advance(&key("w"), token(9), Via::Fence)
                 .await
                 .unwrap();
-            assert_eq!(
-                higher,
-                Advance::Raised {
-                    from: Some(token(5))
-                }
-            );
+            assert!(matches!(higher, Advance::Raised { from: Some(from), .. } if from == token(5)));
             guard.close().await;
         }
         let (store, _guard) = Store::open(&path).unwrap();
-        assert_eq!(store.load_highest(&key("w")).await.unwrap(), Some(token(9)));
+        assert_eq!(store.load(&key("w")).await.unwrap().highest, Some(token(9)));
     }
 
     #[tokio::test]
@@ -253,16 +347,31 @@ mod tests {
             .advance(&key("big"), token(1 << 63), Via::Write)
             .await
             .unwrap();
-        assert_eq!(
-            below,
-            Advance::AlreadyAt {
-                highest: token(u64::MAX - 1)
-            }
+        assert!(
+            matches!(below, Advance::AlreadyAt { highest, .. } if highest == token(u64::MAX - 1))
         );
         assert_eq!(
-            store.load_highest(&key("big")).await.unwrap(),
+            store.load(&key("big")).await.unwrap().highest,
             Some(token(u64::MAX - 1))
         );
+    }
+
+    #[tokio::test]
+    async fn reset_lowers_the_token_and_every_answer_is_numbered_in_commit_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _guard) = Store::open(&dir.path().join("fg.db")).unwrap();
+        let raised = store
+            .advance(&key("w"), token(100), Via::Write)
+            .await
+            .unwrap();
+        let reset = store
+            .reset(&key("w"), token(3), "runaway leader".into())
+            .await
+            .unwrap();
+        assert_eq!(reset.from, Some(token(100)));
+        assert!(reset.durable.seq > raised.durable(token(100)).seq);
+        let loaded = store.load(&key("w")).await.unwrap();
+        assert_eq!(loaded, reset.durable);
     }
 
     #[tokio::test]
@@ -298,7 +407,7 @@ mod tests {
             task.await.unwrap();
         }
         for r in 0..10u64 {
-            let highest = store.load_highest(&key(&format!("r{r}"))).await.unwrap();
+            let highest = store.load(&key(&format!("r{r}"))).await.unwrap().highest;
             assert_eq!(highest, Some(token(190 + r)));
         }
         guard.close().await;

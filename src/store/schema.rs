@@ -14,13 +14,20 @@ use super::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema history, oldest first. Append only: a released migration is never edited.
+const MIGRATIONS: [&str; 4] = [
+    include_str!("../../migrations/0001_resources.sql"),
+    include_str!("../../migrations/0002_rejections.sql"),
+    include_str!("../../migrations/0003_epochs.sql"),
+    include_str!("../../migrations/0004_rejections_by_time.sql"),
+];
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(include_str!("../../migrations/0001_resources.sql")),
-        M::up(include_str!("../../migrations/0002_rejections.sql")),
-        M::up(include_str!("../../migrations/0003_epochs.sql")),
-    ])
+    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
 }
+
+/// The schema version (SQLite's `user_version`, which the migrations keep) of a database that is
+/// fully migrated.
+pub(super) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Opens the database for writing: WAL journaling with `synchronous=FULL`, so a commit is on disk
 /// (and survives power loss) before it returns, then migrates it to the current schema.

@@ -5,7 +5,10 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Advance, Command, Reply, StoreError, Via, Write, token_from_sql, token_to_sql};
+use super::{
+    Advance, Command, Durable, Reply, Reset, Retention, StoreError, Via, Write, token_from_sql,
+    token_to_sql,
+};
 use crate::audit::Rejection;
 use crate::route::ResourceKey;
 use crate::token::FencingToken;
@@ -58,7 +61,14 @@ pub(super) fn spawn(
     })
 }
 
-fn run(mut conn: Connection, mut receiver: mpsc::Receiver<Command>) {
+/// The writer's connection and the number of the last write it applied (see [`Durable`]).
+struct Writer {
+    conn: Connection,
+    seq: u64,
+}
+
+fn run(conn: Connection, mut receiver: mpsc::Receiver<Command>) {
+    let mut writer = Writer { conn, seq: 0 };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
@@ -68,12 +78,12 @@ fn run(mut conn: Connection, mut receiver: mpsc::Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        if let Some(done) = execute(&mut conn, &mut batch) {
+        if let Some(done) = writer.execute(&mut batch) {
             // Commands still queued are dropped with their reply channels: their callers get
             // `StoreError::Closed`, never a false success.
             receiver.close();
             drop(receiver);
-            if let Err((_, e)) = conn.close() {
+            if let Err((_, e)) = writer.conn.close() {
                 tracing::error!(error = %e, "closing the database failed");
             }
             let _ = done.send(());
@@ -82,27 +92,84 @@ fn run(mut conn: Connection, mut receiver: mpsc::Receiver<Command>) {
     }
 }
 
-/// Answers reads at once and commits all writes of the batch in one transaction. Returns the
-/// close request, if the batch held one.
-fn execute(conn: &mut Connection, batch: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
-    let mut close = None;
-    let mut writes = Vec::new();
-    for command in batch.drain(..) {
-        match command {
-            Command::Load { resource, reply } => {
-                let _ = reply.send(load_highest(conn, &resource).map_err(StoreError::from));
+impl Writer {
+    /// Answers reads at once, commits all writes of the batch in one transaction, then runs any
+    /// prune in a transaction of its own (a failed prune must not fail the batch's writes).
+    /// Returns the close request, if the batch held one.
+    fn execute(&mut self, batch: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
+        let mut close = None;
+        let mut writes = Vec::new();
+        let mut prunes = Vec::new();
+        for command in batch.drain(..) {
+            match command {
+                Command::Load { resource, reply } => {
+                    let loaded = load_highest(&self.conn, &resource).map(|highest| Durable {
+                        highest,
+                        seq: self.seq,
+                    });
+                    let _ = reply.send(loaded.map_err(StoreError::from));
+                }
+                Command::Ping { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Close { done } => close = Some(done),
+                Command::Write(write) => writes.push(write),
+                Command::Prune {
+                    retention,
+                    batch,
+                    reply,
+                } => prunes.push((retention, batch, reply)),
             }
-            Command::Ping { reply } => {
-                let _ = reply.send(Ok(()));
+        }
+        if !writes.is_empty() {
+            self.commit(writes);
+        }
+        for (retention, batch, reply) in prunes {
+            let pruned = prune(&mut self.conn, retention, batch).map_err(StoreError::from);
+            let _ = reply.send(pruned);
+        }
+        close
+    }
+
+    /// Every caller is answered only after the commit has returned: a success means "on disk".
+    /// If any statement or the commit fails, the whole batch rolls back and every caller gets the
+    /// error.
+    fn commit(&mut self, writes: Vec<Write>) {
+        let now = timestamp(SystemTime::now());
+        let count = writes.len();
+        let mut applied = Vec::with_capacity(count);
+        let mut failed = None;
+        let mut pending = writes.into_iter();
+        let seq = &mut self.seq;
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for write in pending.by_ref() {
+                *seq += 1;
+                match apply(&tx, write, &now, *seq) {
+                    Ok(done) => applied.push(done),
+                    Err((e, write)) => {
+                        failed = Some(write);
+                        return Err(e);
+                    }
+                }
             }
-            Command::Close { done } => close = Some(done),
-            Command::Write(write) => writes.push(write),
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => applied.into_iter().for_each(Applied::succeed),
+            Err(e) => {
+                tracing::error!(error = %e, batch = count, "database commit failed");
+                let error = StoreError::from(e);
+                applied.into_iter().for_each(|a| a.fail(error.clone()));
+                failed
+                    .into_iter()
+                    .chain(pending)
+                    .for_each(|w| w.fail(error.clone()));
+            }
         }
     }
-    if !writes.is_empty() {
-        commit(conn, writes);
-    }
-    close
 }
 
 fn load_highest(
@@ -118,6 +185,7 @@ fn load_highest(
 /// A write that is in the open transaction, waiting for the commit to be answered.
 enum Applied {
     Advance(Reply<Advance>, Advance),
+    Reset(Reply<Reset>, Reset),
     Recorded(Reply<()>),
 }
 
@@ -126,6 +194,7 @@ impl Applied {
         // A caller that has gone away no longer needs its answer; the write stands regardless.
         match self {
             Applied::Advance(reply, advance) => drop(reply.send(Ok(advance))),
+            Applied::Reset(reply, reset) => drop(reply.send(Ok(reset))),
             Applied::Recorded(reply) => drop(reply.send(Ok(()))),
         }
     }
@@ -133,6 +202,7 @@ impl Applied {
     fn fail(self, error: StoreError) {
         match self {
             Applied::Advance(reply, _) => drop(reply.send(Err(error))),
+            Applied::Reset(reply, _) => drop(reply.send(Err(error))),
             Applied::Recorded(reply) => drop(reply.send(Err(error))),
         }
     }
@@ -142,42 +212,8 @@ impl Write {
     fn fail(self, error: StoreError) {
         match self {
             Write::Advance { reply, .. } => drop(reply.send(Err(error))),
+            Write::Reset { reply, .. } => drop(reply.send(Err(error))),
             Write::Reject { reply, .. } => drop(reply.send(Err(error))),
-        }
-    }
-}
-
-/// Every caller is answered only after the commit has returned: a success means "on disk". If any
-/// statement or the commit fails, the whole batch rolls back and every caller gets the error.
-fn commit(conn: &mut Connection, writes: Vec<Write>) {
-    let now = timestamp(SystemTime::now());
-    let count = writes.len();
-    let mut applied = Vec::with_capacity(count);
-    let mut failed = None;
-    let mut pending = writes.into_iter();
-    let result = (|| {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for write in pending.by_ref() {
-            match apply(&tx, write, &now) {
-                Ok(done) => applied.push(done),
-                Err((e, write)) => {
-                    failed = Some(write);
-                    return Err(e);
-                }
-            }
-        }
-        tx.commit()
-    })();
-    match result {
-        Ok(()) => applied.into_iter().for_each(Applied::succeed),
-        Err(e) => {
-            tracing::error!(error = %e, batch = count, "database commit failed");
-            let error = StoreError::from(e);
-            applied.into_iter().for_each(|a| a.fail(error.clone()));
-            failed
-                .into_iter()
-                .chain(pending)
-                .for_each(|w| w.fail(error.clone()));
         }
     }
 }
@@ -188,6 +224,7 @@ fn apply(
     tx: &Transaction<'_>,
     write: Write,
     now: &str,
+    seq: u64,
 ) -> Result<Applied, (rusqlite::Error, Write)> {
     match write {
         Write::Advance {
@@ -195,7 +232,7 @@ fn apply(
             token,
             via,
             reply,
-        } => match advance(tx, &resource, token, via, now) {
+        } => match advance(tx, &resource, token, via, now, seq) {
             Ok(outcome) => Ok(Applied::Advance(reply, outcome)),
             Err(e) => Err((
                 e,
@@ -203,6 +240,23 @@ fn apply(
                     resource,
                     token,
                     via,
+                    reply,
+                },
+            )),
+        },
+        Write::Reset {
+            resource,
+            token,
+            reason,
+            reply,
+        } => match reset(tx, &resource, token, &reason, now, seq) {
+            Ok(outcome) => Ok(Applied::Reset(reply, outcome)),
+            Err(e) => Err((
+                e,
+                Write::Reset {
+                    resource,
+                    token,
+                    reason,
                     reply,
                 },
             )),
@@ -220,27 +274,99 @@ fn advance(
     token: FencingToken,
     via: Via,
     now: &str,
+    seq: u64,
 ) -> rusqlite::Result<Advance> {
     let previous = load_highest(tx, resource)?;
     if let Some(highest) = previous.filter(|highest| *highest >= token) {
-        return Ok(Advance::AlreadyAt { highest });
+        return Ok(Advance::AlreadyAt { highest, seq });
     }
+    set_highest(tx, resource, previous, token, via, None, now)?;
+    Ok(Advance::Raised {
+        from: previous,
+        seq,
+    })
+}
+
+fn reset(
+    tx: &Transaction<'_>,
+    resource: &ResourceKey,
+    token: FencingToken,
+    reason: &str,
+    now: &str,
+    seq: u64,
+) -> rusqlite::Result<Reset> {
+    let previous = load_highest(tx, resource)?;
+    set_highest(tx, resource, previous, token, Via::Reset, Some(reason), now)?;
+    Ok(Reset {
+        from: previous,
+        durable: Durable {
+            highest: Some(token),
+            seq,
+        },
+    })
+}
+
+/// Writes the new highest token and its epoch history row.
+fn set_highest(
+    tx: &Transaction<'_>,
+    resource: &ResourceKey,
+    previous: Option<FencingToken>,
+    token: FencingToken,
+    via: Via,
+    reason: Option<&str>,
+    now: &str,
+) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO resources (resource, highest, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (resource) DO UPDATE SET highest = excluded.highest, updated_at = excluded.updated_at",
     )?
     .execute(params![resource.as_str(), token_to_sql(token), now])?;
     tx.prepare_cached(
-        "INSERT INTO epochs (at, resource, from_token, to_token, via) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO epochs (at, resource, from_token, to_token, via, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         now,
         resource.as_str(),
         previous.map(token_to_sql),
         token_to_sql(token),
-        via.as_str()
+        via.as_str(),
+        reason,
     ])?;
-    Ok(Advance::Raised { from: previous })
+    Ok(())
+}
+
+/// Deletes up to `batch` rows past the row limit, then (if the batch is not full) rows past the
+/// age limit. Both deletes walk an index, so a prune costs the same on a ten-million-row log as
+/// on a small one.
+fn prune(conn: &mut Connection, retention: Retention, batch: usize) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let newest: Option<i64> =
+        tx.query_row("SELECT max(id) FROM rejections", [], |row| row.get(0))?;
+    let keep = i64::try_from(retention.max_rows).unwrap_or(i64::MAX);
+    let batch_size = i64::try_from(batch).unwrap_or(i64::MAX);
+    let mut deleted = 0;
+    if let Some(last_dropped) = newest.and_then(|newest| newest.checked_sub(keep)) {
+        deleted += tx
+            .prepare_cached(
+                "DELETE FROM rejections WHERE id IN
+                 (SELECT id FROM rejections WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+            )?
+            .execute(params![last_dropped, batch_size])?;
+    }
+    if deleted < batch {
+        let oldest_kept = SystemTime::now()
+            .checked_sub(retention.max_age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        deleted += tx
+            .prepare_cached(
+                "DELETE FROM rejections WHERE id IN
+                 (SELECT id FROM rejections WHERE at < ?1 ORDER BY at LIMIT ?2)",
+            )?
+            .execute(params![timestamp(oldest_kept), batch_size - deleted as i64])?;
+    }
+    tx.commit()?;
+    Ok(deleted)
 }
 
 fn insert_rejection(tx: &Transaction<'_>, r: &Rejection) -> rusqlite::Result<()> {
@@ -264,6 +390,6 @@ fn insert_rejection(tx: &Transaction<'_>, r: &Rejection) -> rusqlite::Result<()>
 
 /// RFC 3339 UTC with milliseconds: fixed width, so the text order of stored timestamps is their
 /// time order.
-fn timestamp(at: SystemTime) -> String {
+pub(super) fn timestamp(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
