@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::config::AdminToken;
 use crate::gate::{Gate, Refusal};
@@ -96,7 +96,12 @@ pub fn router(state: AdminState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(TraceLayer::new_for_http())
+                .layer(
+                    TraceLayer::new_for_http()
+                        // An upstream's own 5xx is the upstream's news, not fencegate's error; the
+                        // failures fencegate causes (502, 504, 503) log their own lines.
+                        .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+                )
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
         .with_state(state)

@@ -186,7 +186,7 @@ impl Gate {
             slot.observe(reset.durable, Reopen::Yes);
             metrics.advanced(Via::Reset);
             tracing::warn!(
-                %resource, from = reset.from.map(FencingToken::get), to = %token, via = "reset",
+                %resource, from = reset.from.map(FencingToken::get), to = token.get(), via = "reset",
                 %reason, request_id, "epoch reset"
             );
             Ok::<_, StoreError>(reset)
@@ -266,7 +266,7 @@ impl Gate {
             if let Advance::Raised { from, .. } = advance {
                 metrics.advanced(via);
                 tracing::info!(
-                    %resource, from = from.map(FencingToken::get), to = %token, via = via.as_str(),
+                    %resource, from = from.map(FencingToken::get), to = token.get(), via = via.as_str(),
                     request_id, "epoch advanced"
                 );
             }

@@ -156,6 +156,8 @@ pub enum RouteError {
 /// One configured route: a path template, its upstream, and how its resource is named.
 #[derive(Debug)]
 pub struct Route {
+    path: String,
+    resource_template: String,
     matcher: matchit::Router<()>,
     upstream: Upstream,
     resource: ResourceTemplate,
@@ -183,15 +185,37 @@ impl Route {
     ) -> Result<Self, RouteError> {
         let matcher = build_matcher(path)?;
         let captures = captures_of(path);
-        let resource = ResourceTemplate::parse(resource, &captures, path)?;
+        let template = ResourceTemplate::parse(resource, &captures, path)?;
         Ok(Self {
+            path: path.to_owned(),
+            resource_template: resource.to_owned(),
             matcher,
             upstream,
-            resource,
+            resource: template,
             fenced_methods: policy.fenced_methods,
             fence_reads: policy.fence_reads,
             max_token_jump: policy.max_token_jump,
         })
+    }
+
+    /// The path template, as configured.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The resource template, as configured.
+    pub fn resource_template(&self) -> &str {
+        &self.resource_template
+    }
+
+    /// The methods whose requests must carry a current token.
+    pub fn fenced_methods(&self) -> &[Method] {
+        &self.fenced_methods
+    }
+
+    /// Whether reads that carry a token are fenced too.
+    pub fn fence_reads(&self) -> bool {
+        self.fence_reads
     }
 
     /// Where matching requests are forwarded.

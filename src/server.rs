@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::Config;
@@ -212,7 +212,12 @@ fn data_plane_service(
 > {
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                // An upstream's own 5xx is the upstream's news, not fencegate's error; the
+                // failures fencegate causes (502, 504, 503) log their own lines.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .layer(PropagateRequestIdLayer::x_request_id())
         .service_fn(move |request| {
             let plane = Arc::clone(&plane);

@@ -1,13 +1,35 @@
-//! The command line: one subcommand per operator task.
+//! The command line: one subcommand per operator task, one module per subcommand.
+//!
+//! Exit status: 0 when the command did what was asked; 1 when it ran and the answer is no (a
+//! refused fence, an invalid config) or it failed (no database, admin plane unreachable); 2 for
+//! an unusable command line or, for `serve`, an unusable configuration.
 
+pub mod audit;
+pub mod check_config;
+pub mod epochs;
+pub mod fence;
+pub mod output;
 pub mod serve;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+
+use crate::telemetry::{self, LogFormat};
 
 /// An HTTP reverse proxy that enforces fencing tokens in front of storage that does not.
 #[derive(Debug, Parser)]
 #[command(name = "fencegate", version, about)]
 pub struct Cli {
+    /// How log lines on stderr are written.
+    #[arg(
+        long,
+        global = true,
+        env = "FENCEGATE_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -17,4 +39,38 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy and its admin plane.
     Serve(serve::ServeArgs),
+    /// Print the rejection log, newest first (read-only; safe while serve runs).
+    Audit(audit::AuditArgs),
+    /// Print every resource and its highest token (read-only; safe while serve runs).
+    Epochs(epochs::EpochsArgs),
+    /// Fence a resource to a token through the admin API, as a new leader does.
+    Fence(fence::FenceArgs),
+    /// Validate a config file and print the routes it would serve.
+    CheckConfig(check_config::CheckConfigArgs),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> ExitCode {
+        match self.command {
+            Command::Serve(args) => {
+                let config = match args.load_config() {
+                    Ok(config) => config,
+                    Err(e) => {
+                        eprintln!("fencegate: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                telemetry::init(self.log_format);
+                serve::run(config)
+            }
+            Command::Audit(args) => audit::run(&args),
+            Command::Epochs(args) => epochs::run(&args),
+            Command::Fence(args) => {
+                telemetry::init(self.log_format);
+                fence::run(&args)
+            }
+            Command::CheckConfig(args) => check_config::run(&args),
+        }
+    }
 }

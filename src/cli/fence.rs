@@ -1,0 +1,175 @@
+//! `fencegate fence`: fence a resource through the admin API of a running fencegate.
+//!
+//! It never writes the database itself: the server's gate must see the fence, both to refuse older
+//! writes at once and to drain the ones in flight before it answers.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Value, json};
+
+use super::serve::ADMIN_TOKEN_ENV;
+use crate::config::DEFAULT_ADMIN_LISTEN;
+use crate::token::FencingToken;
+
+/// Flags of `fencegate fence`.
+#[derive(Debug, Args)]
+pub struct FenceArgs {
+    /// The admin plane's base URL [default: http://127.0.0.1:9090].
+    #[arg(long, env = "FENCEGATE_ADMIN_URL", value_name = "URL")]
+    pub admin: Option<String>,
+    /// The admin bearer token; prefer the environment variable, which the process list does not
+    /// show.
+    #[arg(long, env = ADMIN_TOKEN_ENV, value_name = "T", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How long to wait for the answer; a fence waits for older in-flight writes to drain.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The resource to fence, as fencegate names it (for example wallet:42).
+    pub resource: String,
+    /// The new leader's token.
+    pub token: FencingToken,
+}
+
+/// Why a fence did not complete.
+#[derive(Debug, thiserror::Error)]
+enum FenceError {
+    #[error("--admin {0:?} is not an http:// URL such as http://127.0.0.1:9090")]
+    BadUrl(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot reach the admin plane at {url}: {source}")]
+    Unreachable {
+        url: String,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("the admin plane at {url} did not answer within {}", humantime::format_duration(*.timeout))]
+    Timeout { url: String, timeout: Duration },
+    #[error("the admin plane's answer was cut off: {0}")]
+    Body(hyper::Error),
+    #[error("refused ({status}): {detail}")]
+    Refused { status: StatusCode, detail: String },
+}
+
+/// Calls `POST /v1/resources/{resource}/fence` and reports the outcome.
+pub fn run(args: &FenceArgs) -> ExitCode {
+    match fence(args) {
+        Ok(highest) => {
+            println!("fenced {}: highest token is now {highest}", args.resource);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fencegate fence: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fence(args: &FenceArgs) -> Result<u64, FenceError> {
+    let base = args
+        .admin
+        .clone()
+        .unwrap_or_else(|| format!("http://{DEFAULT_ADMIN_LISTEN}"));
+    let url = fence_url(&base, &args.resource)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(FenceError::Runtime)?;
+    let (status, body) = runtime.block_on(call(args, &url))?;
+    let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match (status, answer["highest"].as_u64()) {
+        (StatusCode::OK, Some(highest)) => Ok(highest),
+        _ => Err(FenceError::Refused {
+            status,
+            detail: answer["detail"].as_str().map_or_else(
+                || String::from_utf8_lossy(&body).into_owned(),
+                str::to_owned,
+            ),
+        }),
+    }
+}
+
+/// The fence URL for `resource` under the admin base URL; the resource is one path segment, so
+/// every character but letters and digits is percent-encoded.
+fn fence_url(base: &str, resource: &str) -> Result<Uri, FenceError> {
+    let base_ok = base
+        .parse::<Uri>()
+        .is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
+    if !base_ok {
+        return Err(FenceError::BadUrl(base.to_owned()));
+    }
+    let resource = utf8_percent_encode(resource, NON_ALPHANUMERIC);
+    format!(
+        "{}/v1/resources/{resource}/fence",
+        base.trim_end_matches('/')
+    )
+    .parse()
+    .map_err(|_| FenceError::BadUrl(base.to_owned()))
+}
+
+async fn call(args: &FenceArgs, url: &Uri) -> Result<(StatusCode, Bytes), FenceError> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json!({ "token": args.token.get() }).to_string();
+    let mut request = Request::post(url.clone()).header(CONTENT_TYPE, "application/json");
+    if let Some(token) = &args.admin_token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|_| FenceError::BadUrl(url.to_string()))?;
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|source| FenceError::Unreachable {
+                url: url.to_string(),
+                source,
+            })?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(FenceError::Body)?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(args.timeout, exchange)
+        .await
+        .map_err(|_| FenceError::Timeout {
+            url: url.to_string(),
+            timeout: args.timeout,
+        })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resource_is_one_encoded_segment() {
+        let url = fence_url("http://127.0.0.1:9090/", "files/a b:1").unwrap();
+        assert_eq!(
+            url.to_string(),
+            "http://127.0.0.1:9090/v1/resources/files%2Fa%20b%3A1/fence"
+        );
+    }
+
+    #[test]
+    fn only_http_urls_are_taken() {
+        for bad in ["https://x:9090", "127.0.0.1:9090", "not a url", ""] {
+            assert!(
+                matches!(fence_url(bad, "r"), Err(FenceError::BadUrl(_))),
+                "{bad}"
+            );
+        }
+    }
+}
