@@ -266,6 +266,41 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
+    /// An admin-plane URL.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// An admin GET, with `token` as the bearer token if given.
+    pub async fn admin_get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(self.admin_url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// An admin POST of `body` as JSON, with `token` as the bearer token if given.
+    pub async fn admin_post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self.client.post(self.admin_url(path)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// An admin GET that must answer 200 with JSON.
+    pub async fn admin_json(&self, path: &str, token: Option<&str>) -> serde_json::Value {
+        let response = self.admin_get(path, token).await;
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.json().await.unwrap()
+    }
+
     /// A fenced PUT of `body` to `path` with `token`.
     pub async fn put(&self, path: &str, token: u64, body: &str) -> reqwest::Response {
         self.client
