@@ -402,12 +402,8 @@ fn futures_stream(
 
 #[tokio::test]
 async fn unreachable_upstream_is_502_problem_with_highest() {
-    // Bound but never listening: the port stays ours (no parallel test can take it) and every
-    // connection to it is refused.
-    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
-    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let closed = reserved.local_addr().unwrap();
-    let app = TestApp::spawn(&standard_routes(&format!("http://{closed}"))).await;
+    let closed = common::closed_port();
+    let app = TestApp::spawn(&standard_routes(&format!("http://{}", closed.addr))).await;
     let response = app.put("/wallets/1", 3, "").await;
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["fencing-token-highest"], "3");

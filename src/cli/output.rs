@@ -123,7 +123,8 @@ pub enum StreamError<E> {
 enum Sink<W: Write> {
     Table(W),
     Json(W),
-    Csv(csv::Writer<W>),
+    // Boxed: the CSV writer carries its own buffer, much larger than a bare writer.
+    Csv(Box<csv::Writer<W>>),
 }
 
 /// Turns the end of a stream into an exit status: a reader that closed the pipe early (`| head`)
@@ -159,7 +160,7 @@ impl<W: Write> Sink<W> {
             Format::Csv => {
                 let mut csv = csv::Writer::from_writer(out);
                 csv.write_record(T::COLUMNS).map_err(io::Error::other)?;
-                Sink::Csv(csv)
+                Sink::Csv(Box::new(csv))
             }
         })
     }

@@ -458,3 +458,19 @@ pub async fn problem(response: reqwest::Response) -> serde_json::Value {
     );
     response.json().await.unwrap()
 }
+
+/// A loopback port that refuses every connection: bound but never listening, so it stays ours
+/// (no parallel test can take it) for as long as this value lives.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    ClosedPort {
+        addr: socket.local_addr().unwrap(),
+        _socket: socket,
+    }
+}

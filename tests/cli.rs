@@ -1,0 +1,394 @@
+//! The operator commands, run as the real binary: `audit` and `epochs` against a live database,
+//! `fence` through the admin API, `check-config`, and JSON logs that carry request ids.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{RecordingUpstream, TestApp, standard_routes};
+use serde_json::Value;
+
+fn fencegate(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fencegate"));
+    command
+        .args(args)
+        .env_remove("FENCEGATE_ADMIN_TOKEN")
+        .env_remove("FENCEGATE_DB");
+    command
+}
+
+/// Runs the binary off the async threads, so the in-process server keeps serving meanwhile.
+async fn run(args: &[&str]) -> Output {
+    let mut command = fencegate(args);
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn db_arg(app: &TestApp) -> String {
+    app.db_path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_streams_every_format_while_the_server_keeps_writing() {
+    let upstream = RecordingUpstream::start().await;
+    let app = Arc::new(TestApp::spawn(&standard_routes(&upstream.url())).await);
+    app.put("/wallets/1", 5, "").await;
+    for _ in 0..300 {
+        app.put("/wallets/1", 4, "").await;
+    }
+    // A zombie keeps being refused the whole time the commands read.
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused_meanwhile = Arc::new(AtomicU64::new(0));
+    let zombie = {
+        let (app, stop, refused) = (
+            Arc::clone(&app),
+            Arc::clone(&stop),
+            Arc::clone(&refused_meanwhile),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(app.put("/wallets/1", 3, "").await.status(), 409);
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let db = db_arg(&app);
+    for _ in 0..3 {
+        let json = run(&["audit", "--db", &db, "--format", "json"]).await;
+        assert!(json.status.success(), "{}", stderr(&json));
+        let rows: Vec<Value> = serde_json::from_str(&stdout(&json)).unwrap();
+        assert!(rows.len() >= 300);
+        let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] == w[1] + 1),
+            "newest first, none lost or repeated"
+        );
+        assert_eq!(*ids.last().unwrap(), 1);
+    }
+    let csv = run(&["audit", "--db", &db, "--format", "csv"]).await;
+    let text = stdout(&csv);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("id,at,resource,reason,token,highest,method,client,request_id,path")
+    );
+    assert!(lines.next().unwrap().contains(",wallet:1,stale,"));
+    let table = run(&["audit", "--db", &db]).await;
+    assert!(stdout(&table).starts_with("ID "), "{}", stdout(&table));
+    stop.store(true, Ordering::Relaxed);
+    zombie.await.unwrap();
+    assert!(
+        refused_meanwhile.load(Ordering::Relaxed) > 0,
+        "the server kept answering"
+    );
+}
+
+#[tokio::test]
+async fn audit_filters_by_resource_reason_and_since() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    app.put("/wallets/1", 5, "").await;
+    app.put("/wallets/1", 4, "").await;
+    app.send(reqwest::Method::PUT, "/wallets/2", None).await;
+    let db = db_arg(&app);
+    let count = |output: Output| {
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_str::<Vec<Value>>(&stdout(&output))
+            .unwrap()
+            .len()
+    };
+    let json = ["--db", &db, "--format", "json"];
+    let audit = |extra: &[&str]| {
+        let mut args = vec!["audit"];
+        args.extend(json);
+        args.extend(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let output = |args: Vec<String>| {
+        fencegate(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(count(output(audit(&[]))), 2);
+    assert_eq!(count(output(audit(&["--resource", "wallet:1"]))), 1);
+    assert_eq!(count(output(audit(&["--reason", "missing"]))), 1);
+    assert_eq!(count(output(audit(&["--since", "1h"]))), 2);
+    assert_eq!(
+        count(output(audit(&["--since", "2999-01-01T00:00:00Z"]))),
+        0
+    );
+    let bad = output(audit(&["--reason", "zombie"]));
+    assert_eq!(bad.status.code(), Some(2), "a bad flag is a usage error");
+    assert!(
+        stderr(&bad).contains("not a rejection reason"),
+        "{}",
+        stderr(&bad)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn epochs_lists_resources_and_their_highest_tokens() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    app.put("/wallets/2", 7, "").await;
+    app.put("/wallets/1", 3, "").await;
+    app.put("/wallets/1", 4, "").await;
+    let db = db_arg(&app);
+    let json = run(&["epochs", "--db", &db, "--format", "json"]).await;
+    let rows: Vec<Value> = serde_json::from_str(&stdout(&json)).unwrap();
+    let pairs: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["resource"].as_str().unwrap().to_owned(),
+                r["highest"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [("wallet:1".to_owned(), 4), ("wallet:2".to_owned(), 7)]
+    );
+    let one = run(&[
+        "epochs",
+        "--db",
+        &db,
+        "--resource",
+        "wallet:2",
+        "--format",
+        "csv",
+    ])
+    .await;
+    let text = stdout(&one);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "resource,highest,updated_at");
+    assert!(lines[1].starts_with("wallet:2,7,"), "{text}");
+    assert_eq!(lines.len(), 2);
+    app.stop().await;
+}
+
+#[test]
+fn reading_a_missing_database_fails_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nothing-here.db");
+    for command in ["audit", "epochs"] {
+        let output = fencegate(&[command, "--db", db.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(&output).contains("no database at"),
+            "{}",
+            stderr(&output)
+        );
+        assert!(!db.exists(), "{command} must not create the database");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_goes_through_the_admin_api_and_the_gate() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "admin_token = \"t0ken\"\n{}",
+        standard_routes(&upstream.url())
+    ))
+    .await;
+    app.put("/wallets/9", 1, "").await;
+    let admin = format!("http://{}", app.admin_addr);
+    let fence = |token: Option<&'static str>, new: &'static str| {
+        let mut command = fencegate(&["fence", "--admin", &admin, "wallet:9", new]);
+        if let Some(token) = token {
+            command.env("FENCEGATE_ADMIN_TOKEN", token);
+        }
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+    };
+    let fenced = fence(Some("t0ken"), "2").await.unwrap();
+    assert!(fenced.status.success(), "{}", stderr(&fenced));
+    assert_eq!(stdout(&fenced), "fenced wallet:9: highest token is now 2\n");
+    assert_eq!(
+        app.put("/wallets/9", 1, "").await.status(),
+        409,
+        "the gate knows at once"
+    );
+
+    let stale = fence(Some("t0ken"), "1").await.unwrap();
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(stderr(&stale).contains("409"), "{}", stderr(&stale));
+    let unauthorised = fence(Some("wrong"), "5").await.unwrap();
+    assert_eq!(unauthorised.status.code(), Some(1));
+    assert!(
+        stderr(&unauthorised).contains("401"),
+        "{}",
+        stderr(&unauthorised)
+    );
+    let vias: Vec<String> = app.epochs().into_iter().map(|e| e.3).collect();
+    assert_eq!(vias, ["write", "fence"]);
+
+    let closed = common::closed_port();
+    let unreachable = fencegate(&[
+        "fence",
+        "--admin",
+        &format!("http://{}", closed.addr),
+        "w",
+        "1",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(stderr(&unreachable).contains("cannot reach the admin plane"));
+    app.stop().await;
+}
+
+#[test]
+fn check_config_prints_the_routes_in_match_order_or_the_precise_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        r#"
+[[routes]]
+path = "/wallets/{id}"
+upstream = "http://127.0.0.1:5984"
+resource = "wallet:{id}"
+max_token_jump = 1000
+
+[[routes]]
+path = "/{*rest}"
+upstream = "http://127.0.0.1:5984"
+resource = "default"
+"#,
+    )
+    .unwrap();
+    let output = fencegate(&["check-config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let wallets = text.find("[0] /wallets/{id} -> http://127.0.0.1:5984  resource wallet:{id}");
+    let rest = text.find("[1] /{*rest} -> http://127.0.0.1:5984  resource default");
+    assert!(
+        wallets.is_some() && rest.is_some() && wallets < rest,
+        "{text}"
+    );
+    assert!(
+        text.contains("fenced POST,PUT,PATCH,DELETE  max_token_jump 1000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("listen                127.0.0.1:8080"),
+        "{text}"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    let broken = std::fs::read_to_string(&good)
+        .unwrap()
+        .replace("wallet:{id}", "wallet:{nope}");
+    std::fs::write(&bad, broken).unwrap();
+    let output = fencegate(&["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout(&output).is_empty());
+    assert!(
+        stderr(&output).ends_with(
+            "routes[0].resource: uses {nope}, which path /wallets/{id} does not capture\n"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    let missing = fencegate(&["check-config", "/nonexistent/fencegate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("cannot read config file"));
+}
+
+/// Reads JSON log lines from `lines` until one has `message`; returns it.
+fn json_line_with(lines: &mut impl Iterator<Item = String>, message: &str) -> Value {
+    for line in lines {
+        let value: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if value["message"] == message {
+            return value;
+        }
+    }
+    panic!("no log line with message {message:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_rejection_and_advance_with_the_request_id() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = fencegate(&[
+        "--log-format",
+        "json",
+        "serve",
+        "--upstream",
+        &upstream.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--db",
+        dir.path().join("fg.db").to_str().unwrap(),
+    ])
+    .env("RUST_LOG", "info")
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let serving = json_line_with(&mut lines, "fencegate serving");
+    let data = serving["data"].as_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let put = |token: &str, id: &str| {
+        client
+            .put(format!("http://{data}/w"))
+            .header("fencing-token", token)
+            .header("x-request-id", id)
+            .send()
+    };
+    assert_eq!(put("5", "leader-write-1").await.unwrap().status(), 200);
+    let stale = put("4", "zombie-write-1").await.unwrap();
+    assert_eq!(stale.headers()["x-request-id"], "zombie-write-1");
+
+    let advance = tokio::task::spawn_blocking(move || {
+        let advance = json_line_with(&mut lines, "epoch advanced");
+        let rejection = json_line_with(&mut lines, "fenced request rejected");
+        (advance, rejection)
+    });
+    let (advance, rejection) = tokio::time::timeout(Duration::from_secs(10), advance)
+        .await
+        .expect("both log lines within 10 s")
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(advance["request_id"], "leader-write-1");
+    assert_eq!(
+        (advance["to"].as_u64(), advance["via"].as_str()),
+        (Some(5), Some("write"))
+    );
+    assert_eq!(rejection["request_id"], "zombie-write-1");
+    assert_eq!(rejection["reason"], "stale");
+    assert_eq!(
+        (rejection["token"].as_u64(), rejection["highest"].as_u64()),
+        (Some(4), Some(5))
+    );
+    assert!(Path::new(&dir.path().join("fg.db")).exists());
+}
