@@ -479,3 +479,26 @@ async fn audit_row_keeps_a_bounded_client_request_id() {
         .unwrap();
     assert_eq!(stored.len(), fencegate::audit::MAX_AUDITED_REQUEST_ID);
 }
+
+#[tokio::test]
+async fn a_refused_request_with_a_body_tells_keep_alive_clients_to_reconnect() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    app.put("/wallets/1", 5, "").await;
+    let with_body = app.put("/wallets/1", 4, "a zombie's write").await;
+    assert_eq!(with_body.status(), 409);
+    assert_eq!(with_body.headers()["connection"], "close");
+    let without_body = app
+        .send(reqwest::Method::DELETE, "/wallets/1", Some("4"))
+        .await;
+    assert_eq!(without_body.status(), 409);
+    assert!(
+        without_body.headers().get("connection").is_none(),
+        "keep-alive stays"
+    );
+    // Many refusals in a row on one client all come back cleanly.
+    for _ in 0..200 {
+        assert_eq!(app.put("/wallets/1", 4, "again").await.status(), 409);
+    }
+    app.stop().await;
+}

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HeaderName};
-use http::{Request, Response};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::{Request, Response, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -67,9 +67,22 @@ impl DataPlane {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
+        let body_may_be_unread = has_body(&request) && request.version() <= Version::HTTP_11;
         match self.serve(request, client).await {
             Ok(response) => response.map(Either::Left),
-            Err(rejected) => rejected.into_response().map(Either::Right),
+            Err(rejected) => {
+                let mut response = rejected.into_response();
+                // fencegate answers its own errors without reading the request body, and HTTP/1
+                // cannot reuse a connection whose body was left unread: hyper would close it
+                // without a word, and the client's next request on it would hit a closed socket.
+                // Saying so lets clients reconnect cleanly; a zombie's body is not worth reading.
+                if body_may_be_unread {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                response.map(Either::Right)
+            }
         }
     }
 
@@ -335,6 +348,15 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.
+fn has_body<B>(request: &Request<B>) -> bool {
+    let headers = request.headers();
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
 }
 
 /// The request's id: the client's `X-Request-Id`, or the one the server's request-id layer made.
