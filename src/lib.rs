@@ -5,16 +5,18 @@
 //! - [`token`]: the `Fencing-Token` header, parsed once into a [`token::FencingToken`].
 //! - [`route`]: path normalisation, route matching and the resource a request is fenced under.
 //! - [`gate`]: per-resource ordering; the only place that decides whether a request is forwarded.
-//! - [`store`]: SQLite, owned by one group-commit writer thread; the only module that touches it.
-//! - [`audit`]: what a rejection record holds.
+//! - [`store`]: SQLite, the only module that touches it: writes through one group-commit writer
+//!   thread, operators' reads through read-only connections.
+//! - [`audit`]: what a rejection record holds, and how operators name a time (`since`).
 //! - [`proxy`]: the data-plane service: edge checks, then gate, then upstream.
 //! - [`problem`]: every error fencegate answers itself, as `application/problem+json`.
-//! - [`admin`]: the admin plane (health and readiness).
+//! - [`admin`]: the admin API: probes, metrics, resources, rejections, epochs, fence and reset.
+//! - [`metrics`]: the Prometheus metrics the admin plane serves.
 //! - [`config`]: the typed, validated configuration.
 //! - [`server`]: binds both planes, serves them, shuts them down in order.
 //! - [`shutdown`]: the OS signals that start a graceful shutdown.
 //! - [`telemetry`]: tracing set-up.
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line: `serve`, `audit`, `epochs`, `fence`, `check-config`.
 
 pub mod admin;
 pub mod audit;
