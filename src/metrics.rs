@@ -120,10 +120,10 @@ impl Metrics {
 
     /// Counts a request as in flight upstream until the returned guard is dropped, and then
     /// records how long it took.
-    pub fn upstream_call(self: &Arc<Self>) -> UpstreamCall {
+    pub fn upstream_call(&self) -> UpstreamCall<'_> {
         self.in_flight.inc();
         UpstreamCall {
-            metrics: Arc::clone(self),
+            metrics: self,
             started: std::time::Instant::now(),
         }
     }
@@ -146,19 +146,19 @@ impl Metrics {
 
 /// One request in flight upstream; see [`Metrics::upstream_call`].
 #[derive(Debug)]
-pub struct UpstreamCall {
-    metrics: Arc<Metrics>,
+pub struct UpstreamCall<'a> {
+    metrics: &'a Metrics,
     started: std::time::Instant,
 }
 
-impl UpstreamCall {
+impl UpstreamCall<'_> {
     /// The elapsed time so far.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 }
 
-impl Drop for UpstreamCall {
+impl Drop for UpstreamCall<'_> {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
         self.metrics
