@@ -392,3 +392,28 @@ async fn json_logs_have_one_line_per_rejection_and_advance_with_the_request_id()
     );
     assert!(Path::new(&dir.path().join("fg.db")).exists());
 }
+
+#[test]
+fn demo_shows_the_lost_update_then_fences_it_and_exits_0() {
+    let output = fencegate(&["demo"]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    let act_two = text.find("Act 2").expect("two acts");
+    let (unfenced, fenced) = text.split_at(act_two);
+    assert!(unfenced.contains("wallet = $150"), "{text}");
+    assert!(
+        fenced.contains("409 Conflict, Fencing-Token-Highest: 2"),
+        "{text}"
+    );
+    assert!(fenced.contains("wallet = $120"), "{text}");
+    assert!(
+        fenced.contains("rejected: stale token 1 < highest 2"),
+        "{text}"
+    );
+    assert!(text.contains("Result: fenced correctly"), "{text}");
+}

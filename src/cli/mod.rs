@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod check_config;
+pub mod demo;
 pub mod epochs;
 pub mod fence;
 pub mod output;
@@ -47,6 +48,8 @@ pub enum Command {
     Fence(fence::FenceArgs),
     /// Validate a config file and print the routes it would serve.
     CheckConfig(check_config::CheckConfigArgs),
+    /// Play the split-brain wallet story, without and with fencing; exits 0 only if fenced right.
+    Demo(demo::DemoArgs),
 }
 
 impl Cli {
@@ -71,6 +74,7 @@ impl Cli {
                 fence::run(&args)
             }
             Command::CheckConfig(args) => check_config::run(&args),
+            Command::Demo(args) => demo::run(&args),
         }
     }
 }
