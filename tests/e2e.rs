@@ -1,0 +1,412 @@
+//! End to end against real storage that nobody here wrote: nginx's WebDAV module and etcd's JSON
+//! gateway. Both are opt-in: `cargo test` skips them (they are `#[ignore]`), and
+//! `cargo test --test e2e -- --ignored` runs them. A server that is not installed is skipped with a
+//! loud message on stderr, unless `FENCEGATE_E2E_REQUIRED` is set (as in CI), when it fails.
+//! Install them on Debian with `apt-get install nginx etcd-server`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::TestApp;
+use serde_json::{Value, json};
+
+/// A server process that is killed when the test ends, however it ends.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The installed `binary`, or `None` after saying loudly that the test is skipped.
+fn installed(binary: &str, package: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file());
+    if found.is_none() {
+        let message = format!(
+            "SKIPPED: `{binary}` is not installed, so this end-to-end test did not run. \
+             Install it with `apt-get install {package}`."
+        );
+        assert!(
+            std::env::var_os("FENCEGATE_E2E_REQUIRED").is_none(),
+            "{message} (FENCEGATE_E2E_REQUIRED is set)"
+        );
+        // Written to the real stderr, not through the test harness, which would swallow it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n{}\n{message}\n{}\n",
+            "!".repeat(72),
+            "!".repeat(72)
+        );
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until_listening(addr: SocketAddr, child: &mut Child, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited with {status} before listening");
+        }
+        assert!(Instant::now() < deadline, "{name} did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// nginx with WebDAV PUT on a temporary root; its access log records each request's token.
+fn start_nginx(binary: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let d = dir.path().display();
+    let config = format!(
+        r#"
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format fence '$request_method $uri $http_fencing_token $status';
+    access_log {d}/access.log fence;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {addr};
+        root {d}/root;
+        location / {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+        }}
+    }}
+}}
+"#
+    );
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(&conf, config).unwrap();
+    let mut child = Command::new(binary)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_listening(addr, &mut child, "nginx");
+    Server {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// A one-member etcd cluster on free ports with a temporary data directory.
+fn start_etcd(binary: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let mut child = Command::new(binary)
+        .args(["--name", "e2e", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &format!("http://{client}")])
+        .args(["--advertise-client-urls", &format!("http://{client}")])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("e2e={peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_listening(client, &mut child, "etcd");
+    Server {
+        child,
+        addr: client,
+        _dir: dir,
+    }
+}
+
+/// One line of nginx's access log: (method, uri, token, status).
+fn nginx_log(server: &Server) -> Vec<(String, String, Option<u64>, u16)> {
+    let text = std::fs::read_to_string(server._dir.path().join("access.log")).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (
+                fields[0].to_owned(),
+                fields[1].to_owned(),
+                fields[2].parse().ok(),
+                fields[3].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn webdav_routes(nginx: &Server) -> String {
+    format!(
+        "[[routes]]\npath = \"/files/{{*path}}\"\nupstream = \"http://{}\"\nresource = \"file:{{path}}\"\n",
+        nginx.addr
+    )
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_webdav_wallet_story() {
+    let Some(binary) = installed("nginx", "nginx") else {
+        return;
+    };
+    let nginx = start_nginx(&binary);
+    let app = TestApp::spawn(&webdav_routes(&nginx)).await;
+    // fencegate forwards the path unchanged, so nginx stores it under its root as is.
+    let on_disk = nginx._dir.path().join("root/files/wallets/1");
+
+    let opening = app.put("/files/wallets/1", 1, "100").await;
+    assert_eq!(opening.status(), 201, "nginx creates the file");
+    let new_leader = app.put("/files/wallets/1", 2, "120").await;
+    assert_eq!(new_leader.status(), 204, "nginx overwrites it");
+    let zombie = app.put("/files/wallets/1", 1, "150").await;
+    assert_eq!(zombie.status(), 409);
+    assert_eq!(zombie.headers()["fencing-token-highest"], "2");
+
+    assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), "120");
+    let reasons: Vec<String> = app.rejections().into_iter().map(|r| r.0).collect();
+    assert_eq!(reasons, ["stale"]);
+    let tokens: Vec<Option<u64>> = nginx_log(&nginx).into_iter().map(|l| l.2).collect();
+    assert_eq!(
+        tokens,
+        [Some(1), Some(2)],
+        "the zombie's write never reached nginx"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_webdav_storm_of_old_and_new_writers() {
+    let Some(binary) = installed("nginx", "nginx") else {
+        return;
+    };
+    let nginx = start_nginx(&binary);
+    let app = Arc::new(TestApp::spawn(&webdav_routes(&nginx)).await);
+    let files = ["a", "b", "c", "d"];
+    let mut writers = Vec::new();
+    for (f, file) in files.iter().enumerate() {
+        for writer in 0..40u64 {
+            let app = Arc::clone(&app);
+            let path = format!("/files/storm/{file}");
+            // Tokens mostly rise over time, with old leaders mixed in: each writer's token is
+            // its wave plus a random lag of up to three generations.
+            let token = (writer / 4 + 3).saturating_sub(fastrand::u64(0..=3));
+            let pause = Duration::from_millis(fastrand::u64(0..30) + writer * 2 + f as u64);
+            writers.push(tokio::spawn(async move {
+                tokio::time::sleep(pause).await;
+                let body = format!("token={token} writer={writer}");
+                let status = app.put(&path, token, &body).await.status().as_u16();
+                (path, token, status)
+            }));
+        }
+    }
+    let mut accepted: HashMap<String, Vec<u64>> = HashMap::new();
+    for writer in writers {
+        let (path, token, status) = writer.await.unwrap();
+        assert!(
+            matches!(status, 201 | 204 | 409),
+            "{path} token {token}: {status}"
+        );
+        if status != 409 {
+            accepted.entry(path).or_default().push(token);
+        }
+    }
+
+    let log = nginx_log(&nginx);
+    for file in files {
+        let path = format!("/files/storm/{file}");
+        let mut tokens = accepted.remove(&path).unwrap_or_default();
+        let highest = *tokens.iter().max().expect("some write was accepted");
+        let disk = std::fs::read_to_string(nginx._dir.path().join(format!("root{path}")));
+        assert!(
+            disk.unwrap().starts_with(&format!("token={highest} ")),
+            "{file} on disk is not from the highest accepted token {highest}"
+        );
+        let seen: Vec<u64> = log
+            .iter()
+            .filter(|line| line.1 == path)
+            .map(|line| line.2.unwrap())
+            .collect();
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "nginx saw {file}'s tokens out of order: {seen:?}"
+        );
+        let mut seen_sorted = seen.clone();
+        seen_sorted.sort_unstable();
+        tokens.sort_unstable();
+        assert_eq!(
+            seen_sorted, tokens,
+            "nginx saw exactly the accepted writes, no stale one"
+        );
+    }
+    let stale = app.rejections().len();
+    assert!(stale > 0, "the storm had zombies in it");
+}
+
+/// Calls etcd's JSON gateway directly (not through fencegate).
+async fn etcd_call(etcd: &Server, call: &str, body: Value) -> Value {
+    reqwest::Client::new()
+        .post(format!("http://{}/v3/kv/{call}", etcd.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The value of `key` at `revision` (0: the latest), decoded.
+async fn etcd_value(etcd: &Server, key: &str, revision: i64) -> Option<String> {
+    let answer = etcd_call(
+        etcd,
+        "range",
+        json!({"key": BASE64.encode(key), "revision": revision}),
+    )
+    .await;
+    let value = answer["kvs"][0]["value"].as_str()?;
+    Some(String::from_utf8(BASE64.decode(value).unwrap()).unwrap())
+}
+
+async fn etcd_revision(etcd: &Server) -> i64 {
+    let answer = etcd_call(etcd, "range", json!({"key": BASE64.encode("-")})).await;
+    answer["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A fenced put through fencegate's catch-all route (the `default` resource).
+async fn put_through(app: &TestApp, key: &str, value: &str, token: u64) -> u16 {
+    app.client
+        .post(app.url("/v3/kv/put"))
+        .header("fencing-token", token.to_string())
+        .json(&json!({"key": BASE64.encode(key), "value": BASE64.encode(value)}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn fencegate_before_etcd(etcd: &Server) -> TestApp {
+    // Every write is a POST to one path, with the key in the body: one resource for the whole
+    // keyspace. A route per key prefix is not possible, because routes see only the path.
+    TestApp::spawn(&format!(
+        "[[routes]]\npath = \"/{{*rest}}\"\nupstream = \"http://{}\"\nresource = \"default\"\n",
+        etcd.addr
+    ))
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs etcd; run with --ignored"]
+async fn etcd_json_gateway_wallet_story() {
+    let Some(binary) = installed("etcd", "etcd-server") else {
+        return;
+    };
+    let etcd = start_etcd(&binary);
+    let app = fencegate_before_etcd(&etcd).await;
+    assert_eq!(put_through(&app, "wallet", "100", 1).await, 200);
+    assert_eq!(put_through(&app, "wallet", "120", 2).await, 200);
+    assert_eq!(put_through(&app, "wallet", "150", 1).await, 409);
+    assert_eq!(etcd_value(&etcd, "wallet", 0).await.as_deref(), Some("120"));
+    let rejections = app.rejections();
+    assert_eq!(rejections.len(), 1);
+    assert_eq!((rejections[0].1, rejections[0].2), (Some(1), Some(2)));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd; run with --ignored"]
+async fn etcd_json_gateway_storm_applies_no_stale_write() {
+    let Some(binary) = installed("etcd", "etcd-server") else {
+        return;
+    };
+    let etcd = start_etcd(&binary);
+    let app = Arc::new(fencegate_before_etcd(&etcd).await);
+    let start = etcd_revision(&etcd).await;
+    let writers: Vec<_> = (0..120u64)
+        .map(|writer| {
+            let app = Arc::clone(&app);
+            let token = (writer / 10 + 3).saturating_sub(fastrand::u64(0..=3));
+            let pause = Duration::from_millis(fastrand::u64(0..20) + writer * 2);
+            tokio::spawn(async move {
+                tokio::time::sleep(pause).await;
+                let value = format!("token={token} writer={writer}");
+                (token, put_through(&app, "storm", &value, token).await)
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    for writer in writers {
+        let (token, status) = writer.await.unwrap();
+        assert!(matches!(status, 200 | 409), "token {token}: {status}");
+        if status == 200 {
+            accepted.push(token);
+        }
+    }
+    let end = etcd_revision(&etcd).await;
+    assert_eq!(
+        end - start,
+        accepted.len() as i64,
+        "one etcd revision per accepted write: no stale write was applied"
+    );
+    let mut history = Vec::new();
+    for revision in start + 1..=end {
+        let value = etcd_value(&etcd, "storm", revision).await.unwrap();
+        let token: u64 = value["token=".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        history.push(token);
+    }
+    assert!(
+        history.windows(2).all(|w| w[0] <= w[1]),
+        "etcd applied tokens out of order: {history:?}"
+    );
+    assert_eq!(history.last(), accepted.iter().max());
+    assert!(!app.rejections().is_empty(), "the storm had zombies in it");
+}
