@@ -417,3 +417,28 @@ fn demo_shows_the_lost_update_then_fences_it_and_exits_0() {
     );
     assert!(text.contains("Result: fenced correctly"), "{text}");
 }
+
+#[test]
+fn every_example_config_in_deploy_passes_check_config() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "toml") {
+            // The container example exposes the admin plane, so it needs the token from the
+            // environment, as the compose file and the Kubernetes manifest provide it.
+            let output = fencegate(&["check-config", path.to_str().unwrap()])
+                .env("FENCEGATE_ADMIN_TOKEN", "example")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}: {}",
+                path.display(),
+                stderr(&output)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "the examples were found");
+}
