@@ -224,15 +224,17 @@ async fn start_fencegate(
 }
 
 /// Storage that somebody else wrote: it keeps whatever it is sent, and checks no token.
-#[derive(Clone)]
 struct Storage {
     addr: SocketAddr,
-    values: Arc<Mutex<HashMap<String, String>>>,
+    values: Values,
 }
+
+/// The storage's contents, by path.
+type Values = Arc<Mutex<HashMap<String, String>>>;
 
 impl Storage {
     async fn start() -> anyhow::Result<Self> {
-        let values = Arc::new(Mutex::new(HashMap::new()));
+        let values = Values::default();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let router = Router::new()
@@ -256,8 +258,6 @@ impl Storage {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
-
-type Values = Arc<Mutex<HashMap<String, String>>>;
 
 async fn read_wallet(
     State(values): State<Values>,
