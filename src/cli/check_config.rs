@@ -40,42 +40,36 @@ pub fn run(args: &CheckConfigArgs) -> ExitCode {
 /// The configuration as an operator reads it: settings, then routes in match order.
 pub fn describe(config: &Config) -> String {
     let duration = |d| humantime::format_duration(d).to_string();
+    let token = if config.admin_token.is_some() {
+        "set"
+    } else {
+        "not set"
+    };
+    let settings = [
+        ("listen", config.listen.to_string()),
+        (
+            "admin_listen",
+            format!("{} (admin token {token})", config.admin_listen),
+        ),
+        ("database", config.database.display().to_string()),
+        ("upstream_timeout", duration(config.upstream_timeout)),
+        ("in_doubt_grace", duration(config.in_doubt_grace)),
+        ("max_body", format!("{} bytes", config.max_body)),
+        ("shutdown_grace", duration(config.shutdown_grace)),
+        (
+            "audit retention",
+            format!(
+                "{} or {} rows, pruned every {}",
+                duration(config.retention.max_age),
+                config.retention.max_rows,
+                duration(config.audit_prune_interval)
+            ),
+        ),
+    ];
     let mut text = String::new();
-    let _ = writeln!(text, "listen                {}", config.listen);
-    let _ = writeln!(
-        text,
-        "admin_listen          {} (admin token {})",
-        config.admin_listen,
-        if config.admin_token.is_some() {
-            "set"
-        } else {
-            "not set"
-        }
-    );
-    let _ = writeln!(text, "database              {}", config.database.display());
-    let _ = writeln!(
-        text,
-        "upstream_timeout      {}",
-        duration(config.upstream_timeout)
-    );
-    let _ = writeln!(
-        text,
-        "in_doubt_grace        {}",
-        duration(config.in_doubt_grace)
-    );
-    let _ = writeln!(text, "max_body              {} bytes", config.max_body);
-    let _ = writeln!(
-        text,
-        "shutdown_grace        {}",
-        duration(config.shutdown_grace)
-    );
-    let _ = writeln!(
-        text,
-        "audit retention       {} or {} rows, pruned every {}",
-        duration(config.retention.max_age),
-        config.retention.max_rows,
-        duration(config.audit_prune_interval)
-    );
+    for (key, value) in settings {
+        let _ = writeln!(text, "{key:<22}{value}");
+    }
     let _ = writeln!(text, "routes (the first match wins):");
     for (index, route) in config.routes.routes().iter().enumerate() {
         let _ = writeln!(text, "{}", describe_route(index, route));

@@ -410,7 +410,15 @@ mod tests {
         }
     }
 
-    async fn store_with(rows: &[(&str, Reason)]) -> (tempfile::TempDir, Store, Reader) {
+    /// A database holding `rows`, its store (still writable) and a reader.
+    struct Fixture {
+        store: Store,
+        reader: Reader,
+        _guard: crate::store::WriterGuard,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn store_with(rows: &[(&str, Reason)]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fg.db");
         let (store, guard) = Store::open(&path).unwrap();
@@ -420,9 +428,13 @@ mod tests {
                 .await
                 .unwrap();
         }
-        std::mem::forget(guard);
         let reader = Reader::open(&path).unwrap();
-        (dir, store, reader)
+        Fixture {
+            store,
+            reader,
+            _guard: guard,
+            _dir: dir,
+        }
     }
 
     fn walk(reader: &Reader, mut query: RejectionQuery) -> Vec<i64> {
@@ -440,19 +452,19 @@ mod tests {
     #[tokio::test]
     async fn pages_cover_every_row_once_newest_first() {
         let rows: Vec<_> = (0..25).map(|_| ("a", Reason::Stale)).collect();
-        let (_dir, _store, reader) = store_with(&rows).await;
+        let Fixture { reader, .. } = &store_with(&rows).await;
         let query = RejectionQuery {
             limit: 7,
             ..RejectionQuery::default()
         };
-        let ids = walk(&reader, query);
+        let ids = walk(reader, query);
         assert_eq!(ids, (1..=25).rev().collect::<Vec<_>>());
     }
 
     #[tokio::test]
     async fn an_exactly_full_last_page_has_no_next_cursor() {
         let rows: Vec<_> = (0..10).map(|_| ("a", Reason::Stale)).collect();
-        let (_dir, _store, reader) = store_with(&rows).await;
+        let Fixture { reader, .. } = &store_with(&rows).await;
         let query = RejectionQuery {
             limit: 10,
             ..RejectionQuery::default()
@@ -469,25 +481,25 @@ mod tests {
             ("a", Reason::Missing),
             ("a", Reason::Stale),
         ];
-        let (_dir, _store, reader) = store_with(&rows).await;
+        let Fixture { reader, .. } = &store_with(&rows).await;
         let query = RejectionQuery {
             resource: Some("a".into()),
             reason: Some(Reason::Stale),
             limit: 100,
             ..RejectionQuery::default()
         };
-        assert_eq!(walk(&reader, query), vec![4, 1]);
+        assert_eq!(walk(reader, query), vec![4, 1]);
         let future = RejectionQuery {
             since: Some(SystemTime::now() + Duration::from_secs(60)),
             limit: 100,
             ..RejectionQuery::default()
         };
-        assert!(walk(&reader, future).is_empty());
+        assert!(walk(reader, future).is_empty());
     }
 
     #[tokio::test]
     async fn resource_prefix_takes_wildcards_literally() {
-        let (_dir, store, reader) = store_with(&[]).await;
+        let Fixture { store, reader, .. } = &store_with(&[]).await;
         for name in ["wallet:1", "wallet:2", "wallet*x", "walrus", "other"] {
             store
                 .advance(&ResourceKey::new(name), FencingToken::new(3), Via::Write)
@@ -516,7 +528,7 @@ mod tests {
     #[tokio::test]
     async fn prune_keeps_the_newest_rows_within_the_limits() {
         let rows: Vec<_> = (0..30).map(|_| ("a", Reason::Stale)).collect();
-        let (_dir, store, reader) = store_with(&rows).await;
+        let Fixture { store, reader, .. } = &store_with(&rows).await;
         let keep_ten = Retention {
             max_age: Duration::from_secs(3600),
             max_rows: 10,
@@ -530,7 +542,7 @@ mod tests {
             ..RejectionQuery::default()
         };
         assert_eq!(
-            walk(&reader, all.clone()),
+            walk(reader, all.clone()),
             (21..=30).rev().collect::<Vec<_>>()
         );
         let old = SystemTime::now() - Duration::from_secs(7200);
@@ -543,7 +555,7 @@ mod tests {
             2,
             "one over the count, one too old"
         );
-        assert_eq!(walk(&reader, all), (22..=30).rev().collect::<Vec<_>>());
+        assert_eq!(walk(reader, all), (22..=30).rev().collect::<Vec<_>>());
     }
 
     #[test]
