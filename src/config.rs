@@ -36,6 +36,8 @@ pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_AUDIT_MAX_ROWS: u64 = 1_000_000;
 /// How often retention looks for audit-log rows to prune.
 pub const DEFAULT_AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+/// The most data-plane worker threads one may ask for; more than this is a typo, not a machine.
+pub const MAX_WORKER_THREADS: usize = 1024;
 /// The resource of the catch-all route that `--upstream` makes without a config file.
 pub const DEFAULT_RESOURCE: &str = "default";
 
@@ -75,6 +77,8 @@ pub struct Config {
     /// How much of the audit log to keep.
     pub retention: Retention,
     pub audit_prune_interval: Duration,
+    /// Threads of the async runtime that serves both planes; `None` means one per CPU core.
+    pub worker_threads: Option<usize>,
     pub routes: RouteTable,
 }
 
@@ -126,6 +130,7 @@ struct FileConfig {
     audit_max_age: Option<String>,
     audit_max_rows: Option<u64>,
     audit_prune_interval: Option<String>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
@@ -249,6 +254,15 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             DEFAULT_AUDIT_PRUNE_INTERVAL,
         )?)
         .ok_or_else(|| invalid("audit_prune_interval", "must be longer than 0s"))?,
+        worker_threads: match file.worker_threads {
+            Some(1..=MAX_WORKER_THREADS) | None => file.worker_threads,
+            Some(threads) => {
+                return Err(invalid(
+                    "worker_threads",
+                    format!("{threads} is not a thread count from 1 to {MAX_WORKER_THREADS}"),
+                ));
+            }
+        },
         routes,
     })
 }
@@ -452,6 +466,7 @@ resource = "default"
         assert_eq!(config.retention.max_age, DEFAULT_AUDIT_MAX_AGE);
         assert_eq!(config.retention.max_rows, DEFAULT_AUDIT_MAX_ROWS);
         assert_eq!(config.audit_prune_interval, DEFAULT_AUDIT_PRUNE_INTERVAL);
+        assert_eq!(config.worker_threads, None);
     }
 
     #[test]
@@ -496,6 +511,8 @@ resource = "default"
             (format!("max_body = \"lots\"\n{ROUTE}"), "max_body"),
             (format!("audit_max_age = \"0s\"\n{ROUTE}"), "audit_max_age"),
             (format!("audit_max_rows = 0\n{ROUTE}"), "audit_max_rows"),
+            (format!("worker_threads = 0\n{ROUTE}"), "worker_threads"),
+            (format!("worker_threads = 5000\n{ROUTE}"), "worker_threads"),
             (
                 format!("audit_prune_interval = \"often\"\n{ROUTE}"),
                 "audit_prune_interval",

@@ -65,6 +65,12 @@ pub fn describe(config: &Config) -> String {
                 duration(config.audit_prune_interval)
             ),
         ),
+        (
+            "worker_threads",
+            config
+                .worker_threads
+                .map_or_else(|| "one per CPU core".to_owned(), |n| n.to_string()),
+        ),
     ];
     let mut text = String::new();
     for (key, value) in settings {

@@ -49,10 +49,11 @@ impl ServeArgs {
 
 /// Runs the server on a multi-threaded runtime until SIGINT or SIGTERM.
 pub fn run(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("fencegate: cannot start the async runtime: {e}");
