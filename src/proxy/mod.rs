@@ -68,7 +68,8 @@ impl DataPlane {
         client: SocketAddr,
     ) -> Response<ProxyBody> {
         let body_may_be_unread = has_body(&request) && request.version() <= Version::HTTP_11;
-        match self.serve(request, client).await {
+        let method = request.method().clone();
+        let response = match self.serve(request, client).await {
             Ok(response) => response.map(Either::Left),
             Err(rejected) => {
                 let mut response = rejected.into_response();
@@ -83,7 +84,9 @@ impl DataPlane {
                 }
                 response.map(Either::Right)
             }
-        }
+        };
+        tracing::debug!(%method, status = response.status().as_u16(), %client, "answered");
+        response
     }
 
     async fn serve(
