@@ -17,11 +17,12 @@
 //! Idle slots are evicted by [`Gate::evict_idle`] and reloaded from the database on next use.
 
 use std::cmp::Ordering;
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -92,6 +93,8 @@ struct Inner {
     store: Store,
     in_doubt_grace: Duration,
     metrics: Arc<Metrics>,
+    /// Slots keep their times as milliseconds since this instant (see [`EpochState`]).
+    base: Instant,
 }
 
 impl Gate {
@@ -103,6 +106,7 @@ impl Gate {
                 store,
                 in_doubt_grace,
                 metrics,
+                base: Instant::now(),
             }),
         }
     }
@@ -121,17 +125,17 @@ impl Gate {
         let slot = self.slot(resource).await?;
         let newer = {
             let mut state = slot.lock();
-            match judge(state.highest, token) {
+            match judge(state.highest(), token) {
                 Verdict::Stale { highest } => return Err(Refusal::Stale { highest }),
-                Verdict::Current if state.open == Some(token) => {
-                    state.enter();
+                Verdict::Current if state.open() == Some(token) => {
+                    state.enter(millis_since(self.inner.base, Instant::now()));
                     drop(state);
                     return Ok(self.permit(slot));
                 }
                 // An advance to this token is still draining older requests: wait with it.
                 Verdict::Current => false,
                 Verdict::Newer => {
-                    check_jump(state.highest, token, max_jump)?;
+                    check_jump(state.highest(), token, max_jump)?;
                     true
                 }
             }
@@ -154,7 +158,7 @@ impl Gate {
         request_id: &str,
     ) -> Result<FencingToken, Refusal> {
         let slot = self.slot(resource).await?;
-        let highest = slot.lock().highest;
+        let highest = slot.lock().highest();
         if let Verdict::Stale { highest } = judge(highest, token) {
             return Err(Refusal::Stale { highest });
         }
@@ -202,7 +206,7 @@ impl Gate {
         resource: &ResourceKey,
     ) -> Result<Option<FencingToken>, StoreError> {
         let slot = self.slot(resource).await?;
-        let highest = slot.lock().highest;
+        let highest = slot.lock().highest();
         Ok(highest)
     }
 
@@ -210,7 +214,7 @@ impl Gate {
     /// flight or in doubt; they reload from the database on next use. Returns how many were
     /// dropped.
     pub fn evict_idle(&self, idle_for: Duration) -> usize {
-        let now = Instant::now();
+        let now = millis_since(self.inner.base, Instant::now());
         let before = self.inner.slots.len();
         // A slot whose Arc is held elsewhere has a request in flight or waiting; the shard's write
         // lock, held during `retain`, keeps anyone from taking a new reference meanwhile.
@@ -226,24 +230,54 @@ impl Gate {
     }
 
     async fn slot(&self, resource: &ResourceKey) -> Result<Arc<Slot>, StoreError> {
-        let slot = match self.inner.slots.get(resource) {
-            Some(slot) => Arc::clone(&slot),
-            None => Arc::clone(
-                &self
-                    .inner
-                    .slots
-                    .entry(resource.clone())
-                    .or_insert_with(|| Arc::new(Slot::new())),
-            ),
-        };
-        slot.loaded
-            .get_or_try_init(|| async {
-                let durable = self.inner.store.load(resource).await?;
-                slot.observe(durable, Reopen::No);
-                Ok::<_, StoreError>(())
-            })
-            .await?;
-        Ok(slot)
+        let slot =
+            match self.inner.slots.get(resource) {
+                Some(slot) => Arc::clone(&slot),
+                None => Arc::clone(&self.inner.slots.entry(resource.clone()).or_insert_with(
+                    || Arc::new(Slot::new(millis_since(self.inner.base, Instant::now()))),
+                )),
+            };
+        // The hot path: loaded long ago, one uncontended lock.
+        if slot.lock().load == Load::Done {
+            return Ok(slot);
+        }
+        loop {
+            // Registered before the state is read, as in `wait_for_turn`.
+            let notified = slot.changed().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let load = {
+                let mut state = slot.lock();
+                let load = state.load;
+                if load == Load::NotStarted {
+                    state.load = Load::Running;
+                }
+                load
+            };
+            match load {
+                Load::Done => return Ok(slot),
+                Load::NotStarted => {
+                    self.load(&slot, resource).await?;
+                    return Ok(slot);
+                }
+                Load::Running => notified.await,
+            }
+        }
+    }
+
+    /// Reads the resource's durable state into a slot that is marked as loading. Runs as its own
+    /// task, so that a caller that gives up cannot leave the slot loading forever; the slot is
+    /// kept in the map meanwhile (the task holds a reference, so it cannot be evicted).
+    async fn load(&self, slot: &Arc<Slot>, resource: &ResourceKey) -> Result<(), StoreError> {
+        let store = self.inner.store.clone();
+        let (slot, resource) = (Arc::clone(slot), resource.clone());
+        tokio::spawn(async move {
+            let loaded = store.load(&resource).await;
+            slot.finish_load(loaded.as_ref().ok().copied());
+            loaded.map(drop)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
     }
 
     /// Makes `token` durable as the resource's highest. Runs as its own task so that memory
@@ -288,14 +322,17 @@ impl Gate {
         loop {
             // Registered before the state is read, so a release between the read and the await
             // still wakes this waiter.
-            let notified = slot.changed.notified();
+            let notified = slot.changed().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let deadline = match slot.lock().try_open(token, Instant::now()) {
+            let now = millis_since(self.inner.base, Instant::now());
+            let deadline = match slot.lock().try_open(token, now) {
                 Turn::Go => return Ok(self.permit(Arc::clone(&slot))),
                 Turn::Superseded { highest } => return Err(Refusal::Stale { highest }),
                 Turn::NotDurable => return Err(Refusal::NotDurable),
-                Turn::Wait { until } => until,
+                Turn::Wait { until } => {
+                    until.map(|ms| self.inner.base + Duration::from_millis(ms.get()))
+                }
             };
             match deadline {
                 Some(deadline) => {
@@ -313,6 +350,7 @@ impl Gate {
         Permit {
             slot,
             in_doubt_grace: self.inner.in_doubt_grace,
+            base: self.inner.base,
             settled: false,
         }
     }
@@ -326,45 +364,54 @@ impl Gate {
 pub struct Permit {
     slot: Arc<Slot>,
     in_doubt_grace: Duration,
+    /// The gate's clock origin.
+    base: Instant,
     settled: bool,
 }
 
 impl Permit {
     /// The resource's highest token right now, for the `Fencing-Token-Highest` header.
     pub fn highest(&self) -> Option<FencingToken> {
-        self.slot.lock().highest
+        self.slot.lock().highest()
     }
 
     /// The upstream has answered, or certainly never received the request. Returns the highest
     /// token at this moment.
     pub fn settle(mut self) -> Option<FencingToken> {
         self.settled = true;
-        self.slot.leave(None)
+        self.slot.leave(self.base, None)
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.settled {
-            self.slot.leave(Some(self.in_doubt_grace));
+            self.slot.leave(self.base, Some(self.in_doubt_grace));
         }
     }
 }
 
+/// How many `Notify`s all slots share between them; see [`Slot::changed`].
+const WAKERS: usize = 256;
+
+/// Where waiters for a slot's change wait. Waiting is rare (an advance draining older requests, a
+/// cold load), so the slots share these instead of carrying 32 bytes each: a million resident
+/// resources would otherwise spend 32 MB on them. Sharing only adds spurious wake-ups, which
+/// every waiter already tolerates by re-reading its slot.
+static CHANGED: [Notify; WAKERS] = [const { Notify::const_new() }; WAKERS];
+
+/// One resource in memory. Kept small: there is one per resident resource (see
+/// bench/results/run.md for the memory figure with a million of them).
 #[derive(Debug)]
 struct Slot {
-    loaded: OnceCell<()>,
     state: Mutex<EpochState>,
-    /// Signalled when a waiting higher token may be able to proceed or has been superseded.
-    changed: Notify,
 }
 
 impl Slot {
-    fn new() -> Self {
+    /// A slot not loaded yet, created `now` (in the gate's milliseconds).
+    fn new(now: u64) -> Self {
         Self {
-            loaded: OnceCell::new(),
-            state: Mutex::new(EpochState::new()),
-            changed: Notify::new(),
+            state: Mutex::new(EpochState::new(now)),
         }
     }
 
@@ -376,35 +423,63 @@ impl Slot {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Signalled when a waiting higher token may be able to proceed or has been superseded, and
+    /// when a load finishes. Chosen by the slot's address, which is stable while anyone holds it.
+    fn changed(&self) -> &'static Notify {
+        let address = std::ptr::from_ref(self) as usize;
+        &CHANGED[(address / std::mem::align_of::<Self>()) % WAKERS]
+    }
+
     /// Takes in what the database said, unless a later answer has already been taken in (see
     /// [`Durable`]). With `Reopen::Yes` the open token is closed, so that whichever token comes
     /// next waits for every request in flight, as after any change of epoch.
     fn observe(&self, durable: Durable, reopen: Reopen) {
         {
             let mut state = self.lock();
-            if durable.seq >= state.seq {
-                state.highest = durable.highest;
-                state.seq = durable.seq;
-            }
+            state.take_durable(durable);
             if reopen == Reopen::Yes {
-                state.open = None;
+                state.set_open(None);
             }
         }
         // Waiters with a lower token must learn that they have been superseded.
-        self.changed.notify_waiters();
+        self.changed().notify_waiters();
     }
 
-    fn leave(&self, in_doubt_for: Option<Duration>) -> Option<FencingToken> {
+    /// Ends a load: with the database's answer the slot is ready; without one (the read failed)
+    /// the next caller tries again.
+    fn finish_load(&self, loaded: Option<Durable>) {
+        {
+            let mut state = self.lock();
+            match loaded {
+                Some(durable) => {
+                    state.take_durable(durable);
+                    state.load = Load::Done;
+                }
+                None => state.load = Load::NotStarted,
+            }
+        }
+        self.changed().notify_waiters();
+    }
+
+    fn leave(&self, base: Instant, in_doubt_for: Option<Duration>) -> Option<FencingToken> {
         let (highest, wake) = {
             let mut state = self.lock();
-            let wake = state.leave(Instant::now(), in_doubt_for);
-            (state.highest, wake)
+            let wake = state.leave(Instant::now(), base, in_doubt_for);
+            (state.highest(), wake)
         };
         if wake {
-            self.changed.notify_waiters();
+            self.changed().notify_waiters();
         }
         highest
     }
+}
+
+/// Whether a slot holds the database's state yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    NotStarted,
+    Running,
+    Done,
 }
 
 /// Whether taking in a durable state also closes the open token.
@@ -424,81 +499,152 @@ enum Turn {
     /// The highest fell below the waiting token (an operator's reset): the token is no longer
     /// durable, and forwarding it would break rule 2 of the contract.
     NotDurable,
+    /// Until a release (`None`) or until the in-doubt deadline, in the gate's milliseconds.
     Wait {
-        until: Option<Instant>,
+        until: Option<NonZeroU64>,
     },
 }
 
+/// A resource's fencing state. Times are milliseconds since the gate's `base` rather than
+/// `Instant`s (16 bytes each): with a million resident resources every byte here is a megabyte.
+///
+/// For the same reason the two optional tokens are a value and a bit each (an `Option<u64>` is
+/// 16 bytes); read them through [`EpochState::highest`] and [`EpochState::open`].
 #[derive(Debug)]
 struct EpochState {
-    /// The durable highest token; `None` if the resource was never seen.
-    highest: Option<FencingToken>,
+    /// The durable highest token, if `HAS_HIGHEST`; the resource was never seen otherwise.
+    highest: u64,
+    /// The token whose requests may be forwarded now, if `HAS_OPEN`. Every in-flight request
+    /// carries it.
+    open: u64,
+    /// `HAS_HIGHEST` and `HAS_OPEN`.
+    tokens: u8,
     /// Where `highest` stands in the writer's commit order (see [`Durable`]).
     seq: u64,
-    /// The token whose requests may be forwarded now. Every in-flight request carries it.
-    open: Option<FencingToken>,
-    in_flight: usize,
-    /// A torn-down request may still be applied upstream until then.
-    in_doubt_until: Option<Instant>,
-    last_used: Instant,
+    /// A torn-down request may still be applied upstream until then (rounded up to the next
+    /// millisecond, so the wait is never shorter than the grace).
+    in_doubt_until: Option<NonZeroU64>,
+    /// The low 32 bits of the last use. Compared with wrapping arithmetic, which is exact while
+    /// the slot has been idle for less than 49 days; eviction drops an idle slot long before.
+    last_used: u32,
+    in_flight: u32,
+    load: Load,
 }
 
+/// Milliseconds from `base` to `now`, rounded down.
+fn millis_since(base: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `duration` in whole milliseconds, rounded up.
+fn ceil_millis(duration: Duration) -> u64 {
+    let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    if duration > Duration::from_millis(millis) {
+        millis.saturating_add(1)
+    } else {
+        millis
+    }
+}
+
+const HAS_HIGHEST: u8 = 1;
+const HAS_OPEN: u8 = 2;
+
 impl EpochState {
-    fn new() -> Self {
-        Self {
-            highest: None,
-            seq: 0,
-            open: None,
-            in_flight: 0,
-            in_doubt_until: None,
-            last_used: Instant::now(),
+    fn highest(&self) -> Option<FencingToken> {
+        (self.tokens & HAS_HIGHEST != 0).then(|| FencingToken::new(self.highest))
+    }
+
+    fn open(&self) -> Option<FencingToken> {
+        (self.tokens & HAS_OPEN != 0).then(|| FencingToken::new(self.open))
+    }
+
+    fn set_highest(&mut self, token: Option<FencingToken>) {
+        self.highest = token.map_or(0, FencingToken::get);
+        self.set_flag(HAS_HIGHEST, token.is_some());
+    }
+
+    fn set_open(&mut self, token: Option<FencingToken>) {
+        self.open = token.map_or(0, FencingToken::get);
+        self.set_flag(HAS_OPEN, token.is_some());
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) {
+        if on {
+            self.tokens |= flag;
+        } else {
+            self.tokens &= !flag;
         }
     }
 
-    fn enter(&mut self) {
+    /// Takes in what the database said, unless a later answer has already been taken in.
+    fn take_durable(&mut self, durable: Durable) {
+        if durable.seq >= self.seq {
+            self.set_highest(durable.highest);
+            self.seq = durable.seq;
+        }
+    }
+
+    fn new(now: u64) -> Self {
+        Self {
+            highest: 0,
+            open: 0,
+            tokens: 0,
+            seq: 0,
+            in_doubt_until: None,
+            last_used: now as u32,
+            in_flight: 0,
+            load: Load::NotStarted,
+        }
+    }
+
+    fn enter(&mut self, now: u64) {
         self.in_flight += 1;
-        self.last_used = Instant::now();
+        self.last_used = now as u32; // the low bits, on purpose (see `last_used`)
     }
 
     /// Returns whether a waiter may now be able to proceed.
-    fn leave(&mut self, now: Instant, in_doubt_for: Option<Duration>) -> bool {
+    fn leave(&mut self, now: Instant, base: Instant, in_doubt_for: Option<Duration>) -> bool {
         self.in_flight -= 1;
-        self.last_used = now;
+        self.last_used = millis_since(base, now) as u32;
         if let Some(grace) = in_doubt_for {
-            let until = now + grace;
+            // Rounded up on both sides, so the deadline is never earlier than `now + grace`.
+            let since_base = now.saturating_duration_since(base);
+            let until = ceil_millis(since_base).saturating_add(ceil_millis(grace));
+            let until = NonZeroU64::new(until.max(1)).unwrap_or(NonZeroU64::MIN);
             self.in_doubt_until = Some(self.in_doubt_until.map_or(until, |d| d.max(until)));
         }
-        self.in_flight == 0 && self.highest != self.open
+        self.in_flight == 0 && self.highest() != self.open()
     }
 
     /// Opens `token` for forwarding if nothing older is in flight or in doubt. The caller made
-    /// `token` durable, so `highest` is at least `token`.
-    fn try_open(&mut self, token: FencingToken, now: Instant) -> Turn {
-        match judge(self.highest, token) {
+    /// `token` durable, so `highest` is at least `token`. `now` is in the gate's milliseconds.
+    fn try_open(&mut self, token: FencingToken, now: u64) -> Turn {
+        match judge(self.highest(), token) {
             Verdict::Stale { highest } => return Turn::Superseded { highest },
             Verdict::Newer => return Turn::NotDurable,
             Verdict::Current => {}
         }
-        if self.open == Some(token) {
-            self.enter();
+        if self.open() == Some(token) {
+            self.enter(now);
             return Turn::Go;
         }
         if self.in_flight > 0 {
             return Turn::Wait { until: None };
         }
-        if let Some(until) = self.in_doubt_until.filter(|until| *until > now) {
+        if let Some(until) = self.in_doubt_until.filter(|until| until.get() > now) {
             return Turn::Wait { until: Some(until) };
         }
-        self.open = Some(token);
+        self.set_open(Some(token));
         self.in_doubt_until = None;
-        self.enter();
+        self.enter(now);
         Turn::Go
     }
 
-    fn is_idle(&self, now: Instant, idle_for: Duration) -> bool {
+    fn is_idle(&self, now: u64, idle_for: Duration) -> bool {
+        let idle = u64::from((now as u32).wrapping_sub(self.last_used));
         self.in_flight == 0
-            && self.in_doubt_until.is_none_or(|until| until <= now)
-            && now.duration_since(self.last_used) >= idle_for
+            && self.in_doubt_until.is_none_or(|until| until.get() <= now)
+            && idle >= ceil_millis(idle_for)
     }
 }
 

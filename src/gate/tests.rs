@@ -279,18 +279,69 @@ async fn a_waiter_above_a_reset_token_is_refused_not_forwarded() {
 
 #[test]
 fn an_older_durable_state_never_overwrites_a_newer_one() {
-    let slot = Slot::new();
+    let slot = Slot::new(0);
     let durable = |highest, seq| Durable {
         highest: Some(t(highest)),
         seq,
     };
     slot.observe(durable(9, 5), Reopen::No);
     slot.observe(durable(4, 3), Reopen::No);
-    assert_eq!(slot.lock().highest, Some(t(9)));
+    assert_eq!(slot.lock().highest(), Some(t(9)));
     slot.observe(durable(4, 6), Reopen::No);
     assert_eq!(
-        slot.lock().highest,
+        slot.lock().highest(),
         Some(t(4)),
         "a later reset does lower it"
     );
+}
+
+#[test]
+fn a_slot_stays_small() {
+    // One per resident resource: 1,000,000 of them must fit in the memory budget of
+    // bench/results/run.md. Growing past this is a decision, not an accident.
+    assert!(
+        std::mem::size_of::<Slot>() <= 56,
+        "{}",
+        std::mem::size_of::<Slot>()
+    );
+}
+
+#[test]
+fn packed_tokens_read_back_as_written() {
+    let mut state = EpochState::new(0);
+    assert_eq!((state.highest(), state.open()), (None, None));
+    state.set_highest(Some(t(0)));
+    state.set_open(Some(t(u64::MAX)));
+    assert_eq!(
+        (state.highest(), state.open()),
+        (Some(t(0)), Some(t(u64::MAX)))
+    );
+    state.set_open(None);
+    assert_eq!((state.highest(), state.open()), (Some(t(0)), None));
+    state.set_highest(None);
+    assert_eq!(state.highest(), None);
+}
+
+#[test]
+fn in_doubt_deadlines_round_up_and_idleness_survives_the_32_bit_wrap() {
+    let base = Instant::now();
+    let mut state = EpochState::new(0);
+    state.in_flight = 1;
+    let now = base + Duration::from_micros(1_500);
+    state.leave(now, base, Some(Duration::from_micros(2_200)));
+    // 1.5 ms + 2.2 ms = 3.7 ms; each rounded up, the deadline is 5 ms: late, never early.
+    assert_eq!(state.in_doubt_until.map(NonZeroU64::get), Some(5));
+    assert!(!state.is_idle(4, Duration::ZERO), "still in doubt at 4 ms");
+    assert!(state.is_idle(5, Duration::ZERO));
+
+    let wrap = u64::from(u32::MAX) + 10;
+    let mut state = EpochState::new(wrap - 20);
+    assert!(
+        !state.is_idle(wrap, Duration::from_millis(60)),
+        "20 ms across the wrap"
+    );
+    assert!(state.is_idle(wrap + 40, Duration::from_millis(60)));
+    state.enter(wrap + 40);
+    state.in_flight = 0;
+    assert!(!state.is_idle(wrap + 41, Duration::from_millis(60)));
 }
