@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Turns bench/run.sh's raw result lines into bench/results/run.json and run.md.
+
+Usage: report.py RAW.jsonl OUT_DIR PROXY_CPUS LOAD_CPUS WORKERS CONNECTIONS DURATION
+"""
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ("direct", "nginx", "hyper", "fencegate")
+METHODS = ("PUT", "GET")
+
+# The issue's targets, as (label, check) over the summary below.
+TARGET_CHECKS = [
+    ("fenced-PUT throughput >= 1.0 x nginx proxy_pass",
+     lambda s: s["ratios"]["PUT"]["throughput_vs_nginx"] >= 1.0),
+    ("fenced-PUT p99 at 50% load <= nginx's",
+     lambda s: s["ratios"]["PUT"]["p99_vs_nginx"] <= 1.0),
+    (">= 20,000 durable epoch advances/s", lambda s: s["advances"]["per_second"] >= 20_000),
+    (">= 20,000 audited rejections/s", lambda s: s["rejections"]["per_second"] >= 20_000),
+    ("RSS <= 200 MiB with 1,000,000 resources",
+     lambda s: s["memory"]["resources"] >= 1_000_000 and s["memory"]["rss_mib"] <= 200),
+    ("start-up <= 1 s with 1,000,000 resources", lambda s: s["startup"]["ready_s_max"] <= 1.0),
+]
+
+
+def per_second(wrk):
+    return wrk["requests"] / (wrk["duration_us"] / 1e6)
+
+
+def oha_latency_us(oha):
+    """p50/p99/p99.9 of oha's latency-corrected distribution, in microseconds."""
+    percentiles = oha["latencyPercentiles"]
+    return {name: round(percentiles[key] * 1e6)
+            for name, key in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"))}
+
+
+def summarise(rows):
+    by = {}
+    for row in rows:
+        by.setdefault(row["scenario"], []).append(row)
+    throughput, latency = {}, {}
+    for row in by["throughput"]:
+        throughput.setdefault(row["method"], {})[row["target"]] = {
+            "requests_per_s": round(per_second(row)),
+            "non_2xx": row["non_2xx"],
+            "socket_errors": sum(row[k] for k in
+                                 ("connect_errors", "read_errors", "write_errors", "timeouts")),
+        }
+    for row in by["latency"]:
+        codes = row.get("statusCodeDistribution", {})
+        latency.setdefault(row["method"], {})[row["target"]] = {
+            "rate": int(row["rate"]),
+            "achieved_per_s": round(row["summary"]["requestsPerSec"]),
+            "success_rate": row["summary"]["successRate"],
+            "status_codes": codes,
+            **oha_latency_us(row),
+        }
+    ratios = {}
+    for method in METHODS:
+        t, l = throughput[method], latency[method]
+        fg = t["fencegate"]["requests_per_s"]
+        ratios[method] = {
+            "throughput_vs_nginx": round(fg / t["nginx"]["requests_per_s"], 3),
+            "throughput_vs_direct": round(fg / t["direct"]["requests_per_s"], 3),
+            "p50_vs_nginx": round(l["fencegate"]["p50"] / l["nginx"]["p50"], 3),
+            "p99_vs_nginx": round(l["fencegate"]["p99"] / l["nginx"]["p99"], 3),
+            "p999_vs_nginx": round(l["fencegate"]["p999"] / l["nginx"]["p999"], 3),
+            "p99_vs_direct": round(l["fencegate"]["p99"] / l["direct"]["p99"], 3),
+            "throughput_vs_hyper_floor": round(fg / t["hyper"]["requests_per_s"], 3),
+            "hyper_floor_vs_nginx": round(t["hyper"]["requests_per_s"] / t["nginx"]["requests_per_s"], 3),
+        }
+    advances = by["advances"][0]
+    rejections = by["rejections"][0]
+    memory = by["memory"][0]
+    startup = by["startup"][0]
+    return {
+        "throughput": throughput,
+        "latency_at_half_saturation_us": latency,
+        "ratios": ratios,
+        "advances": {
+            "per_second": round(int(advances["counted_advances"]) / (advances["duration_us"] / 1e6)),
+            "requests": advances["requests"],
+            "non_2xx": advances["non_2xx"],
+            "p99_us": advances["p99_us"],
+        },
+        "rejections": {
+            "per_second": round(int(rejections["counted_rejections"]) / (rejections["duration_us"] / 1e6)),
+            "answered_409": rejections["non_2xx"],
+            "audit_rows": int(rejections["audit_rows"]),
+            "p99_us": rejections["p99_us"],
+        },
+        "memory": {
+            "resources": int(memory["resources"]),
+            "idle_rss_mib": round(int(memory["idle_rss_kib"]) / 1024, 1),
+            "rss_mib": round(int(memory["rss_kib"]) / 1024, 1),
+            "peak_rss_mib": round(int(memory["hwm_kib"]) / 1024, 1),
+            "fill_seconds": float(memory["fill_seconds"]),
+        },
+        "startup": {
+            "ready_s_max": round(max(startup["ready_s"]), 3),
+            "ready_s": [round(s, 3) for s in startup["ready_s"]],
+            "first_409_s": [round(s, 3) for s in startup["first_409_s"]],
+        },
+    }
+
+
+def markdown(summary, setup):
+    t, l, r = summary["throughput"], summary["latency_at_half_saturation_us"], summary["ratios"]
+    lines = [
+        "# fencegate benchmark",
+        "",
+        f"{setup['when']}, `{setup['host']}`, commit `{setup['commit']}`; reproduce with "
+        "`bench/run.sh` (release build).",
+        f"Proxies on CPU {setup['proxy_cpus']} ({setup['workers']} nginx worker(s), "
+        f"{setup['workers']} fencegate worker thread(s)); wrk, oha and the upstream "
+        f"(nginx `return 200`) on CPU {setup['load_cpus']}. {setup['connections']} connections, "
+        f"{setup['duration_s']} s per measurement. Latency by oha at 50% of each target's own "
+        "wrk saturation, latency-corrected.",
+        "",
+        "| | target | req/s (wrk) | p50 µs | p99 µs | p99.9 µs | oha rate |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        label = "fenced PUT (current token)" if method == "PUT" else "GET (unfenced)"
+        for target in TARGETS:
+            name = {"nginx": "nginx proxy_pass", "direct": "upstream directly",
+                    "hyper": "bare hyper proxy (floor)"}.get(target, target)
+            lt = l[method][target]
+            lines.append(f"| {label} | {name} | {t[method][target]['requests_per_s']:,} | "
+                         f"{lt['p50']:,} | {lt['p99']:,} | {lt['p999']:,} | {lt['rate']:,} |")
+    lines += ["", "| ratio | PUT | GET |", "|---|---:|---:|"]
+    for key, label in (("throughput_vs_nginx", "throughput fencegate / nginx"),
+                       ("throughput_vs_direct", "throughput fencegate / direct"),
+                       ("p50_vs_nginx", "p50 fencegate / nginx"),
+                       ("p99_vs_nginx", "p99 fencegate / nginx"),
+                       ("p999_vs_nginx", "p99.9 fencegate / nginx"),
+                       ("p99_vs_direct", "p99 fencegate / direct"),
+                       ("throughput_vs_hyper_floor", "throughput fencegate / bare hyper proxy"),
+                       ("hyper_floor_vs_nginx", "throughput bare hyper proxy / nginx")):
+        lines.append(f"| {label} | {r['PUT'][key]:.2f} | {r['GET'][key]:.2f} |")
+    a, z, m, s = (summary[k] for k in ("advances", "rejections", "memory", "startup"))
+    lines += [
+        "",
+        "| scenario | figure |",
+        "|---|---|",
+        f"| durable epoch advances | {a['per_second']:,}/s (p99 {a['p99_us']:,} µs) |",
+        f"| audited rejections (zombie storm) | {z['per_second']:,}/s (p99 {z['p99_us']:,} µs; "
+        f"{z['answered_409']:,} answered 409, {z['audit_rows']:,} audit rows) |",
+        f"| RSS with {m['resources']:,} resources resident | {m['rss_mib']} MiB (peak {m['peak_rss_mib']} MiB; "
+        f"idle at start {m['idle_rss_mib']} MiB; filled in {m['fill_seconds']} s) |",
+        f"| start-up with {m['resources']:,} resources stored | {s['ready_s_max'] * 1000:.0f} ms "
+        f"to /readyz, slowest of {len(s['ready_s'])} (first audited 409 by "
+        f"{max(s['first_409_s']) * 1000:.0f} ms) |",
+        "",
+        "| target | met |",
+        "|---|---|",
+    ]
+    for label, check in TARGET_CHECKS:
+        lines.append(f"| {label} | {'yes' if check(summary) else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    raw, out, proxy_cpus, load_cpus, workers, connections, duration = sys.argv[1:]
+    rows = [json.loads(line) for line in Path(raw).read_text().splitlines()]
+    summary = summarise(rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    setup = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "host": f"{platform.node()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
+        "commit": commit,
+        "proxy_cpus": proxy_cpus,
+        "load_cpus": load_cpus,
+        "workers": int(workers),
+        "connections": int(connections),
+        "duration_s": int(duration),
+    }
+    summary["targets_met"] = {label: check(summary) for label, check in TARGET_CHECKS}
+    Path(out, "run.json").write_text(json.dumps({"setup": setup, "summary": summary,
+                                                  "raw": rows}, indent=2) + "\n")
+    Path(out, "run.md").write_text(markdown(summary, setup))
+    print(Path(out, "run.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

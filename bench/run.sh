@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# The performance benchmark of issue 5, in one run on this machine, on a release build:
+#
+#   1. throughput and latency of fenced PUTs (current token: the hot path) and plain GETs, against
+#      the upstream directly, nginx proxy_pass, fencegate, and the bare hyper proxy of
+#      examples/hyper_floor.rs (fencegate's HTTP stack with nothing else: the floor under it), all
+#      in front of the same nginx `return 200`; wrk finds saturation, oha measures latency at 50%
+#      of it (latency-corrected);
+#   2. durable epoch advances per second;
+#   3. audited rejections per second (a zombie storm);
+#   4. RSS once 1,000,000 distinct resources have been seen;
+#   5. start-up time with those 1,000,000 resources in the database.
+#
+# Writes bench/results/run.json and bench/results/run.md. Needs wrk, oha, nginx, taskset, curl and
+# python3 (`apt-get install wrk nginx-light curl util-linux`, `cargo install oha --locked`).
+#
+# Pinning: on a machine with two or more cores, the proxy under test (nginx proxy_pass or
+# fencegate) runs alone on BENCH_PROXY_CPUS (default: core 1); the load generator and the upstream
+# share BENCH_LOAD_CPUS (default: core 0). nginx gets one worker per proxy core and fencegate one
+# worker thread per proxy core, so both proxies have the same CPU and the same parallelism.
+#
+# Knobs (environment): BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
+# (default 64), BENCH_FILL_RESOURCES (default 1000000), BENCH_OUT (default bench/results).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+FILL=${BENCH_FILL_RESOURCES:-1000000}
+OUT=${BENCH_OUT:-bench/results}
+if [ "$(nproc)" -ge 2 ]; then
+    LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
+    PROXY_CPUS=${BENCH_PROXY_CPUS:-1}
+else
+    LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
+    PROXY_CPUS=${BENCH_PROXY_CPUS:-0}
+fi
+PROXY_WORKERS=$(taskset -c "$PROXY_CPUS" nproc)
+UPSTREAM_PORT=18181
+NGINX_PORT=18182
+FENCEGATE_PORT=18183
+ADMIN_PORT=18184
+FLOOR_PORT=18185
+
+for tool in wrk oha nginx taskset curl python3; do
+    command -v "$tool" >/dev/null || {
+        echo "bench/run.sh: $tool is missing (see the comment at the top of this script)" >&2
+        exit 2
+    }
+done
+
+cargo build --release --locked --quiet --bin fencegate --example hyper_floor
+BIN=$PWD/target/release/fencegate
+FLOOR=$PWD/target/release/examples/hyper_floor
+WORK=$(mktemp -d /tmp/fencegate-bench.XXXXXX)
+RAW=$WORK/raw.jsonl
+: >"$RAW"
+PIDS=()
+cleanup() {
+    # TERM, not KILL: an nginx master killed outright leaves its workers running.
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+
+# Appends one result line: `record KEY=VALUE... -- JSON` merges the pairs into the JSON object.
+record() {
+    python3 - "$RAW" "$@" <<'EOF'
+import json, sys
+raw, args = sys.argv[1], sys.argv[2:]
+split = args.index("--")
+entry = dict(pair.split("=", 1) for pair in args[:split])
+entry.update(json.loads(args[split + 1]))
+with open(raw, "a") as f:
+    f.write(json.dumps(entry) + "\n")
+EOF
+}
+
+wait_for_port() {
+    for _ in $(seq 1 500); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.01
+    done
+    echo "bench/run.sh: nothing listens on port $1" >&2
+    exit 1
+}
+
+render() { # template output: fills in the @NAME@ placeholders
+    sed -e "s|@DIR@|$WORK|g" -e "s|@PORT@|$3|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
+        -e "s|@WORKERS@|$PROXY_WORKERS|g" "$1" >"$2"
+}
+
+start_nginx() { # name template port cpus
+    mkdir -p "$WORK/$1-body" "$WORK/proxy-temp"
+    render "$2" "$WORK/$1.conf" "$3"
+    taskset -c "$4" nginx -c "$WORK/$1.conf" -e "$WORK/$1-error.log" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_for_port "$3"
+}
+
+FENCEGATE_PID=
+start_fencegate() { # database
+    cat >"$WORK/fencegate.toml" <<EOF
+listen = "127.0.0.1:$FENCEGATE_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+database = "$1"
+worker_threads = $PROXY_WORKERS
+
+[[routes]]
+path = "/r/{id}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+resource = "r:{id}"
+EOF
+    taskset -c "$PROXY_CPUS" "$BIN" serve --config "$WORK/fencegate.toml" 2>>"$WORK/fencegate.log" &
+    FENCEGATE_PID=$!
+    PIDS+=("$FENCEGATE_PID")
+    wait_for_port "$FENCEGATE_PORT"
+}
+
+stop_fencegate() {
+    kill -TERM "$FENCEGATE_PID"
+    wait "$FENCEGATE_PID" || true
+}
+
+metric() { # name: a counter or gauge from fencegate's /metrics, summed over its labels
+    curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" |
+        awk -v name="$1" '$1 == name || index($1, name "{") == 1 { sum += $2 } END { print sum + 0 }'
+}
+
+# wrk at saturation: prints its WRK_JSON object.
+run_wrk() { # script url [seconds]
+    taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNECTIONS" -d"${3:-$DURATION}s" --timeout 5s -s "$1" "$2" |
+        sed -n 's/^WRK_JSON //p'
+}
+
+# oha at a fixed rate, with latency correction: prints its JSON summary.
+run_oha() { # method url rate
+    local extra=()
+    if [ "$1" = PUT ]; then extra=(-H "Fencing-Token: 1"); fi
+    taskset -c "$LOAD_CPUS" oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNECTIONS" \
+        -q "$3" --latency-correction -m "$1" "${extra[@]}" "$2"
+}
+
+# ---------------------------------------------------------------------------------------------
+log "release build ready; load on CPU $LOAD_CPUS, proxies on CPU $PROXY_CPUS ($PROXY_WORKERS worker(s) each)"
+start_nginx upstream bench/nginx/upstream.conf "$UPSTREAM_PORT" "$LOAD_CPUS"
+start_nginx proxy bench/nginx/proxy.conf "$NGINX_PORT" "$PROXY_CPUS"
+start_fencegate "$WORK/hot.db"
+taskset -c "$PROXY_CPUS" "$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" "$PROXY_WORKERS" &
+PIDS+=($!)
+wait_for_port "$FLOOR_PORT"
+
+declare -A URL=(
+    [direct]="http://127.0.0.1:$UPSTREAM_PORT/r/hot"
+    [nginx]="http://127.0.0.1:$NGINX_PORT/r/hot"
+    [hyper]="http://127.0.0.1:$FLOOR_PORT/r/hot"
+    [fencegate]="http://127.0.0.1:$FENCEGATE_PORT/r/hot"
+)
+# The hot resource's first token, so every measured PUT carries the current token.
+curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "${URL[fencegate]}"
+
+for method in PUT GET; do
+    script=bench/wrk/${method,,}.lua
+    for target in direct nginx hyper fencegate; do
+        run_wrk "$script" "${URL[$target]}" 3 >/dev/null # warm-up: connections, pools, caches
+        log "wrk $method $target"
+        saturation=$(run_wrk "$script" "${URL[$target]}")
+        record scenario=throughput method="$method" target="$target" tool=wrk -- "$saturation"
+        rate=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(max(1, int(s["requests"] / (s["duration_us"] / 1e6) / 2)))' "$saturation")
+        log "oha $method $target at $rate req/s"
+        record scenario=latency method="$method" target="$target" tool=oha rate="$rate" -- \
+            "$(run_oha "$method" "${URL[$target]}" "$rate")"
+    done
+done
+
+# Durable epoch advances: every request is a new token for its resource.
+log "epoch advances"
+before=$(metric fencegate_epoch_advances_total)
+advances=$(run_wrk bench/wrk/advance.lua "http://127.0.0.1:$FENCEGATE_PORT/")
+after=$(metric fencegate_epoch_advances_total)
+record scenario=advances counted_advances=$((after - before)) -- "$advances"
+
+# Audited rejections: raise the zombie resources first, then storm them with token 1.
+log "zombie storm"
+for i in $(seq 0 99); do
+    curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1000' "http://127.0.0.1:$FENCEGATE_PORT/r/zombie$i"
+done
+before=$(metric fencegate_requests_rejected_total)
+rejections=$(run_wrk bench/wrk/zombie.lua "http://127.0.0.1:$FENCEGATE_PORT/")
+after=$(metric fencegate_requests_rejected_total)
+stop_fencegate
+audited=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from rejections").fetchone()[0])' "$WORK/hot.db")
+record scenario=rejections counted_rejections=$((after - before)) audit_rows="$audited" -- "$rejections"
+
+# RSS with FILL distinct resources, on a fresh database and process.
+log "filling $FILL distinct resources"
+rm -f "$WORK"/fill.db*
+start_fencegate "$WORK/fill.db"
+idle_rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$FENCEGATE_PID/status")
+BENCH_FILL_RESOURCES=$FILL taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNECTIONS" -d600s --timeout 5s \
+    -s bench/wrk/fill.lua "http://127.0.0.1:$FENCEGATE_PORT/" >"$WORK/fill.out" &
+filler=$!
+started=$(date +%s.%N)
+while [ "$(metric fencegate_resources_resident)" -lt "$FILL" ]; do
+    if ! kill -0 "$filler" 2>/dev/null; then
+        echo "bench/run.sh: the fill ended before $FILL resources were resident" >&2
+        exit 1
+    fi
+    sleep 0.5
+done
+filled=$(date +%s.%N)
+kill -INT "$filler"
+wait "$filler" || true
+sleep 1
+read -r rss hwm < <(awk '/^VmRSS/ { r = $2 } /^VmHWM/ { h = $2 } END { print r, h }' "/proc/$FENCEGATE_PID/status")
+resident=$(metric fencegate_resources_resident)
+record scenario=memory resources="$resident" idle_rss_kib="$idle_rss" rss_kib="$rss" hwm_kib="$hwm" \
+    fill_seconds="$(python3 -c "print(round($filled - $started, 1))")" -- '{}'
+stop_fencegate
+
+# Start-up with the filled database: from exec to /readyz answering 200, five times.
+log "start-up with $(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from resources").fetchone()[0])' "$WORK/fill.db") resources stored"
+startup=$(python3 - "$BIN" "$WORK/fencegate.toml" "$ADMIN_PORT" "$FENCEGATE_PORT" "$PROXY_CPUS" <<'EOF'
+import json, os, signal, subprocess, sys, time, urllib.request
+binary, config, admin, data, cpus = sys.argv[1:]
+def get(url, **kw):
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, **kw), timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+ready, first = [], []
+rows = 0
+for _ in range(5):
+    start = time.perf_counter()
+    proc = subprocess.Popen(["taskset", "-c", cpus, binary, "serve", "--config", config],
+                            stderr=subprocess.DEVNULL)
+    while get(f"http://127.0.0.1:{admin}/readyz") != 200:
+        if proc.poll() is not None:
+            sys.exit("fencegate exited during start-up")
+        time.sleep(0.002)
+    ready.append(time.perf_counter() - start)
+    # The first fenced request for a stored resource: a zombie, refused by the stored highest.
+    status = get(f"http://127.0.0.1:{data}/r/fill7", method="PUT", headers={"Fencing-Token": "0"})
+    first.append(time.perf_counter() - start)
+    assert status == 409, status
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+print(json.dumps({"ready_s": sorted(ready), "first_409_s": sorted(first)}))
+EOF
+)
+record scenario=startup -- "$startup"
+
+mkdir -p "$OUT"
+python3 bench/report.py "$RAW" "$OUT" "$PROXY_CPUS" "$LOAD_CPUS" "$PROXY_WORKERS" "$CONNECTIONS" "$DURATION"
+log "wrote $OUT/run.json and $OUT/run.md"
