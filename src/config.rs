@@ -36,6 +36,18 @@ pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_AUDIT_MAX_ROWS: u64 = 1_000_000;
 /// How often retention looks for audit-log rows to prune.
 pub const DEFAULT_AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a client may take from the first byte of a request head to its end (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may wait for its next request before it is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request head (request line and headers): 32 KiB.
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 32 * 1024;
+/// The most header fields in one request.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// The most open connections per plane; more wait in the listen backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long opening a connection to an upstream may take before the client gets 502.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most data-plane worker threads one may ask for; more than this is a typo, not a machine.
 pub const MAX_WORKER_THREADS: usize = 1024;
 /// The resource of the catch-all route that `--upstream` makes without a config file.
@@ -63,6 +75,16 @@ impl fmt::Debug for AdminToken {
     }
 }
 
+/// What one client may cost either plane. Every field is configurable; see README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+}
+
 /// The validated configuration of `fencegate serve`.
 #[derive(Debug)]
 pub struct Config {
@@ -71,6 +93,8 @@ pub struct Config {
     pub database: PathBuf,
     pub admin_token: Option<AdminToken>,
     pub upstream_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub limits: Limits,
     pub in_doubt_grace: Duration,
     pub max_body: u64,
     pub shutdown_grace: Duration,
@@ -124,6 +148,12 @@ struct FileConfig {
     database: Option<PathBuf>,
     admin_token: Option<String>,
     upstream_timeout: Option<String>,
+    upstream_connect_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_size: Option<Size>,
+    max_headers: Option<usize>,
+    max_connections: Option<usize>,
     in_doubt_grace: Option<String>,
     max_body: Option<Size>,
     shutdown_grace: Option<String>,
@@ -148,7 +178,7 @@ struct FileRoute {
 }
 
 /// `max_body = 1048576` and `max_body = "16MiB"` both work.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum Size {
     Bytes(u64),
@@ -189,6 +219,7 @@ fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Config, ConfigError> {
+    let limits = limits(&file)?;
     let listen = address("listen", overrides.listen.or(file.listen), DEFAULT_LISTEN)?;
     let admin_listen = address(
         "admin_listen",
@@ -225,6 +256,12 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             file.upstream_timeout,
             DEFAULT_UPSTREAM_TIMEOUT,
         )?,
+        upstream_connect_timeout: positive_duration(
+            "upstream_connect_timeout",
+            file.upstream_connect_timeout,
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        )?,
+        limits,
         in_doubt_grace: duration(
             "in_doubt_grace",
             file.in_doubt_grace,
@@ -265,6 +302,61 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
         },
         routes,
     })
+}
+
+fn limits(file: &FileConfig) -> Result<Limits, ConfigError> {
+    let max_header_size = size(
+        "max_header_size",
+        file.max_header_size.clone(),
+        DEFAULT_MAX_HEADER_SIZE,
+    )?;
+    // hyper's read buffer, which bounds the head, cannot be smaller than 8 KiB.
+    if !(8 * 1024..=1024 * 1024).contains(&max_header_size) {
+        return Err(invalid("max_header_size", "must be from 8KiB to 1MiB"));
+    }
+    Ok(Limits {
+        header_read_timeout: positive_duration(
+            "header_read_timeout",
+            file.header_read_timeout.clone(),
+            DEFAULT_HEADER_READ_TIMEOUT,
+        )?,
+        idle_timeout: positive_duration(
+            "idle_timeout",
+            file.idle_timeout.clone(),
+            DEFAULT_IDLE_TIMEOUT,
+        )?,
+        max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
+        max_headers: count("max_headers", file.max_headers, DEFAULT_MAX_HEADERS, 10_000)?,
+        max_connections: count(
+            "max_connections",
+            file.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            1_000_000,
+        )?,
+    })
+}
+
+fn count(
+    key: &str,
+    value: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(invalid(
+            key,
+            format!("{n} is not a whole number from 1 to {max}"),
+        )),
+    }
+}
+
+fn positive_duration(
+    key: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    positive(duration(key, value, default)?).ok_or_else(|| invalid(key, "must be longer than 0s"))
 }
 
 fn address(key: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
@@ -467,6 +559,20 @@ resource = "default"
         assert_eq!(config.retention.max_rows, DEFAULT_AUDIT_MAX_ROWS);
         assert_eq!(config.audit_prune_interval, DEFAULT_AUDIT_PRUNE_INTERVAL);
         assert_eq!(config.worker_threads, None);
+        assert_eq!(
+            config.upstream_connect_timeout,
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT
+        );
+        assert_eq!(
+            config.limits,
+            Limits {
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                max_header_size: 32 * 1024,
+                max_headers: DEFAULT_MAX_HEADERS,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+            }
+        );
     }
 
     #[test]
@@ -512,6 +618,25 @@ resource = "default"
             (format!("audit_max_age = \"0s\"\n{ROUTE}"), "audit_max_age"),
             (format!("audit_max_rows = 0\n{ROUTE}"), "audit_max_rows"),
             (format!("worker_threads = 0\n{ROUTE}"), "worker_threads"),
+            (
+                format!("header_read_timeout = \"0s\"\n{ROUTE}"),
+                "header_read_timeout",
+            ),
+            (
+                format!("idle_timeout = \"forever\"\n{ROUTE}"),
+                "idle_timeout",
+            ),
+            (format!("max_header_size = 100\n{ROUTE}"), "max_header_size"),
+            (
+                format!("max_header_size = \"2MiB\"\n{ROUTE}"),
+                "max_header_size",
+            ),
+            (format!("max_headers = 0\n{ROUTE}"), "max_headers"),
+            (format!("max_connections = 0\n{ROUTE}"), "max_connections"),
+            (
+                format!("upstream_connect_timeout = \"0ms\"\n{ROUTE}"),
+                "upstream_connect_timeout",
+            ),
             (format!("worker_threads = 5000\n{ROUTE}"), "worker_threads"),
             (
                 format!("audit_prune_interval = \"often\"\n{ROUTE}"),

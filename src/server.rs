@@ -18,16 +18,21 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
+use tower::ServiceExt;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+mod limits;
+
 use crate::admin::{self, AdminState, Readiness};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, UpstreamClient};
 use crate::store::{Reader, Retention, Store, WriterGuard};
+use limits::{HeadDeadline, RequestPhase};
 
 /// How often idle resources are looked for and evicted from memory.
 const EVICTION_INTERVAL: Duration = Duration::from_secs(15);
@@ -51,6 +56,7 @@ pub struct App {
     admin: AdminState,
     writer: WriterGuard,
     shutdown_grace: Duration,
+    limits: Limits,
     retention: Retention,
     prune_interval: Duration,
 }
@@ -62,7 +68,11 @@ impl App {
         let reader = Reader::open(&config.database)?;
         let metrics = Metrics::new();
         let gate = Gate::new(store.clone(), config.in_doubt_grace, Arc::clone(&metrics));
-        let upstream = UpstreamClient::new(config.upstream_timeout, config.max_body);
+        let upstream = UpstreamClient::new(
+            config.upstream_timeout,
+            config.upstream_connect_timeout,
+            config.max_body,
+        );
         let plane = DataPlane::new(
             config.routes,
             gate.clone(),
@@ -93,6 +103,7 @@ impl App {
             },
             writer,
             shutdown_grace: config.shutdown_grace,
+            limits: config.limits,
             retention: config.retention,
             prune_interval: config.audit_prune_interval,
         })
@@ -122,25 +133,28 @@ impl App {
             self.prune_interval,
             stop.clone(),
         ));
-        let admin = tokio::spawn(
-            axum::serve(self.admin_listener, admin::router(self.admin.clone()))
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        );
-        let data = tokio::spawn(serve_data_plane(
+        let router = admin::router(self.admin.clone());
+        let admin = tokio::spawn(serve_plane(
+            self.admin_listener,
+            self.limits,
+            move |_client, phase| admin_service(router.clone(), phase),
+            stop.clone(),
+            self.shutdown_grace,
+        ));
+        let plane = self.plane;
+        self.admin.readiness.set_data_plane(true);
+        let data = tokio::spawn(serve_plane(
             self.data_listener,
-            self.plane,
-            self.admin.readiness.clone(),
+            self.limits,
+            move |client, phase| data_plane_service(Arc::clone(&plane), client, phase),
             stop.clone(),
             self.shutdown_grace,
         ));
         shutdown.await;
+        self.admin.readiness.set_data_plane(false);
         stop.cancel();
         data.await.context("the data plane task failed")?;
-        admin
-            .await
-            .context("the admin plane task failed")?
-            .context("the admin plane failed")?;
+        admin.await.context("the admin plane task failed")?;
         evictor.await.context("the eviction task failed")?;
         pruner.await.context("the audit pruning task failed")?;
         self.writer.close().await;
@@ -149,29 +163,48 @@ impl App {
     }
 }
 
-async fn serve_data_plane(
+/// Serves one plane: accepts while fewer than `max_connections` are open (the rest wait in the
+/// listen backlog), applies the limits to every connection, and at `stop` drains for up to
+/// `grace`.
+async fn serve_plane<S, B>(
     listener: TcpListener,
-    plane: Arc<DataPlane>,
-    readiness: Arc<Readiness>,
+    limits: Limits,
+    service_for: impl Fn(SocketAddr, Arc<RequestPhase>) -> S,
     stop: CancellationToken,
     grace: Duration,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A timer lets hyper enforce its header read timeout against slow clients.
-    builder.http1().timer(TokioTimer::new());
+) where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = connection_builder(limits);
     let graceful = GracefulShutdown::new();
-    readiness.set_data_plane(true);
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&open).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+            () = stop.cancelled() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
-                    let service = data_plane_service(Arc::clone(&plane), client);
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let phase = Arc::new(RequestPhase::default());
+                    let io = HeadDeadline::new(stream, limits.header_read_timeout, Arc::clone(&phase));
+                    let service = service_for(client, phase);
+                    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {
                             tracing::debug!(error = %e, %client, "connection ended with an error");
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -183,12 +216,58 @@ async fn serve_data_plane(
             () = stop.cancelled() => break,
         }
     }
-    readiness.set_data_plane(false);
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("in-flight requests drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight"),
     }
+}
+
+/// hyper's connection settings from the limits. hyper's header read timer starts as soon as a
+/// connection is ready for its next request, so it is the idle timeout; the head deadline from
+/// the first byte is [`HeadDeadline`]'s.
+fn connection_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        // The read buffer: a head that does not fit is answered 431.
+        .max_buf_size(limits.max_header_size)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+        .max_concurrent_streams(Some(
+            u32::try_from(limits.max_headers.max(100)).unwrap_or(100),
+        ))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(limits.header_read_timeout);
+    builder
+}
+
+/// The admin router, with its requests marked for the head deadline.
+fn admin_service(
+    router: axum::Router,
+    phase: Arc<RequestPhase>,
+) -> TowerToHyperService<
+    impl tower::Service<
+        http::Request<Incoming>,
+        Response = axum::response::Response,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone,
+> {
+    TowerToHyperService::new(tower::service_fn(move |request| {
+        let in_request = phase.begin();
+        let router = router.clone();
+        async move {
+            let response = router.oneshot(request).await;
+            drop(in_request);
+            response
+        }
+    }))
 }
 
 /// The data plane's layers, in one place: request ids, then the proxy itself. There is no
@@ -198,6 +277,7 @@ async fn serve_data_plane(
 fn data_plane_service(
     plane: Arc<DataPlane>,
     client: SocketAddr,
+    phase: Arc<RequestPhase>,
 ) -> TowerToHyperService<
     impl tower::Service<
         http::Request<Incoming>,
@@ -217,7 +297,12 @@ fn data_plane_service(
         .layer(PropagateRequestIdLayer::x_request_id())
         .service_fn(move |request| {
             let plane = Arc::clone(&plane);
-            async move { Ok::<_, Infallible>(plane.handle(request, client).await) }
+            let in_request = phase.begin();
+            async move {
+                let response = plane.handle(request, client).await;
+                drop(in_request);
+                Ok::<_, Infallible>(response)
+            }
         });
     TowerToHyperService::new(service)
 }

@@ -53,6 +53,24 @@ pub fn describe(config: &Config) -> String {
         ),
         ("database", config.database.display().to_string()),
         ("upstream_timeout", duration(config.upstream_timeout)),
+        (
+            "upstream_connect_timeout",
+            duration(config.upstream_connect_timeout),
+        ),
+        (
+            "header_read_timeout",
+            duration(config.limits.header_read_timeout),
+        ),
+        ("idle_timeout", duration(config.limits.idle_timeout)),
+        (
+            "max_header_size",
+            format!("{} bytes", config.limits.max_header_size),
+        ),
+        ("max_headers", config.limits.max_headers.to_string()),
+        (
+            "max_connections",
+            format!("{} per plane", config.limits.max_connections),
+        ),
         ("in_doubt_grace", duration(config.in_doubt_grace)),
         ("max_body", format!("{} bytes", config.max_body)),
         ("shutdown_grace", duration(config.shutdown_grace)),

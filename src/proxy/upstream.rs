@@ -18,10 +18,6 @@ use super::headers;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// How long establishing a TCP connection to the upstream may take. The whole exchange is bounded
-/// by `upstream_timeout` as well.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A route's upstream: an `http://host:port` base, optionally with a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -123,12 +119,12 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// A client whose exchanges time out after `timeout` and whose request bodies stop at
-    /// `max_body` bytes.
-    pub fn new(timeout: Duration, max_body: u64) -> Self {
+    /// A client whose exchanges time out after `timeout` (connecting, within that, after
+    /// `connect_timeout`) and whose request bodies stop at `max_body` bytes.
+    pub fn new(timeout: Duration, connect_timeout: Duration, max_body: u64) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)

@@ -1,0 +1,199 @@
+//! Hostile clients: every limit cuts its attack off while other clients are still served.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{RecordingUpstream, TestApp, raw_request, standard_routes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+async fn app_with(settings: &str) -> (RecordingUpstream, TestApp) {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!("{settings}\n{}", standard_routes(&upstream.url()))).await;
+    (upstream, app)
+}
+
+/// Reads until the server closes the connection; returns how long that took, or `None` if it
+/// was still open after `patience`.
+async fn closed_within(stream: &mut TcpStream, patience: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(
+            patience.saturating_sub(started.elapsed()),
+            stream.read(&mut buffer),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A well-behaved client: a fenced PUT with the current token is answered 200, quickly.
+async fn still_served(app: &TestApp) {
+    let started = Instant::now();
+    let response = app.put("/wallets/ok", 1, "fine").await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_slowloris_head_is_cut_off_at_the_header_read_timeout_on_both_planes() {
+    let (_upstream, app) =
+        app_with("header_read_timeout = \"400ms\"\nidle_timeout = \"30s\"").await;
+    for addr in [app.addr, app.admin_addr] {
+        let mut attacker = TcpStream::connect(addr).await.unwrap();
+        attacker
+            .write_all(b"PUT /wallets/1 HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let (mut reader, mut writer) = attacker.into_split();
+        let trickle = tokio::spawn(async move {
+            // One header byte every 100 ms: never a whole head.
+            for _ in 0..50 {
+                if writer.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        still_served(&app).await;
+        let started = Instant::now();
+        let mut buffer = [0u8; 1024];
+        let outcome = tokio::time::timeout(Duration::from_secs(3), reader.read(&mut buffer)).await;
+        assert!(
+            matches!(outcome, Ok(Ok(0) | Err(_))),
+            "{addr}: the slow head was not cut off: {outcome:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        trickle.abort();
+    }
+    still_served(&app).await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_waits_for_the_idle_timeout_not_the_header_timeout() {
+    let (_upstream, app) =
+        app_with("header_read_timeout = \"300ms\"\nidle_timeout = \"1500ms\"").await;
+    let mut idle = TcpStream::connect(app.addr).await.unwrap();
+    // Silent for longer than the header timeout: still open, since no head has begun.
+    assert_eq!(
+        closed_within(&mut idle, Duration::from_millis(800)).await,
+        None
+    );
+    idle.write_all(
+        common::raw("GET", "/wallets/1", &[])
+            .replace("connection: close", "connection: keep-alive")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = idle.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    // Then idle again: closed by the idle timeout, while others are served.
+    still_served(&app).await;
+    let closed = closed_within(&mut idle, Duration::from_secs(4)).await;
+    assert!(
+        closed.is_some_and(|after| after >= Duration::from_millis(1000)),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_heads_and_too_many_headers_are_refused_with_431() {
+    let (upstream, app) = app_with("max_header_size = \"8KiB\"\nmax_headers = 20").await;
+    let big = format!("x-big: {}", "a".repeat(16 * 1024));
+    let (status, _, _) = raw_request(
+        app.addr,
+        &common::raw("PUT", "/wallets/1", &["fencing-token: 1", &big]),
+    )
+    .await;
+    assert_eq!(status, 431);
+    let many: Vec<String> = (0..30).map(|i| format!("x-h{i}: {i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let (status, _, _) = raw_request(app.addr, &common::raw("GET", "/wallets/1", &many)).await;
+    assert_eq!(status, 431);
+    assert!(
+        upstream.arrivals().is_empty(),
+        "nothing reached the upstream"
+    );
+    still_served(&app).await;
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_until_one_closes() {
+    let (_upstream, app) = app_with("max_connections = 2\nidle_timeout = \"30s\"").await;
+    let held: Vec<TcpStream> = vec![
+        TcpStream::connect(app.addr).await.unwrap(),
+        TcpStream::connect(app.addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(app.addr).await.unwrap(); // sits in the backlog
+    third
+        .write_all(common::raw("GET", "/wallets/1", &[]).as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_millis(400), third.read_to_end(&mut answer)).await;
+    assert!(early.is_err(), "served beyond the limit: {answer:?}");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut answer))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{answer:?}"
+    );
+}
+
+/// A listener whose accept queue is full and never drained: connecting to it hangs.
+fn black_hole() -> (
+    SocketAddr,
+    tokio::net::TcpListener,
+    Vec<std::net::TcpStream>,
+) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(0).unwrap();
+    let fillers = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    (addr, listener, fillers)
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_accepts_is_a_502_after_the_connect_timeout() {
+    let (hole, _listener, _fillers) = black_hole();
+    let app = TestApp::spawn(&format!(
+        "upstream_connect_timeout = \"300ms\"\nupstream_timeout = \"20s\"\n{}",
+        standard_routes(&format!("http://{hole}"))
+    ))
+    .await;
+    let started = Instant::now();
+    let response = app.put("/wallets/1", 1, "x").await;
+    assert_eq!(response.status(), 502);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
