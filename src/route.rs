@@ -261,12 +261,13 @@ fn build_matcher(path: &str) -> Result<matchit::Router<()>, RouteError> {
     matcher
         .insert(path, ())
         .map_err(|e| RouteError::Path(e.to_string()))?;
-    if let Some(open) = path.rfind("{*") {
-        if path.ends_with('}') && path[..open].ends_with('/') {
-            matcher
-                .insert(&path[..open], ())
-                .map_err(|e| RouteError::Path(e.to_string()))?;
-        }
+    if let Some(open) = path.rfind("{*")
+        && path.ends_with('}')
+        && path[..open].ends_with('/')
+    {
+        matcher
+            .insert(&path[..open], ())
+            .map_err(|e| RouteError::Path(e.to_string()))?;
     }
     Ok(matcher)
 }

@@ -91,10 +91,11 @@ fn forwarded_element(client: IpAddr, host: Option<&HeaderValue>) -> String {
         IpAddr::V6(ip) => write!(element, "for=\"[{ip}]\";proto=http"),
     };
     // Only a host that is safe inside a quoted-string is passed on.
-    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
-        if !host.is_empty() && !host.contains(['"', '\\']) {
-            let _ = write!(element, ";host=\"{host}\"");
-        }
+    if let Some(host) = host.and_then(|h| h.to_str().ok())
+        && !host.is_empty()
+        && !host.contains(['"', '\\'])
+    {
+        let _ = write!(element, ";host=\"{host}\"");
     }
     element
 }

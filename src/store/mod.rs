@@ -123,6 +123,22 @@ pub enum StoreError {
         path: PathBuf,
         source: Arc<rusqlite_migration::Error>,
     },
+    #[error(
+        "database {path} is in use by another `fencegate serve` (it holds {lock}); two servers on one database would each enforce only their own tokens"
+    )]
+    InUse { path: PathBuf, lock: PathBuf },
+    #[error(
+        "database {path} is locked for writing by another process ({source}); fencegate must be able to write before it serves (close any sqlite3 shell or other writer)"
+    )]
+    Locked {
+        path: PathBuf,
+        source: Arc<rusqlite::Error>,
+    },
+    #[error("cannot lock {lock}: {source}")]
+    LockFile {
+        lock: PathBuf,
+        source: Arc<std::io::Error>,
+    },
     #[error("database {path} did not switch to WAL journaling (it reports {mode:?})")]
     NotWal { path: PathBuf, mode: String },
     #[error("cannot start the database writer thread: {0}")]
@@ -131,6 +147,31 @@ pub enum StoreError {
     Sqlite(Arc<rusqlite::Error>),
     #[error("the database writer has stopped")]
     Closed,
+}
+
+/// Takes the single-server lock of the database at `path`.
+fn lock_exclusively(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = PathBuf::from(lock);
+    let lock_error = |source| StoreError::LockFile {
+        lock: lock.clone(),
+        source: Arc::new(source),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(lock_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: path.to_owned(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(lock_error(e)),
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -193,10 +234,13 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database, applies pending migrations and starts the writer thread.
     /// The returned guard stops the thread, after it has flushed, when closed or dropped.
+    /// Only one process at a time may serve a database: the writer holds an exclusive lock on
+    /// `<database>.lock` for as long as it runs (the kernel releases it if the process dies).
     pub fn open(path: &Path) -> Result<(Store, WriterGuard), StoreError> {
+        let lock = lock_exclusively(path)?;
         let conn = schema::open(path)?;
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-        let guard = writer::spawn(conn, receiver, commands.clone())?;
+        let guard = writer::spawn(conn, lock, receiver, commands.clone())?;
         Ok((Store { commands }, guard))
     }
 

@@ -49,6 +49,13 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_error)?;
+    // A database another process keeps locked would fail every fenced write; refuse to start
+    // (before migrating, which would fail on the same lock with a less helpful error).
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+        .map_err(|source| StoreError::Locked {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        })?;
     migrations()
         .to_latest(&mut conn)
         .map_err(|source| StoreError::Migrate {

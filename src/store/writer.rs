@@ -48,12 +48,13 @@ impl Drop for WriterGuard {
 
 pub(super) fn spawn(
     conn: Connection,
+    lock: std::fs::File,
     receiver: mpsc::Receiver<Command>,
     commands: mpsc::Sender<Command>,
 ) -> Result<WriterGuard, StoreError> {
     std::thread::Builder::new()
         .name("fencegate-store".into())
-        .spawn(move || run(conn, receiver))
+        .spawn(move || run(conn, lock, receiver))
         .map_err(|e| StoreError::Spawn(std::sync::Arc::new(e)))?;
     Ok(WriterGuard {
         commands,
@@ -67,7 +68,8 @@ struct Writer {
     seq: u64,
 }
 
-fn run(conn: Connection, mut receiver: mpsc::Receiver<Command>) {
+/// Runs the writer until it is closed; `lock` is the single-server lock, held until then.
+fn run(conn: Connection, lock: std::fs::File, mut receiver: mpsc::Receiver<Command>) {
     let mut writer = Writer { conn, seq: 0 };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
@@ -86,6 +88,8 @@ fn run(conn: Connection, mut receiver: mpsc::Receiver<Command>) {
             if let Err((_, e)) = writer.conn.close() {
                 tracing::error!(error = %e, "closing the database failed");
             }
+            // Released before saying so, so that whoever waited can open the database at once.
+            drop(lock);
             let _ = done.send(());
             return;
         }
