@@ -4,118 +4,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::RecordingUpstream;
-
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Proxy {
-    /// A failing test must not leave a server behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `fencegate serve` with `config` and `db`, both planes on free loopback ports.
-fn serve_command(config: &Path, db: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fencegate"));
-    command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(config)
-        .arg("--db")
-        .arg(db);
-    command
-}
-
-/// Starts `fencegate serve` on free ports, one resource per `/crash/{id}`, and waits until ready.
-async fn start_binary(upstream: &str, db: &Path) -> Proxy {
-    let config = db.with_extension("toml");
-    std::fs::write(
-        &config,
-        format!("[[routes]]\npath = \"/crash/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"crash:{{id}}\"\n"),
-    )
-    .unwrap();
-    let child = serve_command(&config, db)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the fencegate binary starts");
-    let mut proxy = Proxy {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-    };
-    let stderr = proxy.child.stderr.take().unwrap();
-    let (found, addresses) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("fencegate serving") {
-                let address = |key: &str| -> SocketAddr {
-                    let start = line.find(key).unwrap() + key.len();
-                    line[start..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                };
-                let _ = found.send((address("data="), address("admin=")));
-            }
-        }
-    });
-    let (data, admin) =
-        tokio::task::spawn_blocking(move || addresses.recv_timeout(Duration::from_secs(20)))
-            .await
-            .unwrap()
-            .expect("fencegate logs its addresses");
-    let ready = format!("http://{admin}/readyz");
-    for _ in 0..200 {
-        if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
-            proxy.addr = data;
-            return proxy;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("fencegate never became ready");
-}
-
-async fn put(
-    client: &reqwest::Client,
-    addr: SocketAddr,
-    resource: usize,
-    token: u64,
-) -> Option<(u16, u64)> {
-    let response = client
-        .put(format!("http://{addr}/crash/{resource}"))
-        .header("fencing-token", token.to_string())
-        .send()
-        .await
-        .ok()?;
-    let highest = response
-        .headers()
-        .get("fencing-token-highest")?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some((response.status().as_u16(), highest))
-}
+use common::binary::{put, serve_command, start_binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn highest_tokens_survive_kill_9_and_lower_tokens_are_rejected_after_restart() {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset.
 
+pub mod binary;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -117,6 +119,14 @@ impl RecordingUpstream {
             answered: None,
         };
         let index = self.arrive(&path, &arrival);
+        // If the caller goes away first (fencegate killed mid-request), hyper drops this future:
+        // the request is then no longer in flight here.
+        let mut abandoned = Abandoned {
+            upstream: self,
+            path: &path,
+            token,
+            armed: true,
+        };
         arrival.body = body
             .collect()
             .await
@@ -133,6 +143,7 @@ impl RecordingUpstream {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(delay)).await;
+        abandoned.armed = false;
         self.leave(&path, index, arrival.body.clone(), token);
         Response::builder()
             .header("x-upstream", "recording")
@@ -145,12 +156,11 @@ impl RecordingUpstream {
     fn arrive(&self, path: &str, arrival: &Arrival) -> usize {
         let mut log = self.log.lock().unwrap();
         let in_flight = log.in_flight.entry(path.to_owned()).or_default();
-        if let Some(token) = arrival.token {
-            if let Some(older) = in_flight.iter().find(|t| **t < token) {
-                let violation =
-                    format!("{path}: token {token} arrived while {older} was in flight");
-                log.violations.push(violation);
-            }
+        if let Some(token) = arrival.token
+            && let Some(older) = in_flight.iter().find(|t| **t < token)
+        {
+            let violation = format!("{path}: token {token} arrived while {older} was in flight");
+            log.violations.push(violation);
         }
         let in_flight = log.in_flight.entry(path.to_owned()).or_default();
         in_flight.push(arrival.token.unwrap_or(0));
@@ -163,12 +173,16 @@ impl RecordingUpstream {
 
     fn leave(&self, path: &str, index: usize, body: Bytes, token: Option<u64>) {
         let mut log = self.log.lock().unwrap();
+        Self::no_longer_in_flight(&mut log, path, token);
+        log.arrivals[index].body = body;
+        log.arrivals[index].answered = Some(Instant::now());
+    }
+
+    fn no_longer_in_flight(log: &mut Log, path: &str, token: Option<u64>) {
         let in_flight = log.in_flight.entry(path.to_owned()).or_default();
         if let Some(position) = in_flight.iter().position(|t| *t == token.unwrap_or(0)) {
             in_flight.remove(position);
         }
-        log.arrivals[index].body = body;
-        log.arrivals[index].answered = Some(Instant::now());
     }
 
     pub fn arrivals(&self) -> Vec<Arrival> {
@@ -187,6 +201,23 @@ impl RecordingUpstream {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+}
+
+/// Takes a request off the in-flight list when its handler is dropped before answering.
+struct Abandoned<'a> {
+    upstream: &'a RecordingUpstream,
+    path: &'a str,
+    token: Option<u64>,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut log = self.upstream.log.lock().unwrap();
+            RecordingUpstream::no_longer_in_flight(&mut log, self.path, self.token);
+        }
     }
 }
 
