@@ -559,4 +559,59 @@ mod tests {
         let fenced_reads = Route::new("/a", upstream(), "a", reads).unwrap();
         assert_eq!(fenced_reads.fencing_for(&Method::GET), Fencing::IfPresent);
     }
+
+    mod properties {
+        use super::*;
+        use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+        use proptest::prelude::*;
+
+        /// A segment an upstream reads as itself: any text but separators, controls and dots.
+        fn segment() -> impl Strategy<Value = String> {
+            r"[^/\\\p{Cc}]{1,12}".prop_filter("not a dot segment", |s| s != "." && s != "..")
+        }
+
+        /// Pieces that are often trouble in a request path, raw or encoded.
+        fn piece() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "a", "7", "/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%", "%2",
+                "%zz", "%25", "%00", "%0a", "%c3%a9", "%ff", "é", "~", ";", "{", "}",
+            ])
+        }
+
+        proptest! {
+            /// Routing sees exactly what the upstream decodes, however the client encoded it.
+            #[test]
+            fn encoded_segments_normalise_to_their_decoded_text(
+                segments in prop::collection::vec(segment(), 1..6),
+                encode_all in any::<bool>(),
+            ) {
+                let raw: String = segments
+                    .iter()
+                    .map(|s| if encode_all { utf8_percent_encode(s, NON_ALPHANUMERIC).to_string() } else { s.replace('%', "%25") })
+                    .map(|s| format!("/{s}"))
+                    .collect();
+                let expected: String = segments.iter().map(|s| format!("/{s}")).collect();
+                prop_assert_eq!(normalise_path(&raw), Ok(expected));
+            }
+
+            /// Whatever passes is a plain path: no empty, dot or control-bearing segment is left
+            /// for an upstream to resolve differently.
+            #[test]
+            fn an_accepted_path_has_no_segment_an_upstream_could_reinterpret(
+                pieces in prop::collection::vec(piece(), 0..12),
+            ) {
+                let raw = format!("/{}", pieces.concat());
+                if let Ok(path) = normalise_path(&raw) {
+                    let body = path.strip_prefix('/').unwrap();
+                    let body = body.strip_suffix('/').unwrap_or(body);
+                    for segment in body.split('/').filter(|_| !body.is_empty()) {
+                        prop_assert!(!segment.is_empty(), "{raw:?} -> {path:?}");
+                        prop_assert!(segment != "." && segment != "..", "{raw:?} -> {path:?}");
+                        prop_assert!(!segment.contains('\\'), "{raw:?} -> {path:?}");
+                        prop_assert!(!segment.chars().any(char::is_control), "{raw:?} -> {path:?}");
+                    }
+                }
+            }
+        }
+    }
 }

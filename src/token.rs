@@ -154,4 +154,37 @@ mod tests {
         assert!(FencingToken::new(9) < FencingToken::new(10));
         assert_eq!(FencingToken::new(42).to_string(), "42");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn every_token_prints_as_text_that_parses_back_to_it(value: u64) {
+                let token = FencingToken::new(value);
+                prop_assert_eq!(token.to_string().parse::<FencingToken>(), Ok(token));
+            }
+
+            /// One epoch, one spelling: text is accepted exactly when it is how its number prints.
+            #[test]
+            fn only_the_printed_spelling_of_a_number_parses(text in "[-+ 0-9a-f_.]{0,22}") {
+                match text.parse::<FencingToken>() {
+                    Ok(token) => prop_assert_eq!(token.to_string(), text),
+                    Err(error) => {
+                        prop_assert_eq!(error, TokenError::NotCanonical);
+                        let printed = text.parse::<u64>().map(|value| value.to_string());
+                        prop_assert_ne!(printed, Ok(text));
+                    }
+                }
+            }
+
+            #[test]
+            fn the_header_and_the_text_parse_alike(text in "[ -~]{0,22}") {
+                let mut headers = HeaderMap::new();
+                headers.insert(&FENCING_TOKEN, HeaderValue::from_str(&text).unwrap());
+                prop_assert_eq!(from_headers(&headers), text.parse::<FencingToken>());
+            }
+        }
+    }
 }

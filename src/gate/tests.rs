@@ -345,3 +345,144 @@ fn in_doubt_deadlines_round_up_and_idleness_survives_the_32_bit_wrap() {
     state.in_flight = 0;
     assert!(!state.is_idle(wrap + 41, Duration::from_millis(60)));
 }
+
+/// The gate's state machine, driven by random steps against a model of the contract's rules.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GRACE_MS: u64 = 3;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The store makes a token durable; it keeps the maximum, as the writer does.
+        Advance(u64),
+        /// An operator lowers (or sets) the highest.
+        Reset(u64),
+        /// A request with this token asks for its turn.
+        Open(u64),
+        /// The `index`-th request in flight ends; `torn` if it was torn down mid-forward.
+        Leave { index: usize, torn: bool },
+        /// Milliseconds pass.
+        Tick(u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            2 => (0..6u64).prop_map(Step::Advance),
+            1 => (0..6u64).prop_map(Step::Reset),
+            6 => (0..6u64).prop_map(Step::Open),
+            4 => (any::<usize>(), any::<bool>()).prop_map(|(index, torn)| Step::Leave { index, torn }),
+            2 => (0..5u64).prop_map(Step::Tick),
+        ]
+    }
+
+    /// What the contract allows, tracked beside the real state.
+    #[derive(Default)]
+    struct Model {
+        highest: Option<u64>,
+        in_flight: Vec<u64>,
+        /// The last token forwarded since the last reset: forwarding never goes below it.
+        forwarded: Option<u64>,
+        /// Torn-down requests: their token and until when they may still land upstream.
+        in_doubt: Vec<(u64, u64)>,
+        /// A reset closed the open token: whatever comes next waits for everything before it.
+        closed_by_reset: bool,
+        now: u64,
+        seq: u64,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn forwarded_tokens_never_decrease_and_never_overlap_another_token(
+            steps in prop::collection::vec(step(), 1..60),
+        ) {
+            let base = Instant::now();
+            let slot = Slot::new(0);
+            let mut model = Model::default();
+            for step in steps {
+                match step {
+                    Step::Advance(token) => {
+                        model.seq += 1;
+                        let highest = model.highest.map_or(token, |h| h.max(token));
+                        model.highest = Some(highest);
+                        let durable = Durable { highest: Some(t(highest)), seq: model.seq };
+                        slot.observe(durable, Reopen::No);
+                    }
+                    Step::Reset(token) => {
+                        model.seq += 1;
+                        model.highest = Some(token);
+                        model.forwarded = None; // an audited, deliberate lowering
+                        model.closed_by_reset = true;
+                        slot.observe(Durable { highest: Some(t(token)), seq: model.seq }, Reopen::Yes);
+                    }
+                    Step::Open(token) => {
+                        let turn = slot.lock().try_open(t(token), model.now);
+                        check_turn(&mut model, token, turn)?;
+                    }
+                    Step::Leave { index, torn } => {
+                        if model.in_flight.is_empty() {
+                            continue;
+                        }
+                        let token = model.in_flight.swap_remove(index % model.in_flight.len());
+                        let grace = torn.then_some(Duration::from_millis(GRACE_MS));
+                        let now = base + Duration::from_millis(model.now);
+                        slot.lock().leave(now, base, grace);
+                        if torn {
+                            model.in_doubt.push((token, model.now + GRACE_MS));
+                        }
+                    }
+                    Step::Tick(ms) => model.now += ms,
+                }
+            }
+        }
+    }
+
+    fn check_turn(model: &mut Model, token: u64, turn: Turn) -> Result<(), TestCaseError> {
+        let now = model.now;
+        // After a reset every earlier request counts as another epoch's, whatever its token.
+        let other = |t: u64| t != token || model.closed_by_reset;
+        let other_in_flight = model.in_flight.iter().any(|&t| other(t));
+        let other_in_doubt = model
+            .in_doubt
+            .iter()
+            .any(|&(t, until)| other(t) && until > now);
+        match turn {
+            Turn::Go => {
+                prop_assert_eq!(
+                    model.highest,
+                    Some(token),
+                    "only the durable highest is forwarded"
+                );
+                prop_assert!(!other_in_flight, "{token} forwarded beside another token");
+                prop_assert!(
+                    !other_in_doubt,
+                    "{token} forwarded while another token is in doubt"
+                );
+                prop_assert!(
+                    model.forwarded.is_none_or(|f| f <= token),
+                    "forwarding went back"
+                );
+                model.forwarded = Some(token);
+                model.closed_by_reset = false;
+                model.in_flight.push(token);
+            }
+            Turn::Superseded { highest } => {
+                prop_assert!(model.highest.is_some_and(|h| h > token));
+                prop_assert_eq!(Some(highest.get()), model.highest);
+            }
+            Turn::NotDurable => prop_assert!(model.highest.is_none_or(|h| h < token)),
+            Turn::Wait { .. } => {
+                prop_assert_eq!(model.highest, Some(token));
+                // Waiting is only for a reason the model can see: no needless stall.
+                prop_assert!(
+                    other_in_flight || other_in_doubt,
+                    "{token} waits for nothing"
+                );
+            }
+        }
+        Ok(())
+    }
+}
