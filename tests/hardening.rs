@@ -197,3 +197,69 @@ async fn an_upstream_that_never_accepts_is_a_502_after_the_connect_timeout() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_endless_body_is_cut_off_at_max_body_while_others_are_served() {
+    let (upstream, app) = app_with("max_body = \"64KiB\"").await;
+    let mut flood = TcpStream::connect(app.addr).await.unwrap();
+    flood
+        .write_all(
+            b"PUT /wallets/flood HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\n\
+              transfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (_reader, mut writer) = flood.into_split();
+    // Chunks for ever, until fencegate stops reading and closes the connection.
+    let pump = tokio::spawn(async move {
+        let chunk = format!("1000\r\n{}\r\n", "z".repeat(0x1000));
+        while writer.write_all(chunk.as_bytes()).await.is_ok() {}
+    });
+    still_served(&app).await;
+    tokio::time::timeout(Duration::from_secs(5), pump)
+        .await
+        .expect("the endless body was cut off")
+        .unwrap();
+    still_served(&app).await;
+    for arrival in upstream.arrivals() {
+        assert!(
+            arrival.body.len() <= 64 * 1024,
+            "{} bytes reached the upstream",
+            arrival.body.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_drip_fed_body_is_cut_off_at_the_upstream_timeout_and_the_next_leader_then_writes() {
+    let (_upstream, app) =
+        app_with("upstream_timeout = \"500ms\"\nin_doubt_grace = \"200ms\"").await;
+    let mut dripper = TcpStream::connect(app.addr).await.unwrap();
+    // Promises 1,000 bytes, sends a few, then holds its write open.
+    dripper
+        .write_all(
+            b"PUT /wallets/ok HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\n\
+              content-length: 1000\r\n\r\nthe first bytes",
+        )
+        .await
+        .unwrap();
+    still_served(&app).await; // the same token is not held up by it
+    let started = Instant::now();
+    let next_leader = app.put("/wallets/ok", 2, "new epoch").await;
+    assert_eq!(next_leader.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the newer token waited {:?}",
+        started.elapsed()
+    );
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), dripper.read_to_end(&mut answer))
+        .await
+        .expect("the dripping connection was answered and closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 504"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
