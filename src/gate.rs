@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::route::ResourceKey;
-use crate::store::{Advance, Durable, Reset, Store, StoreError, Via};
+use crate::store::{Advance, Durable, LastStop, Reset, Store, StoreError, Via};
 use crate::token::FencingToken;
 
 /// How a token compares with a resource's highest: the pure check at the heart of fencing.
@@ -95,11 +95,27 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Slots keep their times as milliseconds since this instant (see [`EpochState`]).
     base: Instant,
+    /// After an unclean stop: the end of the start-up in-doubt period, in those milliseconds.
+    in_doubt_from_start: Option<NonZeroU64>,
 }
 
 impl Gate {
     /// A gate whose durable state lives in `store`.
-    pub fn new(store: Store, in_doubt_grace: Duration, metrics: Arc<Metrics>) -> Self {
+    ///
+    /// After an unclean stop of the previous server (`kill -9`, a crash, a drain that timed
+    /// out), its torn-down requests may still be applied upstream for up to `in_doubt_grace`,
+    /// exactly like a torn-down request of this process; so every resource starts in doubt, and
+    /// no token opens before the grace has passed since start-up.
+    pub fn new(
+        store: Store,
+        in_doubt_grace: Duration,
+        metrics: Arc<Metrics>,
+        last_stop: LastStop,
+    ) -> Self {
+        let in_doubt_from_start = match last_stop {
+            LastStop::Clean => None,
+            LastStop::Unclean => NonZeroU64::new(ceil_millis(in_doubt_grace)),
+        };
         Self {
             inner: Arc::new(Inner {
                 slots: DashMap::new(),
@@ -107,8 +123,20 @@ impl Gate {
                 in_doubt_grace,
                 metrics,
                 base: Instant::now(),
+                in_doubt_from_start,
             }),
         }
+    }
+
+    /// Whether a request forwarded by this gate may still be applied upstream: one in flight, or
+    /// torn down less than `in_doubt_grace` ago. A server that stops while this holds must not
+    /// record a clean stop.
+    pub fn anything_in_doubt(&self) -> bool {
+        let now = millis_since(self.inner.base, Instant::now());
+        self.inner.slots.iter().any(|slot| {
+            let state = slot.lock();
+            state.in_flight > 0 || state.in_doubt_until.is_some_and(|until| until.get() > now)
+        })
     }
 
     /// Admits a fenced request with `token` for `resource`, waiting as long as the ordering
@@ -230,13 +258,16 @@ impl Gate {
     }
 
     async fn slot(&self, resource: &ResourceKey) -> Result<Arc<Slot>, StoreError> {
-        let slot =
-            match self.inner.slots.get(resource) {
-                Some(slot) => Arc::clone(&slot),
-                None => Arc::clone(&self.inner.slots.entry(resource.clone()).or_insert_with(
-                    || Arc::new(Slot::new(millis_since(self.inner.base, Instant::now()))),
-                )),
-            };
+        let slot = match self.inner.slots.get(resource) {
+            Some(slot) => Arc::clone(&slot),
+            None => Arc::clone(
+                &self
+                    .inner
+                    .slots
+                    .entry(resource.clone())
+                    .or_insert_with(|| Arc::new(self.new_slot())),
+            ),
+        };
         // The hot path: loaded long ago, one uncontended lock.
         if slot.lock().load == Load::Done {
             return Ok(slot);
@@ -344,6 +375,15 @@ impl Gate {
                 None => notified.await,
             }
         }
+    }
+
+    /// A slot created now; during the start-up in-doubt period it starts in doubt.
+    fn new_slot(&self) -> Slot {
+        let now = millis_since(self.inner.base, Instant::now());
+        let slot = Slot::new(now);
+        let start_in_doubt = self.inner.in_doubt_from_start;
+        slot.lock().in_doubt_until = start_in_doubt.filter(|until| until.get() > now);
+        slot
     }
 
     fn permit(&self, slot: Arc<Slot>) -> Permit {

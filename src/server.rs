@@ -31,7 +31,7 @@ use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, UpstreamClient};
-use crate::store::{Reader, Retention, Store, WriterGuard};
+use crate::store::{LastStop, Reader, Retention, Store, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
 
 /// How often idle resources are looked for and evicted from memory.
@@ -67,7 +67,19 @@ impl App {
         let (store, writer) = Store::open(&config.database)?;
         let reader = Reader::open(&config.database)?;
         let metrics = Metrics::new();
-        let gate = Gate::new(store.clone(), config.in_doubt_grace, Arc::clone(&metrics));
+        let last_stop = writer.last_stop();
+        if last_stop == LastStop::Unclean {
+            tracing::warn!(
+                in_doubt_grace = ?config.in_doubt_grace,
+                "the previous server on this database did not stop cleanly; requests it forwarded may still reach the upstream, so new tokens wait in_doubt_grace after start-up"
+            );
+        }
+        let gate = Gate::new(
+            store.clone(),
+            config.in_doubt_grace,
+            Arc::clone(&metrics),
+            last_stop,
+        );
         let upstream = UpstreamClient::new(
             config.upstream_timeout,
             config.upstream_connect_timeout,
@@ -157,7 +169,14 @@ impl App {
         admin.await.context("the admin plane task failed")?;
         evictor.await.context("the eviction task failed")?;
         pruner.await.context("the audit pruning task failed")?;
-        self.writer.close().await;
+        // Clean only if nothing this server forwarded can still be applied upstream: then the
+        // next server need not hold new tokens back at start-up.
+        let this_stop = if self.gate.anything_in_doubt() {
+            LastStop::Unclean
+        } else {
+            LastStop::Clean
+        };
+        self.writer.close(this_stop).await;
         tracing::info!("fencegate stopped");
         Ok(())
     }

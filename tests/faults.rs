@@ -150,7 +150,8 @@ async fn kill_9_at_random_moments_never_loses_an_acknowledged_token_or_an_audit_
     const RESOURCES: usize = 4;
     let (mut acknowledged_total, mut conflicts_total) = (0, 0);
     for round in 1..=rounds {
-        let mut proxy = start_binary(&upstream.url(), &db).await;
+        // Each restart follows a kill, so new tokens wait out the grace first: keep it short.
+        let mut proxy = start_binary_with(&upstream.url(), &db, "in_doubt_grace = \"100ms\"").await;
         let told = Arc::new(Mutex::new(Told::default()));
         let tasks = storm(proxy.addr, round, RESOURCES, Arc::clone(&told));
         tokio::time::sleep(Duration::from_millis(random.u64(20..300))).await;
@@ -206,6 +207,50 @@ async fn kill_9_at_random_moments_never_loses_an_acknowledged_token_or_an_audit_
         "the storms got going"
     );
     println!("checked {acknowledged_total} acknowledged writes and {conflicts_total} audited 409s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_new_tokens_wait_out_the_in_doubt_grace_and_after_sigterm_they_do_not() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let grace = Duration::from_millis(1500);
+    let settings = "in_doubt_grace = \"1500ms\"";
+    let client = reqwest::Client::new();
+    let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;
+    assert_eq!(put(&client, proxy.addr, 0, 1).await, Some((200, 1)));
+
+    // Killed: what it forwarded last may still be applied upstream, so the next server holds
+    // new tokens back for the grace (counted from its start, a little before it is ready).
+    kill(&mut proxy, "-KILL");
+    proxy.child.wait().unwrap();
+    let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;
+    let started = Instant::now();
+    assert_eq!(put(&client, proxy.addr, 0, 2).await, Some((200, 2)));
+    let waited = started.elapsed();
+    assert!(
+        waited >= grace / 2,
+        "after kill -9 the next token waited only {waited:?}"
+    );
+
+    // Stopped cleanly with nothing in flight: the next server has nothing to wait for.
+    kill(&mut proxy, "-TERM");
+    assert!(proxy.child.wait().unwrap().success());
+    let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;
+    let started = Instant::now();
+    assert_eq!(put(&client, proxy.addr, 0, 3).await, Some((200, 3)));
+    let waited = started.elapsed();
+    assert!(
+        waited < grace / 2,
+        "after SIGTERM the next token waited {waited:?}"
+    );
+    kill(&mut proxy, "-TERM");
+    proxy.child.wait().unwrap();
+    assert!(
+        upstream.violations().is_empty(),
+        "{:?}",
+        upstream.violations()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

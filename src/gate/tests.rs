@@ -21,7 +21,7 @@ fn fixture(in_doubt_grace: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (store, guard) = Store::open(&dir.path().join("gate.db")).unwrap();
     Fixture {
-        gate: Gate::new(store, in_doubt_grace, Metrics::new()),
+        gate: Gate::new(store, in_doubt_grace, Metrics::new(), LastStop::Clean),
         _guard: guard,
         _dir: dir,
     }
@@ -169,6 +169,39 @@ async fn torn_down_request_holds_back_the_next_token_for_the_grace() {
 
     tokio::time::advance(Duration::from_secs(3)).await;
     new.await.unwrap().unwrap().settle();
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_an_unclean_stop_no_token_opens_before_the_grace_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+    let grace = Duration::from_secs(10);
+    let gate = Gate::new(store, grace, Metrics::new(), LastStop::Unclean);
+    let first = admit_later(&gate, "w", 1);
+    until_highest(&gate, "w", 1).await;
+    let_others_run().await;
+    assert!(
+        !first.is_finished(),
+        "the dead server's requests may still land"
+    );
+    tokio::time::advance(grace).await;
+    first.await.unwrap().unwrap().settle();
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_clean_stop_the_first_token_opens_at_once() {
+    let f = fixture(Duration::from_secs(10));
+    let before = Instant::now();
+    f.gate
+        .admit(&key("w"), t(1), None, "")
+        .await
+        .unwrap()
+        .settle();
+    assert_eq!(
+        Instant::now(),
+        before,
+        "no time passed, so there was no wait"
+    );
 }
 
 #[tokio::test(start_paused = true)]

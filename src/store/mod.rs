@@ -12,6 +12,7 @@ mod reader;
 mod schema;
 mod writer;
 
+use std::io::{Read, Seek, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -149,28 +150,95 @@ pub enum StoreError {
     Closed,
 }
 
-/// Takes the single-server lock of the database at `path`.
-fn lock_exclusively(path: &Path) -> Result<std::fs::File, StoreError> {
-    let mut lock = path.as_os_str().to_owned();
-    lock.push(".lock");
-    let lock = PathBuf::from(lock);
-    let lock_error = |source| StoreError::LockFile {
-        lock: lock.clone(),
+/// How the previous server on a database stopped, as its lock file tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastStop {
+    /// It drained every request and nothing it sent upstream was left in doubt; or there was no
+    /// previous server (a new database).
+    Clean,
+    /// It was killed, crashed, or stopped with requests in flight or in doubt: the upstream may
+    /// still apply some of them for up to `in_doubt_grace`.
+    Unclean,
+}
+
+/// What the lock file holds while a server runs, and after one stopped cleanly. Anything else
+/// (an older version's empty file, a torn write) counts as an unclean stop: the safe side.
+const SERVING: &[u8] = b"serving\n";
+const STOPPED_CLEANLY: &[u8] = b"stopped cleanly\n";
+
+/// The single-server lock of a database: `<database>.lock`, held while the writer runs.
+#[derive(Debug)]
+struct LockFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl LockFile {
+    /// Takes the lock of the database at `path`, reads how the previous server stopped, and
+    /// marks the database as served (so a crash from now on reads as an unclean stop).
+    fn take(path: &Path) -> Result<(LockFile, LastStop), StoreError> {
+        let new_database = !path.exists();
+        let mut lock = path.as_os_str().to_owned();
+        lock.push(".lock");
+        let lock = LockFile {
+            file: std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&lock)
+                .map_err(|e| lock_error(&PathBuf::from(&lock), e))?,
+            path: PathBuf::from(lock),
+        };
+        match lock.file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse {
+                    path: path.to_owned(),
+                    lock: lock.path,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(lock_error(&lock.path, e)),
+        }
+        let last_stop = if new_database || lock.holds(STOPPED_CLEANLY)? {
+            LastStop::Clean
+        } else {
+            LastStop::Unclean
+        };
+        lock.write(SERVING).map_err(|e| lock_error(&lock.path, e))?;
+        Ok((lock, last_stop))
+    }
+
+    fn holds(&self, expected: &[u8]) -> Result<bool, StoreError> {
+        let mut content = Vec::new();
+        (&self.file)
+            .read_to_end(&mut content)
+            .map_err(|e| lock_error(&self.path, e))?;
+        Ok(content == expected)
+    }
+
+    /// Replaces the content and makes it durable: a clean-stop mark that a power loss could
+    /// leave behind while the database says otherwise would be worse than none.
+    fn write(&self, content: &[u8]) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        (&self.file).seek(SeekFrom::Start(0))?;
+        (&self.file).write_all(content)?;
+        self.file.sync_data()
+    }
+
+    /// Records that this server stopped cleanly. A failure only costs the next start the
+    /// in-doubt wait, so it is logged, not raised.
+    fn mark_clean_stop(&self) {
+        if let Err(e) = self.write(STOPPED_CLEANLY) {
+            tracing::warn!(lock = %self.path.display(), error = %e, "cannot record the clean stop; the next start waits in_doubt_grace before new tokens");
+        }
+    }
+}
+
+fn lock_error(lock: &Path, source: std::io::Error) -> StoreError {
+    StoreError::LockFile {
+        lock: lock.to_owned(),
         source: Arc::new(source),
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(lock_error)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
-            path: path.to_owned(),
-            lock,
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(lock_error(e)),
     }
 }
 
@@ -201,6 +269,7 @@ enum Command {
     },
     Close {
         done: oneshot::Sender<()>,
+        this_stop: LastStop,
     },
 }
 
@@ -236,11 +305,12 @@ impl Store {
     /// The returned guard stops the thread, after it has flushed, when closed or dropped.
     /// Only one process at a time may serve a database: the writer holds an exclusive lock on
     /// `<database>.lock` for as long as it runs (the kernel releases it if the process dies).
+    /// The guard tells how the previous server stopped ([`WriterGuard::last_stop`]).
     pub fn open(path: &Path) -> Result<(Store, WriterGuard), StoreError> {
-        let lock = lock_exclusively(path)?;
+        let (lock, last_stop) = LockFile::take(path)?;
         let conn = schema::open(path)?;
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-        let guard = writer::spawn(conn, lock, receiver, commands.clone())?;
+        let guard = writer::spawn(conn, lock, last_stop, receiver, commands.clone())?;
         Ok((Store { commands }, guard))
     }
 
@@ -373,10 +443,45 @@ mod tests {
                 .await
                 .unwrap();
             assert!(matches!(higher, Advance::Raised { from: Some(from), .. } if from == token(5)));
-            guard.close().await;
+            guard.close(LastStop::Unclean).await;
         }
         let (store, _guard) = Store::open(&path).unwrap();
         assert_eq!(store.load(&key("w")).await.unwrap().highest, Some(token(9)));
+    }
+
+    #[tokio::test]
+    async fn only_a_recorded_clean_stop_reads_as_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.db");
+        let reopen = || Store::open(&path).unwrap().1;
+
+        let guard = reopen();
+        assert_eq!(guard.last_stop(), LastStop::Clean, "a new database");
+        guard.close(LastStop::Clean).await;
+        let guard = reopen();
+        assert_eq!(guard.last_stop(), LastStop::Clean);
+        guard.close(LastStop::Unclean).await;
+        let guard = reopen();
+        assert_eq!(guard.last_stop(), LastStop::Unclean);
+        drop(guard); // dropped without a close: not known to be clean
+        std::thread::sleep(std::time::Duration::from_millis(100)); // the writer lets go
+        assert_eq!(reopen().last_stop(), LastStop::Unclean);
+    }
+
+    #[test]
+    fn a_killed_server_leaves_its_lock_file_saying_it_was_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fg.db");
+        std::fs::write(&path, b"").unwrap(); // an existing database with no lock file yet
+        let (lock, last_stop) = LockFile::take(&path).unwrap();
+        assert_eq!(last_stop, LastStop::Unclean, "no record of a clean stop");
+        assert_eq!(std::fs::read(&lock.path).unwrap(), SERVING);
+        drop(lock); // what the kernel does for a killed process: the mark stays
+        let (lock, last_stop) = LockFile::take(&path).unwrap();
+        assert_eq!(last_stop, LastStop::Unclean);
+        lock.mark_clean_stop();
+        drop(lock);
+        assert_eq!(LockFile::take(&path).unwrap().1, LastStop::Clean);
     }
 
     #[tokio::test]
@@ -454,7 +559,7 @@ mod tests {
             let highest = store.load(&key(&format!("r{r}"))).await.unwrap().highest;
             assert_eq!(highest, Some(token(190 + r)));
         }
-        guard.close().await;
+        guard.close(LastStop::Unclean).await;
         assert!(matches!(store.ping().await, Err(StoreError::Closed)));
     }
 }

@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Advance, Command, Durable, Reply, Reset, Retention, StoreError, Via, Write, token_from_sql,
-    token_to_sql,
+    Advance, Command, Durable, LastStop, LockFile, Reply, Reset, Retention, StoreError, Via, Write,
+    token_from_sql, token_to_sql,
 };
 use crate::audit::Rejection;
 use crate::route::ResourceKey;
@@ -23,14 +23,22 @@ const MAX_BATCH: usize = 1024;
 pub struct WriterGuard {
     commands: mpsc::Sender<Command>,
     closed: bool,
+    last_stop: LastStop,
 }
 
 impl WriterGuard {
-    /// Flushes every command queued so far, stops the writer, and waits for it.
-    pub async fn close(mut self) {
+    /// How the previous server on this database stopped.
+    pub fn last_stop(&self) -> LastStop {
+        self.last_stop
+    }
+
+    /// Flushes every command queued so far, records how this server stopped (`Clean` only if
+    /// nothing it forwarded can still be applied upstream), stops the writer, and waits for it.
+    pub async fn close(mut self, this_stop: LastStop) {
         self.closed = true;
         let (done, finished) = oneshot::channel();
-        if self.commands.send(Command::Close { done }).await.is_ok() {
+        let close = Command::Close { done, this_stop };
+        if self.commands.send(close).await.is_ok() {
             // An error here means the thread is already gone, which is what we wanted.
             let _ = finished.await;
         }
@@ -41,14 +49,16 @@ impl Drop for WriterGuard {
     fn drop(&mut self) {
         if !self.closed {
             let (done, _) = oneshot::channel();
-            let _ = self.commands.try_send(Command::Close { done });
+            let this_stop = LastStop::Unclean;
+            let _ = self.commands.try_send(Command::Close { done, this_stop });
         }
     }
 }
 
 pub(super) fn spawn(
     conn: Connection,
-    lock: std::fs::File,
+    lock: LockFile,
+    last_stop: LastStop,
     receiver: mpsc::Receiver<Command>,
     commands: mpsc::Sender<Command>,
 ) -> Result<WriterGuard, StoreError> {
@@ -59,6 +69,7 @@ pub(super) fn spawn(
     Ok(WriterGuard {
         commands,
         closed: false,
+        last_stop,
     })
 }
 
@@ -69,7 +80,7 @@ struct Writer {
 }
 
 /// Runs the writer until it is closed; `lock` is the single-server lock, held until then.
-fn run(conn: Connection, lock: std::fs::File, mut receiver: mpsc::Receiver<Command>) {
+fn run(conn: Connection, lock: LockFile, mut receiver: mpsc::Receiver<Command>) {
     let mut writer = Writer { conn, seq: 0 };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
@@ -80,13 +91,15 @@ fn run(conn: Connection, lock: std::fs::File, mut receiver: mpsc::Receiver<Comma
                 Err(_) => break,
             }
         }
-        if let Some(done) = writer.execute(&mut batch) {
+        if let Some((done, this_stop)) = writer.execute(&mut batch) {
             // Commands still queued are dropped with their reply channels: their callers get
             // `StoreError::Closed`, never a false success.
             receiver.close();
             drop(receiver);
-            if let Err((_, e)) = writer.conn.close() {
-                tracing::error!(error = %e, "closing the database failed");
+            match writer.conn.close() {
+                Ok(()) if this_stop == LastStop::Clean => lock.mark_clean_stop(),
+                Ok(()) => {}
+                Err((_, e)) => tracing::error!(error = %e, "closing the database failed"),
             }
             // Released before saying so, so that whoever waited can open the database at once.
             drop(lock);
@@ -100,7 +113,7 @@ impl Writer {
     /// Answers reads at once, commits all writes of the batch in one transaction, then runs any
     /// prune in a transaction of its own (a failed prune must not fail the batch's writes).
     /// Returns the close request, if the batch held one.
-    fn execute(&mut self, batch: &mut Vec<Command>) -> Option<oneshot::Sender<()>> {
+    fn execute(&mut self, batch: &mut Vec<Command>) -> Option<(oneshot::Sender<()>, LastStop)> {
         let mut close = None;
         let mut writes = Vec::new();
         let mut prunes = Vec::new();
@@ -116,7 +129,7 @@ impl Writer {
                 Command::Ping { reply } => {
                     let _ = reply.send(Ok(()));
                 }
-                Command::Close { done } => close = Some(done),
+                Command::Close { done, this_stop } => close = Some((done, this_stop)),
                 Command::Write(write) => writes.push(write),
                 Command::Prune {
                     retention,
