@@ -263,3 +263,57 @@ async fn a_drip_fed_body_is_cut_off_at_the_upstream_timeout_and_the_next_leader_
         String::from_utf8_lossy(&answer)
     );
 }
+
+/// Requests that frame their body two ways, hoping that fencegate and the upstream split the byte
+/// stream differently and that a zombie's write hidden in a body reaches the upstream unchecked.
+/// fencegate re-frames every request it forwards, so the upstream only ever sees requests that
+/// fencegate itself parsed and fenced: here, only the leader's token.
+#[tokio::test]
+async fn smuggled_requests_never_reach_the_upstream_unfenced() {
+    let (upstream, app) = app_with("").await;
+    assert_eq!(app.put("/wallets/1", 5, "leader").await.status(), 200);
+    let zombie = "PUT /wallets/1 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\n\
+                  content-length: 6\r\nconnection: close\r\n\r\nzombie";
+    let leader = "PUT /wallets/1 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 5\r\n";
+    let attempts = [
+        // CL.TE: Content-Length covers only the empty chunk; the zombie follows.
+        format!("{leader}content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{zombie}"),
+        // TE.CL: the chunk holds the zombie; Content-Length says the body ends before it.
+        format!(
+            "{leader}transfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n{:x}\r\n{zombie}\r\n0\r\n\r\n",
+            zombie.len()
+        ),
+        // Obfuscated or doubled Transfer-Encoding.
+        format!("{leader}transfer-encoding: xchunked\r\n\r\n0\r\n\r\n{zombie}"),
+        format!(
+            "{leader}transfer-encoding: chunked\r\ntransfer-encoding: identity\r\n\r\n0\r\n\r\n{zombie}"
+        ),
+        format!("{leader}transfer-encoding : chunked\r\n\r\n0\r\n\r\n{zombie}"),
+        // Two different lengths.
+        format!("{leader}content-length: 0\r\ncontent-length: 44\r\n\r\n{zombie}"),
+        // A bare LF, and a line folded onto the token header.
+        format!("{leader}content-length: 0\n\n{zombie}"),
+        format!(
+            "PUT /wallets/1 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\n 5\r\ncontent-length: 0\r\n\r\n"
+        ),
+    ];
+    let mut accepted = 1; // the leader's first write
+    for attempt in &attempts {
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), raw_request(app.addr, attempt)).await;
+        let (status, _, _) = answered.expect("fencegate answered and closed");
+        assert!(
+            [200, 400, 409, 501].contains(&status),
+            "{status} for {attempt:?}"
+        );
+        accepted += usize::from(status == 200);
+    }
+    // One upstream request per accepted leader's request, and nothing else. A zombie's bytes may
+    // arrive as the body of the leader's request (TE.CL): that is data, framed by fencegate as
+    // one chunked body, never a request of its own.
+    assert_eq!(upstream.arrivals().len(), accepted);
+    for arrival in upstream.arrivals() {
+        assert_eq!(arrival.token, Some(5), "{arrival:?}");
+    }
+    still_served(&app).await;
+}
