@@ -317,3 +317,34 @@ async fn smuggled_requests_never_reach_the_upstream_unfenced() {
     }
     still_served(&app).await;
 }
+
+/// A client that sends the largest token fences every leader out for ever; a route's
+/// `max_token_jump` refuses it (audited), and the resource keeps its real leader.
+#[tokio::test]
+async fn a_token_jump_beyond_max_token_jump_is_refused_audited_and_changes_nothing() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\nmax_token_jump = 1000\n",
+        upstream.url()
+    ))
+    .await;
+    assert_eq!(app.put("/wallets/1", 5, "leader").await.status(), 200);
+    let runaway = app.put("/wallets/1", u64::MAX, "fences everyone").await;
+    assert_eq!(runaway.status(), 422);
+    assert_eq!(runaway.headers()["fencing-token-highest"], "5");
+    common::problem(runaway).await;
+    assert_eq!(
+        app.put("/wallets/1", 1005, "next leader").await.status(),
+        200
+    );
+    assert_eq!(app.put("/wallets/1", 2006, "too far").await.status(), 422);
+
+    let jumps: Vec<_> = app
+        .rejections()
+        .into_iter()
+        .filter(|(reason, ..)| reason == "jump")
+        .collect();
+    assert_eq!(jumps.len(), 2, "{jumps:?}");
+    let forwarded: Vec<_> = upstream.arrivals().iter().map(|a| a.token).collect();
+    assert_eq!(forwarded, [Some(5), Some(1005)]);
+}
