@@ -1,4 +1,5 @@
-//! Hostile clients: every limit cuts its attack off while other clients are still served.
+//! Hostile clients: every limit cuts its attack off while other clients are still served, and
+//! neither a smuggled request nor a runaway token gets past fencegate (SECURITY.md).
 
 mod common;
 
