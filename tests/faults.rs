@@ -360,8 +360,67 @@ fn limit_file_size(proxy: &Proxy, limit: &str) {
     assert!(status.success());
 }
 
+/// From outside, a database that cannot be written looks like this: a new epoch and an
+/// unauditable rejection fail closed with 503 problem+json, while the current leader (no disk on
+/// its path) and reads go on. `/crash/1` is at token 7. Returns how many requests the upstream
+/// had received by then.
+async fn assert_fails_closed(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    upstream: &RecordingUpstream,
+) -> usize {
+    let advance = client
+        .put(format!("http://{addr}/crash/2"))
+        .header("fencing-token", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(advance.status(), 503);
+    assert_eq!(
+        advance.headers()["content-type"],
+        "application/problem+json"
+    );
+    let zombie = put(client, addr, 1, 3).await.unwrap();
+    assert_eq!(
+        zombie.0, 503,
+        "a rejection that cannot be audited is not a 409"
+    );
+    assert_eq!(
+        put(client, addr, 1, 7).await,
+        Some((200, 7)),
+        "the current leader needs no disk"
+    );
+    let read = client
+        .get(format!("http://{addr}/crash/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200, "reads keep working");
+    upstream.arrivals().len()
+}
+
+/// Once the fault is fixed, service resumes by itself, and nothing refused had been forwarded.
+async fn assert_recovers(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    upstream: &RecordingUpstream,
+    forwarded_before: usize,
+) {
+    assert_eq!(
+        put(client, addr, 2, 1).await,
+        Some((200, 1)),
+        "service resumes"
+    );
+    assert_eq!(put(client, addr, 1, 3).await, Some((409, 7)));
+    assert!(
+        upstream.arrivals()[..forwarded_before]
+            .iter()
+            .all(|a| a.target != "/crash/2")
+    );
+}
+
 /// Running as root, a read-only file would still be written; a file-size limit makes every write
-/// fail as a full disk does, for this process only.
+/// fail as a full disk does, for this process only, and needs no privileges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_cannot_be_written_fails_closed_with_503_and_recovers() {
     let upstream = RecordingUpstream::start().await;
@@ -375,47 +434,85 @@ async fn a_database_that_cannot_be_written_fails_closed_with_503_and_recovers() 
         .unwrap()
         .len();
     limit_file_size(&proxy, &wal_size.to_string());
-    let advance = client
-        .put(format!("http://{}/crash/2", proxy.addr))
-        .header("fencing-token", "1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(advance.status(), 503);
-    assert_eq!(
-        advance.headers()["content-type"],
-        "application/problem+json"
-    );
-    let zombie = put(&client, proxy.addr, 1, 3).await.unwrap();
-    assert_eq!(
-        zombie.0, 503,
-        "a rejection that cannot be audited is not a 409"
-    );
-    assert_eq!(
-        put(&client, proxy.addr, 1, 7).await,
-        Some((200, 7)),
-        "the current leader needs no disk"
-    );
-    let read = client
-        .get(format!("http://{}/crash/1", proxy.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(read.status(), 200, "reads keep working");
-    let forwarded_before = upstream.arrivals().len();
+    let forwarded_before = assert_fails_closed(&client, proxy.addr, &upstream).await;
 
     limit_file_size(&proxy, "unlimited");
-    assert_eq!(
-        put(&client, proxy.addr, 2, 1).await,
-        Some((200, 1)),
-        "service resumes"
-    );
-    assert_eq!(put(&client, proxy.addr, 1, 3).await, Some((409, 7)));
-    assert!(
-        upstream.arrivals()[..forwarded_before]
-            .iter()
-            .all(|a| a.target != "/crash/2")
-    );
+    assert_recovers(&client, proxy.addr, &upstream, forwarded_before).await;
+    drop(proxy);
+    assert_eq!(durable_highest(&db)["crash:2"], 1);
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` if this process may not mount (not root, no user namespace).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        mounted.then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes zeros to `path` until the filesystem is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut filler = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while filler
+        .write_all(&block)
+        .and_then(|()| filler.sync_data())
+        .is_ok()
+    {}
+}
+
+/// The same with a real full filesystem: the database on a 4 MiB tmpfs that another file fills.
+/// Mounting needs root (as in CI); elsewhere the test says so and stops, unless
+/// `FENCEGATE_MOUNT_REQUIRED` is set, in which case it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_filesystem_fails_closed_with_503_and_recovers_once_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("4m") else {
+        assert!(
+            std::env::var_os("FENCEGATE_MOUNT_REQUIRED").is_none(),
+            "cannot mount a tmpfs, and FENCEGATE_MOUNT_REQUIRED is set"
+        );
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the file-size-limit test covers the same path"
+        );
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let db = tmpfs.path().join("fencegate.db");
+    let proxy = start_binary(&upstream.url(), &db).await;
+    let client = reqwest::Client::new();
+    assert_eq!(put(&client, proxy.addr, 1, 7).await, Some((200, 7)));
+
+    let filler = tmpfs.path().join("filler");
+    fill(&filler);
+    let forwarded_before = assert_fails_closed(&client, proxy.addr, &upstream).await;
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_recovers(&client, proxy.addr, &upstream, forwarded_before).await;
     drop(proxy);
     assert_eq!(durable_highest(&db)["crash:2"], 1);
 }

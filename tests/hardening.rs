@@ -294,9 +294,8 @@ async fn smuggled_requests_never_reach_the_upstream_unfenced() {
         format!("{leader}content-length: 0\r\ncontent-length: 44\r\n\r\n{zombie}"),
         // A bare LF, and a line folded onto the token header.
         format!("{leader}content-length: 0\n\n{zombie}"),
-        format!(
-            "PUT /wallets/1 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\n 5\r\ncontent-length: 0\r\n\r\n"
-        ),
+        "PUT /wallets/1 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\n 5\r\ncontent-length: 0\r\n\r\n"
+            .to_owned(),
     ];
     let mut accepted = 1; // the leader's first write
     for attempt in &attempts {
