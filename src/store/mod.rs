@@ -464,8 +464,15 @@ mod tests {
         let guard = reopen();
         assert_eq!(guard.last_stop(), LastStop::Unclean);
         drop(guard); // dropped without a close: not known to be clean
-        std::thread::sleep(std::time::Duration::from_millis(100)); // the writer lets go
-        assert_eq!(reopen().last_stop(), LastStop::Unclean);
+        let reopened = (0..500).find_map(|_| match Store::open(&path) {
+            Err(StoreError::InUse { .. }) => {
+                // The writer thread lets go of the lock once it has flushed.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            }
+            opened => Some(opened.unwrap().1),
+        });
+        assert_eq!(reopened.unwrap().last_stop(), LastStop::Unclean);
     }
 
     #[test]
