@@ -18,11 +18,13 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 struct Harness {
     runtime: Runtime,
     data: SocketAddr,
     _dir: tempfile::TempDir,
+    _broken_pipes: Signal,
 }
 
 /// The highest fenced token storage has received, plus one (0: none yet).
@@ -40,6 +42,12 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         .build()
         .expect("a runtime");
     let dir = tempfile::tempdir().expect("a scratch directory");
+    // A Rust binary ignores SIGPIPE before `main`; libFuzzer's `main` does not, so a write to a
+    // socket the peer has closed would kill the fuzzer (it did, nine minutes into a long run).
+    // Taking the signal through tokio replaces the default action, as in the fencegate binary.
+    let broken_pipes = runtime
+        .block_on(async { signal(SignalKind::pipe()) })
+        .expect("a SIGPIPE handler");
     let data = runtime.block_on(async {
         let storage = start_storage().await;
         let config = format!(
@@ -73,6 +81,7 @@ max_token_jump = 1000000
         runtime,
         data,
         _dir: dir,
+        _broken_pipes: broken_pipes,
     }
 });
 
