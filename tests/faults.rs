@@ -253,18 +253,26 @@ async fn after_kill_9_new_tokens_wait_out_the_in_doubt_grace_and_after_sigterm_t
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_upstream_is_a_504_in_bounded_time_and_no_lower_token_follows() {
+/// Storage behind an "upstream" process that a test can stop or kill (a second fencegate), behind
+/// the fencegate under test, configured with `front_settings`. Returns storage, the scratch
+/// directory, the upstream process and the front one.
+async fn chain(front_settings: &str) -> (RecordingUpstream, tempfile::TempDir, Proxy, Proxy) {
     let storage = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    // The "upstream" is a process we can stop: a second fencegate in front of the storage.
-    let mut stalled = start_binary(&storage.url(), &dir.path().join("upstream.db")).await;
+    let upstream = start_binary(&storage.url(), &dir.path().join("upstream.db")).await;
     let front = start_binary_with(
-        &format!("http://{}", stalled.addr),
+        &format!("http://{}", upstream.addr),
         &dir.path().join("front.db"),
-        "upstream_timeout = \"500ms\"\nin_doubt_grace = \"300ms\"",
+        front_settings,
     )
     .await;
+    (storage, dir, upstream, front)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_is_a_504_in_bounded_time_and_no_lower_token_follows() {
+    let (storage, _dir, mut stalled, front) =
+        chain("upstream_timeout = \"500ms\"\nin_doubt_grace = \"300ms\"").await;
     let client = reqwest::Client::new();
     assert_eq!(put(&client, front.addr, 1, 1).await, Some((200, 1)));
 
@@ -301,15 +309,7 @@ async fn a_stalled_upstream_is_a_504_in_bounded_time_and_no_lower_token_follows(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_killed_mid_request_is_a_502_and_no_lower_token_follows() {
-    let storage = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = start_binary(&storage.url(), &dir.path().join("upstream.db")).await;
-    let front = start_binary_with(
-        &format!("http://{}", upstream.addr),
-        &dir.path().join("front.db"),
-        "upstream_timeout = \"10s\"",
-    )
-    .await;
+    let (storage, _dir, mut upstream, front) = chain("upstream_timeout = \"10s\"").await;
     let client = reqwest::Client::new();
     let url = format!("http://{}/crash/1", front.addr);
     let in_flight = tokio::spawn(
