@@ -18,6 +18,10 @@ pub const MAX_AUDITED_PATH: usize = 2048;
 /// The longest client-supplied request id kept in a rejection row.
 pub const MAX_AUDITED_REQUEST_ID: usize = 128;
 
+/// The longest method kept in a rejection row: registered methods are at most 17 bytes, and an
+/// extension method is the client's text.
+pub const MAX_AUDITED_METHOD: usize = 32;
+
 /// Why a fenced request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -29,15 +33,18 @@ pub enum Reason {
     Invalid,
     /// A token further above the highest than the route's `max_token_jump` allows.
     Jump,
+    /// A request on a collection above paths that other resources own (`DELETE /wallets/`).
+    Collection,
 }
 
 impl Reason {
     /// Every reason, in declaration order (so `reason as usize` indexes this array).
-    pub const ALL: [Reason; 4] = [
+    pub const ALL: [Reason; 5] = [
         Reason::Stale,
         Reason::Missing,
         Reason::Invalid,
         Reason::Jump,
+        Reason::Collection,
     ];
 
     /// The name stored in the database and shown to operators.
@@ -47,6 +54,7 @@ impl Reason {
             Reason::Missing => "missing",
             Reason::Invalid => "invalid",
             Reason::Jump => "jump",
+            Reason::Collection => "collection",
         }
     }
 }
@@ -59,7 +67,7 @@ impl fmt::Display for Reason {
 
 /// A name that is not one of the [`Reason`]s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a rejection reason; use stale, missing, invalid or jump")]
+#[error("{0:?} is not a rejection reason; use stale, missing, invalid, jump or collection")]
 pub struct UnknownReason(String);
 
 impl FromStr for Reason {

@@ -13,7 +13,8 @@ use http::Method;
 use serde::Deserialize;
 
 use crate::proxy::Upstream;
-use crate::route::{DEFAULT_FENCED_METHODS, Route, RoutePolicy, RouteTable};
+use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
+use crate::route::{Route, RoutePolicy, RouteTable};
 use crate::store::Retention;
 
 /// Where the data plane listens unless told otherwise.
@@ -50,6 +51,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most data-plane worker threads one may ask for; more than this is a typo, not a machine.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// The longest resource name, in bytes, that a request may render; a longer one is refused with
+/// 414 before the gate, so no client can make the database or the audit log grow by name length.
+pub const DEFAULT_MAX_RESOURCE_LEN: usize = 512;
+/// The most `max_resource_len` may be set to: resource names are keys, not documents.
+pub const MAX_MAX_RESOURCE_LEN: usize = 8192;
 /// The resource of the catch-all route that `--upstream` makes without a config file.
 pub const DEFAULT_RESOURCE: &str = "default";
 
@@ -97,6 +103,8 @@ pub struct Config {
     pub limits: Limits,
     pub in_doubt_grace: Duration,
     pub max_body: u64,
+    /// The longest resource name, in bytes, a request may render (admin calls too).
+    pub max_resource_len: usize,
     pub shutdown_grace: Duration,
     /// How much of the audit log to keep.
     pub retention: Retention,
@@ -156,6 +164,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     in_doubt_grace: Option<String>,
     max_body: Option<Size>,
+    max_resource_len: Option<usize>,
     shutdown_grace: Option<String>,
     audit_max_age: Option<String>,
     audit_max_rows: Option<u64>,
@@ -171,7 +180,9 @@ struct FileRoute {
     path: String,
     upstream: String,
     resource: String,
-    fenced_methods: Option<Vec<String>>,
+    unfenced_methods: Option<Vec<String>>,
+    /// Replaced by `unfenced_methods`; read only to say so.
+    fenced_methods: Option<toml::Value>,
     #[serde(default)]
     fence_reads: bool,
     max_token_jump: Option<u64>,
@@ -268,6 +279,12 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             DEFAULT_IN_DOUBT_GRACE,
         )?,
         max_body: size("max_body", file.max_body, DEFAULT_MAX_BODY)?,
+        max_resource_len: count(
+            "max_resource_len",
+            file.max_resource_len,
+            DEFAULT_MAX_RESOURCE_LEN,
+            MAX_MAX_RESOURCE_LEN,
+        )?,
         shutdown_grace: duration(
             "shutdown_grace",
             file.shutdown_grace,
@@ -419,7 +436,7 @@ fn routes(
             .parse::<Upstream>()
             .map_err(|e| invalid("--upstream", e))?;
         let policy = RoutePolicy {
-            fenced_methods: DEFAULT_FENCED_METHODS.to_vec(),
+            unfenced_methods: DEFAULT_UNFENCED_METHODS.to_vec(),
             fence_reads: false,
             max_token_jump: None,
         };
@@ -448,9 +465,16 @@ fn build_route(
     let upstream = url
         .parse::<Upstream>()
         .map_err(|e| invalid(upstream_key, e))?;
-    let fenced_methods = match route.fenced_methods {
-        None => DEFAULT_FENCED_METHODS.to_vec(),
-        Some(names) => methods(&key("fenced_methods"), &names)?,
+    if route.fenced_methods.is_some() {
+        return Err(invalid(
+            key("fenced_methods"),
+            "was replaced by unfenced_methods: every method except GET, HEAD and OPTIONS is now \
+             fenced; list the reads to pass without a token in unfenced_methods instead",
+        ));
+    }
+    let unfenced_methods = match route.unfenced_methods {
+        None => DEFAULT_UNFENCED_METHODS.to_vec(),
+        Some(names) => unfenced(&key("unfenced_methods"), &names)?,
     };
     if route.max_token_jump == Some(0) {
         return Err(invalid(
@@ -459,7 +483,7 @@ fn build_route(
         ));
     }
     let policy = RoutePolicy {
-        fenced_methods,
+        unfenced_methods,
         fence_reads: route.fence_reads,
         max_token_jump: route.max_token_jump,
     };
@@ -471,21 +495,19 @@ fn build_route(
     })
 }
 
-fn methods(key: &str, names: &[String]) -> Result<Vec<Method>, ConfigError> {
-    if names.is_empty() {
-        return Err(invalid(
-            key,
-            "must name at least one method, such as [\"PUT\"]",
-        ));
-    }
+/// `unfenced_methods`: only methods that cannot change state, so that no write escapes fencing by
+/// a config line. An empty list fences every method, reads included.
+fn unfenced(key: &str, names: &[String]) -> Result<Vec<Method>, ConfigError> {
     names
         .iter()
         .map(|name| {
-            // Methods are case-sensitive: "put" would silently leave PUT unfenced.
-            if name.is_empty() || *name != name.to_ascii_uppercase() {
+            if !methods::is_safe(name) {
                 return Err(invalid(
                     key,
-                    format!("{name:?} is not an upper-case method name such as \"PUT\""),
+                    format!(
+                        "{name:?} can change state (or is not an upper-case method name); only {} may be left unfenced",
+                        methods::SAFE_METHODS.join(", ")
+                    ),
                 ));
             }
             Method::from_bytes(name.as_bytes())
@@ -528,7 +550,7 @@ max_body = "16MiB"
 path = "/wallets/{id}"
 upstream = "http://127.0.0.1:5984"
 resource = "wallet:{id}"
-fenced_methods = ["POST", "PUT", "PATCH", "DELETE"]
+unfenced_methods = ["GET", "HEAD", "OPTIONS"]
 fence_reads = false
 max_token_jump = 1000000
 
@@ -554,6 +576,7 @@ resource = "default"
         assert_eq!(config.database, PathBuf::from(DEFAULT_DATABASE));
         assert_eq!(config.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
         assert_eq!(config.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(config.max_resource_len, DEFAULT_MAX_RESOURCE_LEN);
         assert!(config.admin_token.is_none());
         assert_eq!(config.retention.max_age, DEFAULT_AUDIT_MAX_AGE);
         assert_eq!(config.retention.max_rows, DEFAULT_AUDIT_MAX_ROWS);
@@ -644,12 +667,25 @@ resource = "default"
             ),
             (format!("listen = \"localhost\"\n{ROUTE}"), "listen"),
             (
-                format!("{ROUTE}fenced_methods = [\"put\"]"),
-                "routes[0].fenced_methods",
+                format!("{ROUTE}unfenced_methods = [\"get\"]"),
+                "routes[0].unfenced_methods",
             ),
             (
-                format!("{ROUTE}fenced_methods = []"),
+                format!("{ROUTE}unfenced_methods = [\"GET\", \"MKCOL\"]"),
+                "routes[0].unfenced_methods",
+            ),
+            (
+                format!("{ROUTE}unfenced_methods = [\"FROBNICATE\"]"),
+                "routes[0].unfenced_methods",
+            ),
+            (
+                format!("{ROUTE}fenced_methods = [\"PUT\"]"),
                 "routes[0].fenced_methods",
+            ),
+            (format!("max_resource_len = 0\n{ROUTE}"), "max_resource_len"),
+            (
+                format!("max_resource_len = 100000\n{ROUTE}"),
+                "max_resource_len",
             ),
             (
                 format!("{ROUTE}max_token_jump = 0"),

@@ -14,6 +14,11 @@
 //! The forwarding permit is held until the upstream has answered; dropping it without
 //! [`Permit::settle`] (a torn-down request) puts the resource in doubt for `in_doubt_grace`.
 //!
+//! A request that changes several resources (a COPY onto another resource's path) takes one
+//! permit per resource with [`Gate::admit_all`]: every gate is judged before any is changed, the
+//! advances are made durable in one transaction, and the permits are taken in the resources' sorted
+//! order, so that two such requests can never each hold what the other waits for.
+//!
 //! Idle slots are evicted by [`Gate::evict_idle`] and reloaded from the database on next use.
 
 use std::cmp::Ordering;
@@ -27,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::route::ResourceKey;
-use crate::store::{Advance, Durable, LastStop, Reset, Store, StoreError, Via};
+use crate::store::{Advance, AllAdvanced, Durable, LastStop, Reset, Store, StoreError, Via};
 use crate::token::FencingToken;
 
 /// How a token compares with a resource's highest: the pure check at the heart of fencing.
@@ -76,6 +81,13 @@ pub enum Refusal {
     NotDurable,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A refusal of a request that changes several resources, with the resource whose gate refused.
+#[derive(Debug, Clone)]
+pub struct RefusedBy {
+    pub resource: ResourceKey,
+    pub refusal: Refusal,
 }
 
 /// How long a slot must go unused before [`Gate::evict_idle`] may drop it.
@@ -173,6 +185,88 @@ impl Gate {
                 .await?;
         }
         self.wait_for_turn(slot, token).await
+    }
+
+    /// Admits a request that changes `primary` and every one of `also` (in any order, repeats
+    /// allowed): all or nothing. No gate is changed unless every gate accepts the token (judged first, then made
+    /// durable in one transaction that re-checks them all); the permits are then taken in sorted
+    /// order. On a refusal every permit already taken is given back, settled: nothing was sent.
+    pub async fn admit_all(
+        &self,
+        primary: &ResourceKey,
+        also: &[ResourceKey],
+        token: FencingToken,
+        max_jump: Option<u64>,
+        request_id: &str,
+    ) -> Result<Permits, RefusedBy> {
+        if also.iter().all(|other| other == primary) {
+            // The hot path: one resource, no allocation beyond what `admit` does.
+            return match self.admit(primary, token, max_jump, request_id).await {
+                Ok(permit) => Ok(Permits::one(permit)),
+                Err(refusal) => Err(RefusedBy {
+                    resource: primary.clone(),
+                    refusal,
+                }),
+            };
+        }
+        let mut sorted = Vec::with_capacity(also.len() + 1);
+        sorted.push(primary.clone());
+        sorted.extend_from_slice(also);
+        sorted.sort();
+        sorted.dedup();
+        let refused = |resource: &ResourceKey, refusal: Refusal| RefusedBy {
+            resource: resource.clone(),
+            refusal,
+        };
+        let mut slots = Vec::with_capacity(sorted.len());
+        for resource in &sorted {
+            let slot = self.slot(resource).await;
+            slots.push(slot.map_err(|e| refused(resource, e.into()))?);
+        }
+        let mut newer = false;
+        for (resource, slot) in sorted.iter().zip(&slots) {
+            let highest = slot.lock().highest();
+            match judge(highest, token) {
+                Verdict::Stale { highest } => {
+                    return Err(refused(resource, Refusal::Stale { highest }));
+                }
+                Verdict::Current => {}
+                Verdict::Newer => {
+                    check_jump(highest, token, max_jump).map_err(|r| refused(resource, r))?;
+                    newer = true;
+                }
+            }
+        }
+        if newer {
+            self.make_all_durable(&slots, &sorted, token, request_id)
+                .await?;
+        }
+        let mut permits = Vec::with_capacity(slots.len());
+        for (resource, slot) in sorted.iter().zip(slots) {
+            match self.wait_for_turn(slot, token).await {
+                Ok(permit) => permits.push(permit),
+                Err(refusal) => {
+                    for permit in permits {
+                        permit.settle();
+                    }
+                    return Err(refused(resource, refusal));
+                }
+            }
+        }
+        // `sorted` holds at least two resources (all but one were not `primary`), so there is a
+        // first permit; the fallback only keeps this free of a panic path.
+        let mut permits = permits.into_iter();
+        match permits.next() {
+            Some(first) => Ok(Permits {
+                first,
+                rest: permits.collect(),
+            }),
+            None => self
+                .admit(primary, token, max_jump, request_id)
+                .await
+                .map(Permits::one)
+                .map_err(|refusal| refused(primary, refusal)),
+        }
     }
 
     /// Raises `resource`'s highest token to `token` without forwarding anything, as a new leader
@@ -347,6 +441,51 @@ impl Gate {
         }
     }
 
+    /// [`Gate::make_durable`] for several resources at once, in one transaction: either every one
+    /// is at least `token` afterwards, or (one was already above it) none was changed.
+    async fn make_all_durable(
+        &self,
+        slots: &[Arc<Slot>],
+        resources: &[ResourceKey],
+        token: FencingToken,
+        request_id: &str,
+    ) -> Result<(), RefusedBy> {
+        let store = self.inner.store.clone();
+        let metrics = Arc::clone(&self.inner.metrics);
+        let slots = slots.to_vec();
+        let (keys, request_id) = (resources.to_vec(), request_id.to_owned());
+        // Its own task, for the same reason as in `make_durable`.
+        let advanced: Result<AllAdvanced, StoreError> = tokio::spawn(async move {
+            let advanced = store.advance_all(keys.clone(), token, Via::Write).await?;
+            for (index, (slot, resource)) in slots.iter().zip(&keys).enumerate() {
+                if let Some(from) = advanced.raised_from(index) {
+                    metrics.advanced(Via::Write);
+                    tracing::info!(
+                        %resource, from = from.map(FencingToken::get), to = token.get(), via = "write",
+                        request_id, "epoch advanced"
+                    );
+                }
+                slot.observe(advanced.durable(index), Reopen::No);
+            }
+            Ok(advanced)
+        })
+        .await
+        .unwrap_or(Err(StoreError::Closed));
+        let advanced = advanced.map_err(|e| RefusedBy {
+            resource: resources[0].clone(),
+            refusal: e.into(),
+        })?;
+        match advanced.refused_by {
+            None => Ok(()),
+            Some(index) => Err(RefusedBy {
+                resource: resources[index].clone(),
+                refusal: Refusal::Stale {
+                    highest: advanced.previous[index].unwrap_or(token),
+                },
+            }),
+        }
+    }
+
     /// Waits until `token` (already durable) may be forwarded: no older request in flight or in
     /// doubt. Refuses if a higher token became durable meanwhile.
     async fn wait_for_turn(&self, slot: Arc<Slot>, token: FencingToken) -> Result<Permit, Refusal> {
@@ -428,6 +567,39 @@ impl Drop for Permit {
         if !self.settled {
             self.slot.leave(self.base, Some(self.in_doubt_grace));
         }
+    }
+}
+
+/// The permits of one request, one per resource it changes. Hold them until the upstream has
+/// answered, then [`Permits::settle`]; dropped unsettled, each leaves its resource in doubt.
+#[derive(Debug)]
+#[must_use = "dropping permits at once marks their request as torn down"]
+pub struct Permits {
+    /// Kept apart from the rest so that the common request, with one resource, allocates nothing.
+    first: Permit,
+    rest: Vec<Permit>,
+}
+
+impl Permits {
+    fn one(permit: Permit) -> Self {
+        Self {
+            first: permit,
+            rest: Vec::new(),
+        }
+    }
+
+    /// The greatest highest token among the resources right now, for `Fencing-Token-Highest`:
+    /// if any resource has moved past the request's token, the leader learns it.
+    pub fn highest(&self) -> Option<FencingToken> {
+        let rest = self.rest.iter().filter_map(Permit::highest).max();
+        self.first.highest().max(rest)
+    }
+
+    /// The upstream has answered, or certainly never received the request. Returns the greatest
+    /// highest token at this moment.
+    pub fn settle(self) -> Option<FencingToken> {
+        let rest = self.rest.into_iter().filter_map(Permit::settle).max();
+        self.first.settle().max(rest)
     }
 }
 

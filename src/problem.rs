@@ -12,6 +12,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::route::destination::DestinationError;
 use crate::route::{PathError, ResourceKey};
 use crate::token::{FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 
@@ -27,6 +28,27 @@ pub enum ProxyError {
     MethodOverride(HeaderName),
     #[error("no route matches {path}")]
     NoRoute { path: String },
+    #[error(
+        "the method {sent} is {registered} in another case; methods are case-sensitive, and storage that upper-cases them would run this one unfenced"
+    )]
+    MethodCase {
+        sent: String,
+        registered: &'static str,
+    },
+    #[error(
+        "the Connection header names {0}, which fencegate must pass to the upstream as sent; it is not hop-by-hop"
+    )]
+    HopByHopFencingHeader(HeaderName),
+    #[error(
+        "the resource name is {length} bytes, more than max_resource_len ({limit}); use shorter paths"
+    )]
+    ResourceTooLong { length: usize, limit: usize },
+    #[error("{0}")]
+    Destination(#[from] DestinationError),
+    #[error(
+        "{path} is a collection above paths that route {below} fences under other resources; an operation on it could change them under this resource's token"
+    )]
+    Collection { path: String, below: String },
     #[error("{0}")]
     MissingToken(TokenError),
     #[error("{0}")]
@@ -56,6 +78,10 @@ pub enum ProxyError {
     UpstreamUnreachable,
     #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
+    #[error(
+        "the upstream switched protocols (101), and fencegate does not tunnel other protocols: their writes could not be fenced"
+    )]
+    UpstreamSwitchedProtocols,
 }
 
 impl ProxyError {
@@ -74,6 +100,31 @@ impl ProxyError {
                 "Method override refused",
             ),
             NoRoute { .. } => (StatusCode::NOT_FOUND, "no-route", "No route"),
+            MethodCase { .. } => (
+                StatusCode::BAD_REQUEST,
+                "method-case",
+                "Method in the wrong case",
+            ),
+            HopByHopFencingHeader(_) => (
+                StatusCode::BAD_REQUEST,
+                "hop-by-hop-fencing-header",
+                "Fencing header named as hop-by-hop",
+            ),
+            ResourceTooLong { .. } => (
+                StatusCode::URI_TOO_LONG,
+                "resource-too-long",
+                "Resource name too long",
+            ),
+            Destination(_) => (
+                StatusCode::BAD_REQUEST,
+                "bad-destination",
+                "Destination refused",
+            ),
+            Collection { .. } => (
+                StatusCode::CONFLICT,
+                "collection",
+                "Operation on a collection of other resources",
+            ),
             MissingToken(_) => (
                 StatusCode::PRECONDITION_REQUIRED,
                 "missing-token",
@@ -109,6 +160,11 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream-timeout",
                 "Upstream timed out",
+            ),
+            UpstreamSwitchedProtocols => (
+                StatusCode::BAD_GATEWAY,
+                "upstream-switched-protocols",
+                "Upstream switched protocols",
             ),
         }
     }

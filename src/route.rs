@@ -5,6 +5,13 @@
 //! writes, [`normalise_path`] first refuses every path that an upstream could read as a different
 //! path (dot segments, encoded separators, empty segments, malformed escapes) and decodes the rest
 //! once, exactly as the upstream will.
+//!
+//! A route fences more than the path it matches: [`RouteTable::collection_conflict`] finds a
+//! request on a collection whose members another resource owns, [`destination`] reads the second
+//! path of a COPY or MOVE, and [`methods`] says which methods can change state at all.
+
+pub mod destination;
+pub mod methods;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -125,18 +132,15 @@ fn check_escapes(raw: &str) -> Result<(), PathError> {
     Ok(())
 }
 
-/// The methods a route fences when the config does not say.
-pub const DEFAULT_FENCED_METHODS: [Method; 4] =
-    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
-
 /// How a route treats one request's fencing token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fencing {
     /// A write: the token is required and checked.
     Required,
-    /// A read on a `fence_reads` route: a token, when sent, is checked; none is also fine.
+    /// An unfenced method on a `fence_reads` route: a token, when sent, is checked; none is also
+    /// fine.
     IfPresent,
-    /// A read: passed through unchecked.
+    /// An unfenced method: passed through unchecked.
     Off,
 }
 
@@ -161,7 +165,9 @@ pub struct Route {
     matcher: matchit::Router<()>,
     upstream: Upstream,
     resource: ResourceTemplate,
-    fenced_methods: Vec<Method>,
+    /// The path template segment by segment, for finding the collections above its paths.
+    shape: Vec<Segment>,
+    unfenced_methods: Vec<Method>,
     fence_reads: bool,
     max_token_jump: Option<u64>,
 }
@@ -169,7 +175,8 @@ pub struct Route {
 /// The settings of a route other than its templates, already validated by the config layer.
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {
-    pub fenced_methods: Vec<Method>,
+    /// Methods passed through without a token; only methods that cannot change state.
+    pub unfenced_methods: Vec<Method>,
     pub fence_reads: bool,
     pub max_token_jump: Option<u64>,
 }
@@ -192,7 +199,8 @@ impl Route {
             matcher,
             upstream,
             resource: template,
-            fenced_methods: policy.fenced_methods,
+            shape: shape_of(path),
+            unfenced_methods: policy.unfenced_methods,
             fence_reads: policy.fence_reads,
             max_token_jump: policy.max_token_jump,
         })
@@ -208,9 +216,9 @@ impl Route {
         &self.resource_template
     }
 
-    /// The methods whose requests must carry a current token.
-    pub fn fenced_methods(&self) -> &[Method] {
-        &self.fenced_methods
+    /// The methods passed through without a token; every other method is fenced.
+    pub fn unfenced_methods(&self) -> &[Method] {
+        &self.unfenced_methods
     }
 
     /// Whether reads that carry a token are fenced too.
@@ -230,7 +238,7 @@ impl Route {
 
     /// How this route treats a request with `method`.
     pub fn fencing_for(&self, method: &Method) -> Fencing {
-        if self.fenced_methods.contains(method) {
+        if !self.unfenced_methods.contains(method) {
             Fencing::Required
         } else if self.fence_reads {
             Fencing::IfPresent
@@ -239,15 +247,115 @@ impl Route {
         }
     }
 
-    fn resolve(&self, decoded_path: &str) -> Option<ResourceKey> {
-        let matched = self.matcher.at(decoded_path).ok()?;
-        Some(self.resource.render(|name| {
+    /// Whether the resource template names the catch-all capture, so that the route gives every
+    /// path below one of its paths a resource of its own (`/files/{*path}` → `file:{path}`).
+    pub fn nests_resources(&self) -> bool {
+        let Some(Segment::CatchAll(name)) = self.shape.last() else {
+            return false;
+        };
+        self.resource.uses(name)
+    }
+
+    /// Whether some path this route matches lies strictly below `segments`, the decoded segments
+    /// of a path without its trailing slash. The check is on the template's shape, so it holds
+    /// whatever the upstream stores: `/wallets` is above `/wallets/{id}` even with no wallet yet.
+    pub fn lies_below(&self, segments: &[&str]) -> bool {
+        segments.len() < self.required_segments()
+            && segments
+                .iter()
+                .zip(&self.shape)
+                .all(|(segment, shape)| shape.matches(segment))
+    }
+
+    /// One example of each collection above this route's paths, shallowest first (`/`, then
+    /// `/wallets` for `/wallets/{id}`), with a placeholder's segment spelled `x`.
+    fn collections_above(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.required_segments()).map(|depth| {
+            let segments: Vec<&str> = self.shape[..depth]
+                .iter()
+                .map(|segment| match segment {
+                    Segment::Literal(literal) => literal.as_str(),
+                    Segment::Param | Segment::CatchAll(_) => "x",
+                })
+                .collect();
+            format!("/{}", segments.join("/"))
+        })
+    }
+
+    /// How many segments every path of this route has at least.
+    fn required_segments(&self) -> usize {
+        self.shape
+            .iter()
+            .take_while(|segment| !matches!(segment, Segment::CatchAll(_)))
+            .count()
+    }
+
+    /// The resource of a path that matches, and the value of its catch-all capture if it has one.
+    fn resolve(&self, match_path: &str) -> Option<(ResourceKey, Option<bool>)> {
+        let matched = self.matcher.at(match_path).ok()?;
+        let capture = |name: &str| {
             matched
                 .params
                 .iter()
                 .find(|(key, _)| *key == name)
                 .map_or("", |(_, value)| value)
-        }))
+        };
+        let catch_all_empty = match self.shape.last() {
+            Some(Segment::CatchAll(name)) => Some(capture(name).is_empty()),
+            _ => None,
+        };
+        Some((self.resource.render(capture), catch_all_empty))
+    }
+}
+
+/// Route `outer` matches `example`, a collection above the paths of route `inner`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlap {
+    pub outer: usize,
+    pub inner: usize,
+    pub example: String,
+}
+
+/// One segment of a path template.
+#[derive(Debug)]
+enum Segment {
+    Literal(String),
+    /// `{name}`, or any segment that holds a placeholder: it matches at least the segments the
+    /// placeholder can, which keeps [`Route::lies_below`] on the safe side.
+    Param,
+    /// `{*name}`: the rest of the path, which is always the last segment.
+    CatchAll(String),
+}
+
+impl Segment {
+    fn matches(&self, segment: &str) -> bool {
+        match self {
+            Segment::Literal(literal) => literal == segment,
+            Segment::Param | Segment::CatchAll(_) => true,
+        }
+    }
+}
+
+fn shape_of(path: &str) -> Vec<Segment> {
+    let path = without_trailing_slash(path);
+    path.strip_prefix('/')
+        .unwrap_or(path)
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .map(|segment| match segment.strip_prefix("{*") {
+            Some(rest) => Segment::CatchAll(rest.trim_end_matches('}').to_owned()),
+            None if segment.contains('{') => Segment::Param,
+            None => Segment::Literal(segment.to_owned()),
+        })
+        .collect()
+}
+
+/// `/a/b/` and `/a/b` name one entry on every file-like storage, so routing sees both as `/a/b`:
+/// otherwise `MKCOL /wallets/9/` would fall to a catch-all route's resource, not `wallet:9`.
+fn without_trailing_slash(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(stripped) if !stripped.is_empty() => stripped,
+        _ => path,
     }
 }
 
@@ -257,7 +365,9 @@ impl Route {
 const MAX_PARAMETERS: usize = 25;
 
 /// A catch-all such as `/{*rest}` does not match its own bare prefix (`/`) in matchit, but an
-/// operator who writes one means "everything below here", so the prefix is registered too.
+/// operator who writes one means "everything below here", so the prefix is registered too. Paths
+/// are matched without their trailing slash (see [`without_trailing_slash`]), and so is the
+/// template.
 fn build_matcher(path: &str) -> Result<matchit::Router<()>, RouteError> {
     if !path.starts_with('/') {
         return Err(RouteError::Path("must start with /".into()));
@@ -267,6 +377,7 @@ fn build_matcher(path: &str) -> Result<matchit::Router<()>, RouteError> {
             "has more than {MAX_PARAMETERS} `{{`; a path template holds at most {MAX_PARAMETERS} parameters"
         )));
     }
+    let path = without_trailing_slash(path);
     let mut matcher = matchit::Router::new();
     matcher
         .insert(path, ())
@@ -276,7 +387,7 @@ fn build_matcher(path: &str) -> Result<matchit::Router<()>, RouteError> {
         && path[..open].ends_with('/')
     {
         matcher
-            .insert(&path[..open], ())
+            .insert(without_trailing_slash(&path[..open]), ())
             .map_err(|e| RouteError::Path(e.to_string()))?;
     }
     Ok(matcher)
@@ -343,6 +454,13 @@ impl ResourceTemplate {
         Ok(Self { parts, fixed })
     }
 
+    /// Whether the template names the capture `name`.
+    fn uses(&self, name: &str) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::Capture(used) if used == name))
+    }
+
     fn render<'p>(&self, capture: impl Fn(&str) -> &'p str) -> ResourceKey {
         if let Some(fixed) = &self.fixed {
             return fixed.clone();
@@ -362,6 +480,9 @@ impl ResourceTemplate {
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// The most segments any route requires: a path with at least as many lies below no route,
+    /// which spares the common request the collection check.
+    deepest_required: usize,
 }
 
 /// A request resolved to its route and resource.
@@ -369,12 +490,23 @@ pub struct RouteTable {
 pub struct Resolved<'a> {
     pub route: &'a Route,
     pub resource: ResourceKey,
+    /// Whether the path names a collection explicitly: it ends with `/`, or it is the bare prefix
+    /// of a catch-all route.
+    pub names_collection: bool,
 }
 
 impl RouteTable {
     /// A table of routes, tried in this order.
     pub fn new(routes: Vec<Route>) -> Self {
-        Self { routes }
+        let deepest_required = routes
+            .iter()
+            .map(Route::required_segments)
+            .max()
+            .unwrap_or(0);
+        Self {
+            routes,
+            deepest_required,
+        }
     }
 
     /// The routes, in order.
@@ -382,13 +514,75 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The first route whose template matches the already-normalised path.
+    /// The first route whose template matches the already-normalised path (with or without its
+    /// trailing slash: both name one entry).
     pub fn resolve(&self, decoded_path: &str) -> Option<Resolved<'_>> {
+        let match_path = without_trailing_slash(decoded_path);
+        let trailing_slash = match_path.len() < decoded_path.len() || decoded_path == "/";
         self.routes.iter().find_map(|route| {
             route
-                .resolve(decoded_path)
-                .map(|resource| Resolved { route, resource })
+                .resolve(match_path)
+                .map(|(resource, catch_all_empty)| Resolved {
+                    route,
+                    resource,
+                    names_collection: trailing_slash || catch_all_empty == Some(true),
+                })
         })
+    }
+
+    /// Every pair of routes where the first matches a collection above the second's paths: a
+    /// fenced request there is refused as a collection operation. `check-config` warns of them.
+    pub fn collection_overlaps(&self) -> Vec<Overlap> {
+        let mut overlaps = Vec::new();
+        for (inner, below) in self.routes.iter().enumerate() {
+            for (outer, above) in self.routes.iter().enumerate() {
+                if outer == inner {
+                    continue;
+                }
+                let example = below
+                    .collections_above()
+                    .find(|collection| above.matcher.at(collection).is_ok());
+                if let Some(example) = example {
+                    overlaps.push(Overlap {
+                        outer,
+                        inner,
+                        example,
+                    });
+                }
+            }
+        }
+        overlaps
+    }
+
+    /// The route whose resources a fenced `method` on `resolved` could change although they are
+    /// not `resolved`'s resource: a route with paths strictly below this path (`DELETE /wallets/`
+    /// above `/wallets/{id}`), or, on a route that names a resource per sub-path, any member of an
+    /// explicitly named collection. `None` when the request changes only its own resource.
+    pub fn collection_conflict<'a>(
+        &'a self,
+        decoded_path: &str,
+        resolved: &Resolved<'a>,
+        method: &Method,
+    ) -> Option<&'a Route> {
+        if resolved.names_collection
+            && resolved.route.nests_resources()
+            && !methods::touches_only_its_target(method)
+        {
+            return Some(resolved.route);
+        }
+        let path = without_trailing_slash(decoded_path);
+        let depth = path
+            .split('/')
+            .filter(|segment| !segment.is_empty())
+            .count();
+        if depth >= self.deepest_required {
+            return None;
+        }
+        let segments: Vec<&str> = path
+            .split('/')
+            .filter(|segment| !segment.is_empty())
+            .collect();
+        self.routes.iter().find(|route| route.lies_below(&segments))
     }
 }
 
@@ -402,7 +596,7 @@ mod tests {
 
     fn policy() -> RoutePolicy {
         RoutePolicy {
-            fenced_methods: DEFAULT_FENCED_METHODS.to_vec(),
+            unfenced_methods: methods::DEFAULT_UNFENCED_METHODS.to_vec(),
             fence_reads: false,
             max_token_jump: None,
         }
@@ -523,16 +717,106 @@ mod tests {
         let table = RouteTable::new(vec![route("/wallets/{id}", "wallet:{id}")]);
         assert_eq!(resource_of(&table, "/other"), None);
         assert_eq!(resource_of(&table, "/wallets/"), None);
+        assert_eq!(resource_of(&table, "/wallets"), None);
     }
 
     #[test]
     fn catch_all_also_matches_its_bare_prefix() {
         let table = RouteTable::new(vec![route("/files/{*path}", "file:{path}")]);
         assert_eq!(resource_of(&table, "/files/").as_deref(), Some("file:"));
+        assert_eq!(resource_of(&table, "/files").as_deref(), Some("file:"));
         assert_eq!(
             resource_of(&table, "/files/a/b").as_deref(),
             Some("file:a/b")
         );
+    }
+
+    #[test]
+    fn a_trailing_slash_names_the_same_resource() {
+        let table = RouteTable::new(vec![
+            route("/wallets/{id}", "wallet:{id}"),
+            route("/files/{*path}", "file:{path}"),
+            route("/slashed/{id}/", "slashed:{id}"),
+            route("/{*rest}", "default"),
+        ]);
+        for (path, resource) in [
+            ("/wallets/9/", "wallet:9"),
+            ("/files/a/b/", "file:a/b"),
+            ("/slashed/1", "slashed:1"),
+            ("/slashed/1/", "slashed:1"),
+        ] {
+            assert_eq!(
+                resource_of(&table, path).as_deref(),
+                Some(resource),
+                "{path}"
+            );
+        }
+    }
+
+    fn conflict(table: &RouteTable, method: &str, raw: &str) -> Option<String> {
+        let path = normalise_path(raw).unwrap();
+        let resolved = table.resolve(&path)?;
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        table
+            .collection_conflict(&path, &resolved, &method)
+            .map(|route| route.path().to_owned())
+    }
+
+    #[test]
+    fn a_collection_above_another_routes_paths_conflicts_with_it() {
+        let table = RouteTable::new(vec![
+            route("/wallets/{id}", "wallet:{id}"),
+            route("/users/{user}/docs/{*doc}", "user:{user}"),
+            route("/{*rest}", "default"),
+        ]);
+        for path in ["/", "/wallets", "/wallets/", "/users", "/users/ann/"] {
+            assert!(conflict(&table, "DELETE", path).is_some(), "{path}");
+            assert!(conflict(&table, "MKCOL", path).is_some(), "{path}");
+        }
+        for path in [
+            "/wallets/1",
+            "/wallets/1/",
+            "/wallets/1/x",
+            "/users/ann/docs",
+            "/users/ann/docs/a/",
+            "/other/",
+            "/walletsx/",
+        ] {
+            assert_eq!(conflict(&table, "DELETE", path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn overlapping_routes_are_listed_with_an_example() {
+        let table = RouteTable::new(vec![
+            route("/wallets/{id}", "wallet:{id}"),
+            route("/{*rest}", "default"),
+        ]);
+        assert_eq!(
+            table.collection_overlaps(),
+            vec![Overlap {
+                outer: 1,
+                inner: 0,
+                example: "/".into()
+            }]
+        );
+        let apart = RouteTable::new(vec![
+            route("/wallets/{id}", "wallet:{id}"),
+            route("/orders/{id}", "order:{id}"),
+        ]);
+        assert_eq!(apart.collection_overlaps(), vec![]);
+    }
+
+    #[test]
+    fn a_collection_of_a_route_that_names_a_resource_per_sub_path_conflicts_with_its_members() {
+        let table = RouteTable::new(vec![route("/files/{*path}", "file:{path}")]);
+        assert!(conflict(&table, "DELETE", "/files/a/").is_some());
+        assert!(conflict(&table, "MOVE", "/files/").is_some());
+        assert!(conflict(&table, "COPY", "/files").is_some());
+        assert_eq!(conflict(&table, "MKCOL", "/files/a/"), None);
+        assert_eq!(conflict(&table, "PUT", "/files/a"), None);
+        let shared = RouteTable::new(vec![route("/files/{*path}", "files")]);
+        assert_eq!(conflict(&shared, "DELETE", "/files/a/"), None);
     }
 
     #[test]
@@ -572,7 +856,21 @@ mod tests {
         let plain = route("/a", "a");
         assert_eq!(plain.fencing_for(&Method::PUT), Fencing::Required);
         assert_eq!(plain.fencing_for(&Method::DELETE), Fencing::Required);
+        for write in [
+            "MKCOL",
+            "PROPPATCH",
+            "COPY",
+            "MOVE",
+            "LOCK",
+            "UNLOCK",
+            "FROBNICATE",
+        ] {
+            let method = Method::from_bytes(write.as_bytes()).unwrap();
+            assert_eq!(plain.fencing_for(&method), Fencing::Required, "{write}");
+        }
         assert_eq!(plain.fencing_for(&Method::GET), Fencing::Off);
+        assert_eq!(plain.fencing_for(&Method::HEAD), Fencing::Off);
+        assert_eq!(plain.fencing_for(&Method::OPTIONS), Fencing::Off);
         let reads = RoutePolicy {
             fence_reads: true,
             ..policy()

@@ -31,7 +31,7 @@ use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, UpstreamClient};
-use crate::store::{LastStop, Reader, Retention, Store, WriterGuard};
+use crate::store::{LastStop, PrunePlan, Reader, Retention, Store, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
 
 /// How often idle resources are looked for and evicted from memory.
@@ -87,6 +87,7 @@ impl App {
         );
         let plane = DataPlane::new(
             config.routes,
+            config.max_resource_len,
             gate.clone(),
             store.clone(),
             upstream,
@@ -340,8 +341,8 @@ async fn evict_idle_resources(gate: Gate, stop: CancellationToken) {
     }
 }
 
-/// Retention: at start-up and then every `interval`, deletes audit rows past `retention` in small
-/// batches with pauses between them, until none are left.
+/// Retention: at start-up and then every `interval`, plans what `retention` no longer keeps (on
+/// a read-only connection) and deletes it in small batches with pauses between them.
 async fn prune_audit_log(
     admin: AdminState,
     retention: Retention,
@@ -349,32 +350,47 @@ async fn prune_audit_log(
     stop: CancellationToken,
 ) {
     loop {
-        let mut pruned = 0;
-        loop {
-            match admin.store.prune(retention, PRUNE_BATCH).await {
-                Ok(rows) => {
-                    pruned += rows;
-                    admin.metrics.pruned(rows);
-                    if rows < PRUNE_BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "pruning the audit log failed; retrying later");
-                    break;
+        let reader = admin.reader.clone();
+        match tokio::task::spawn_blocking(move || reader.prune_plan(retention)).await {
+            Ok(Ok(plan)) => {
+                tokio::select! {
+                    () = prune_in_batches(&admin, plan) => {}
+                    () = stop.cancelled() => return,
                 }
             }
-            tokio::select! {
-                () = tokio::time::sleep(PRUNE_PAUSE) => {}
-                () = stop.cancelled() => return,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "planning the audit log's pruning failed; retrying later")
             }
-        }
-        if pruned > 0 {
-            tracing::info!(rows = pruned, "audit log pruned");
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit log's pruning planner failed; retrying later")
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+async fn prune_in_batches(admin: &AdminState, plan: PrunePlan) {
+    let mut pruned = 0;
+    loop {
+        match admin.store.prune(plan.clone(), PRUNE_BATCH).await {
+            Ok(rows) => {
+                pruned += rows;
+                admin.metrics.pruned(rows);
+                if rows < PRUNE_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the audit log failed; retrying later");
+                break;
+            }
+        }
+        tokio::time::sleep(PRUNE_PAUSE).await;
+    }
+    if pruned > 0 {
+        tracing::info!(rows = pruned, "audit log pruned");
     }
 }

@@ -286,11 +286,19 @@ resource = "default"
         "{text}"
     );
     assert!(
-        text.contains("fenced POST,PUT,PATCH,DELETE  max_token_jump 1000"),
+        text.contains("fenced every method but GET,HEAD,OPTIONS  max_token_jump 1000"),
         "{text}"
     );
     assert!(
-        text.contains("listen                127.0.0.1:8080"),
+        text.contains("listen                    127.0.0.1:8080"),
+        "{text}"
+    );
+    // Every label, the longest included, stands apart from its value.
+    assert!(text.contains("upstream_connect_timeout  5s"), "{text}");
+    assert!(
+        text.contains(
+            "warning: routes[1] (/{*rest}) matches /, a collection above the paths of routes[0] (/wallets/{id})"
+        ),
         "{text}"
     );
 

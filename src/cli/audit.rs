@@ -24,7 +24,7 @@ pub struct AuditArgs {
     /// Only rejections of this resource.
     #[arg(long, value_name = "R")]
     pub resource: Option<String>,
-    /// Only rejections for this reason: stale, missing, invalid or jump.
+    /// Only rejections for this reason: stale, missing, invalid, jump or collection.
     #[arg(long)]
     pub reason: Option<Reason>,
     /// Only rejections since then: an RFC 3339 time or a duration such as 1h.

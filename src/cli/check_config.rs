@@ -37,6 +37,9 @@ pub fn run(args: &CheckConfigArgs) -> ExitCode {
     }
 }
 
+/// The widest setting label, so that no value runs into its key.
+const KEY_WIDTH: usize = 24;
+
 /// The configuration as an operator reads it: settings, then routes in match order.
 pub fn describe(config: &Config) -> String {
     let duration = |d| humantime::format_duration(d).to_string();
@@ -73,11 +76,15 @@ pub fn describe(config: &Config) -> String {
         ),
         ("in_doubt_grace", duration(config.in_doubt_grace)),
         ("max_body", format!("{} bytes", config.max_body)),
+        (
+            "max_resource_len",
+            format!("{} bytes", config.max_resource_len),
+        ),
         ("shutdown_grace", duration(config.shutdown_grace)),
         (
             "audit retention",
             format!(
-                "{} or {} rows, pruned every {}",
+                "{} or {} rows per reason, pruned every {}",
                 duration(config.retention.max_age),
                 config.retention.max_rows,
                 duration(config.audit_prune_interval)
@@ -92,23 +99,72 @@ pub fn describe(config: &Config) -> String {
     ];
     let mut text = String::new();
     for (key, value) in settings {
-        let _ = writeln!(text, "{key:<22}{value}");
+        let _ = writeln!(text, "{key:<width$}  {value}", width = KEY_WIDTH);
     }
     let _ = writeln!(text, "routes (the first match wins):");
-    for (index, route) in config.routes.routes().iter().enumerate() {
+    let routes = config.routes.routes();
+    for (index, route) in routes.iter().enumerate() {
         let _ = writeln!(text, "{}", describe_route(index, route));
+    }
+    for warning in warnings(config) {
+        let _ = writeln!(text, "warning: {warning}");
     }
     text
 }
 
+/// Route tables that work, but not the way an operator may think: collections that one route
+/// matches above another route's paths, and routes whose resources nest.
+fn warnings(config: &Config) -> Vec<String> {
+    let routes = config.routes.routes();
+    let mut warnings: Vec<String> = config
+        .routes
+        .collection_overlaps()
+        .into_iter()
+        .map(|overlap| {
+            format!(
+                "routes[{}] ({}) matches {}, a collection above the paths of routes[{}] ({}); \
+                 fenced requests on it are refused with 409 (reason collection), since they \
+                 could change resources that routes[{}] fences",
+                overlap.outer,
+                routes[overlap.outer].path(),
+                overlap.example,
+                overlap.inner,
+                routes[overlap.inner].path(),
+                overlap.inner,
+            )
+        })
+        .collect();
+    for (index, route) in routes.iter().enumerate() {
+        if route.nests_resources() {
+            warnings.push(format!(
+                "routes[{index}] ({}) gives every sub-path a resource of its own ({}); a request \
+                 on a collection path (ending in /) is refused with 409 (reason collection), but \
+                 storage that deletes or moves a directory named without its trailing slash can \
+                 still change the resources below it: prefer a resource per top-level segment",
+                route.path(),
+                route.resource_template()
+            ));
+        }
+    }
+    warnings
+}
+
 fn describe_route(index: usize, route: &Route) -> String {
-    let methods: Vec<&str> = route.fenced_methods().iter().map(|m| m.as_str()).collect();
+    let unfenced: Vec<&str> = route
+        .unfenced_methods()
+        .iter()
+        .map(|m| m.as_str())
+        .collect();
+    let fenced = if unfenced.is_empty() {
+        "every method".to_owned()
+    } else {
+        format!("every method but {}", unfenced.join(","))
+    };
     let mut line = format!(
-        "  [{index}] {} -> {}  resource {}  fenced {}",
+        "  [{index}] {} -> {}  resource {}  fenced {fenced}",
         route.path(),
         route.upstream(),
         route.resource_template(),
-        methods.join(",")
     );
     if route.fence_reads() {
         line.push_str(" (and reads that carry a token)");

@@ -34,6 +34,14 @@ const METHOD_OVERRIDES: [HeaderName; 3] = [
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// The `Destination` header of WebDAV's COPY and MOVE: a second path the request writes.
+pub(super) const DESTINATION: HeaderName = HeaderName::from_static("destination");
+
+/// Headers that fencing reads or that must reach the upstream as the client sent them. A
+/// `Connection` header naming one would have fencegate check it and then strip it as hop-by-hop:
+/// storage that checks tokens itself would be switched off by the client.
+const FENCING_HEADERS: [HeaderName; 2] = [crate::token::FENCING_TOKEN, DESTINATION];
+
 /// Refuses a request that carries a method-override header.
 pub(super) fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyError> {
     match METHOD_OVERRIDES
@@ -41,6 +49,24 @@ pub(super) fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyErr
         .find(|name| headers.contains_key(*name))
     {
         Some(name) => Err(ProxyError::MethodOverride(name.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a `Connection` header that names a header fencing depends on.
+pub(super) fn refuse_hop_by_hop_fencing_headers(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let named = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|name| {
+            FENCING_HEADERS
+                .into_iter()
+                .find(|fencing| fencing.as_str().eq_ignore_ascii_case(name.trim()))
+        });
+    match named {
+        Some(name) => Err(ProxyError::HopByHopFencingHeader(name)),
         None => Ok(()),
     }
 }
@@ -175,6 +201,20 @@ mod tests {
         prepare_upstream_request(&mut map, "[::1]:4000".parse().unwrap());
         assert_eq!(map[FORWARDED], "for=\"[::1]\";proto=http");
         assert_eq!(map["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn a_connection_header_naming_a_fencing_header_is_refused() {
+        for value in [
+            "Fencing-Token",
+            "close, fencing-token",
+            "keep-alive,DESTINATION",
+        ] {
+            let map = headers(&[("connection", value)]);
+            assert!(refuse_hop_by_hop_fencing_headers(&map).is_err(), "{value}");
+        }
+        let map = headers(&[("connection", "close, x-fencing-token-ish")]);
+        assert!(refuse_hop_by_hop_fencing_headers(&map).is_ok());
     }
 
     #[test]

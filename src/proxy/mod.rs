@@ -6,6 +6,7 @@
 //! refusal on fencing grounds is committed to the audit log before the answer goes out.
 
 mod headers;
+mod inflight;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -19,12 +20,14 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::audit::{self, Reason, Rejection};
-use crate::gate::{Gate, Permit, Refusal};
+use crate::gate::{Gate, Permits, Refusal, RefusedBy};
 use crate::metrics::Metrics;
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
-use crate::route::{self, Fencing, ResourceKey, Route, RouteTable};
+use crate::route::destination::{self, DestinationError};
+use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
+use inflight::InFlight;
 
 pub use upstream::{ForwardError, Upstream, UpstreamClient, UpstreamUrlError};
 
@@ -37,6 +40,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Debug)]
 pub struct DataPlane {
     routes: RouteTable,
+    /// The longest resource name a request may render (`max_resource_len`).
+    max_resource_len: usize,
     gate: Gate,
     store: Store,
     upstream: UpstreamClient,
@@ -47,6 +52,7 @@ impl DataPlane {
     /// Assembles the data plane.
     pub fn new(
         routes: RouteTable,
+        max_resource_len: usize,
         gate: Gate,
         store: Store,
         upstream: UpstreamClient,
@@ -54,6 +60,7 @@ impl DataPlane {
     ) -> Self {
         Self {
             routes,
+            max_resource_len,
             gate,
             store,
             upstream,
@@ -94,23 +101,31 @@ impl DataPlane {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
+        if let Some(registered) = methods::case_variant_of(request.method()) {
+            return Err(ProxyError::MethodCase {
+                sent: audit::truncated(request.method().as_str(), audit::MAX_AUDITED_METHOD),
+                registered,
+            }
+            .into());
+        }
+        headers::refuse_hop_by_hop_fencing_headers(request.headers())?;
         let path = route::normalise_path(request.uri().path()).map_err(ProxyError::from)?;
-        headers::refuse_method_override(request.headers())?;
         let resolved = self
             .routes
             .resolve(&path)
             .ok_or_else(|| ProxyError::NoRoute {
                 path: request.uri().path().to_owned(),
             })?;
+        // A Destination is a second path the request writes, whatever its method.
         let fenced = match resolved.route.fencing_for(request.method()) {
             Fencing::Required => true,
             Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
             Fencing::Off => false,
-        };
+        } || request.headers().contains_key(headers::DESTINATION);
         if fenced {
-            self.serve_fenced(resolved.route, resolved.resource, request, client)
-                .await
+            self.serve_fenced(&path, resolved, request, client).await
         } else {
+            headers::refuse_method_override(request.headers())?;
             self.check_declared_length(&request)?;
             self.forward_unfenced(resolved.route, request, client).await
         }
@@ -125,19 +140,30 @@ impl DataPlane {
         self.metrics.forwarded(false);
         let _call = self.metrics.upstream_call();
         self.upstream
-            .forward(route.upstream(), request, client)
+            .forward(route.upstream(), request, client, None)
             .await
             .map_err(|e| self.forward_failure(e).into())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(resource = %resource))]
+    /// The phases of a fenced request: edge checks, collection check, token, gate, upstream.
+    #[tracing::instrument(level = "debug", skip_all, fields(resource = %resolved.resource))]
     async fn serve_fenced(
         &self,
-        route: &Route,
-        resource: ResourceKey,
-        request: Request<Incoming>,
+        path: &str,
+        resolved: Resolved<'_>,
+        mut request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
+        let resource = resolved.resource.clone();
+        self.check_resource_length(&resource)?;
+        let destination = match self.edge_checks(&resolved, &mut request) {
+            Ok(destination) => destination,
+            Err(error) => return Err(self.refuse_malformed(error, resource).await),
+        };
+        let conflict = self.collection_conflict(path, &resolved, destination.as_ref(), &request);
+        if let Some((error, on)) = conflict {
+            return Err(self.refuse_collection(error, on, &request, client).await);
+        }
         let token = match token::from_headers(request.headers()) {
             Ok(token) => token,
             Err(e) => return Err(self.refuse_unparsed(resource, e, &request, client).await),
@@ -146,33 +172,115 @@ impl DataPlane {
             let highest = self.gate.highest(&resource).await.ok().flatten();
             return Err(fenced(error, resource, Some(token), highest));
         }
+        let also = destination
+            .as_ref()
+            .map(|d| std::slice::from_ref(&d.resolved.resource));
         let admitted = self
             .gate
-            .admit(
+            .admit_all(
                 &resource,
+                also.unwrap_or_default(),
                 token,
-                route.max_token_jump(),
+                max_jump(resolved.route, destination.as_ref()),
                 request_id(&request),
             )
             .await;
-        let permit = match admitted {
-            Ok(permit) => permit,
-            Err(refusal) => {
-                return Err(self
-                    .refuse(resource, token, refusal, &request, client)
-                    .await);
+        let permits = match admitted {
+            Ok(permits) => permits,
+            Err(refused) => {
+                return Err(self.refuse(refused, token, &request, client).await);
             }
         };
-        self.forward_with(permit, route, resource, token, request, client)
+        self.forward_with(permits, resolved.route, resource, token, request, client)
             .await
     }
 
-    /// Forwards while holding the permit. A response head settles it; a failure after the request
-    /// may have reached the upstream drops it unsettled, which keeps newer tokens back for the
-    /// in-doubt grace.
+    /// The checks of a fenced request that need no fencing state: a method override and, for a
+    /// COPY or MOVE, its Destination, which is routed like a path and rewritten so that the
+    /// upstream reads exactly the path that was fenced.
+    fn edge_checks<'a>(
+        &'a self,
+        source: &Resolved<'_>,
+        request: &mut Request<Incoming>,
+    ) -> Result<Option<Destination<'a>>, ProxyError> {
+        headers::refuse_method_override(request.headers())?;
+        let mut values = request.headers().get_all(headers::DESTINATION).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(DestinationError::Repeated.into());
+        }
+        let value = value.to_str().map_err(|_| DestinationError::NotAUrl)?;
+        let raw = destination::destination_path(value, request_authority(request))?;
+        let path = route::normalise_path(raw).map_err(DestinationError::Path)?;
+        let resolved = self
+            .routes
+            .resolve(&path)
+            .ok_or_else(|| DestinationError::NoRoute(raw.to_owned()))?;
+        if resolved.route.upstream() != source.route.upstream() {
+            return Err(DestinationError::OtherUpstream {
+                destination: resolved.route.upstream().to_string(),
+                source_upstream: source.route.upstream().to_string(),
+            }
+            .into());
+        }
+        self.check_resource_length(&resolved.resource)?;
+        let rewritten = HeaderValue::from_str(&resolved.route.upstream().absolute_url(raw))
+            .map_err(|_| DestinationError::NotAUrl)?;
+        let destination = Destination { resolved, path };
+        request
+            .headers_mut()
+            .insert(headers::DESTINATION, rewritten);
+        Ok(Some(destination))
+    }
+
+    /// A request on a collection above other resources' paths, at its own path or at its
+    /// Destination: the error and the resource it is audited under.
+    fn collection_conflict(
+        &self,
+        path: &str,
+        source: &Resolved<'_>,
+        destination: Option<&Destination<'_>>,
+        request: &Request<Incoming>,
+    ) -> Option<(ProxyError, ResourceKey)> {
+        let targets = std::iter::once((path, source))
+            .chain(destination.map(|d| (d.path.as_str(), &d.resolved)));
+        for (path, resolved) in targets {
+            if let Some(below) = self
+                .routes
+                .collection_conflict(path, resolved, request.method())
+            {
+                let error = ProxyError::Collection {
+                    path: path.to_owned(),
+                    below: below.path().to_owned(),
+                };
+                return Some((error, resolved.resource.clone()));
+            }
+        }
+        None
+    }
+
+    /// Refuses a resource name longer than `max_resource_len`: before the gate, so that it never
+    /// reaches memory or the database.
+    fn check_resource_length(&self, resource: &ResourceKey) -> Result<(), ProxyError> {
+        let length = resource.as_str().len();
+        if length > self.max_resource_len {
+            return Err(ProxyError::ResourceTooLong {
+                length,
+                limit: self.max_resource_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Forwards while holding the permits. They are settled once the upstream has answered and the
+    /// request body has been sent in full (see [`inflight`]); a failure after the request may have
+    /// reached the upstream leaves them unsettled, which keeps newer tokens back for the in-doubt
+    /// grace.
     async fn forward_with(
         &self,
-        permit: Permit,
+        permits: Permits,
         route: &Route,
         resource: ResourceKey,
         token: FencingToken,
@@ -181,26 +289,26 @@ impl DataPlane {
     ) -> Result<Response<Incoming>, Rejected> {
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
+        let in_flight = InFlight::new(permits);
         let forwarded = self
             .upstream
-            .forward(route.upstream(), request, client)
+            .forward(route.upstream(), request, client, Some(&in_flight))
             .await;
         drop(call);
         match forwarded {
             Ok(mut response) => {
-                let highest = permit.settle();
+                let highest = in_flight.answered();
                 response
                     .headers_mut()
                     .insert(FENCING_TOKEN_HIGHEST, problem::highest_header(highest));
                 Ok(response)
             }
             Err(e) => {
-                let highest = if e.never_sent() {
-                    permit.settle()
-                } else {
-                    let highest = permit.highest();
-                    drop(permit);
-                    highest
+                let highest = match e {
+                    _ if e.never_sent() => in_flight.never_sent(),
+                    // The upstream answered; refusing its answer changes nothing it applied.
+                    ForwardError::SwitchedProtocols => in_flight.answered(),
+                    _ => in_flight.highest(),
                 };
                 Err(fenced(
                     self.forward_failure(e),
@@ -210,6 +318,37 @@ impl DataPlane {
                 ))
             }
         }
+    }
+
+    /// A malformed fenced request (400): not audited, but answered with the resource's highest.
+    async fn refuse_malformed(&self, error: ProxyError, resource: ResourceKey) -> Rejected {
+        let highest = self.gate.highest(&resource).await.ok().flatten();
+        fenced(error, resource, None, highest)
+    }
+
+    /// A request on a collection: refused and audited under the resource it names.
+    async fn refuse_collection(
+        &self,
+        error: ProxyError,
+        resource: ResourceKey,
+        request: &Request<Incoming>,
+        client: SocketAddr,
+    ) -> Rejected {
+        let token = token::from_headers(request.headers()).ok();
+        let highest = match self.gate.highest(&resource).await {
+            Ok(highest) => highest,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the highest token");
+                return fenced(ProxyError::StoreUnavailable, resource, token, None);
+            }
+        };
+        let fencing = FencingContext {
+            resource,
+            token,
+            highest,
+        };
+        self.audit(Reason::Collection, error, fencing, request, client)
+            .await
     }
 
     /// A missing or malformed token: refused and audited.
@@ -241,15 +380,16 @@ impl DataPlane {
         self.audit(reason, error, fencing, request, client).await
     }
 
-    /// A token the gate refused: stale or a jump is audited; a store failure fails closed.
+    /// A token a gate refused: stale or a jump is audited under the resource whose gate refused
+    /// it; a store failure fails closed.
     async fn refuse(
         &self,
-        resource: ResourceKey,
+        refused: RefusedBy,
         token: FencingToken,
-        refusal: Refusal,
         request: &Request<Incoming>,
         client: SocketAddr,
     ) -> Rejected {
+        let RefusedBy { resource, refusal } = refused;
         let (reason, error, highest) = match refusal {
             Refusal::Stale { highest } => {
                 (Reason::Stale, ProxyError::Stale { token, highest }, highest)
@@ -302,7 +442,7 @@ impl DataPlane {
             reason,
             token,
             highest,
-            method: request.method().to_string(),
+            method: audit::truncated(request.method().as_str(), audit::MAX_AUDITED_METHOD),
             path: audit::truncated(request.uri().path(), audit::MAX_AUDITED_PATH),
             client: client.to_string(),
             request_id,
@@ -345,12 +485,43 @@ impl DataPlane {
             ForwardError::BodyTooLarge => ProxyError::BodyTooLarge {
                 limit: self.upstream.max_body(),
             },
+            ForwardError::SwitchedProtocols => {
+                tracing::warn!("upstream switched protocols; refused");
+                ProxyError::UpstreamSwitchedProtocols
+            }
             e @ (ForwardError::Connect(_) | ForwardError::Exchange(_) | ForwardError::Uri(_)) => {
                 tracing::warn!(error = %e, "upstream failed");
                 ProxyError::UpstreamUnreachable
             }
         }
     }
+}
+
+/// The Destination of a COPY or MOVE, routed: a second resource the request changes.
+#[derive(Debug)]
+struct Destination<'a> {
+    resolved: Resolved<'a>,
+    /// Normalised, as routing saw it.
+    path: String,
+}
+
+/// The strictest `max_token_jump` of the routes a request changes.
+fn max_jump(route: &Route, destination: Option<&Destination<'_>>) -> Option<u64> {
+    let destination = destination.and_then(|d| d.resolved.route.max_token_jump());
+    match (route.max_token_jump(), destination) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The authority the client addressed: HTTP/2's `:authority`, else the `Host` header.
+fn request_authority<B>(request: &Request<B>) -> Option<&str> {
+    request.uri().authority().map(|a| a.as_str()).or_else(|| {
+        request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|host| host.to_str().ok())
+    })
 }
 
 /// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::headers;
+use super::inflight::{BodyDeadline, InFlight, SentBody};
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -71,6 +72,12 @@ impl std::fmt::Display for Upstream {
 }
 
 impl Upstream {
+    /// The absolute URL of `path` (as sent, percent-encoded) on this upstream: what a rewritten
+    /// `Destination` header says, so that the upstream reads the very path fencegate fenced.
+    pub fn absolute_url(&self, path: &str) -> String {
+        format!("http://{}{}{path}", self.authority, self.prefix)
+    }
+
     /// The upstream URI for a client's request target: the same path and query, under this base.
     fn uri_for(&self, original: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = match (self.prefix.is_empty(), original.path_and_query()) {
@@ -101,6 +108,10 @@ pub enum ForwardError {
     BodyTooLarge,
     #[error("cannot build the upstream URI: {0}")]
     Uri(#[from] http::Error),
+    #[error(
+        "the upstream answered 101 Switching Protocols; fencegate does not tunnel other protocols, whose writes it could not fence"
+    )]
+    SwitchedProtocols,
 }
 
 impl ForwardError {
@@ -113,7 +124,7 @@ impl ForwardError {
 /// The pooled keep-alive HTTP/1.1 client used for every upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, Limited<Incoming>>,
+    client: Client<HttpConnector, Limited<SentBody<Incoming>>>,
     timeout: Duration,
     max_body: u64,
 }
@@ -147,37 +158,50 @@ impl UpstreamClient {
         self.max_body
     }
 
-    /// Sends `request` to `upstream` and returns its response head; the body streams on.
-    pub async fn forward(
+    /// Sends `request` to `upstream` and returns its response head; the body streams on. A fenced
+    /// request's `in_flight` learns when its body has been sent in full. The whole exchange, the
+    /// request body included, must be done within the upstream timeout.
+    pub(super) async fn forward(
         &self,
         upstream: &Upstream,
         request: Request<Incoming>,
         client: SocketAddr,
+        in_flight: Option<&InFlight>,
     ) -> Result<Response<Incoming>, ForwardError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri_for(&parts.uri)?;
         // The client may have spoken HTTP/2 to us; the upstream connection is HTTP/1.1.
         parts.version = Version::HTTP_11;
         headers::prepare_upstream_request(&mut parts.headers, client);
         let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
-        let request = Request::from_parts(parts, Limited::new(body, limit));
+        let body = Limited::new(SentBody::new(body, in_flight, deadline), limit);
+        let request = Request::from_parts(parts, body);
         let mut response =
-            match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            match tokio::time::timeout_at(deadline, self.client.request(request)).await {
                 Err(_) => return Err(ForwardError::Timeout),
-                Ok(Err(e)) if exceeded_body_limit(&e) => return Err(ForwardError::BodyTooLarge),
+                Ok(Err(e)) if caused_by::<LengthLimitError>(&e) => {
+                    return Err(ForwardError::BodyTooLarge);
+                }
+                Ok(Err(e)) if caused_by::<BodyDeadline>(&e) => return Err(ForwardError::Timeout),
                 Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
                 Ok(Err(e)) => return Err(ForwardError::Exchange(e)),
                 Ok(Ok(response)) => response,
             };
+        // hyper hands a 101 over with the connection; relaying it would open a tunnel whose
+        // traffic no gate sees.
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ForwardError::SwitchedProtocols);
+        }
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
 }
 
-fn exceeded_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
-        if e.is::<LengthLimitError>() {
+        if e.is::<E>() {
             return true;
         }
         source = e.source();

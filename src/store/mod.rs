@@ -95,6 +95,39 @@ impl Advance {
     }
 }
 
+/// The result of raising several resources to one token in one transaction, all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllAdvanced {
+    /// Each resource's highest before the write, in the order asked.
+    pub previous: Vec<Option<FencingToken>>,
+    /// The first resource that was already above the token; then nothing was written.
+    pub refused_by: Option<usize>,
+    pub token: FencingToken,
+    pub seq: u64,
+}
+
+impl AllAdvanced {
+    /// Resource `index`'s durable state after the write.
+    pub fn durable(&self, index: usize) -> Durable {
+        let previous = self.previous[index];
+        let highest = match self.refused_by {
+            Some(_) => previous,
+            None => previous.max(Some(self.token)),
+        };
+        Durable {
+            highest,
+            seq: self.seq,
+        }
+    }
+
+    /// Whether resource `index` was raised, and from what.
+    pub fn raised_from(&self, index: usize) -> Option<Option<FencingToken>> {
+        let previous = self.previous[index];
+        (self.refused_by.is_none() && previous.is_none_or(|from| from < self.token))
+            .then_some(previous)
+    }
+}
+
 /// The result of an operator's reset: the token it replaced, and the state it left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reset {
@@ -107,8 +140,17 @@ pub struct Reset {
 pub struct Retention {
     /// Rows older than this are deleted.
     pub max_age: std::time::Duration,
-    /// At most this many of the newest rows are kept.
+    /// At most this many of the newest rows are kept *per reason*, so that a flood of one kind
+    /// (requests without a token, say) cannot push another kind (a refused zombie write) out.
     pub max_rows: u64,
+}
+
+/// What one prune deletes: per reason, every row up to an id; and rows older than `max_age`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrunePlan {
+    pub max_age: std::time::Duration,
+    /// Per reason, the newest id past that reason's row limit.
+    pub cutoffs: Vec<(crate::audit::Reason, i64)>,
 }
 
 /// Why the store could not do what was asked.
@@ -260,7 +302,7 @@ enum Command {
     Write(Write),
     /// Deletes up to `batch` expired audit rows, in a transaction of its own.
     Prune {
-        retention: Retention,
+        plan: PrunePlan,
         batch: usize,
         reply: Reply<usize>,
     },
@@ -281,6 +323,12 @@ enum Write {
         token: FencingToken,
         via: Via,
         reply: Reply<Advance>,
+    },
+    AdvanceAll {
+        resources: Vec<ResourceKey>,
+        token: FencingToken,
+        via: Via,
+        reply: Reply<AllAdvanced>,
     },
     Reset {
         resource: ResourceKey,
@@ -363,16 +411,33 @@ impl Store {
         .await
     }
 
-    /// Deletes up to `batch` audit rows that `retention` no longer keeps, oldest first, in a
-    /// transaction of its own. Returns how many were deleted; fewer than `batch` means none are
-    /// left to prune.
-    pub async fn prune(&self, retention: Retention, batch: usize) -> Result<usize, StoreError> {
-        self.call(|reply| Command::Prune {
-            retention,
-            batch,
-            reply,
+    /// Raises each of `resources` to `token` in one transaction, all or nothing: if any is already
+    /// above `token`, nothing is written (see [`AllAdvanced::refused_by`]). Records each advance in
+    /// the epoch history. Returns once the change is durable.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn advance_all(
+        &self,
+        resources: Vec<ResourceKey>,
+        token: FencingToken,
+        via: Via,
+    ) -> Result<AllAdvanced, StoreError> {
+        self.call(|reply| {
+            Command::Write(Write::AdvanceAll {
+                resources,
+                token,
+                via,
+                reply,
+            })
         })
         .await
+    }
+
+    /// Deletes up to `batch` audit rows that `plan` no longer keeps, oldest first, in a
+    /// transaction of its own. Returns how many were deleted; fewer than `batch` means none are
+    /// left to prune.
+    pub async fn prune(&self, plan: PrunePlan, batch: usize) -> Result<usize, StoreError> {
+        self.call(|reply| Command::Prune { plan, batch, reply })
+            .await
     }
 
     /// Appends a rejection to the audit log. Returns once the row is durable.

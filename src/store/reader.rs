@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, Row, params_from_iter};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
 use serde::Serialize;
 
 use super::schema::CURRENT_VERSION;
 use super::token_from_sql;
 use super::writer::timestamp;
+use super::{PrunePlan, Retention};
 use crate::audit::Reason;
 
 /// Connections kept open between reads; more are opened when reads overlap.
@@ -147,6 +148,29 @@ impl Reader {
         let conn = reader.connect()?;
         reader.give_back(conn);
         Ok(reader)
+    }
+
+    /// What retention deletes: per reason, the newest id beyond that reason's `max_rows` newest
+    /// rows. Found here, on a read-only connection, because the walk down a reason's index costs
+    /// up to `max_rows` steps, which the writer's group commits must not wait for.
+    pub fn prune_plan(&self, retention: Retention) -> Result<PrunePlan, ReadError> {
+        let conn = self.connect()?;
+        let keep = i64::try_from(retention.max_rows).unwrap_or(i64::MAX);
+        let mut cutoffs = Vec::new();
+        for reason in Reason::ALL {
+            let cutoff: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT id FROM rejections WHERE reason = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                )?
+                .query_row(params![reason.as_str(), keep], |row| row.get(0))
+                .optional()?;
+            cutoffs.extend(cutoff.map(|id| (reason, id)));
+        }
+        self.give_back(conn);
+        Ok(PrunePlan {
+            max_age: retention.max_age,
+            cutoffs,
+        })
     }
 
     /// One resource, or `None` if it was never seen.
@@ -525,6 +549,12 @@ mod tests {
         assert_eq!(reader.resource("wal").unwrap(), None);
     }
 
+    /// What the server's retention task does: plan on a reader, delete through the writer.
+    async fn prune(store: &Store, reader: &Reader, retention: Retention, batch: usize) -> usize {
+        let plan = reader.prune_plan(retention).unwrap();
+        store.prune(plan, batch).await.unwrap()
+    }
+
     #[tokio::test]
     async fn prune_keeps_the_newest_rows_within_the_limits() {
         let rows: Vec<_> = (0..30).map(|_| ("a", Reason::Stale)).collect();
@@ -533,10 +563,10 @@ mod tests {
             max_age: Duration::from_secs(3600),
             max_rows: 10,
         };
-        assert_eq!(store.prune(keep_ten, 8).await.unwrap(), 8);
-        assert_eq!(store.prune(keep_ten, 8).await.unwrap(), 8);
-        assert_eq!(store.prune(keep_ten, 8).await.unwrap(), 4);
-        assert_eq!(store.prune(keep_ten, 8).await.unwrap(), 0);
+        assert_eq!(prune(store, reader, keep_ten, 8).await, 8);
+        assert_eq!(prune(store, reader, keep_ten, 8).await, 8);
+        assert_eq!(prune(store, reader, keep_ten, 8).await, 4);
+        assert_eq!(prune(store, reader, keep_ten, 8).await, 0);
         let all = RejectionQuery {
             limit: 100,
             ..RejectionQuery::default()
@@ -551,11 +581,37 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            store.prune(keep_ten, 8).await.unwrap(),
+            prune(store, reader, keep_ten, 8).await,
             2,
             "one over the count, one too old"
         );
         assert_eq!(walk(reader, all), (22..=30).rev().collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_one_reason_does_not_prune_another_reasons_rows() {
+        let mut rows = vec![("wallet:1", Reason::Stale)];
+        rows.extend((0..50).map(|_| ("wallet:1", Reason::Missing)));
+        let Fixture { store, reader, .. } = &store_with(&rows).await;
+        let keep_ten = Retention {
+            max_age: Duration::from_secs(3600),
+            max_rows: 10,
+        };
+        while prune(store, reader, keep_ten, 16).await > 0 {}
+        let of = |reason| RejectionQuery {
+            reason: Some(reason),
+            limit: 100,
+            ..RejectionQuery::default()
+        };
+        assert_eq!(
+            walk(reader, of(Reason::Stale)),
+            vec![1],
+            "the zombie's row stays"
+        );
+        assert_eq!(
+            walk(reader, of(Reason::Missing)),
+            (42..=51).rev().collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Advance, Command, Durable, LastStop, LockFile, Reply, Reset, Retention, StoreError, Via, Write,
-    token_from_sql, token_to_sql,
+    Advance, AllAdvanced, Command, Durable, LastStop, LockFile, PrunePlan, Reply, Reset,
+    StoreError, Via, Write, token_from_sql, token_to_sql,
 };
 use crate::audit::Rejection;
 use crate::route::ResourceKey;
@@ -131,18 +131,14 @@ impl Writer {
                 }
                 Command::Close { done, this_stop } => close = Some((done, this_stop)),
                 Command::Write(write) => writes.push(write),
-                Command::Prune {
-                    retention,
-                    batch,
-                    reply,
-                } => prunes.push((retention, batch, reply)),
+                Command::Prune { plan, batch, reply } => prunes.push((plan, batch, reply)),
             }
         }
         if !writes.is_empty() {
             self.commit(writes);
         }
-        for (retention, batch, reply) in prunes {
-            let pruned = prune(&mut self.conn, retention, batch).map_err(StoreError::from);
+        for (plan, batch, reply) in prunes {
+            let pruned = prune(&mut self.conn, &plan, batch).map_err(StoreError::from);
             let _ = reply.send(pruned);
         }
         close
@@ -202,6 +198,7 @@ fn load_highest(
 /// A write that is in the open transaction, waiting for the commit to be answered.
 enum Applied {
     Advance(Reply<Advance>, Advance),
+    AdvanceAll(Reply<AllAdvanced>, AllAdvanced),
     Reset(Reply<Reset>, Reset),
     Recorded(Reply<()>),
 }
@@ -211,6 +208,7 @@ impl Applied {
         // A caller that has gone away no longer needs its answer; the write stands regardless.
         match self {
             Applied::Advance(reply, advance) => drop(reply.send(Ok(advance))),
+            Applied::AdvanceAll(reply, advanced) => drop(reply.send(Ok(advanced))),
             Applied::Reset(reply, reset) => drop(reply.send(Ok(reset))),
             Applied::Recorded(reply) => drop(reply.send(Ok(()))),
         }
@@ -219,6 +217,7 @@ impl Applied {
     fn fail(self, error: StoreError) {
         match self {
             Applied::Advance(reply, _) => drop(reply.send(Err(error))),
+            Applied::AdvanceAll(reply, _) => drop(reply.send(Err(error))),
             Applied::Reset(reply, _) => drop(reply.send(Err(error))),
             Applied::Recorded(reply) => drop(reply.send(Err(error))),
         }
@@ -229,6 +228,7 @@ impl Write {
     fn fail(self, error: StoreError) {
         match self {
             Write::Advance { reply, .. } => drop(reply.send(Err(error))),
+            Write::AdvanceAll { reply, .. } => drop(reply.send(Err(error))),
             Write::Reset { reply, .. } => drop(reply.send(Err(error))),
             Write::Reject { reply, .. } => drop(reply.send(Err(error))),
         }
@@ -278,6 +278,23 @@ fn apply(
                 },
             )),
         },
+        Write::AdvanceAll {
+            resources,
+            token,
+            via,
+            reply,
+        } => match advance_all(tx, &resources, token, via, now, seq) {
+            Ok(outcome) => Ok(Applied::AdvanceAll(reply, outcome)),
+            Err(e) => Err((
+                e,
+                Write::AdvanceAll {
+                    resources,
+                    token,
+                    via,
+                    reply,
+                },
+            )),
+        },
         Write::Reject { rejection, reply } => match insert_rejection(tx, &rejection) {
             Ok(()) => Ok(Applied::Recorded(reply)),
             Err(e) => Err((e, Write::Reject { rejection, reply })),
@@ -300,6 +317,38 @@ fn advance(
     set_highest(tx, resource, previous, token, via, None, now)?;
     Ok(Advance::Raised {
         from: previous,
+        seq,
+    })
+}
+
+/// Raises every resource below `token` to it, all or nothing: if any resource is already above
+/// `token`, nothing is written and the first such resource is named.
+fn advance_all(
+    tx: &Transaction<'_>,
+    resources: &[ResourceKey],
+    token: FencingToken,
+    via: Via,
+    now: &str,
+    seq: u64,
+) -> rusqlite::Result<AllAdvanced> {
+    let previous = resources
+        .iter()
+        .map(|resource| load_highest(tx, resource))
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let refused_by = previous
+        .iter()
+        .position(|highest| highest.is_some_and(|highest| highest > token));
+    if refused_by.is_none() {
+        for (resource, from) in resources.iter().zip(&previous) {
+            if from.is_none_or(|from| from < token) {
+                set_highest(tx, resource, *from, token, via, None, now)?;
+            }
+        }
+    }
+    Ok(AllAdvanced {
+        previous,
+        refused_by,
+        token,
         seq,
     })
 }
@@ -353,34 +402,36 @@ fn set_highest(
     Ok(())
 }
 
-/// Deletes up to `batch` rows past the row limit, then (if the batch is not full) rows past the
-/// age limit. Both deletes walk an index, so a prune costs the same on a ten-million-row log as
-/// on a small one.
-fn prune(conn: &mut Connection, retention: Retention, batch: usize) -> rusqlite::Result<usize> {
+/// Deletes up to `batch` rows past each reason's row limit (the cut-offs that
+/// [`super::Reader::retention_cutoffs`] found), then, if the batch is not full, rows past the age
+/// limit. Every delete walks an index, so a prune costs the same on a ten-million-row log as on a
+/// small one.
+fn prune(conn: &mut Connection, plan: &PrunePlan, batch: usize) -> rusqlite::Result<usize> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let newest: Option<i64> =
-        tx.query_row("SELECT max(id) FROM rejections", [], |row| row.get(0))?;
-    let keep = i64::try_from(retention.max_rows).unwrap_or(i64::MAX);
-    let batch_size = i64::try_from(batch).unwrap_or(i64::MAX);
     let mut deleted = 0;
-    if let Some(last_dropped) = newest.and_then(|newest| newest.checked_sub(keep)) {
+    for (reason, last_dropped) in &plan.cutoffs {
+        let left = i64::try_from(batch - deleted).unwrap_or(i64::MAX);
+        if left == 0 {
+            break;
+        }
         deleted += tx
             .prepare_cached(
                 "DELETE FROM rejections WHERE id IN
-                 (SELECT id FROM rejections WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                 (SELECT id FROM rejections WHERE reason = ?1 AND id <= ?2 ORDER BY id LIMIT ?3)",
             )?
-            .execute(params![last_dropped, batch_size])?;
+            .execute(params![reason.as_str(), last_dropped, left])?;
     }
     if deleted < batch {
         let oldest_kept = SystemTime::now()
-            .checked_sub(retention.max_age)
+            .checked_sub(plan.max_age)
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        let left = i64::try_from(batch - deleted).unwrap_or(i64::MAX);
         deleted += tx
             .prepare_cached(
                 "DELETE FROM rejections WHERE id IN
                  (SELECT id FROM rejections WHERE at < ?1 ORDER BY at LIMIT ?2)",
             )?
-            .execute(params![timestamp(oldest_kept), batch_size - deleted as i64])?;
+            .execute(params![timestamp(oldest_kept), left])?;
     }
     tx.commit()?;
     Ok(deleted)
