@@ -71,6 +71,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// When set, every call but the health probes needs it as a bearer token.
     pub token: Option<AdminToken>,
+    /// The longest resource name accepted, as on the data plane (`max_resource_len`).
+    pub max_resource_len: usize,
 }
 
 /// The admin router, with request ids and tracing like the data plane.
@@ -260,7 +262,7 @@ async fn get_resource(
     State(state): State<AdminState>,
     resource: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AdminError> {
-    let resource = resource_name(resource)?;
+    let resource = resource_name(resource, state.max_resource_len)?;
     let row = read({
         let resource = resource.clone();
         move || state.reader.resource(&resource)
@@ -278,7 +280,7 @@ async fn fence(
     resource: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
-    let resource = ResourceKey::new(resource_name(resource)?.as_str());
+    let resource = ResourceKey::new(resource_name(resource, state.max_resource_len)?.as_str());
     let mut body = JsonBody::parse(&body, &["token"])?;
     let token = body.token()?;
     match state
@@ -302,7 +304,7 @@ async fn reset(
     if state.token.is_none() {
         return Err(AdminError::ResetDisabled);
     }
-    let resource = ResourceKey::new(resource_name(resource)?.as_str());
+    let resource = ResourceKey::new(resource_name(resource, state.max_resource_len)?.as_str());
     let mut body = JsonBody::parse(&body, &["token", "reason"])?;
     let token = body.token()?;
     let reason = body.reason()?;
@@ -391,10 +393,25 @@ fn listing<T: Serialize>(name: &str, page: Page<T>) -> Response {
     axum::Json(body).into_response()
 }
 
-/// The resource named by a percent-encoded path segment.
-fn resource_name(resource: Result<Path<String>, PathRejection>) -> Result<String, AdminError> {
+/// The resource named by a percent-encoded path segment, held to the data plane's limits: no
+/// name an operator fences or resets can be one the data plane would refuse to route.
+fn resource_name(
+    resource: Result<Path<String>, PathRejection>,
+    max_len: usize,
+) -> Result<String, AdminError> {
     match resource {
         Ok(Path(name)) if name.is_empty() => Err(AdminError::bad("resource", "must not be empty")),
+        Ok(Path(name)) if name.len() > max_len => Err(AdminError::bad(
+            "resource",
+            format!(
+                "is {} bytes, more than max_resource_len ({max_len})",
+                name.len()
+            ),
+        )),
+        Ok(Path(name)) if name.chars().any(char::is_control) => Err(AdminError::bad(
+            "resource",
+            "must not contain control characters",
+        )),
         Ok(Path(name)) => Ok(name),
         Err(e) => Err(AdminError::bad("resource", e.body_text())),
     }

@@ -106,6 +106,11 @@ pub fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, String> {
     if let Ok(at) = text.parse::<jiff::Timestamp>() {
         return Ok(not_before_1970(SystemTime::from(at)));
     }
+    // jiff's timestamps end late on 9999-12-30; humantime reads UTC times to the end of 9999,
+    // so `since=9999-12-31T23:59:59Z` means "nothing yet" rather than a bad parameter.
+    if let Ok(at) = humantime::parse_rfc3339(text) {
+        return Ok(at);
+    }
     match humantime::parse_duration(text) {
         Ok(ago) => Ok(not_before_1970(
             now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH),
@@ -144,6 +149,8 @@ mod tests {
         assert_eq!(parse_since("100000h", now).unwrap(), SystemTime::UNIX_EPOCH);
         let ancient = parse_since("0001-01-01T00:00:00Z", now).unwrap();
         assert_eq!(ancient, SystemTime::UNIX_EPOCH);
+        let end_of_time = parse_since("9999-12-31T23:59:59Z", now).unwrap();
+        assert!(end_of_time > now);
         let error = parse_since("yesterday", now).unwrap_err();
         assert!(error.contains("\"yesterday\""), "{error}");
     }

@@ -275,11 +275,75 @@ impl Route {
                 .iter()
                 .map(|segment| match segment {
                     Segment::Literal(literal) => literal.as_str(),
-                    Segment::Param | Segment::CatchAll(_) => "x",
+                    Segment::Param(_) | Segment::CatchAll(_) => "x",
                 })
                 .collect();
             format!("/{}", segments.join("/"))
         })
+    }
+
+    /// What resource this route gives the paths strictly below `segments` (the decoded segments of
+    /// a path without its trailing slash), if it matches any of them.
+    fn resource_below(&self, segments: &[&str]) -> Below {
+        let depth = segments.len();
+        for (index, segment) in segments.iter().enumerate() {
+            match self.shape.get(index) {
+                None => return Below::Nothing,
+                Some(Segment::CatchAll(_)) => break,
+                Some(shape) if !shape.matches(segment) => return Below::Nothing,
+                Some(_) => {}
+            }
+        }
+        let catch_all_from = self
+            .shape
+            .iter()
+            .position(|segment| matches!(segment, Segment::CatchAll(_)));
+        if self.shape.len() <= depth && catch_all_from.is_none() {
+            return Below::Nothing;
+        }
+        // Captures at or past `depth` (and a catch-all, which takes the rest) differ from one
+        // path below to the next; captures above it are fixed by `segments`.
+        let varies = self.shape.iter().enumerate().any(|(index, segment)| {
+            let name = match segment {
+                Segment::Literal(_) => return false,
+                Segment::Param(name) | Segment::CatchAll(name) => name,
+            };
+            (index >= depth || matches!(segment, Segment::CatchAll(_))) && self.resource.uses(name)
+        });
+        if varies {
+            return Below::Varies;
+        }
+        // One path below, filled in with `x` where the template has a placeholder; when the
+        // template matches no such path (a placeholder with a prefix), assume the worst.
+        let mut sample: Vec<&str> = segments.to_vec();
+        sample.extend(self.shape.iter().skip(depth).map(|segment| match segment {
+            Segment::Literal(literal) => literal.as_str(),
+            Segment::Param(_) | Segment::CatchAll(_) => "x",
+        }));
+        if sample.len() == depth {
+            sample.push("x");
+        }
+        match self.resolve(&format!("/{}", sample.join("/"))) {
+            Some((resource, _)) => Below::One(resource),
+            None => Below::Varies,
+        }
+    }
+
+    /// Whether this route matches every path below `segments`: its catch-all starts at or above
+    /// them, and its literal segments before that match theirs.
+    fn takes_everything_below(&self, segments: &[&str]) -> bool {
+        let Some(from) = self
+            .shape
+            .iter()
+            .position(|segment| matches!(segment, Segment::CatchAll(_)))
+        else {
+            return false;
+        };
+        from <= segments.len()
+            && segments
+                .iter()
+                .zip(&self.shape[..from])
+                .all(|(segment, shape)| shape.matches(segment))
     }
 
     /// How many segments every path of this route has at least.
@@ -316,13 +380,24 @@ pub struct Overlap {
     pub example: String,
 }
 
+/// The resource a route gives the paths below a collection.
+#[derive(Debug, PartialEq, Eq)]
+enum Below {
+    /// The route matches no path below it.
+    Nothing,
+    /// Every path below it that the route matches has this resource.
+    One(ResourceKey),
+    /// Paths below it have resources of their own.
+    Varies,
+}
+
 /// One segment of a path template.
 #[derive(Debug)]
 enum Segment {
     Literal(String),
-    /// `{name}`, or any segment that holds a placeholder: it matches at least the segments the
-    /// placeholder can, which keeps [`Route::lies_below`] on the safe side.
-    Param,
+    /// `{name}`, or any segment that holds a placeholder (named after its first): it matches at
+    /// least the segments the placeholder can, which keeps the collection checks on the safe side.
+    Param(String),
     /// `{*name}`: the rest of the path, which is always the last segment.
     CatchAll(String),
 }
@@ -331,7 +406,7 @@ impl Segment {
     fn matches(&self, segment: &str) -> bool {
         match self {
             Segment::Literal(literal) => literal == segment,
-            Segment::Param | Segment::CatchAll(_) => true,
+            Segment::Param(_) | Segment::CatchAll(_) => true,
         }
     }
 }
@@ -344,7 +419,9 @@ fn shape_of(path: &str) -> Vec<Segment> {
         .filter(|segment| !segment.is_empty())
         .map(|segment| match segment.strip_prefix("{*") {
             Some(rest) => Segment::CatchAll(rest.trim_end_matches('}').to_owned()),
-            None if segment.contains('{') => Segment::Param,
+            None if segment.contains('{') => {
+                Segment::Param(captures_of(segment).into_iter().next().unwrap_or_default())
+            }
             None => Segment::Literal(segment.to_owned()),
         })
         .collect()
@@ -555,34 +632,58 @@ impl RouteTable {
     }
 
     /// The route whose resources a fenced `method` on `resolved` could change although they are
-    /// not `resolved`'s resource: a route with paths strictly below this path (`DELETE /wallets/`
-    /// above `/wallets/{id}`), or, on a route that names a resource per sub-path, any member of an
-    /// explicitly named collection. `None` when the request changes only its own resource.
+    /// not `resolved`'s resource. Two kinds of path are collections:
+    /// - a path above a route's template (`/wallets` above `/wallets/{id}`), with or without a
+    ///   trailing slash: the template says a collection must be there;
+    /// - a path that names a collection (a trailing slash, or a catch-all's bare prefix): every
+    ///   route that matches a path below it with another resource conflicts, the member-per-sub-path
+    ///   catch-all and the fallback `/{*rest}` included. MKCOL is the exception: it only creates
+    ///   an empty collection.
+    ///
+    /// `None` when the request changes only its own resource.
     pub fn collection_conflict<'a>(
         &'a self,
         decoded_path: &str,
         resolved: &Resolved<'a>,
         method: &Method,
     ) -> Option<&'a Route> {
-        if resolved.names_collection
-            && resolved.route.nests_resources()
-            && !methods::touches_only_its_target(method)
-        {
-            return Some(resolved.route);
-        }
         let path = without_trailing_slash(decoded_path);
         let depth = path
             .split('/')
             .filter(|segment| !segment.is_empty())
             .count();
-        if depth >= self.deepest_required {
+        let whole_collection =
+            resolved.names_collection && !methods::touches_only_its_target(method);
+        if depth >= self.deepest_required && !whole_collection {
             return None;
         }
         let segments: Vec<&str> = path
             .split('/')
             .filter(|segment| !segment.is_empty())
             .collect();
-        self.routes.iter().find(|route| route.lies_below(&segments))
+        // A template below the path makes it a collection, even where an earlier route shadows
+        // that template: the storage may hold such paths all the same.
+        if let Some(route) = self.routes.iter().find(|route| route.lies_below(&segments)) {
+            return Some(route);
+        }
+        if !whole_collection {
+            return None;
+        }
+        for route in &self.routes {
+            let conflicts = match route.resource_below(&segments) {
+                Below::Nothing => false,
+                Below::One(resource) => resource != resolved.resource,
+                Below::Varies => true,
+            };
+            if conflicts {
+                return Some(route);
+            }
+            // A route that matches every path below this one shadows the routes after it there.
+            if route.takes_everything_below(&segments) {
+                return None;
+            }
+        }
+        None
     }
 }
 
@@ -775,15 +876,26 @@ mod tests {
         }
         for path in [
             "/wallets/1",
-            "/wallets/1/",
             "/wallets/1/x",
             "/users/ann/docs",
             "/users/ann/docs/a/",
-            "/other/",
-            "/walletsx/",
+            "/other",
+            "/walletsx",
         ] {
             assert_eq!(conflict(&table, "DELETE", path), None, "{path}");
         }
+        // A named collection conflicts with whatever owns the paths below it: `/wallets/1/x`
+        // falls to the fallback route, under `default`.
+        assert_eq!(
+            conflict(&table, "DELETE", "/wallets/1/").as_deref(),
+            Some("/{*rest}")
+        );
+        assert_eq!(conflict(&table, "MKCOL", "/wallets/1/"), None);
+        assert_eq!(
+            conflict(&table, "MOVE", "/other/").as_deref(),
+            None,
+            "everything below /other/ is the fallback's, like /other/ itself"
+        );
     }
 
     #[test]
@@ -895,6 +1007,153 @@ mod tests {
                 "a", "7", "/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%", "%2",
                 "%zz", "%25", "%00", "%0a", "%c3%a9", "%ff", "é", "~", ";", "{", "}",
             ])
+        }
+
+        /// Route templates to draw tables from: nested, overlapping, fallback and member-per-sub-path.
+        const TEMPLATES: [(&str, &str); 8] = [
+            ("/w/{id}", "w:{id}"),
+            ("/w/{id}/d/{*rest}", "wd:{id}:{rest}"),
+            ("/w/{id}/e/{*rest}", "we:{id}"),
+            ("/a/{*rest}", "a:{rest}"),
+            ("/a/b/{id}", "ab:{id}"),
+            ("/{x}/b", "xb:{x}"),
+            ("/c/{*rest}", "c"),
+            ("/{*rest}", "default"),
+        ];
+
+        /// The segments paths are made of: every literal of the templates, and one that is none.
+        const SEGMENTS: [&str; 6] = ["w", "d", "e", "a", "b", "z"];
+
+        fn table_of(picks: &[usize]) -> RouteTable {
+            RouteTable::new(
+                picks
+                    .iter()
+                    .map(|&i| route(TEMPLATES[i].0, TEMPLATES[i].1))
+                    .collect(),
+            )
+        }
+
+        fn path_of(segments: &[usize], collection: bool) -> String {
+            let mut path: String = segments
+                .iter()
+                .map(|&i| format!("/{}", SEGMENTS[i]))
+                .collect();
+            if path.is_empty() || collection {
+                path.push('/');
+            }
+            path
+        }
+
+        /// Every path up to four segments deep strictly below `path`.
+        fn below(path: &str) -> Vec<String> {
+            let base = without_trailing_slash(path)
+                .trim_end_matches('/')
+                .to_owned();
+            let mut found = vec![];
+            let mut frontier = vec![base];
+            for _ in 0..4 {
+                let mut next = vec![];
+                for parent in &frontier {
+                    for segment in SEGMENTS {
+                        next.push(format!("{parent}/{segment}"));
+                    }
+                }
+                found.extend(next.iter().cloned());
+                frontier = next;
+            }
+            found
+        }
+
+        /// Whether WebDAV treats `path` as a collection: it is named as one (a trailing slash,
+        /// RFC 4918 §5.2), or a route's template needs a collection there.
+        fn is_collection(table: &RouteTable, path: &str) -> bool {
+            let stripped = without_trailing_slash(path);
+            let segments: Vec<&str> = stripped.split('/').filter(|s| !s.is_empty()).collect();
+            path.ends_with('/') || table.routes().iter().any(|r| r.lies_below(&segments))
+        }
+
+        /// Every path a request could change under WebDAV's rules: its target (for COPY, only the
+        /// destination), and everything below a collection it deletes, moves or copies onto.
+        fn changed_paths(
+            table: &RouteTable,
+            method: &str,
+            path: &str,
+            destination: Option<&str>,
+        ) -> Vec<String> {
+            let source_collection = is_collection(table, path);
+            let mut changed = vec![];
+            if method != "COPY" {
+                changed.push(path.to_owned());
+                if source_collection && matches!(method, "DELETE" | "MOVE") {
+                    changed.extend(below(path));
+                }
+            }
+            if let Some(destination) = destination {
+                changed.push(destination.to_owned());
+                if source_collection || is_collection(table, destination) {
+                    changed.extend(below(destination));
+                }
+            }
+            changed
+        }
+
+        /// The resources fencegate fences for the request, as the proxy composes routing: `None`
+        /// when it refuses the request as a collection operation (or cannot route it).
+        fn fenced_resources(
+            table: &RouteTable,
+            method: &str,
+            path: &str,
+            destination: Option<&str>,
+        ) -> Option<Vec<ResourceKey>> {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let source = table.resolve(path)?;
+            if table.collection_conflict(path, &source, &method).is_some() {
+                return None;
+            }
+            let mut fenced = vec![source.resource.clone()];
+            if let Some(destination) = destination {
+                let mut target = table.resolve(destination)?;
+                target.names_collection |= source.names_collection;
+                if table
+                    .collection_conflict(destination, &target, &method)
+                    .is_some()
+                {
+                    return None;
+                }
+                fenced.push(target.resource);
+            }
+            Some(fenced)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever fencegate forwards, every path it can change belongs to a resource whose
+            /// gate the request passed.
+            #[test]
+            fn the_fenced_resources_cover_every_path_a_request_can_change(
+                picks in prop::sample::subsequence((0..TEMPLATES.len()).collect::<Vec<_>>(), 1..=TEMPLATES.len()).prop_shuffle(),
+                method in prop::sample::select(vec!["DELETE", "MOVE", "COPY", "PUT", "MKCOL", "PROPPATCH", "LOCK"]),
+                path in (prop::collection::vec(0..SEGMENTS.len(), 0..4), any::<bool>()),
+                destination in prop::option::of((prop::collection::vec(0..SEGMENTS.len(), 0..4), any::<bool>())),
+            ) {
+                let table = table_of(&picks);
+                let path = path_of(&path.0, path.1);
+                let destination = destination
+                    .filter(|_| matches!(method, "MOVE" | "COPY"))
+                    .map(|(segments, collection)| path_of(&segments, collection));
+                if let Some(fenced) = fenced_resources(&table, method, &path, destination.as_deref()) {
+                    for changed in changed_paths(&table, method, &path, destination.as_deref()) {
+                        if let Some(owner) = table.resolve(&changed) {
+                            prop_assert!(
+                                fenced.contains(&owner.resource),
+                                "{method} {path} -> {destination:?} changes {changed} ({}) but fences only {fenced:?}",
+                                owner.resource
+                            );
+                        }
+                    }
+                }
+            }
         }
 
         proptest! {

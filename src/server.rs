@@ -113,6 +113,7 @@ impl App {
                 metrics,
                 readiness: Arc::new(Readiness::default()),
                 token: config.admin_token,
+                max_resource_len: config.max_resource_len,
             },
             writer,
             shutdown_grace: config.shutdown_grace,

@@ -3,6 +3,9 @@
 
 use std::time::SystemTime;
 
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::AdminError;
@@ -108,9 +111,8 @@ impl Body {
     /// Parses `bytes` as a JSON object whose fields are all in `allowed`.
     pub(super) fn parse(bytes: &[u8], allowed: &[&'static str]) -> Result<Self, AdminError> {
         let example = "expected a JSON object such as {\"token\": 7}";
-        let fields = match serde_json::from_slice::<Value>(bytes) {
-            Ok(Value::Object(fields)) => fields,
-            Ok(_) => return Err(AdminError::bad("body", example)),
+        let fields = match serde_json::from_slice::<UniqueObject>(bytes) {
+            Ok(UniqueObject(fields)) => fields,
             Err(e) => return Err(AdminError::bad("body", format!("{example} ({e})"))),
         };
         if let Some(unknown) = fields.keys().find(|key| !allowed.contains(&key.as_str())) {
@@ -156,6 +158,38 @@ impl Body {
             Some(Value::String(text)) => Ok(text),
             Some(_) => Err(AdminError::bad("reason", "must be a string")),
         }
+    }
+}
+
+/// A JSON object whose keys are all different. serde_json keeps the last of repeated keys, so
+/// `{"token":11,"token":999}` would fence to 999 while a log or a proxy that reads the first
+/// saw 11; an ambiguous body is refused instead.
+struct UniqueObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = UniqueObject;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueObject, A::Error> {
+                let mut fields = Map::new();
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    if fields.contains_key(&key) {
+                        return Err(A::Error::custom(format!(
+                            "the field {key:?} is given more than once"
+                        )));
+                    }
+                    fields.insert(key, value);
+                }
+                Ok(UniqueObject(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
     }
 }
 
@@ -209,6 +243,10 @@ mod tests {
         let parse = |json: &str| Body::parse(json.as_bytes(), &["token", "reason"]);
         assert_eq!(parameter(parse("[1]").unwrap_err()), "body");
         assert_eq!(parameter(parse("{\"tokn\":1}").unwrap_err()), "tokn");
+        assert_eq!(
+            parameter(parse("{\"token\":11,\"token\":999}").unwrap_err()),
+            "body"
+        );
         let token_error = |json: &str| parameter(parse(json).unwrap().token().unwrap_err());
         assert_eq!(token_error("{}"), "token");
         assert_eq!(token_error("{\"token\":-1}"), "token");

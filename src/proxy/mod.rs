@@ -214,10 +214,12 @@ impl DataPlane {
         let value = value.to_str().map_err(|_| DestinationError::NotAUrl)?;
         let raw = destination::destination_path(value, request_authority(request))?;
         let path = route::normalise_path(raw).map_err(DestinationError::Path)?;
-        let resolved = self
+        let mut resolved = self
             .routes
             .resolve(&path)
             .ok_or_else(|| DestinationError::NoRoute(raw.to_owned()))?;
+        // Copying or moving a collection makes the destination one, whatever its spelling.
+        resolved.names_collection |= source.names_collection;
         if resolved.route.upstream() != source.route.upstream() {
             return Err(DestinationError::OtherUpstream {
                 destination: resolved.route.upstream().to_string(),
