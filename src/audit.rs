@@ -13,7 +13,7 @@ use crate::token::FencingToken;
 
 /// The longest request path kept in a rejection row; a hostile client must not be able to make
 /// each row arbitrarily large.
-pub const MAX_AUDITED_PATH: usize = 2048;
+pub const MAX_AUDITED_PATH: usize = 1024;
 
 /// The longest client-supplied request id kept in a rejection row.
 pub const MAX_AUDITED_REQUEST_ID: usize = 128;

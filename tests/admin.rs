@@ -203,7 +203,79 @@ async fn fence_and_reset_bodies_are_checked_field_by_field() {
         .await
         .unwrap();
     assert_eq!(problem(not_json).await["parameter"], "body");
+    // Repeated keys are ambiguous (serde_json would keep the last): refused, not guessed at.
+    let repeated = app
+        .client
+        .post(app.admin_url("/v1/resources/w/fence"))
+        .bearer_auth(TOKEN)
+        .body(r#"{"token":11,"token":999}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(repeated.status(), 400);
+    let detail = problem(repeated).await["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        detail.contains("\"token\" is given more than once"),
+        "{detail}"
+    );
     assert!(app.epochs().is_empty(), "no bad call changed anything");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn resource_names_are_held_to_the_data_planes_limits() {
+    let upstream = RecordingUpstream::start().await;
+    let app = app_with_token(&upstream).await;
+    let long = "w".repeat(20_000);
+    for name in [long.as_str(), "bad%01name", "tab%09"] {
+        for call in ["fence", "reset"] {
+            let body = json!({"token": 1, "reason": "test"});
+            let body = if call == "fence" {
+                json!({"token": 1})
+            } else {
+                body
+            };
+            let response = app
+                .admin_post(&format!("/v1/resources/{name}/{call}"), body, Some(TOKEN))
+                .await;
+            assert_eq!(
+                response.status(),
+                400,
+                "{call} {}",
+                &name[..name.len().min(20)]
+            );
+            assert_eq!(problem(response).await["parameter"], "resource");
+        }
+        let response = app
+            .admin_get(&format!("/v1/resources/{name}"), Some(TOKEN))
+            .await;
+        assert_eq!(response.status(), 400);
+    }
+    assert!(app.epochs().is_empty());
+    let fine = app
+        .admin_post(
+            &format!("/v1/resources/{}/fence", "w".repeat(512)),
+            json!({"token": 1}),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(fine.status(), 200, "max_resource_len bytes exactly");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn since_in_the_last_second_of_9999_is_an_empty_page() {
+    let upstream = RecordingUpstream::start().await;
+    let app = app_without_token(&upstream).await;
+    app.put("/wallets/1", 5, "").await;
+    app.put("/wallets/1", 1, "").await;
+    let page = app
+        .admin_json("/v1/rejections?since=9999-12-31T23:59:59Z", None)
+        .await;
+    assert_eq!(page["rejections"], json!([]));
     app.stop().await;
 }
 
@@ -554,5 +626,41 @@ async fn retention_prunes_the_audit_log_down_to_its_limit_in_the_background() {
         sample(&metrics, "fencegate_audit_rows_pruned_total"),
         1_450.0
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_token_cannot_prune_the_record_of_a_zombie_write() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "audit_max_rows = 50\naudit_prune_interval = \"100ms\"\n{}",
+        standard_routes(&upstream.url())
+    ))
+    .await;
+    app.put("/wallets/1", 5, "").await;
+    assert_eq!(app.put("/wallets/1", 1, "zombie").await.status(), 409);
+    for _ in 0..1_500 {
+        let junk = app.send(reqwest::Method::PUT, "/wallets/1", None).await;
+        assert_eq!(junk.status(), 428);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.rejections().len() > 51 {
+        assert!(
+            Instant::now() < deadline,
+            "{} rows left",
+            app.rejections().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stale = app.admin_json("/v1/rejections?reason=stale", None).await;
+    assert_eq!(
+        stale["rejections"].as_array().unwrap().len(),
+        1,
+        "the evidence stays"
+    );
+    let missing = app
+        .admin_json("/v1/rejections?reason=missing&limit=1000", None)
+        .await;
+    assert_eq!(missing["rejections"].as_array().unwrap().len(), 50);
     app.stop().await;
 }

@@ -260,6 +260,365 @@ async fn method_override_headers_are_rejected_on_every_route() {
 }
 
 #[tokio::test]
+async fn method_override_on_a_fenced_request_is_400_with_the_highest_token() {
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 7, "x").await.status(), 200);
+    let response = app
+        .client
+        .put(app.url("/wallets/1"))
+        .header("fencing-token", "7")
+        .header("x-http-method-override", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["fencing-token-highest"], "7");
+    assert_eq!(problem(response).await["resource"], "wallet:1");
+    assert_eq!(upstream.arrivals().len(), 1);
+}
+
+/// Sends a raw request to `app` and returns its status and headers.
+async fn raw_status(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, std::collections::HashMap<String, String>) {
+    let (status, headers, _) = raw_request(app.addr, &raw(method, path, headers)).await;
+    (status, headers)
+}
+
+#[tokio::test]
+async fn every_method_but_get_head_and_options_needs_a_token() {
+    let (upstream, app) = setup().await;
+    for method in [
+        "POST",
+        "PUT",
+        "PATCH",
+        "DELETE",
+        "MKCOL",
+        "PROPPATCH",
+        "COPY",
+        "MOVE",
+        "LOCK",
+        "UNLOCK",
+        "FROBNICATE",
+    ] {
+        let (status, headers) = raw_status(&app, method, "/wallets/9", &[]).await;
+        assert_eq!(status, 428, "{method}");
+        assert_eq!(headers["fencing-token-highest"], "0", "{method}");
+    }
+    assert!(
+        upstream.arrivals().is_empty(),
+        "no write went through without a token"
+    );
+    for method in ["GET", "HEAD", "OPTIONS"] {
+        let (status, _) = raw_status(&app, method, "/wallets/9", &[]).await;
+        assert_eq!(status, 200, "{method}");
+    }
+    assert_eq!(upstream.arrivals().len(), 3);
+    let reasons: Vec<String> = app
+        .rejected_resources()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(reasons, vec!["missing"; 11]);
+}
+
+#[tokio::test]
+async fn unfenced_methods_may_name_only_reads() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[[routes]]
+path = "/{{*rest}}"
+upstream = "{}"
+resource = "default"
+unfenced_methods = ["GET", "PROPFIND"]
+"#,
+        upstream.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    assert_eq!(raw_status(&app, "PROPFIND", "/a", &[]).await.0, 200);
+    assert_eq!(
+        raw_status(&app, "HEAD", "/a", &[]).await.0,
+        428,
+        "HEAD is fenced once the list leaves it out"
+    );
+    let refused = fencegate::config::Config::from_toml(
+        &config.replace("\"PROPFIND\"", "\"MKCOL\""),
+        std::path::Path::new("t.toml"),
+        fencegate::config::Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .starts_with("routes[0].unfenced_methods: \"MKCOL\" can change state"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_method_in_another_case_is_400_and_never_forwarded() {
+    let (upstream, app) = setup().await;
+    for method in ["put", "Put", "pAtCh", "delete", "mkcol", "Get"] {
+        let (status, _) = raw_status(&app, method, "/wallets/1", &[]).await;
+        assert_eq!(status, 400, "{method}");
+    }
+    // The same over HTTP/2, where the method is a pseudo-header.
+    let stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    for method in ["put", "Delete"] {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/wallets/1", app.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 400, "h2 {method}");
+    }
+    assert!(upstream.arrivals().is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_header_naming_the_token_is_400_and_the_token_reaches_the_upstream() {
+    let (upstream, app) = setup().await;
+    for connection in ["fencing-token", "keep-alive, Fencing-Token", "Destination"] {
+        let line = format!("x-extra: 1\r\nconnection: {connection}");
+        let (status, _) = raw_status(&app, "PUT", "/wallets/1", &["fencing-token: 3", &line]).await;
+        assert_eq!(status, 400, "{connection}");
+    }
+    assert!(upstream.arrivals().is_empty());
+    assert_eq!(app.put("/wallets/1", 3, "x").await.status(), 200);
+    assert_eq!(upstream.arrivals()[0].headers["fencing-token"], "3");
+}
+
+#[tokio::test]
+async fn copy_and_move_are_fenced_by_the_destinations_gate_in_every_spelling() {
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 5, "leader").await.status(), 200);
+    for method in ["COPY", "MOVE"] {
+        for destination in [
+            "/wallets/1",
+            "/wallets/%31",
+            "/%77allets/1",
+            "http://fencegate.test/wallets/1",
+            "HTTP://FENCEGATE.TEST:80/wallets/1",
+        ] {
+            let line = format!("destination: {destination}");
+            let (status, headers) =
+                raw_status(&app, method, "/scratch", &["fencing-token: 1", &line]).await;
+            assert_eq!(status, 409, "{method} -> {destination}");
+            assert_eq!(
+                headers["fencing-token-highest"], "5",
+                "{method} -> {destination}"
+            );
+        }
+    }
+    assert_eq!(upstream.arrivals().len(), 1, "only the leader's PUT");
+    let rejected = app.rejected_resources();
+    assert_eq!(rejected.len(), 10);
+    assert!(
+        rejected
+            .iter()
+            .all(|(resource, reason)| resource == "wallet:1" && reason == "stale")
+    );
+    // Refused by one gate, the request raised no resource: `default` was never advanced to 1.
+    assert!(
+        app.epochs()
+            .iter()
+            .all(|(resource, ..)| resource == "wallet:1")
+    );
+}
+
+#[tokio::test]
+async fn an_ambiguous_foreign_or_unroutable_destination_is_400() {
+    let upstream = RecordingUpstream::start().await;
+    let other = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[[routes]]
+path = "/wallets/{{id}}"
+upstream = "{}"
+resource = "wallet:{{id}}"
+
+[[routes]]
+path = "/elsewhere/{{id}}"
+upstream = "{}"
+resource = "elsewhere:{{id}}"
+"#,
+        upstream.url(),
+        other.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    for destination in [
+        "/wallets//1",
+        "/wallets/%2e%2e/x",
+        "/wallets/a%2Fb",
+        "http://another-host/wallets/2",
+        "/wallets/2?x=1",
+        "/nowhere",
+        "/elsewhere/1",
+        "not a url",
+    ] {
+        let line = format!("destination: {destination}");
+        let (status, headers) =
+            raw_status(&app, "COPY", "/wallets/1", &["fencing-token: 1", &line]).await;
+        assert_eq!(status, 400, "{destination}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+    }
+    let twice = raw_status(
+        &app,
+        "MOVE",
+        "/wallets/1",
+        &[
+            "fencing-token: 1",
+            "destination: /wallets/2",
+            "destination: /wallets/3",
+        ],
+    )
+    .await;
+    assert_eq!(twice.0, 400);
+    assert!(upstream.arrivals().is_empty() && other.arrivals().is_empty());
+}
+
+#[tokio::test]
+async fn the_leaders_copy_passes_both_gates_and_the_upstream_gets_the_fenced_destination() {
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 5, "leader").await.status(), 200);
+    let (status, headers) = raw_status(
+        &app,
+        "COPY",
+        "/wallets/1",
+        &[
+            "fencing-token: 5",
+            "destination: http://fencegate.test/wallets/%32",
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["fencing-token-highest"], "5");
+    let copy = &upstream.arrivals()[1];
+    assert_eq!(copy.method, "COPY");
+    assert_eq!(
+        copy.headers["destination"],
+        format!("http://{}/wallets/%32", upstream.addr),
+        "rewritten onto the upstream, path as fenced"
+    );
+    // The destination's resource was advanced with the source's, and now fences its zombies.
+    assert_eq!(app.put("/wallets/2", 4, "zombie").await.status(), 409);
+}
+
+#[tokio::test]
+async fn a_request_on_a_collection_above_other_resources_is_409_collection() {
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 5, "leader").await.status(), 200);
+    for (method, path, extra) in [
+        ("DELETE", "/wallets/", ""),
+        ("DELETE", "/wallets", ""),
+        ("MOVE", "/wallets/", "destination: /scratch/"),
+        ("PUT", "/wallets", ""),
+        ("DELETE", "/", ""),
+        ("DELETE", "/wallets/1/", ""),
+        ("COPY", "/scratch/", "destination: /wallets/"),
+    ] {
+        let mut headers = vec!["fencing-token: 9"];
+        if !extra.is_empty() {
+            headers.push(extra);
+        }
+        let (status, response) = raw_status(&app, method, path, &headers).await;
+        assert_eq!(status, 409, "{method} {path} {extra}");
+        assert!(
+            response.contains_key("fencing-token-highest"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(upstream.arrivals().len(), 1);
+    let rejected = app.rejected_resources();
+    assert_eq!(rejected.len(), 7);
+    assert!(
+        rejected.iter().all(|(_, reason)| reason == "collection"),
+        "{rejected:?}"
+    );
+    assert_eq!(
+        rejected[0].0, "default",
+        "audited under the resource the path names"
+    );
+    // A token was never raised by a refused collection request.
+    assert_eq!(app.epochs().len(), 1);
+    // The leader's own collection work: MKCOL of a member, with the member's token.
+    assert_eq!(
+        raw_status(&app, "MKCOL", "/wallets/9/", &["fencing-token: 1"])
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_trailing_slash_names_the_same_resource() {
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/9", 5, "leader").await.status(), 200);
+    let (status, headers) = raw_status(&app, "MKCOL", "/wallets/9/", &["fencing-token: 4"]).await;
+    assert_eq!(status, 409);
+    assert_eq!(headers["fencing-token-highest"], "5");
+    assert_eq!(
+        app.rejected_resources(),
+        vec![("wallet:9".into(), "stale".into())]
+    );
+    assert_eq!(upstream.arrivals().len(), 1);
+}
+
+#[tokio::test]
+async fn a_resource_name_over_max_resource_len_is_414_and_never_stored() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "max_resource_len = 64\n{}",
+        standard_routes(&upstream.url())
+    ))
+    .await;
+    let long = "x".repeat(60);
+    assert_eq!(
+        app.put(&format!("/wallets/{long}"), 1, "").await.status(),
+        414
+    );
+    let response = app
+        .put(&format!("/wallets/{}", "x".repeat(50)), 1, "")
+        .await;
+    assert_eq!(response.status(), 200, "wallet: and 50 bytes fit in 64");
+    let destination = format!("destination: /wallets/{long}");
+    let (status, _) = raw_status(
+        &app,
+        "COPY",
+        "/wallets/1",
+        &["fencing-token: 1", &destination],
+    )
+    .await;
+    assert_eq!(status, 414);
+    let response = app
+        .send(Method::PUT, &format!("/wallets/{long}"), None)
+        .await;
+    assert_eq!(response.status(), 414, "refused before the token check");
+    assert_eq!(
+        problem(response).await["type"],
+        "urn:fencegate:problem:resource-too-long"
+    );
+    assert_eq!(upstream.arrivals().len(), 1);
+    assert!(
+        app.rejections().is_empty(),
+        "a refused name is not stored, not even in the audit log"
+    );
+    assert_eq!(app.epochs().len(), 1);
+}
+
+#[tokio::test]
 async fn ambiguous_paths_are_rejected_with_400_before_routing() {
     let (upstream, app) = setup().await;
     for target in [

@@ -106,7 +106,7 @@ http {{
         listen {addr};
         root {d}/root;
         location / {{
-            dav_methods PUT DELETE;
+            dav_methods PUT DELETE MKCOL COPY MOVE;
             create_full_put_path on;
         }}
     }}
@@ -280,6 +280,160 @@ async fn nginx_webdav_storm_of_old_and_new_writers() {
     }
     let stale = app.rejections().len();
     assert!(stale > 0, "the storm had zombies in it");
+}
+
+/// The layout of deploy/examples/fencegate.toml in front of nginx: a resource per wallet, and a
+/// catch-all under `default`.
+fn wallet_routes(nginx: &Server) -> String {
+    format!(
+        r#"
+[[routes]]
+path = "/wallets/{{id}}"
+upstream = "http://{addr}"
+resource = "wallet:{{id}}"
+
+[[routes]]
+path = "/{{*rest}}"
+upstream = "http://{addr}"
+resource = "default"
+"#,
+        addr = nginx.addr
+    )
+}
+
+/// Every file under nginx's root and its bytes, for "nothing changed" checks.
+fn files_on_disk(nginx: &Server) -> Vec<(String, Vec<u8>)> {
+    fn walk(dir: &Path, root: &Path, found: &mut Vec<(String, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.strip_prefix(root).unwrap().display().to_string();
+            if path.is_dir() {
+                found.push((format!("{name}/"), Vec::new()));
+                walk(&path, root, found);
+            } else {
+                found.push((name, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let root = nginx._dir.path().join("root");
+    let mut found = Vec::new();
+    walk(&root, &root, &mut found);
+    found.sort();
+    found
+}
+
+/// A WebDAV request through fencegate, with `headers` as (name, value) pairs; returns the status.
+async fn webdav(app: &TestApp, method: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let mut request = app
+        .client
+        .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), app.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_webdav_a_zombie_changes_nothing_through_any_path_a_request_can_take() {
+    let Some(binary) = installed("nginx", "nginx") else {
+        return;
+    };
+    let nginx = start_nginx(&binary);
+    let app = TestApp::spawn(&wallet_routes(&nginx)).await;
+    let host = app.addr.to_string();
+    assert_eq!(app.put("/wallets/1", 2, "leader: 120").await.status(), 201);
+    assert_eq!(app.put("/wallets/2", 2, "leader: 80").await.status(), 201);
+    // The zombie holds token 1. Under the catch-all, `default` has never seen a token, so the
+    // zombie may write scratch files there: they are its to write.
+    assert_eq!(app.put("/scratch", 1, "zombie: 150").await.status(), 201);
+    assert_eq!(app.put("/scratch-dir/x", 1, "zombie").await.status(), 201);
+    let before = files_on_disk(&nginx);
+
+    let absolute = format!("http://{host}/wallets/1");
+    let attempts: Vec<(&str, &str, Vec<(&str, &str)>, u16)> = vec![
+        // 1. COPY/MOVE onto a wallet through Destination, in every spelling.
+        ("COPY", "/scratch", vec![("destination", "/wallets/1")], 409),
+        ("COPY", "/scratch", vec![("destination", absolute.as_str())], 409),
+        ("COPY", "/scratch", vec![("destination", "/wallets/%31")], 409),
+        ("COPY", "/scratch", vec![("destination", "/wallets//1")], 400),
+        ("MOVE", "/scratch", vec![("destination", "/wallets/1")], 409),
+        ("MOVE", "/scratch", vec![("destination", absolute.as_str())], 409),
+        ("COPY", "/scratch-dir/", vec![("destination", "/wallets/")], 409),
+        // 2. Collection operations above the wallets.
+        ("DELETE", "/wallets/", vec![], 409),
+        ("DELETE", "/wallets", vec![], 409),
+        ("MOVE", "/wallets/", vec![("destination", "/elsewhere/")], 409),
+        ("DELETE", "/", vec![], 409),
+        // 2b. A wallet named as a collection is the wallet's resource.
+        ("DELETE", "/wallets/1/", vec![], 409),
+    ];
+    for (method, path, headers, expected) in &attempts {
+        let mut headers = headers.clone();
+        headers.push(("fencing-token", "1"));
+        let status = webdav(&app, method, path, &headers).await;
+        assert_eq!(status, *expected, "{method} {path} {headers:?}");
+    }
+    // 3. Write methods without a token.
+    for method in ["MKCOL", "PROPPATCH", "COPY", "MOVE", "LOCK", "DELETE", "PUT"] {
+        let path = if method == "MKCOL" { "/wallets/9/" } else { "/wallets/1" };
+        let headers = [("destination", "/scratch2")];
+        assert_eq!(webdav(&app, method, path, &headers).await, 428, "{method} without a token");
+    }
+    // 4. The method in another case.
+    for method in ["put", "Put", "pAtCh", "delete", "move"] {
+        let headers = [("fencing-token", "2"), ("destination", "/scratch2")];
+        assert_eq!(webdav(&app, method, "/wallets/1", &headers).await, 400, "{method}");
+    }
+    // 5. Asking fencegate to strip the token on the way.
+    let stripped = [("fencing-token", "2"), ("connection", "Fencing-Token")];
+    assert_eq!(webdav(&app, "PUT", "/wallets/1", &stripped).await, 400);
+
+    assert_eq!(files_on_disk(&nginx), before, "every file as the leader and the zombie left it");
+    assert_eq!(
+        std::fs::read_to_string(nginx._dir.path().join("root/wallets/1")).unwrap(),
+        "leader: 120"
+    );
+    let reasons: Vec<String> = app.rejections().into_iter().map(|r| r.0).collect();
+    assert!(reasons.iter().any(|r| r == "stale") && reasons.iter().any(|r| r == "collection"));
+    app.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_webdav_the_leaders_copy_move_mkcol_and_delete_still_work() {
+    let Some(binary) = installed("nginx", "nginx") else {
+        return;
+    };
+    let nginx = start_nginx(&binary);
+    let app = TestApp::spawn(&wallet_routes(&nginx)).await;
+    let root = nginx._dir.path().join("root");
+    assert_eq!(app.put("/wallets/1", 3, "120").await.status(), 201);
+
+    // COPY onto a new wallet: both resources pass their gates, and the new one is at 3 after.
+    let token = [("fencing-token", "3"), ("destination", "/wallets/2")];
+    assert_eq!(webdav(&app, "COPY", "/wallets/1", &token).await, 201);
+    assert_eq!(std::fs::read_to_string(root.join("wallets/2")).unwrap(), "120");
+    assert_eq!(app.put("/wallets/2", 2, "zombie").await.status(), 409);
+
+    // MOVE, with the absolute URL a WebDAV client sends.
+    let absolute = format!("http://{}/wallets/3", app.addr);
+    let token = [("fencing-token", "3"), ("destination", absolute.as_str())];
+    assert_eq!(webdav(&app, "MOVE", "/wallets/2", &token).await, 201);
+    assert!(!root.join("wallets/2").exists());
+    assert_eq!(std::fs::read_to_string(root.join("wallets/3")).unwrap(), "120");
+
+    // MKCOL of a member, then DELETE of it, with the member's own token.
+    let token = [("fencing-token", "1")];
+    assert_eq!(webdav(&app, "MKCOL", "/wallets/9/", &token).await, 201);
+    assert!(root.join("wallets/9").is_dir());
+    assert_eq!(webdav(&app, "DELETE", "/wallets/3", &[("fencing-token", "3")]).await, 204);
+    assert!(!root.join("wallets/3").exists());
+    // Outside the wallets, the catch-all's own collections are the leader's to manage.
+    let token = [("fencing-token", "1")];
+    assert_eq!(webdav(&app, "MKCOL", "/archive/", &token).await, 201);
+    assert_eq!(webdav(&app, "DELETE", "/archive/", &token).await, 204);
+    app.stop().await;
 }
 
 /// Calls etcd's JSON gateway directly (not through fencegate).

@@ -348,3 +348,63 @@ async fn a_token_jump_beyond_max_token_jump_is_refused_audited_and_changes_nothi
     let forwarded: Vec<_> = upstream.arrivals().iter().map(|a| a.token).collect();
     assert_eq!(forwarded, [Some(5), Some(1005)]);
 }
+
+/// The size of the data in the server's database: a compacted copy, so that what is measured is
+/// rows and indexes, not WAL frames or free pages.
+async fn stopped_database_size(app: TestApp) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    let conn = rusqlite::Connection::open_with_flags(
+        &app.db_path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.execute_batch(&format!("VACUUM INTO '{}'", copy.display()))
+        .unwrap();
+    drop(conn);
+    app.stop().await;
+    std::fs::metadata(&copy).unwrap().len()
+}
+
+#[tokio::test]
+async fn hostile_names_cannot_grow_the_database_or_the_audit_log_past_a_bound() {
+    const REQUESTS: u64 = 300;
+    let (_, baseline) = app_with("").await;
+    baseline.put("/wallets/1", 1, "").await;
+    let empty = stopped_database_size(baseline).await;
+
+    // Names of 30 KiB, as in the report that found 500 of them growing the database by 50 MiB.
+    let (upstream, app) = app_with("").await;
+    app.put("/wallets/1", 1, "").await;
+    for i in 0..REQUESTS {
+        let name = format!("{i}{}", "n".repeat(30 * 1024));
+        assert_eq!(
+            app.put(&format!("/wallets/{name}"), 1, "").await.status(),
+            414
+        );
+    }
+    assert_eq!(upstream.arrivals().len(), 1);
+    let after_long_names = stopped_database_size(app).await;
+    assert!(
+        after_long_names <= empty + 8 * 1024,
+        "refused names grew the database from {empty} to {after_long_names} bytes"
+    );
+
+    // The largest names that are accepted, each a new resource and then a zombie's audited 409.
+    let (_, app) = app_with("").await;
+    app.put("/wallets/1", 1, "").await;
+    for i in 0..REQUESTS {
+        let name = format!("{i:03}{}", "n".repeat(512 - "wallet:".len() - 3));
+        let path = format!("/wallets/{name}");
+        assert_eq!(app.put(&path, 2, "").await.status(), 200);
+        assert_eq!(app.put(&path, 1, "").await.status(), 409);
+    }
+    let full = stopped_database_size(app).await;
+    let per_request = (full - empty) / REQUESTS;
+    // A resource row, its first epoch row and one audit row, each carrying a 512-byte name (and
+    // the audit row a 512-byte path), with their index entries: README states these figures.
+    assert!(
+        per_request < 6 * 1024,
+        "each hostile name cost {per_request} bytes of database"
+    );
+}

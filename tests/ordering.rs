@@ -309,3 +309,139 @@ async fn current_token_writes_go_through_while_the_database_is_locked() {
     assert_eq!(newer.await.unwrap(), 200);
     assert_eq!(common::durable_highest(&app.db_path, "wallet:1"), Some(2));
 }
+
+/// What an upstream that answers before reading the body saw, per token: when the request
+/// arrived and when its body had been read to the end.
+#[derive(Debug, Default)]
+struct EarlyLog {
+    arrived: HashMap<u64, Instant>,
+    body_done: HashMap<u64, Instant>,
+}
+
+/// An upstream that answers 201 as soon as it has the head, and reads the body afterwards (as
+/// storage that decides from the headers does).
+async fn early_answering_upstream() -> (String, Arc<std::sync::Mutex<EarlyLog>>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let log = Arc::new(std::sync::Mutex::new(EarlyLog::default()));
+    let serving = Arc::clone(&log);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = Arc::clone(&serving);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        let log = Arc::clone(&log);
+                        async move {
+                            let token: u64 = request.headers()["fencing-token"]
+                                .to_str()
+                                .unwrap()
+                                .parse()
+                                .unwrap();
+                            log.lock().unwrap().arrived.insert(token, Instant::now());
+                            tokio::spawn(async move {
+                                let _ = request.into_body().collect().await;
+                                log.lock().unwrap().body_done.insert(token, Instant::now());
+                            });
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(201)
+                                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stays_in_flight_until_its_body_is_sent_even_after_an_early_answer() {
+    let (url, log) = early_answering_upstream().await;
+    let app = TestApp::spawn(&standard_routes(&url)).await;
+    let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    chunks.send(Ok("old leader, part 1".into())).await.unwrap();
+    let old = app
+        .client
+        .put(app.url("/wallets/1"))
+        .header("fencing-token", "1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 201, "answered before its body was sent");
+    let newer = {
+        let (client, url) = (app.client.clone(), app.url("/wallets/1"));
+        tokio::spawn(async move {
+            client
+                .put(url)
+                .header("fencing-token", "2")
+                .body("new leader")
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !log.lock().unwrap().arrived.contains_key(&2),
+        "token 2 forwarded while token 1's body was still streaming"
+    );
+    let last_part_sent = Instant::now();
+    chunks.send(Ok("old leader, part 2".into())).await.unwrap();
+    drop(chunks);
+    assert_eq!(newer.await.unwrap().status(), 201);
+    let log = log.lock().unwrap();
+    assert!(
+        log.arrived[&2] >= last_part_sent,
+        "token 2 was forwarded before token 1's body was complete: {log:?}"
+    );
+    assert!(
+        log.body_done.contains_key(&1),
+        "token 1's body reached the upstream whole"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_switches_protocols_is_refused_with_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    let app = TestApp::spawn(&standard_routes(&url)).await;
+    let response = app.put("/wallets/1", 1, "").await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["fencing-token-highest"], "1");
+    let problem = common::problem(response).await;
+    assert_eq!(
+        problem["type"],
+        "urn:fencegate:problem:upstream-switched-protocols"
+    );
+    // The upstream answered, so nothing is in doubt: the next token is forwarded at once.
+    let started = Instant::now();
+    let next = app.put("/wallets/1", 2, "").await;
+    assert_eq!(next.status(), 502);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "held back as if in doubt"
+    );
+}

@@ -398,6 +398,23 @@ impl TestApp {
             .collect()
     }
 
+    /// The audit log's (resource, reason) pairs, oldest first.
+    pub fn rejected_resources(&self) -> Vec<(String, String)> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.db_path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut statement = conn
+            .prepare("SELECT resource, reason FROM rejections ORDER BY id")
+            .unwrap();
+        statement
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
     /// The epoch history, oldest first: (resource, from, to, via).
     pub fn epochs(&self) -> Vec<(String, Option<i64>, i64, String)> {
         let conn = rusqlite::Connection::open_with_flags(
