@@ -324,9 +324,10 @@ fn files_on_disk(nginx: &Server) -> Vec<(String, Vec<u8>)> {
 
 /// A WebDAV request through fencegate, with `headers` as (name, value) pairs; returns the status.
 async fn webdav(app: &TestApp, method: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
-    let mut request = app
-        .client
-        .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), app.url(path));
+    let mut request = app.client.request(
+        reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+        app.url(path),
+    );
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -351,19 +352,51 @@ async fn nginx_webdav_a_zombie_changes_nothing_through_any_path_a_request_can_ta
     let before = files_on_disk(&nginx);
 
     let absolute = format!("http://{host}/wallets/1");
-    let attempts: Vec<(&str, &str, Vec<(&str, &str)>, u16)> = vec![
+    /// A request a zombie tries: method, path, extra headers, and the status fencegate answers.
+    type Attempt<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16);
+    let attempts: Vec<Attempt<'_>> = vec![
         // 1. COPY/MOVE onto a wallet through Destination, in every spelling.
         ("COPY", "/scratch", vec![("destination", "/wallets/1")], 409),
-        ("COPY", "/scratch", vec![("destination", absolute.as_str())], 409),
-        ("COPY", "/scratch", vec![("destination", "/wallets/%31")], 409),
-        ("COPY", "/scratch", vec![("destination", "/wallets//1")], 400),
+        (
+            "COPY",
+            "/scratch",
+            vec![("destination", absolute.as_str())],
+            409,
+        ),
+        (
+            "COPY",
+            "/scratch",
+            vec![("destination", "/wallets/%31")],
+            409,
+        ),
+        (
+            "COPY",
+            "/scratch",
+            vec![("destination", "/wallets//1")],
+            400,
+        ),
         ("MOVE", "/scratch", vec![("destination", "/wallets/1")], 409),
-        ("MOVE", "/scratch", vec![("destination", absolute.as_str())], 409),
-        ("COPY", "/scratch-dir/", vec![("destination", "/wallets/")], 409),
+        (
+            "MOVE",
+            "/scratch",
+            vec![("destination", absolute.as_str())],
+            409,
+        ),
+        (
+            "COPY",
+            "/scratch-dir/",
+            vec![("destination", "/wallets/")],
+            409,
+        ),
         // 2. Collection operations above the wallets.
         ("DELETE", "/wallets/", vec![], 409),
         ("DELETE", "/wallets", vec![], 409),
-        ("MOVE", "/wallets/", vec![("destination", "/elsewhere/")], 409),
+        (
+            "MOVE",
+            "/wallets/",
+            vec![("destination", "/elsewhere/")],
+            409,
+        ),
         ("DELETE", "/", vec![], 409),
         // 2b. A wallet named as a collection is the wallet's resource.
         ("DELETE", "/wallets/1/", vec![], 409),
@@ -375,21 +408,45 @@ async fn nginx_webdav_a_zombie_changes_nothing_through_any_path_a_request_can_ta
         assert_eq!(status, *expected, "{method} {path} {headers:?}");
     }
     // 3. Write methods without a token.
-    for method in ["MKCOL", "PROPPATCH", "COPY", "MOVE", "LOCK", "DELETE", "PUT"] {
-        let path = if method == "MKCOL" { "/wallets/9/" } else { "/wallets/1" };
+    for method in [
+        "MKCOL",
+        "PROPPATCH",
+        "COPY",
+        "MOVE",
+        "LOCK",
+        "DELETE",
+        "PUT",
+    ] {
+        let path = if method == "MKCOL" {
+            "/wallets/9/"
+        } else {
+            "/wallets/1"
+        };
         let headers = [("destination", "/scratch2")];
-        assert_eq!(webdav(&app, method, path, &headers).await, 428, "{method} without a token");
+        assert_eq!(
+            webdav(&app, method, path, &headers).await,
+            428,
+            "{method} without a token"
+        );
     }
     // 4. The method in another case.
     for method in ["put", "Put", "pAtCh", "delete", "move"] {
         let headers = [("fencing-token", "2"), ("destination", "/scratch2")];
-        assert_eq!(webdav(&app, method, "/wallets/1", &headers).await, 400, "{method}");
+        assert_eq!(
+            webdav(&app, method, "/wallets/1", &headers).await,
+            400,
+            "{method}"
+        );
     }
     // 5. Asking fencegate to strip the token on the way.
     let stripped = [("fencing-token", "2"), ("connection", "Fencing-Token")];
     assert_eq!(webdav(&app, "PUT", "/wallets/1", &stripped).await, 400);
 
-    assert_eq!(files_on_disk(&nginx), before, "every file as the leader and the zombie left it");
+    assert_eq!(
+        files_on_disk(&nginx),
+        before,
+        "every file as the leader and the zombie left it"
+    );
     assert_eq!(
         std::fs::read_to_string(nginx._dir.path().join("root/wallets/1")).unwrap(),
         "leader: 120"
@@ -413,22 +470,37 @@ async fn nginx_webdav_the_leaders_copy_move_mkcol_and_delete_still_work() {
     // COPY onto a new wallet: both resources pass their gates, and the new one is at 3 after.
     let token = [("fencing-token", "3"), ("destination", "/wallets/2")];
     // nginx answers a COPY or MOVE 204 whether or not the destination existed.
-    assert!(matches!(webdav(&app, "COPY", "/wallets/1", &token).await, 201 | 204));
-    assert_eq!(std::fs::read_to_string(root.join("wallets/2")).unwrap(), "120");
+    assert!(matches!(
+        webdav(&app, "COPY", "/wallets/1", &token).await,
+        201 | 204
+    ));
+    assert_eq!(
+        std::fs::read_to_string(root.join("wallets/2")).unwrap(),
+        "120"
+    );
     assert_eq!(app.put("/wallets/2", 2, "zombie").await.status(), 409);
 
     // MOVE, with the absolute URL a WebDAV client sends.
     let absolute = format!("http://{}/wallets/3", app.addr);
     let token = [("fencing-token", "3"), ("destination", absolute.as_str())];
-    assert!(matches!(webdav(&app, "MOVE", "/wallets/2", &token).await, 201 | 204));
+    assert!(matches!(
+        webdav(&app, "MOVE", "/wallets/2", &token).await,
+        201 | 204
+    ));
     assert!(!root.join("wallets/2").exists());
-    assert_eq!(std::fs::read_to_string(root.join("wallets/3")).unwrap(), "120");
+    assert_eq!(
+        std::fs::read_to_string(root.join("wallets/3")).unwrap(),
+        "120"
+    );
 
     // MKCOL of a member, then DELETE of it, with the member's own token.
     let token = [("fencing-token", "1")];
     assert_eq!(webdav(&app, "MKCOL", "/wallets/9/", &token).await, 201);
     assert!(root.join("wallets/9").is_dir());
-    assert_eq!(webdav(&app, "DELETE", "/wallets/3", &[("fencing-token", "3")]).await, 204);
+    assert_eq!(
+        webdav(&app, "DELETE", "/wallets/3", &[("fencing-token", "3")]).await,
+        204
+    );
     assert!(!root.join("wallets/3").exists());
     // Outside the wallets, the catch-all's own collections are the leader's to manage.
     let token = [("fencing-token", "1")];

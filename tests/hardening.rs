@@ -401,6 +401,18 @@ async fn hostile_names_cannot_grow_the_database_or_the_audit_log_past_a_bound() 
     }
     let full = stopped_database_size(app).await;
     let per_request = (full - empty) / REQUESTS;
+    let (_, app) = app_with("").await;
+    app.put("/wallets/1", 1, "").await;
+    for i in 0..REQUESTS {
+        let path = format!("/wallets/{}", 1000 + i);
+        assert_eq!(app.put(&path, 2, "").await.status(), 200);
+        assert_eq!(app.put(&path, 1, "").await.status(), 409);
+    }
+    let typical = (stopped_database_size(app).await - empty) / REQUESTS;
+    assert!(
+        typical < 1024,
+        "a typical name cost {typical} bytes of database"
+    );
     // A resource row, its first epoch row and one audit row, each carrying a 512-byte name (and
     // the audit row a 512-byte path), with their index entries: README states these figures.
     assert!(

@@ -242,6 +242,121 @@ async fn jump_beyond_the_route_limit_is_refused() {
 }
 
 #[tokio::test]
+async fn admit_all_refused_by_one_gate_raises_no_resource() {
+    let f = fixture(Duration::from_secs(60));
+    f.gate
+        .admit(&key("b"), t(5), None, "")
+        .await
+        .unwrap()
+        .settle();
+    let refused = f
+        .gate
+        .admit_all(&key("a"), &[key("b")], t(3), None, "")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.resource, key("b"));
+    assert!(matches!(refused.refusal, Refusal::Stale { highest } if highest == t(5)));
+    assert_eq!(
+        f.gate.highest(&key("a")).await.unwrap(),
+        None,
+        "a was not raised"
+    );
+    // Nothing of the refused request is left in flight or in doubt.
+    assert!(!f.gate.anything_in_doubt());
+}
+
+#[tokio::test]
+async fn admit_all_passes_every_gate_and_raises_them_together() {
+    let f = fixture(Duration::from_secs(60));
+    f.gate
+        .admit(&key("a"), t(2), None, "")
+        .await
+        .unwrap()
+        .settle();
+    let permits = f
+        .gate
+        .admit_all(&key("b"), &[key("a"), key("b")], t(4), None, "")
+        .await
+        .unwrap();
+    assert_eq!(f.gate.highest(&key("a")).await.unwrap(), Some(t(4)));
+    assert_eq!(f.gate.highest(&key("b")).await.unwrap(), Some(t(4)));
+    // Both are in flight until the permits settle: a newer token waits on either.
+    let waiting = admit_later(&f.gate, "a", 5);
+    until_highest(&f.gate, "a", 5).await;
+    let_others_run().await;
+    assert!(!waiting.is_finished());
+    assert_eq!(
+        permits.settle(),
+        Some(t(5)),
+        "the greatest highest, for the header"
+    );
+    waiting.await.unwrap().unwrap().settle();
+}
+
+#[tokio::test]
+async fn a_superseded_second_gate_gives_the_first_permit_back_settled() {
+    let f = fixture(Duration::from_secs(60));
+    let old_b = f.gate.admit(&key("b"), t(1), None, "").await.unwrap();
+    let both = {
+        let gate = f.gate.clone();
+        tokio::spawn(async move { gate.admit_all(&key("a"), &[key("b")], t(2), None, "").await })
+    };
+    let_others_run().await;
+    until_highest(&f.gate, "b", 2).await;
+    assert!(!both.is_finished(), "waits for b's older request");
+    // A newer leader supersedes b while the request holds a's permit.
+    let newer = admit_later(&f.gate, "b", 3);
+    until_highest(&f.gate, "b", 3).await;
+    old_b.settle();
+    let refused = both.await.unwrap().unwrap_err();
+    assert_eq!(refused.resource, key("b"));
+    newer.await.unwrap().unwrap().settle();
+    // a's permit was given back settled: a's next token opens at once, not after the grace.
+    let next_a = tokio::time::timeout(
+        Duration::from_secs(5),
+        f.gate.admit(&key("a"), t(3), None, ""),
+    )
+    .await
+    .expect("a was left in doubt");
+    next_a.unwrap().settle();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_same_resources_in_opposite_orders_do_not_deadlock() {
+    let f = fixture(Duration::from_secs(60));
+    let mut tasks = Vec::new();
+    for round in 0..200u64 {
+        let gate = f.gate.clone();
+        let (first, second) = if round % 2 == 0 {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        };
+        tasks.push(tokio::spawn(async move {
+            let token = t(1 + round / 10);
+            match gate
+                .admit_all(&key(first), &[key(second)], token, None, "")
+                .await
+            {
+                Ok(permits) => {
+                    tokio::task::yield_now().await;
+                    permits.settle();
+                }
+                Err(refused) => assert!(matches!(refused.refusal, Refusal::Stale { .. })),
+            }
+        }));
+    }
+    let all = async {
+        for task in tasks {
+            task.await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("deadlocked");
+}
+
+#[tokio::test]
 async fn fence_raises_the_highest_after_in_flight_writes_drain() {
     let f = fixture(Duration::from_secs(1));
     let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();

@@ -515,6 +515,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn advance_all_raises_every_resource_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _guard) = Store::open(&dir.path().join("fg.db")).unwrap();
+        store
+            .advance(&key("b"), token(5), Via::Write)
+            .await
+            .unwrap();
+        let both = vec![key("a"), key("b")];
+        let refused = store
+            .advance_all(both.clone(), token(3), Via::Write)
+            .await
+            .unwrap();
+        assert_eq!(refused.refused_by, Some(1));
+        assert_eq!(refused.durable(0).highest, None);
+        assert_eq!(refused.raised_from(0), None);
+        assert_eq!(
+            store.load(&key("a")).await.unwrap().highest,
+            None,
+            "nothing written"
+        );
+        let raised = store.advance_all(both, token(7), Via::Write).await.unwrap();
+        assert_eq!(raised.refused_by, None);
+        assert_eq!(raised.raised_from(0), Some(None));
+        assert_eq!(raised.raised_from(1), Some(Some(token(5))));
+        for name in ["a", "b"] {
+            assert_eq!(
+                store.load(&key(name)).await.unwrap().highest,
+                Some(token(7))
+            );
+        }
+        let same = store
+            .advance_all(vec![key("a"), key("b")], token(7), Via::Write)
+            .await
+            .unwrap();
+        assert_eq!(
+            (same.refused_by, same.raised_from(0)),
+            (None, None),
+            "already there"
+        );
+    }
+
+    #[tokio::test]
     async fn only_a_recorded_clean_stop_reads_as_clean() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fg.db");
