@@ -530,6 +530,19 @@ fn sample(text: &str, name: &str) -> f64 {
         .unwrap()
 }
 
+/// Waits until background retention has pruned the audit log down to `rows`.
+async fn until_pruned_to(app: &TestApp, rows: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.rejections().len() > rows {
+        assert!(
+            Instant::now() < deadline,
+            "{} rows left",
+            app.rejections().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn metrics_counters_move_as_requests_flow() {
     let upstream = RecordingUpstream::start().await;
@@ -600,15 +613,7 @@ async fn retention_prunes_the_audit_log_down_to_its_limit_in_the_background() {
     for _ in 0..1_500 {
         assert_eq!(app.put("/wallets/1", 1, "").await.status(), 409);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.rejections().len() > 50 {
-        assert!(
-            Instant::now() < deadline,
-            "{} rows left",
-            app.rejections().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_pruned_to(&app, 50).await;
     let kept = app.admin_json("/v1/rejections?limit=1000", None).await;
     let ids: Vec<u64> = kept["rejections"]
         .as_array()
@@ -643,15 +648,7 @@ async fn requests_without_a_token_cannot_prune_the_record_of_a_zombie_write() {
         let junk = app.send(reqwest::Method::PUT, "/wallets/1", None).await;
         assert_eq!(junk.status(), 428);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.rejections().len() > 51 {
-        assert!(
-            Instant::now() < deadline,
-            "{} rows left",
-            app.rejections().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_pruned_to(&app, 51).await;
     let stale = app.admin_json("/v1/rejections?reason=stale", None).await;
     assert_eq!(
         stale["rejections"].as_array().unwrap().len(),
