@@ -188,9 +188,12 @@ impl Gate {
     }
 
     /// Admits a request that changes `primary` and every one of `also` (in any order, repeats
-    /// allowed): all or nothing. No gate is changed unless every gate accepts the token (judged first, then made
-    /// durable in one transaction that re-checks them all); the permits are then taken in sorted
-    /// order. On a refusal every permit already taken is given back, settled: nothing was sent.
+    /// allowed): all or nothing. No gate is changed unless every gate accepts the token (judged
+    /// first, then made durable in one transaction that re-checks them all); the permits are then
+    /// taken in sorted order. On a refusal every permit already taken is given back, settled:
+    /// nothing was sent. A token superseded on one resource *after* that transaction (while the
+    /// request waits for older requests to drain) leaves the others at the token, as a fence to it
+    /// would: it was the durable highest of every one of them when it was written.
     pub async fn admit_all(
         &self,
         primary: &ResourceKey,

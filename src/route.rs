@@ -899,6 +899,14 @@ mod tests {
     }
 
     #[test]
+    fn only_a_resource_named_after_the_catch_all_nests() {
+        assert!(route("/files/{*path}", "file:{path}").nests_resources());
+        assert!(!route("/files/{*path}", "files").nests_resources());
+        assert!(!route("/w/{id}/{*rest}", "w:{id}").nests_resources());
+        assert!(!route("/w/{id}", "w:{id}").nests_resources());
+    }
+
+    #[test]
     fn overlapping_routes_are_listed_with_an_example() {
         let table = RouteTable::new(vec![
             route("/wallets/{id}", "wallet:{id}"),
