@@ -35,16 +35,24 @@ pub enum Reason {
     Jump,
     /// A request on a collection above paths that other resources own (`DELETE /wallets/`).
     Collection,
+    /// A client the route does not allow to write. Reserved by the contract for client
+    /// identities (TLS); nothing records it yet, but operators may already filter on it.
+    Forbidden,
+    /// A state-changing request that cannot be attributed to a finite set of resources. Reserved
+    /// by the contract for storage profiles; nothing records it yet.
+    Unattributable,
 }
 
 impl Reason {
     /// Every reason, in declaration order (so `reason as usize` indexes this array).
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Stale,
         Reason::Missing,
         Reason::Invalid,
         Reason::Jump,
         Reason::Collection,
+        Reason::Forbidden,
+        Reason::Unattributable,
     ];
 
     /// The name stored in the database and shown to operators.
@@ -55,6 +63,8 @@ impl Reason {
             Reason::Invalid => "invalid",
             Reason::Jump => "jump",
             Reason::Collection => "collection",
+            Reason::Forbidden => "forbidden",
+            Reason::Unattributable => "unattributable",
         }
     }
 }
@@ -67,7 +77,9 @@ impl fmt::Display for Reason {
 
 /// A name that is not one of the [`Reason`]s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a rejection reason; use stale, missing, invalid, jump or collection")]
+#[error(
+    "{0:?} is not a rejection reason; use stale, missing, invalid, jump, collection, forbidden or unattributable"
+)]
 pub struct UnknownReason(String);
 
 impl FromStr for Reason {

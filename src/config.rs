@@ -33,8 +33,9 @@ pub const DEFAULT_MAX_BODY: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Audit-log rows older than this are pruned: 30 days.
 pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
-/// At most this many audit-log rows are kept *per reason*: with five reasons, a million rows at
-/// most, as before retention kept reasons apart (README gives the bytes a row costs).
+/// At most this many audit-log rows are kept *per reason*: with the five reasons recorded today, a
+/// million rows at most, as before retention kept reasons apart (README gives the bytes a row
+/// costs).
 pub const DEFAULT_AUDIT_MAX_ROWS: u64 = 200_000;
 /// How often retention looks for audit-log rows to prune.
 pub const DEFAULT_AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(10);

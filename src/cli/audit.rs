@@ -24,7 +24,8 @@ pub struct AuditArgs {
     /// Only rejections of this resource.
     #[arg(long, value_name = "R")]
     pub resource: Option<String>,
-    /// Only rejections for this reason: stale, missing, invalid, jump or collection.
+    /// Only rejections for this reason: stale, missing, invalid, jump, collection, forbidden or
+    /// unattributable.
     #[arg(long)]
     pub reason: Option<Reason>,
     /// Only rejections since then: an RFC 3339 time or a duration such as 1h.
