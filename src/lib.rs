@@ -9,6 +9,8 @@
 //!   thread, operators' reads through read-only connections.
 //! - [`audit`]: what a rejection record holds, and how operators name a time (`since`).
 //! - [`proxy`]: the data-plane service: edge checks, then gate, then upstream.
+//! - [`profile`]: storage profiles, what a database's API changes (the key map and etcd's v3
+//!   gateway so far; not yet taken up by routes).
 //! - [`problem`]: every error fencegate answers itself, as `application/problem+json`.
 //! - [`admin`]: the admin API: probes, metrics, resources, rejections, epochs, fence and reset.
 //! - [`metrics`]: the Prometheus metrics the admin plane serves.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod gate;
 pub mod metrics;
 pub mod problem;
+pub mod profile;
 pub mod proxy;
 pub mod route;
 pub mod server;
