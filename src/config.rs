@@ -12,6 +12,8 @@ use std::time::Duration;
 use http::Method;
 use serde::Deserialize;
 
+use crate::profile::keys::KeyMap;
+use crate::profile::{PROFILE_NAMES, Profile};
 use crate::proxy::Upstream;
 use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
 use crate::route::{Route, RoutePolicy, RouteTable};
@@ -58,6 +60,11 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 pub const DEFAULT_MAX_RESOURCE_LEN: usize = 512;
 /// The most `max_resource_len` may be set to: resource names are keys, not documents.
 pub const MAX_MAX_RESOURCE_LEN: usize = 8192;
+/// The most of a request body read before the gate, where a profile names resources from it.
+pub const DEFAULT_MAX_INSPECT_BODY: u64 = 1024 * 1024;
+/// The most resources one request may change (a bulk write, a transaction): each is a gate to pass
+/// and a permit to hold.
+pub const DEFAULT_MAX_RESOURCES_PER_REQUEST: usize = 1000;
 /// The resource of the catch-all route that `--upstream` makes without a config file.
 pub const DEFAULT_RESOURCE: &str = "default";
 
@@ -107,6 +114,10 @@ pub struct Config {
     pub max_body: u64,
     /// The longest resource name, in bytes, a request may render (admin calls too).
     pub max_resource_len: usize,
+    /// The most of a body a profile reads before the gate.
+    pub max_inspect_body: u64,
+    /// The most resources one request may change.
+    pub max_resources_per_request: usize,
     pub shutdown_grace: Duration,
     /// How much of the audit log to keep.
     pub retention: Retention,
@@ -167,6 +178,8 @@ struct FileConfig {
     in_doubt_grace: Option<String>,
     max_body: Option<Size>,
     max_resource_len: Option<usize>,
+    max_inspect_body: Option<Size>,
+    max_resources_per_request: Option<usize>,
     shutdown_grace: Option<String>,
     audit_max_age: Option<String>,
     audit_max_rows: Option<u64>,
@@ -188,6 +201,19 @@ struct FileRoute {
     #[serde(default)]
     fence_reads: bool,
     max_token_jump: Option<u64>,
+    /// A storage API to read requests with: `etcd-v3`.
+    profile: Option<String>,
+    /// `[[routes.keys]]`: key prefixes to resources, for a profile route.
+    #[serde(default)]
+    keys: Vec<FileKeys>,
+}
+
+/// One `[[routes.keys]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeys {
+    prefix: String,
+    resource: String,
 }
 
 /// `max_body = 1048576` and `max_body = "16MiB"` both work.
@@ -286,6 +312,17 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             file.max_resource_len,
             DEFAULT_MAX_RESOURCE_LEN,
             MAX_MAX_RESOURCE_LEN,
+        )?,
+        max_inspect_body: size(
+            "max_inspect_body",
+            file.max_inspect_body,
+            DEFAULT_MAX_INSPECT_BODY,
+        )?,
+        max_resources_per_request: count(
+            "max_resources_per_request",
+            file.max_resources_per_request,
+            DEFAULT_MAX_RESOURCES_PER_REQUEST,
+            100_000,
         )?,
         shutdown_grace: duration(
             "shutdown_grace",
@@ -441,6 +478,7 @@ fn routes(
             unfenced_methods: DEFAULT_UNFENCED_METHODS.to_vec(),
             fence_reads: false,
             max_token_jump: None,
+            profile: None,
         };
         let route = Route::new("/{*rest}", upstream, DEFAULT_RESOURCE, policy)
             .map_err(|e| invalid("--upstream", e))?;
@@ -474,9 +512,9 @@ fn build_route(
              fenced; list the reads to pass without a token in unfenced_methods instead",
         ));
     }
-    let unfenced_methods = match route.unfenced_methods {
+    let unfenced_methods = match &route.unfenced_methods {
         None => DEFAULT_UNFENCED_METHODS.to_vec(),
-        Some(names) => unfenced(&key("unfenced_methods"), &names)?,
+        Some(names) => unfenced(&key("unfenced_methods"), names)?,
     };
     if route.max_token_jump == Some(0) {
         return Err(invalid(
@@ -484,10 +522,12 @@ fn build_route(
             "must be at least 1, or left out for no limit",
         ));
     }
+    let profile = profile(index, &route)?;
     let policy = RoutePolicy {
         unfenced_methods,
         fence_reads: route.fence_reads,
         max_token_jump: route.max_token_jump,
+        profile,
     };
     Route::new(&route.path, upstream, &route.resource, policy).map_err(|e| match e {
         crate::route::RouteError::Path(problem) => {
@@ -495,6 +535,47 @@ fn build_route(
         }
         other => invalid(key("resource"), other),
     })
+}
+
+/// A route's `profile`, with its `resource` template over the profile's captures and its
+/// `[[routes.keys]]` entries.
+fn profile(index: usize, route: &FileRoute) -> Result<Option<Profile>, ConfigError> {
+    let key = |field: &str| format!("routes[{index}].{field}");
+    let Some(name) = route.profile.as_deref() else {
+        if !route.keys.is_empty() {
+            return Err(invalid(
+                key("keys"),
+                "maps keys to resources, which needs a profile such as profile = \"etcd-v3\"",
+            ));
+        }
+        return Ok(None);
+    };
+    match name {
+        "etcd-v3" => {
+            let prefixes: Vec<(String, String)> = route
+                .keys
+                .iter()
+                .map(|keys| (keys.prefix.clone(), keys.resource.clone()))
+                .collect();
+            KeyMap::new(&route.resource, &prefixes)
+                .map(|keys| Some(Profile::EtcdV3(keys)))
+                .map_err(|e| invalid(format!("{} or {}", key("resource"), key("keys")), e))
+        }
+        "webdav" | "s3" | "couchdb" => Err(invalid(
+            key("profile"),
+            format!(
+                "{name:?} is not available in this version yet; available: {}",
+                PROFILE_NAMES.join(", ")
+            ),
+        )),
+        other => Err(invalid(
+            key("profile"),
+            format!(
+                "{other:?} is not a storage profile; available: {}",
+                PROFILE_NAMES.join(", ")
+            ),
+        )),
+    }
 }
 
 /// `unfenced_methods`: only methods that cannot change state, so that no write escapes fencing by
@@ -695,6 +776,53 @@ resource = "default"
             ),
         ];
         for (text, key) in cases {
+            let message = error(&text);
+            assert!(message.starts_with(&format!("{key}: ")), "{key}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_profile_route_names_its_resources_from_keys() {
+        let etcd = r#"
+[[routes]]
+path = "/v3/{*rest}"
+upstream = "http://127.0.0.1:2379"
+profile = "etcd-v3"
+resource = "etcd:{key}"
+[[routes.keys]]
+prefix = "/wallets/"
+resource = "wallet:{segment}"
+"#;
+        let config = load(etcd).unwrap();
+        let route = &config.routes.routes()[0];
+        assert_eq!(route.profile().map(|p| p.name()), Some("etcd-v3"));
+        assert_eq!(config.max_inspect_body, DEFAULT_MAX_INSPECT_BODY);
+        assert_eq!(
+            config.max_resources_per_request,
+            DEFAULT_MAX_RESOURCES_PER_REQUEST
+        );
+        for (text, key) in [
+            (etcd.replace("etcd-v3", "etcd-v2"), "routes[0].profile"),
+            (etcd.replace("etcd-v3", "s3"), "routes[0].profile"),
+            (
+                etcd.replace("wallet:{segment}", "wallet:{id}"),
+                "routes[0].resource or routes[0].keys",
+            ),
+            (
+                etcd.replace("etcd:{key}", "etcd:{rest}"),
+                "routes[0].resource or routes[0].keys",
+            ),
+            (
+                etcd.replace("profile = \"etcd-v3\"\n", "")
+                    .replace("etcd:{key}", "etcd"),
+                "routes[0].keys",
+            ),
+            (format!("max_inspect_body = 0\n{etcd}"), "max_inspect_body"),
+            (
+                format!("max_resources_per_request = 0\n{etcd}"),
+                "max_resources_per_request",
+            ),
+        ] {
             let message = error(&text);
             assert!(message.starts_with(&format!("{key}: ")), "{key}: {message}");
         }

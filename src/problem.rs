@@ -45,6 +45,16 @@ pub enum ProxyError {
     ResourceTooLong { length: usize, limit: usize },
     #[error("{0}")]
     Destination(#[from] DestinationError),
+    #[error("{0}")]
+    Profile(#[from] crate::profile::ProfileError),
+    #[error("the request body could not be read")]
+    BodyUnreadable,
+    #[error(
+        "fencegate cannot name the resources this request changes ({0}); it is refused, not forwarded under a guess"
+    )]
+    Unattributable(String),
+    #[error("the request changes {count} resources, more than max_resources_per_request ({limit})")]
+    TooManyResources { count: usize, limit: usize },
     #[error(
         "{path} is a collection above paths that route {below} fences under other resources; an operation on it could change them under this resource's token"
     )]
@@ -119,6 +129,26 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "bad-destination",
                 "Destination refused",
+            ),
+            Profile(_) => (
+                StatusCode::BAD_REQUEST,
+                "bad-body",
+                "Request body not as the storage API expects",
+            ),
+            BodyUnreadable => (
+                StatusCode::BAD_REQUEST,
+                "body-unreadable",
+                "Request body unreadable",
+            ),
+            Unattributable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unattributable",
+                "Request not attributable to resources",
+            ),
+            TooManyResources { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-many-resources",
+                "Request changes too many resources",
             ),
             Collection { .. } => (
                 StatusCode::CONFLICT,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use http::Method;
 use percent_encoding::percent_decode_str;
 
+use crate::profile::Profile;
 use crate::proxy::Upstream;
 
 /// The name of a fenced resource, such as `wallet:42`. Cheap to clone.
@@ -170,6 +171,7 @@ pub struct Route {
     unfenced_methods: Vec<Method>,
     fence_reads: bool,
     max_token_jump: Option<u64>,
+    profile: Option<Profile>,
 }
 
 /// The settings of a route other than its templates, already validated by the config layer.
@@ -179,6 +181,8 @@ pub struct RoutePolicy {
     pub unfenced_methods: Vec<Method>,
     pub fence_reads: bool,
     pub max_token_jump: Option<u64>,
+    /// The storage API whose requests the route reads for their resources, if any.
+    pub profile: Option<Profile>,
 }
 
 impl Route {
@@ -192,7 +196,12 @@ impl Route {
     ) -> Result<Self, RouteError> {
         let matcher = build_matcher(path)?;
         let captures = captures_of(path);
-        let template = ResourceTemplate::parse(resource, &captures, path)?;
+        let template = match &policy.profile {
+            // The profile names resources from the request; the route's path stands for the
+            // route in answers and audit rows about requests the profile cannot attribute.
+            Some(_) => ResourceTemplate::fixed(path),
+            None => ResourceTemplate::parse(resource, &captures, path)?,
+        };
         Ok(Self {
             path: path.to_owned(),
             resource_template: resource.to_owned(),
@@ -203,7 +212,13 @@ impl Route {
             unfenced_methods: policy.unfenced_methods,
             fence_reads: policy.fence_reads,
             max_token_jump: policy.max_token_jump,
+            profile: policy.profile,
         })
+    }
+
+    /// The storage profile that names this route's resources, if any.
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
     }
 
     /// The path template, as configured.
@@ -493,6 +508,14 @@ enum Part {
 }
 
 impl ResourceTemplate {
+    /// A template that is the literal `text`.
+    fn fixed(text: &str) -> Self {
+        Self {
+            parts: vec![Part::Literal(text.to_owned())],
+            fixed: Some(ResourceKey::new(text)),
+        }
+    }
+
     fn parse(source: &str, captures: &[String], path: &str) -> Result<Self, RouteError> {
         if source.is_empty() {
             return Err(RouteError::Empty);
@@ -700,6 +723,7 @@ mod tests {
             unfenced_methods: methods::DEFAULT_UNFENCED_METHODS.to_vec(),
             fence_reads: false,
             max_token_jump: None,
+            profile: None,
         }
     }
 

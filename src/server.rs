@@ -30,7 +30,7 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
-use crate::proxy::{DataPlane, UpstreamClient};
+use crate::proxy::{DataPlane, RequestLimits, UpstreamClient};
 use crate::store::{LastStop, PrunePlan, Reader, Retention, Store, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
 
@@ -85,9 +85,14 @@ impl App {
             config.upstream_connect_timeout,
             config.max_body,
         );
+        let limits = RequestLimits {
+            max_resource_len: config.max_resource_len,
+            max_inspect_body: config.max_inspect_body,
+            max_resources_per_request: config.max_resources_per_request,
+        };
         let plane = DataPlane::new(
             config.routes,
-            config.max_resource_len,
+            limits,
             gate.clone(),
             store.clone(),
             upstream,

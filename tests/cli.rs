@@ -289,12 +289,32 @@ resource = "default"
         text.contains("fenced every method but GET,HEAD,OPTIONS  max_token_jump 1000"),
         "{text}"
     );
-    assert!(
-        text.contains("listen                    127.0.0.1:8080"),
+    // Every label, the longest included, stands apart from its value.
+    let setting = |key: &str| {
+        text.lines()
+            .find(|line| line.split_whitespace().next() == Some(key))
+            .map(|line| {
+                line.split_whitespace()
+                    .skip(1)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+    };
+    assert_eq!(
+        setting("listen").as_deref(),
+        Some("127.0.0.1:8080"),
         "{text}"
     );
-    // Every label, the longest included, stands apart from its value.
-    assert!(text.contains("upstream_connect_timeout  5s"), "{text}");
+    assert_eq!(
+        setting("upstream_connect_timeout").as_deref(),
+        Some("5s"),
+        "{text}"
+    );
+    assert_eq!(
+        setting("max_resources_per_request").as_deref(),
+        Some("1000"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "warning: routes[1] (/{*rest}) matches /, a collection above the paths of routes[0] (/wallets/{id})"

@@ -637,3 +637,200 @@ async fn etcd_json_gateway_storm_applies_no_stale_write() {
     assert_eq!(history.last(), accepted.iter().max());
     assert!(!app.rejections().is_empty(), "the storm had zombies in it");
 }
+
+/// fencegate with the etcd-v3 profile: wallets and orders are keyspaces led independently.
+async fn fencegate_with_etcd_profile(etcd: &Server) -> TestApp {
+    TestApp::spawn(&format!(
+        r#"
+[[routes]]
+path = "/v3/{{*rest}}"
+upstream = "http://{}"
+profile = "etcd-v3"
+resource = "etcd:{{key}}"
+[[routes.keys]]
+prefix = "/wallets/"
+resource = "wallet:{{segment}}"
+[[routes.keys]]
+prefix = "/orders/"
+resource = "orders"
+"#,
+        etcd.addr
+    ))
+    .await
+}
+
+/// An etcd call through fencegate with `token`; returns the status.
+async fn call_through(app: &TestApp, call: &str, token: u64, body: Value) -> u16 {
+    app.client
+        .post(app.url(&format!("/v3/{call}")))
+        .header("fencing-token", token.to_string())
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn b64(text: &str) -> String {
+    BASE64.encode(text)
+}
+
+#[tokio::test]
+#[ignore = "needs etcd; run with --ignored"]
+async fn etcd_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
+    let Some(binary) = installed("etcd", "etcd-server") else {
+        return;
+    };
+    let etcd = start_etcd(&binary);
+    let app = fencegate_with_etcd_profile(&etcd).await;
+    // Two leaders, of two keyspaces, each at its own epoch: neither fences the other out.
+    let put = |key: &str, value: &str| json!({"key": b64(key), "value": b64(value)});
+    assert_eq!(
+        call_through(&app, "kv/put", 7, put("/wallets/1/balance", "120")).await,
+        200
+    );
+    assert_eq!(
+        call_through(&app, "kv/put", 3, put("/orders/9", "paid")).await,
+        200
+    );
+    assert_eq!(
+        call_through(&app, "kv/put", 7, put("/wallets/2/balance", "80")).await,
+        200
+    );
+    let revision = etcd_revision(&etcd).await;
+
+    // The wallets' old leader (token 6) tries every state-changing endpoint.
+    let zombie: Vec<(&str, Value, u16)> = vec![
+        ("kv/put", put("/wallets/1/balance", "150"), 409),
+        (
+            "kv/deleterange",
+            json!({"key": b64("/wallets/1/balance")}),
+            409,
+        ),
+        (
+            "kv/deleterange",
+            json!({"key": b64("/wallets/1/"), "range_end": b64("/wallets/10")}),
+            409,
+        ),
+        // A range over several wallets, or everything: nobody's to fence.
+        (
+            "kv/deleterange",
+            json!({"key": b64("/wallets/"), "range_end": b64("/wallets0")}),
+            422,
+        ),
+        (
+            "kv/deleterange",
+            json!({"key": "AA==", "range_end": "AA=="}),
+            422,
+        ),
+        (
+            "kv/txn",
+            json!({"success": [{"requestPut": {"key": b64("/wallets/2/balance"), "value": b64("0")}}]}),
+            409,
+        ),
+        (
+            "kv/txn",
+            json!({"compare": [], "failure": [{"request_delete_range": {"key": b64("/wallets/2/balance")}}]}),
+            409,
+        ),
+        // A transaction over two keyspaces passes both gates or neither: orders is at 3, so 6 is
+        // a new orders epoch, but wallets refuse it, and orders must not be raised.
+        (
+            "kv/txn",
+            json!({"success": [
+                {"request_put": {"key": b64("/orders/9"), "value": b64("refunded")}},
+                {"request_put": {"key": b64("/wallets/1/balance"), "value": b64("0")}}
+            ]}),
+            409,
+        ),
+        ("kv/compaction", json!({"revision": revision}), 422),
+        ("lease/revoke", json!({"ID": 1}), 422),
+        ("auth/enable", json!({}), 422),
+    ];
+    for (call, body, expected) in &zombie {
+        assert_eq!(
+            call_through(&app, call, 6, body.clone()).await,
+            *expected,
+            "{call} {body}"
+        );
+    }
+    // Reads and lease grants change no key: they pass with any token or none.
+    assert_eq!(
+        call_through(
+            &app,
+            "kv/range",
+            0,
+            json!({"key": b64("/wallets/1/balance")})
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        call_through(&app, "lease/grant", 0, json!({"TTL": 60})).await,
+        200
+    );
+
+    // etcd, read directly, holds what the current leaders wrote, and nothing else happened.
+    assert_eq!(
+        etcd_value(&etcd, "/wallets/1/balance", 0).await.as_deref(),
+        Some("120")
+    );
+    assert_eq!(
+        etcd_value(&etcd, "/wallets/2/balance", 0).await.as_deref(),
+        Some("80")
+    );
+    assert_eq!(
+        etcd_value(&etcd, "/orders/9", 0).await.as_deref(),
+        Some("paid")
+    );
+    assert_eq!(
+        etcd_revision(&etcd).await,
+        revision,
+        "no write reached etcd"
+    );
+    // The orders leader was not fenced out by the refused two-keyspace transaction.
+    assert_eq!(
+        call_through(&app, "kv/put", 3, put("/orders/9", "shipped")).await,
+        200
+    );
+    assert_eq!(
+        etcd_value(&etcd, "/orders/9", 0).await.as_deref(),
+        Some("shipped")
+    );
+    let reasons: Vec<(String, String)> = app.rejected_resources();
+    assert!(reasons.contains(&("wallet:1".into(), "stale".into())));
+    assert!(reasons.contains(&("/v3/{*rest}".into(), "unattributable".into())));
+    app.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs etcd; run with --ignored"]
+async fn etcd_profile_leaders_write_transactions_and_member_deletes() {
+    let Some(binary) = installed("etcd", "etcd-server") else {
+        return;
+    };
+    let etcd = start_etcd(&binary);
+    let app = fencegate_with_etcd_profile(&etcd).await;
+    let txn = json!({
+        "compare": [{"key": b64("/wallets/1/balance"), "target": "VERSION", "version": "0"}],
+        "success": [
+            {"request_put": {"key": b64("/wallets/1/balance"), "value": b64("100")}},
+            {"request_put": {"key": b64("/orders/1"), "value": b64("opened")}}
+        ]
+    });
+    assert_eq!(call_through(&app, "kv/txn", 4, txn).await, 200);
+    assert_eq!(
+        etcd_value(&etcd, "/wallets/1/balance", 0).await.as_deref(),
+        Some("100")
+    );
+    assert_eq!(
+        etcd_value(&etcd, "/orders/1", 0).await.as_deref(),
+        Some("opened")
+    );
+    // The member's whole subtree, as `etcdctl del --prefix /wallets/1/` sends it.
+    let subtree = json!({"key": b64("/wallets/1/"), "range_end": b64("/wallets/10")});
+    assert_eq!(call_through(&app, "kv/deleterange", 4, subtree).await, 200);
+    assert_eq!(etcd_value(&etcd, "/wallets/1/balance", 0).await, None);
+    app.stop().await;
+}

@@ -38,7 +38,7 @@ pub fn run(args: &CheckConfigArgs) -> ExitCode {
 }
 
 /// The widest setting label, so that no value runs into its key.
-const KEY_WIDTH: usize = 24;
+const KEY_WIDTH: usize = 25;
 
 /// The configuration as an operator reads it: settings, then routes in match order.
 pub fn describe(config: &Config) -> String {
@@ -79,6 +79,14 @@ pub fn describe(config: &Config) -> String {
         (
             "max_resource_len",
             format!("{} bytes", config.max_resource_len),
+        ),
+        (
+            "max_inspect_body",
+            format!("{} bytes", config.max_inspect_body),
+        ),
+        (
+            "max_resources_per_request",
+            config.max_resources_per_request.to_string(),
         ),
         ("shutdown_grace", duration(config.shutdown_grace)),
         (

@@ -7,14 +7,47 @@
 //! fencegate cannot attribute (refused, never forwarded under a guess). The gate, the store and the
 //! audit log never learn which profile asked: they see resources.
 //!
-//! This step holds the profile-independent key map ([`keys`]) and the etcd v3 gateway ([`etcd`]),
-//! each pure and tested on its own; routes take them up in the step that wires profiles into the
-//! configuration and the proxy (issue 14).
+//! A route names its profile with `profile = "…"`; [`Profile`] is what the route keeps. So far:
+//! the etcd v3 gateway ([`etcd`]), over the profile-independent key map ([`keys`]).
 
 pub mod etcd;
 pub mod keys;
 
 use crate::route::ResourceKey;
+
+/// The profiles a route may name, and what each knows of its storage.
+#[derive(Debug, Clone)]
+pub enum Profile {
+    /// etcd's v3 JSON gateway, its keys mapped to resources.
+    EtcdV3(keys::KeyMap),
+}
+
+/// The names `profile = "…"` accepts.
+pub const PROFILE_NAMES: [&str; 1] = ["etcd-v3"];
+
+impl Profile {
+    /// The name the configuration uses.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Profile::EtcdV3(_) => "etcd-v3",
+        }
+    }
+
+    /// Whether a request to `path` must have its body read before the profile can say what it
+    /// changes. Every other body streams.
+    pub fn needs_body(&self, path: &str) -> bool {
+        match self {
+            Profile::EtcdV3(_) => etcd::needs_body(path),
+        }
+    }
+
+    /// What a request to `path` changes; `body` is empty unless [`Profile::needs_body`].
+    pub fn changes(&self, path: &str, body: &[u8]) -> Result<Changes, ProfileError> {
+        match self {
+            Profile::EtcdV3(keys) => etcd::changes(path, body, keys),
+        }
+    }
+}
 
 /// What a request changes, as a profile reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,25 +16,34 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{Request, Response, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::audit::{self, Reason, Rejection};
 use crate::gate::{Gate, Permits, Refusal, RefusedBy};
 use crate::metrics::Metrics;
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
+use crate::profile::{Changes, Profile};
 use crate::route::destination::{self, DestinationError};
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
 
-pub use upstream::{ForwardError, Upstream, UpstreamClient, UpstreamUrlError};
+pub use upstream::{ForwardError, Upstream, UpstreamBody, UpstreamClient, UpstreamUrlError};
 
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The data plane's limits on what one request may name and make it read.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_resource_len: usize,
+    pub max_inspect_body: u64,
+    pub max_resources_per_request: usize,
+}
 
 /// Everything the data plane needs to serve a request.
 #[derive(Debug)]
@@ -42,6 +51,10 @@ pub struct DataPlane {
     routes: RouteTable,
     /// The longest resource name a request may render (`max_resource_len`).
     max_resource_len: usize,
+    /// The most of a body a profile reads before the gate (`max_inspect_body`).
+    max_inspect_body: u64,
+    /// The most resources one request may change (`max_resources_per_request`).
+    max_resources_per_request: usize,
     gate: Gate,
     store: Store,
     upstream: UpstreamClient,
@@ -52,7 +65,7 @@ impl DataPlane {
     /// Assembles the data plane.
     pub fn new(
         routes: RouteTable,
-        max_resource_len: usize,
+        limits: RequestLimits,
         gate: Gate,
         store: Store,
         upstream: UpstreamClient,
@@ -60,7 +73,9 @@ impl DataPlane {
     ) -> Self {
         Self {
             routes,
-            max_resource_len,
+            max_resource_len: limits.max_resource_len,
+            max_inspect_body: limits.max_inspect_body,
+            max_resources_per_request: limits.max_resources_per_request,
             gate,
             store,
             upstream,
@@ -116,6 +131,11 @@ impl DataPlane {
             .ok_or_else(|| ProxyError::NoRoute {
                 path: request.uri().path().to_owned(),
             })?;
+        if let Some(profile) = resolved.route.profile() {
+            return self
+                .serve_profiled(&path, resolved, profile, request, client)
+                .await;
+        }
         // A Destination is a second path the request writes, whatever its method.
         let fenced = match resolved.route.fencing_for(request.method()) {
             Fencing::Required => true,
@@ -127,14 +147,15 @@ impl DataPlane {
         } else {
             headers::refuse_method_override(request.headers())?;
             self.check_declared_length(&request)?;
-            self.forward_unfenced(resolved.route, request, client).await
+            self.forward_unfenced(resolved.route, request.map(Either::Left), client)
+                .await
         }
     }
 
     async fn forward_unfenced(
         &self,
         route: &Route,
-        request: Request<Incoming>,
+        request: Request<UpstreamBody>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
         self.metrics.forwarded(false);
@@ -191,7 +212,131 @@ impl DataPlane {
                 return Err(self.refuse(refused, token, &request, client).await);
             }
         };
+        let request = request.map(Either::Left);
         self.forward_with(permits, resolved.route, resource, token, request, client)
+            .await
+    }
+
+    /// A request on a route with a storage profile: the profile says what it changes, reading the
+    /// body first where the resources are in it (up to `max_inspect_body`); every other body
+    /// streams. Then, as for any fenced request: token, every resource's gate, upstream.
+    async fn serve_profiled(
+        &self,
+        path: &str,
+        resolved: Resolved<'_>,
+        profile: &Profile,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, Rejected> {
+        headers::refuse_method_override(request.headers())?;
+        let (request, changes) = if profile.needs_body(path) {
+            if let Some(length) = declared_length(&request)
+                && length > self.max_inspect_body
+            {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.max_inspect_body,
+                }
+                .into());
+            }
+            let (parts, body) = request.into_parts();
+            let limit = usize::try_from(self.max_inspect_body).unwrap_or(usize::MAX);
+            let body = match Limited::new(body, limit).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) if e.is::<LengthLimitError>() => {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: self.max_inspect_body,
+                    }
+                    .into());
+                }
+                Err(_) => return Err(ProxyError::BodyUnreadable.into()),
+            };
+            let changes = profile.changes(path, &body).map_err(ProxyError::from)?;
+            (
+                Request::from_parts(parts, Either::Right(Full::new(body))),
+                changes,
+            )
+        } else {
+            let changes = profile.changes(path, &[]).map_err(ProxyError::from)?;
+            (request.map(Either::Left), changes)
+        };
+        let resources = match changes {
+            Changes::ReadsOnly => {
+                self.check_declared_length(&request)?;
+                return self.forward_unfenced(resolved.route, request, client).await;
+            }
+            Changes::Unattributable(why) => {
+                return Err(self
+                    .refuse_unattributable(why, resolved.resource, &request, client)
+                    .await);
+            }
+            Changes::Resources(resources) => resources,
+        };
+        if resources.len() > self.max_resources_per_request {
+            return Err(ProxyError::TooManyResources {
+                count: resources.len(),
+                limit: self.max_resources_per_request,
+            }
+            .into());
+        }
+        for resource in &resources {
+            self.check_resource_length(resource)?;
+        }
+        let Some((primary, also)) = resources.split_first() else {
+            return Err(ProxyError::BodyUnreadable.into());
+        };
+        let token = match token::from_headers(request.headers()) {
+            Ok(token) => token,
+            Err(e) => {
+                return Err(self
+                    .refuse_unparsed(primary.clone(), e, &request, client)
+                    .await);
+            }
+        };
+        if let Err(error) = self.check_declared_length(&request) {
+            let highest = self.gate.highest(primary).await.ok().flatten();
+            return Err(fenced(error, primary.clone(), Some(token), highest));
+        }
+        let admitted = self
+            .gate
+            .admit_all(
+                primary,
+                also,
+                token,
+                resolved.route.max_token_jump(),
+                request_id(&request),
+            )
+            .await;
+        let permits = match admitted {
+            Ok(permits) => permits,
+            Err(refused) => return Err(self.refuse(refused, token, &request, client).await),
+        };
+        self.forward_with(
+            permits,
+            resolved.route,
+            primary.clone(),
+            token,
+            request,
+            client,
+        )
+        .await
+    }
+
+    /// A state-changing request its profile cannot attribute to a finite set of resources:
+    /// refused and audited under `route_resource`, the resource that stands for its route.
+    async fn refuse_unattributable<B>(
+        &self,
+        why: String,
+        route_resource: ResourceKey,
+        request: &Request<B>,
+        client: SocketAddr,
+    ) -> Rejected {
+        let fencing = FencingContext {
+            resource: route_resource,
+            token: token::from_headers(request.headers()).ok(),
+            highest: None,
+        };
+        let error = ProxyError::Unattributable(why);
+        self.audit(Reason::Unattributable, error, fencing, request, client)
             .await
     }
 
@@ -286,7 +431,7 @@ impl DataPlane {
         route: &Route,
         resource: ResourceKey,
         token: FencingToken,
-        request: Request<Incoming>,
+        request: Request<UpstreamBody>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
         self.metrics.forwarded(true);
@@ -329,11 +474,11 @@ impl DataPlane {
     }
 
     /// A request on a collection: refused and audited under the resource it names.
-    async fn refuse_collection(
+    async fn refuse_collection<B>(
         &self,
         error: ProxyError,
         resource: ResourceKey,
-        request: &Request<Incoming>,
+        request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
         let token = token::from_headers(request.headers()).ok();
@@ -354,11 +499,11 @@ impl DataPlane {
     }
 
     /// A missing or malformed token: refused and audited.
-    async fn refuse_unparsed(
+    async fn refuse_unparsed<B>(
         &self,
         resource: ResourceKey,
         error: TokenError,
-        request: &Request<Incoming>,
+        request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
         let (reason, error) = match error {
@@ -384,11 +529,11 @@ impl DataPlane {
 
     /// A token a gate refused: stale or a jump is audited under the resource whose gate refused
     /// it; a store failure fails closed.
-    async fn refuse(
+    async fn refuse<B>(
         &self,
         refused: RefusedBy,
         token: FencingToken,
-        request: &Request<Incoming>,
+        request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
         let RefusedBy { resource, refusal } = refused;
@@ -420,12 +565,12 @@ impl DataPlane {
 
     /// Commits the rejection to the audit log, then returns the answer. If the log cannot be
     /// written the answer is 503: the request is refused either way, but never unrecorded.
-    async fn audit(
+    async fn audit<B>(
         &self,
         reason: Reason,
         error: ProxyError,
         fencing: FencingContext,
-        request: &Request<Incoming>,
+        request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
         let request_id = Some(request_id(request))
@@ -464,13 +609,8 @@ impl DataPlane {
 
     /// Refuses a body whose declared length is over `max_body` before anything is forwarded.
     /// Bodies without a length are cut off while streaming instead.
-    fn check_declared_length(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
-        let declared = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        match declared {
+    fn check_declared_length<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        match declared_length(request) {
             Some(length) if length > self.upstream.max_body() => Err(ProxyError::BodyTooLarge {
                 limit: self.upstream.max_body(),
             }),
@@ -524,6 +664,15 @@ fn request_authority<B>(request: &Request<B>) -> Option<&str> {
             .get(http::header::HOST)
             .and_then(|host| host.to_str().ok())
     })
+}
+
+/// The request's `Content-Length`, if it declares one.
+fn declared_length<B>(request: &Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
 }
 
 /// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.

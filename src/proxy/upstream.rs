@@ -95,6 +95,10 @@ impl Upstream {
     }
 }
 
+/// A request body on its way upstream: the client's, streaming, or one fencegate has already read
+/// (where a profile named resources from it).
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -124,7 +128,7 @@ impl ForwardError {
 /// The pooled keep-alive HTTP/1.1 client used for every upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, Limited<SentBody<Incoming>>>,
+    client: Client<HttpConnector, Limited<SentBody<UpstreamBody>>>,
     timeout: Duration,
     max_body: u64,
 }
@@ -164,7 +168,7 @@ impl UpstreamClient {
     pub(super) async fn forward(
         &self,
         upstream: &Upstream,
-        request: Request<Incoming>,
+        request: Request<UpstreamBody>,
         client: SocketAddr,
         in_flight: Option<&InFlight>,
     ) -> Result<Response<Incoming>, ForwardError> {
