@@ -79,27 +79,8 @@ with open(raw, "a") as f:
 EOF
 }
 
-wait_for_port() {
-    for _ in $(seq 1 500); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.01
-    done
-    echo "bench/run.sh: nothing listens on port $1" >&2
-    exit 1
-}
-
-render() { # template output: fills in the @NAME@ placeholders
-    sed -e "s|@DIR@|$WORK|g" -e "s|@PORT@|$3|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
-        -e "s|@WORKERS@|$PROXY_WORKERS|g" "$1" >"$2"
-}
-
-start_nginx() { # name template port cpus
-    mkdir -p "$WORK/$1-body" "$WORK/proxy-temp"
-    render "$2" "$WORK/$1.conf" "$3"
-    taskset -c "$4" nginx -c "$WORK/$1.conf" -e "$WORK/$1-error.log" >/dev/null 2>&1 &
-    PIDS+=($!)
-    wait_for_port "$3"
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 FENCEGATE_PID=
 start_fencegate() { # database

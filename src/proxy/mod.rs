@@ -281,8 +281,11 @@ impl DataPlane {
         for resource in &resources {
             self.check_resource_length(resource)?;
         }
+        // A profile names at least one resource for a write; were it ever to name none, the
+        // request is refused, never forwarded unfenced.
         let Some((primary, also)) = resources.split_first() else {
-            return Err(ProxyError::BodyUnreadable.into());
+            let why = "the storage profile named no resource".to_owned();
+            return Err(ProxyError::Unattributable(why).into());
         };
         let token = match token::from_headers(request.headers()) {
             Ok(token) => token,

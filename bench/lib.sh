@@ -1,0 +1,25 @@
+# Shared by bench/run.sh and bench/compare.sh: waiting for a port and starting nginx from a template
+# in bench/nginx/. The caller sets WORK (a scratch directory), PIDS (an array the caller's cleanup
+# stops), UPSTREAM_PORT and PROXY_WORKERS.
+
+wait_for_port() {
+    for _ in $(seq 1 500); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.01
+    done
+    echo "$(basename "$0"): nothing listens on port $1" >&2
+    exit 1
+}
+
+render() { # template output port: fills in the @NAME@ placeholders
+    sed -e "s|@DIR@|$WORK|g" -e "s|@PORT@|$3|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
+        -e "s|@WORKERS@|$PROXY_WORKERS|g" "$1" >"$2"
+}
+
+start_nginx() { # name template port cpus
+    mkdir -p "$WORK/$1-body" "$WORK/proxy-temp"
+    render "$2" "$WORK/$1.conf" "$3"
+    taskset -c "$4" nginx -c "$WORK/$1.conf" -e "$WORK/$1-error.log" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_for_port "$3"
+}
