@@ -861,3 +861,121 @@ async fn a_refused_request_with_a_body_tells_keep_alive_clients_to_reconnect() {
     }
     app.stop().await;
 }
+
+/// A route with the etcd-v3 profile in front of the recording upstream, with small limits.
+async fn etcd_profile_app(settings: &str) -> (RecordingUpstream, TestApp) {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        r#"{settings}
+[[routes]]
+path = "/v3/{{*rest}}"
+upstream = "{}"
+profile = "etcd-v3"
+resource = "etcd:{{key}}"
+[[routes.keys]]
+prefix = "/wallets/"
+resource = "wallet:{{segment}}"
+"#,
+        upstream.url()
+    );
+    (upstream, TestApp::spawn(&config).await)
+}
+
+fn etcd_put(key: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    serde_json::json!({"request_put": {"key": key, "value": ""}})
+}
+
+#[tokio::test]
+async fn a_profile_reads_at_most_max_inspect_body_and_names_at_most_max_resources_per_request() {
+    let (upstream, app) =
+        etcd_profile_app("max_inspect_body = 2048\nmax_resources_per_request = 3").await;
+    let post = |path: &str, body: String| {
+        app.client
+            .post(app.url(path))
+            .header("fencing-token", "1")
+            .body(body)
+            .send()
+    };
+    let three: Vec<_> = (1..=3)
+        .map(|i| etcd_put(&format!("/wallets/{i}")))
+        .collect();
+    let response = post(
+        "/v3/kv/txn",
+        serde_json::json!({"success": three}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        response.unwrap().status(),
+        200,
+        "three wallets, each fenced"
+    );
+    assert_eq!(upstream.arrivals()[0].token, Some(1));
+    let four: Vec<_> = (1..=4)
+        .map(|i| etcd_put(&format!("/wallets/{i}")))
+        .collect();
+    let response = post(
+        "/v3/kv/txn",
+        serde_json::json!({"success": four}).to_string(),
+    )
+    .await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        problem(response).await["type"],
+        "urn:fencegate:problem:too-many-resources"
+    );
+    let padded = serde_json::json!({"success": [etcd_put("/wallets/1")], "pad": "x".repeat(4096)});
+    let response = post("/v3/kv/txn", padded.to_string()).await.unwrap();
+    assert_eq!(
+        response.status(),
+        413,
+        "the body is read only up to max_inspect_body"
+    );
+    let response = post("/v3/kv/put", "not json".into()).await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        problem(response).await["type"],
+        "urn:fencegate:problem:bad-body"
+    );
+    assert_eq!(upstream.arrivals().len(), 1);
+    // A read is forwarded without a token, its body untouched.
+    let read = app
+        .client
+        .post(app.url("/v3/kv/range"))
+        .body(r#"{"key":"L3dhbGxldHMvMQ=="}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(upstream.arrivals()[1].body, r#"{"key":"L3dhbGxldHMvMQ=="}"#);
+}
+
+#[tokio::test]
+async fn an_unattributable_call_is_422_audited_and_never_forwarded() {
+    let (upstream, app) = etcd_profile_app("").await;
+    for call in ["/v3/kv/compaction", "/v3/lease/revoke", "/v3/auth/enable"] {
+        let response = app
+            .client
+            .post(app.url(call))
+            .header("fencing-token", "9")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{call}");
+        assert_eq!(
+            problem(response).await["type"],
+            "urn:fencegate:problem:unattributable"
+        );
+    }
+    assert!(upstream.arrivals().is_empty());
+    let rejected = app.rejected_resources();
+    assert_eq!(rejected.len(), 3);
+    assert!(
+        rejected
+            .iter()
+            .all(|(resource, reason)| resource == "/v3/{*rest}" && reason == "unattributable")
+    );
+}
