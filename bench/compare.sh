@@ -50,20 +50,8 @@ trap cleanup EXIT
 # Prints the req/s of fenced PUTs through the fencegate at BINARY.
 measure_fencegate() { # binary
     rm -f "$WORK"/fg.db*
-    cat >"$WORK/fencegate.toml" <<EOF
-listen = "127.0.0.1:$FENCEGATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-database = "$WORK/fg.db"
-worker_threads = $PROXY_WORKERS
-
-[[routes]]
-path = "/r/{id}"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-resource = "r:{id}"
-EOF
-    taskset -c "$PROXY_CPUS" "$1" serve --config "$WORK/fencegate.toml" 2>>"$WORK/fencegate.log" &
-    local pid=$!
-    wait_for_port "$FENCEGATE_PORT"
+    start_fencegate_binary "$1" "$WORK/fg.db"
+    local pid=$FENCEGATE_PID
     curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
     measure "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
     kill -TERM "$pid"

@@ -1,6 +1,7 @@
-# Shared by bench/run.sh and bench/compare.sh: waiting for a port and starting nginx from a template
-# in bench/nginx/. The caller sets WORK (a scratch directory), PIDS (an array the caller's cleanup
-# stops), UPSTREAM_PORT and PROXY_WORKERS.
+# Shared by bench/run.sh and bench/compare.sh: waiting for a port, starting nginx from a template in
+# bench/nginx/, and starting fencegate in front of the upstream. The caller sets WORK (a scratch
+# directory), PIDS (an array the caller's cleanup stops), UPSTREAM_PORT, FENCEGATE_PORT, ADMIN_PORT,
+# PROXY_CPUS and PROXY_WORKERS.
 
 wait_for_port() {
     for _ in $(seq 1 500); do
@@ -22,4 +23,23 @@ start_nginx() { # name template port cpus
     taskset -c "$4" nginx -c "$WORK/$1.conf" -e "$WORK/$1-error.log" >/dev/null 2>&1 &
     PIDS+=($!)
     wait_for_port "$3"
+}
+
+FENCEGATE_PID=
+start_fencegate_binary() { # binary database: one route, /r/{id} -> r:{id}, pinned like nginx
+    cat >"$WORK/fencegate.toml" <<EOF
+listen = "127.0.0.1:$FENCEGATE_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+database = "$2"
+worker_threads = $PROXY_WORKERS
+
+[[routes]]
+path = "/r/{id}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+resource = "r:{id}"
+EOF
+    taskset -c "$PROXY_CPUS" "$1" serve --config "$WORK/fencegate.toml" 2>>"$WORK/fencegate.log" &
+    FENCEGATE_PID=$!
+    PIDS+=("$FENCEGATE_PID")
+    wait_for_port "$FENCEGATE_PORT"
 }

@@ -82,23 +82,8 @@ EOF
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
 
-FENCEGATE_PID=
 start_fencegate() { # database
-    cat >"$WORK/fencegate.toml" <<EOF
-listen = "127.0.0.1:$FENCEGATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-database = "$1"
-worker_threads = $PROXY_WORKERS
-
-[[routes]]
-path = "/r/{id}"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-resource = "r:{id}"
-EOF
-    taskset -c "$PROXY_CPUS" "$BIN" serve --config "$WORK/fencegate.toml" 2>>"$WORK/fencegate.log" &
-    FENCEGATE_PID=$!
-    PIDS+=("$FENCEGATE_PID")
-    wait_for_port "$FENCEGATE_PORT"
+    start_fencegate_binary "$BIN" "$1"
 }
 
 stop_fencegate() {
