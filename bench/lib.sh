@@ -26,7 +26,10 @@ start_nginx() { # name template port cpus
 }
 
 FENCEGATE_PID=
-start_fencegate_binary() { # binary database: one route, /r/{id} -> r:{id}, pinned like nginx
+# Routes: /r/{id} -> r:{id} (what the hot path is measured on, first so that it matches first),
+# etcd's gateway through the etcd-v3 profile, and the same calls through a plain catch-all route
+# (/plain/...) for the profile's cost against a path route in one run.
+start_fencegate_binary() { # binary database
     cat >"$WORK/fencegate.toml" <<EOF
 listen = "127.0.0.1:$FENCEGATE_PORT"
 admin_listen = "127.0.0.1:$ADMIN_PORT"
@@ -37,6 +40,20 @@ worker_threads = $PROXY_WORKERS
 path = "/r/{id}"
 upstream = "http://127.0.0.1:$UPSTREAM_PORT"
 resource = "r:{id}"
+
+[[routes]]
+path = "/v3/{*rest}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+profile = "etcd-v3"
+resource = "etcd:{key}"
+[[routes.keys]]
+prefix = "/wallets/"
+resource = "wallet:{segment}"
+
+[[routes]]
+path = "/plain/{*rest}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+resource = "plain"
 EOF
     taskset -c "$PROXY_CPUS" "$1" serve --config "$WORK/fencegate.toml" 2>>"$WORK/fencegate.log" &
     FENCEGATE_PID=$!

@@ -74,6 +74,7 @@ def summarise(rows):
             "throughput_vs_hyper_floor": round(fg / t["hyper"]["requests_per_s"], 3),
             "hyper_floor_vs_nginx": round(t["hyper"]["requests_per_s"] / t["nginx"]["requests_per_s"], 3),
         }
+    profile = {row["target"]: round(per_second(row)) for row in by.get("profile", [])}
     advances = by["advances"][0]
     rejections = by["rejections"][0]
     memory = by["memory"][0]
@@ -101,6 +102,7 @@ def summarise(rows):
             "peak_rss_mib": round(int(memory["hwm_kib"]) / 1024, 1),
             "fill_seconds": float(memory["fill_seconds"]),
         },
+        "profile": profile,
         "startup": {
             "ready_s_max": round(max(startup["ready_s"]), 3),
             "ready_s": [round(s, 3) for s in startup["ready_s"]],
@@ -156,6 +158,17 @@ def markdown(summary, setup):
         f"| start-up with {m['resources']:,} resources stored | {s['ready_s_max'] * 1000:.0f} ms "
         f"to /readyz, slowest of {len(s['ready_s'])} (first audited 409 by "
         f"{max(s['first_409_s']) * 1000:.0f} ms) |",
+    ]
+    p = summary["profile"]
+    if p:
+        lines += [
+            f"| etcd put through the etcd-v3 profile | {p['etcd_put']:,}/s, "
+            f"{p['etcd_put'] / p['plain_put']:.2f} x the same call through a path route "
+            f"({p['plain_put']:,}/s) |",
+            f"| etcd txn of 100 keys (100 resources) through the profile | "
+            f"{p['etcd_txn100']:,}/s ({p['etcd_txn100'] * 100:,} keys fenced/s) |",
+        ]
+    lines += [
         "",
         "| target | met |",
         "|---|---|",

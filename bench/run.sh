@@ -9,7 +9,9 @@
 #   2. durable epoch advances per second;
 #   3. audited rejections per second (a zombie storm);
 #   4. RSS once 1,000,000 distinct resources have been seen;
-#   5. start-up time with those 1,000,000 resources in the database.
+#   5. start-up time with those 1,000,000 resources in the database;
+#   6. the etcd-v3 storage profile: a single put against the same call through a path route, and a
+#      100-key transaction.
 #
 # Writes bench/results/run.json and bench/results/run.md. Needs wrk, oha, nginx, taskset, curl and
 # python3 (`apt-get install wrk nginx-light curl util-linux`, `cargo install oha --locked`).
@@ -140,6 +142,15 @@ for method in PUT GET; do
         record scenario=latency method="$method" target="$target" tool=oha rate="$rate" -- \
             "$(run_oha "$method" "${URL[$target]}" "$rate")"
     done
+done
+
+# Storage profiles: one etcd put through the etcd-v3 profile (the body read, its key decoded) against
+# the same call through a plain path route, and a 100-key transaction (100 gates per request).
+for target in plain_put etcd_put etcd_txn100; do
+    script=bench/wrk/$target.lua
+    run_wrk "$script" "http://127.0.0.1:$FENCEGATE_PORT/" 3 >/dev/null
+    log "wrk profile $target"
+    record scenario=profile target="$target" -- "$(run_wrk "$script" "http://127.0.0.1:$FENCEGATE_PORT/")"
 done
 
 # Durable epoch advances: every request is a new token for its resource.
