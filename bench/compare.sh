@@ -36,16 +36,9 @@ for tool in wrk nginx taskset python3 curl; do
 done
 
 WORK=$(mktemp -d /tmp/fencegate-compare.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+trap cleanup EXIT
 
 # Prints the req/s of fenced PUTs through the fencegate at BINARY.
 measure_fencegate() { # binary

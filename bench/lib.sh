@@ -1,7 +1,15 @@
 # Shared by bench/run.sh and bench/compare.sh: waiting for a port, starting nginx from a template in
 # bench/nginx/, and starting fencegate in front of the upstream. The caller sets WORK (a scratch
 # directory), PIDS (an array the caller's cleanup stops), UPSTREAM_PORT, FENCEGATE_PORT, ADMIN_PORT,
-# PROXY_CPUS and PROXY_WORKERS.
+# PROXY_CPUS and PROXY_WORKERS, then `trap cleanup EXIT`.
+
+PIDS=()
+cleanup() {
+    # TERM, not KILL: an nginx master killed outright leaves its workers running.
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
 
 wait_for_port() {
     for _ in $(seq 1 500); do

@@ -57,13 +57,8 @@ FLOOR=$PWD/target/release/examples/hyper_floor
 WORK=$(mktemp -d /tmp/fencegate-bench.XXXXXX)
 RAW=$WORK/raw.jsonl
 : >"$RAW"
-PIDS=()
-cleanup() {
-    # TERM, not KILL: an nginx master killed outright leaves its workers running.
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 trap cleanup EXIT
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
@@ -80,9 +75,6 @@ with open(raw, "a") as f:
     f.write(json.dumps(entry) + "\n")
 EOF
 }
-
-# shellcheck source=bench/lib.sh
-. bench/lib.sh
 
 start_fencegate() { # database
     start_fencegate_binary "$BIN" "$1"

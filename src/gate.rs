@@ -426,11 +426,7 @@ impl Gate {
         let durable = tokio::spawn(async move {
             let advance = store.advance(&resource, token, via).await?;
             if let Advance::Raised { from, .. } = advance {
-                metrics.advanced(via);
-                tracing::info!(
-                    %resource, from = from.map(FencingToken::get), to = token.get(), via = via.as_str(),
-                    request_id, "epoch advanced"
-                );
+                record_advance(&metrics, &resource, from, token, via, &request_id);
             }
             let durable = advance.durable(token);
             slot.observe(durable, Reopen::No);
@@ -462,11 +458,7 @@ impl Gate {
             let advanced = store.advance_all(keys.clone(), token, Via::Write).await?;
             for (index, (slot, resource)) in slots.iter().zip(&keys).enumerate() {
                 if let Some(from) = advanced.raised_from(index) {
-                    metrics.advanced(Via::Write);
-                    tracing::info!(
-                        %resource, from = from.map(FencingToken::get), to = token.get(), via = "write",
-                        request_id, "epoch advanced"
-                    );
+                    record_advance(&metrics, resource, from, token, Via::Write, &request_id);
                 }
                 slot.observe(advanced.durable(index), Reopen::No);
             }
@@ -536,6 +528,22 @@ impl Gate {
             settled: false,
         }
     }
+}
+
+/// Counts and logs an advance the store has made durable.
+fn record_advance(
+    metrics: &Metrics,
+    resource: &ResourceKey,
+    from: Option<FencingToken>,
+    token: FencingToken,
+    via: Via,
+    request_id: &str,
+) {
+    metrics.advanced(via);
+    tracing::info!(
+        %resource, from = from.map(FencingToken::get), to = token.get(), via = via.as_str(),
+        request_id, "epoch advanced"
+    );
 }
 
 /// The right to forward one request upstream. Hold it until the upstream has answered, then call
