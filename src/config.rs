@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::Method;
 use serde::Deserialize;
 
-use crate::profile::keys::KeyMap;
-use crate::profile::{PROFILE_NAMES, Profile};
+use crate::profile::keys::{self, KeyMap};
+use crate::profile::{PROFILE_NAMES, Profile, couchdb, s3};
 use crate::proxy::Upstream;
 use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
 use crate::route::{Route, RoutePolicy, RouteTable};
@@ -201,8 +201,10 @@ struct FileRoute {
     #[serde(default)]
     fence_reads: bool,
     max_token_jump: Option<u64>,
-    /// A storage API to read requests with: `etcd-v3`.
+    /// A storage API to read requests with: `webdav`, `s3`, `couchdb`, `etcd-v3`.
     profile: Option<String>,
+    /// Forward the client's `Host` unchanged; the default is the profile's (`true` for `s3`).
+    preserve_host: Option<bool>,
     /// `[[routes.keys]]`: key prefixes to resources, for a profile route.
     #[serde(default)]
     keys: Vec<FileKeys>,
@@ -479,6 +481,7 @@ fn routes(
             fence_reads: false,
             max_token_jump: None,
             profile: None,
+            preserve_host: false,
         };
         let route = Route::new("/{*rest}", upstream, DEFAULT_RESOURCE, policy)
             .map_err(|e| invalid("--upstream", e))?;
@@ -523,11 +526,15 @@ fn build_route(
         ));
     }
     let profile = profile(index, &route)?;
+    let preserve_host = route
+        .preserve_host
+        .unwrap_or_else(|| profile.as_ref().is_some_and(Profile::signs_host));
     let policy = RoutePolicy {
         unfenced_methods,
         fence_reads: route.fence_reads,
         max_token_jump: route.max_token_jump,
         profile,
+        preserve_host,
     };
     Route::new(&route.path, upstream, &route.resource, policy).map_err(|e| match e {
         crate::route::RouteError::Path(problem) => {
@@ -550,24 +557,24 @@ fn profile(index: usize, route: &FileRoute) -> Result<Option<Profile>, ConfigErr
         }
         return Ok(None);
     };
+    let prefixes: Vec<(String, String)> = route
+        .keys
+        .iter()
+        .map(|keys| (keys.prefix.clone(), keys.resource.clone()))
+        .collect();
+    let key_map = |captures| {
+        KeyMap::with_captures(&route.resource, &prefixes, captures)
+            .map_err(|e| invalid(format!("{} or {}", key("resource"), key("keys")), e))
+    };
     match name {
-        "etcd-v3" => {
-            let prefixes: Vec<(String, String)> = route
-                .keys
-                .iter()
-                .map(|keys| (keys.prefix.clone(), keys.resource.clone()))
-                .collect();
-            KeyMap::new(&route.resource, &prefixes)
-                .map(|keys| Some(Profile::EtcdV3(keys)))
-                .map_err(|e| invalid(format!("{} or {}", key("resource"), key("keys")), e))
-        }
-        "webdav" | "s3" | "couchdb" => Err(invalid(
-            key("profile"),
-            format!(
-                "{name:?} is not available in this version yet; available: {}",
-                PROFILE_NAMES.join(", ")
-            ),
+        "etcd-v3" => key_map(keys::ETCD_CAPTURES).map(|keys| Some(Profile::EtcdV3(keys))),
+        "couchdb" => key_map(couchdb::CAPTURES).map(|keys| Some(Profile::CouchDb(keys))),
+        "s3" => key_map(s3::CAPTURES).map(|keys| Some(Profile::S3(keys))),
+        "webdav" if !route.keys.is_empty() => Err(invalid(
+            key("keys"),
+            "the webdav profile names resources from the path template; it has no keys to map",
         )),
+        "webdav" => Ok(Some(Profile::WebDav)),
         other => Err(invalid(
             key("profile"),
             format!(
@@ -782,6 +789,63 @@ resource = "default"
     }
 
     #[test]
+    fn each_profile_names_its_captures_and_s3_preserves_host_by_default() {
+        let route = |profile: &str, resource: &str, extra: &str| {
+            format!(
+                "[[routes]]\npath = \"/{{*rest}}\"\nupstream = \"http://127.0.0.1:9000\"\n\
+                 profile = \"{profile}\"\nresource = \"{resource}\"\n{extra}"
+            )
+        };
+        let first = |text: &str| {
+            let config = load(text).unwrap();
+            let route = &config.routes.routes()[0];
+            (route.profile().map(|p| p.name()), route.preserves_host())
+        };
+        assert_eq!(
+            first(&route("s3", "s3:{bucket}/{key}", "")),
+            (Some("s3"), true)
+        );
+        assert_eq!(
+            first(&route("s3", "s3:{bucket}/{key}", "preserve_host = false\n")),
+            (Some("s3"), false)
+        );
+        assert_eq!(
+            first(&route("couchdb", "doc:{db}/{doc}", "")),
+            (Some("couchdb"), false)
+        );
+        assert_eq!(
+            first(&route("webdav", "file:{rest}", "")),
+            (Some("webdav"), false)
+        );
+        assert_eq!(
+            first(&route("etcd-v3", "etcd:{key}", "preserve_host = true\n")),
+            (Some("etcd-v3"), true)
+        );
+        for (text, key) in [
+            (
+                route("s3", "s3:{db}/{key}", ""),
+                "routes[0].resource or routes[0].keys",
+            ),
+            (
+                route("couchdb", "doc:{key}", ""),
+                "routes[0].resource or routes[0].keys",
+            ),
+            (route("webdav", "file:{key}", ""), "routes[0].resource"),
+            (
+                route(
+                    "s3",
+                    "s3",
+                    "[[routes.keys]]\nprefix = \"w/\"\nresource = \"w:{doc}\"\n",
+                ),
+                "routes[0].resource or routes[0].keys",
+            ),
+        ] {
+            let message = error(&text);
+            assert!(message.starts_with(&format!("{key}: ")), "{key}: {message}");
+        }
+    }
+
+    #[test]
     fn a_profile_route_names_its_resources_from_keys() {
         let etcd = r#"
 [[routes]]
@@ -803,7 +867,11 @@ resource = "wallet:{segment}"
         );
         for (text, key) in [
             (etcd.replace("etcd-v3", "etcd-v2"), "routes[0].profile"),
-            (etcd.replace("etcd-v3", "s3"), "routes[0].profile"),
+            (etcd.replace("etcd-v3", "webdav"), "routes[0].keys"),
+            (
+                etcd.replace("etcd-v3", "couchdb"),
+                "routes[0].resource or routes[0].keys",
+            ),
             (
                 etcd.replace("wallet:{segment}", "wallet:{id}"),
                 "routes[0].resource or routes[0].keys",

@@ -172,6 +172,7 @@ pub struct Route {
     fence_reads: bool,
     max_token_jump: Option<u64>,
     profile: Option<Profile>,
+    preserve_host: bool,
 }
 
 /// The settings of a route other than its templates, already validated by the config layer.
@@ -183,6 +184,8 @@ pub struct RoutePolicy {
     pub max_token_jump: Option<u64>,
     /// The storage API whose requests the route reads for their resources, if any.
     pub profile: Option<Profile>,
+    /// Whether the upstream gets the client's `Host` header rather than its own authority.
+    pub preserve_host: bool,
 }
 
 impl Route {
@@ -199,8 +202,8 @@ impl Route {
         let template = match &policy.profile {
             // The profile names resources from the request; the route's path stands for the
             // route in answers and audit rows about requests the profile cannot attribute.
-            Some(_) => ResourceTemplate::fixed(path),
-            None => ResourceTemplate::parse(resource, &captures, path)?,
+            Some(profile) if profile.names_resources_from_keys() => ResourceTemplate::fixed(path),
+            _ => ResourceTemplate::parse(resource, &captures, path)?,
         };
         Ok(Self {
             path: path.to_owned(),
@@ -213,7 +216,13 @@ impl Route {
             fence_reads: policy.fence_reads,
             max_token_jump: policy.max_token_jump,
             profile: policy.profile,
+            preserve_host: policy.preserve_host,
         })
+    }
+
+    /// Whether the upstream gets the client's `Host` header unchanged (`preserve_host`).
+    pub fn preserves_host(&self) -> bool {
+        self.preserve_host
     }
 
     /// The storage profile that names this route's resources, if any.
@@ -724,6 +733,7 @@ mod tests {
             fence_reads: false,
             max_token_jump: None,
             profile: None,
+            preserve_host: false,
         }
     }
 

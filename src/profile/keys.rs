@@ -23,31 +23,53 @@ pub enum KeyError {
     Template(String),
 }
 
-/// A resource template over one capture, `{key}` or `{segment}`.
+/// A resource template over a profile's captures: the key's (`{key}`, `{doc}`), the scope's that
+/// hold it (`{bucket}`, `{db}`), or a keyspace member's `{segment}`.
 #[derive(Debug, Clone)]
 struct Template {
-    /// The text before and after the capture; `None` when the template names no capture.
-    parts: Option<(String, String)>,
+    parts: Vec<Part>,
     text: String,
 }
 
+#[derive(Debug, Clone)]
+enum Part {
+    Literal(String),
+    /// The index of the capture in the names the template was parsed against.
+    Capture(usize),
+}
+
 impl Template {
-    fn parse(text: &str, capture: &str) -> Result<Self, KeyError> {
-        let placeholder = format!("{{{capture}}}");
+    fn parse(text: &str, names: &[&str]) -> Result<Self, KeyError> {
         if text.is_empty() {
             return Err(KeyError::Template("must not be empty".into()));
         }
-        let parts = text
-            .split_once(&placeholder)
-            .map(|(before, after)| (before.to_owned(), after.to_owned()));
-        let rest = match &parts {
-            Some((before, after)) => format!("{before}{after}"),
-            None => text.to_owned(),
+        let allowed = || {
+            names
+                .iter()
+                .map(|name| format!("{{{name}}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        if rest.contains(['{', '}']) {
-            return Err(KeyError::Template(format!(
-                "may name only {placeholder}, once"
-            )));
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let (name, after) = rest[open + 1..]
+                .split_once('}')
+                .ok_or_else(|| KeyError::Template(format!("has an unclosed {{ in {text:?}")))?;
+            let index = names.iter().position(|n| *n == name).ok_or_else(|| {
+                KeyError::Template(format!("may name only {}, not {{{name}}}", allowed()))
+            })?;
+            parts.push(Part::Capture(index));
+            rest = after;
+        }
+        if rest.contains('}') {
+            return Err(KeyError::Template(format!("has a stray }} in {text:?}")));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
         }
         Ok(Self {
             parts,
@@ -55,16 +77,41 @@ impl Template {
         })
     }
 
-    fn render(&self, value: &str) -> ResourceKey {
-        match &self.parts {
-            Some((before, after)) => ResourceKey::new(format!("{before}{value}{after}")),
-            None => ResourceKey::new(self.text.as_str()),
+    /// Renders with `values`, in the order of the names the template was parsed against.
+    fn render(&self, values: &[&str]) -> ResourceKey {
+        if !self.names_a_capture() {
+            return ResourceKey::new(self.text.as_str());
         }
+        let mut name = String::with_capacity(self.text.len() + 32);
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => name.push_str(text),
+                Part::Capture(index) => name.push_str(values.get(*index).copied().unwrap_or("")),
+            }
+        }
+        ResourceKey::new(name)
     }
 
-    fn names_capture(&self) -> bool {
-        self.parts.is_some()
+    fn names_a_capture(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::Capture(_)))
     }
+
+    /// Whether the template names the capture at `index`.
+    fn names(&self, index: usize) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::Capture(i) if *i == index))
+    }
+}
+
+/// The captures a profile's key map renders: the key's own name, and the names of the scopes
+/// that hold a key (a bucket, a database), outermost first.
+#[derive(Debug, Clone, Copy)]
+pub struct Captures {
+    pub key: &'static str,
+    pub scopes: &'static [&'static str],
 }
 
 /// Maps the keys of one key-value store to resources.
@@ -73,24 +120,51 @@ pub struct KeyMap {
     /// Longest prefix first, so that the most specific keyspace wins.
     prefixes: Vec<(String, Template)>,
     default: Template,
+    /// How many scope captures come before the key's (or the segment's).
+    scopes: usize,
 }
+
+/// etcd's captures: a key, in no scope.
+pub const ETCD_CAPTURES: Captures = Captures {
+    key: "key",
+    scopes: &[],
+};
 
 impl KeyMap {
     /// A map whose keys outside every prefix are named by `default` (over `{key}`), and whose keys
     /// under each `(prefix, template)` by `template` (over `{segment}`).
     pub fn new(default: &str, prefixes: &[(String, String)]) -> Result<Self, KeyError> {
-        let default = Template::parse(default, "key")?;
+        Self::with_captures(default, prefixes, ETCD_CAPTURES)
+    }
+
+    /// A map over `captures`: `default` may name the scopes and the key, each prefix's template
+    /// the scopes and `{segment}`.
+    pub fn with_captures(
+        default: &str,
+        prefixes: &[(String, String)],
+        captures: Captures,
+    ) -> Result<Self, KeyError> {
+        let names = |last: &'static str| {
+            let mut names = captures.scopes.to_vec();
+            names.push(last);
+            names
+        };
+        let default = Template::parse(default, &names(captures.key))?;
         let mut parsed = Vec::with_capacity(prefixes.len());
         for (prefix, template) in prefixes {
             if prefix.is_empty() {
                 return Err(KeyError::Template("a key prefix must not be empty".into()));
             }
-            parsed.push((prefix.clone(), Template::parse(template, "segment")?));
+            parsed.push((
+                prefix.clone(),
+                Template::parse(template, &names("segment"))?,
+            ));
         }
         parsed.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Ok(Self {
             prefixes: parsed,
             default,
+            scopes: captures.scopes.len(),
         })
     }
 
@@ -104,15 +178,27 @@ impl KeyMap {
     /// assert_eq!(map.resource_of(b"/orders/9").unwrap().as_str(), "etcd:/orders/9");
     /// ```
     pub fn resource_of(&self, key: &[u8]) -> Result<ResourceKey, KeyError> {
+        self.resource_in(&[], key)
+    }
+
+    /// The resource of one key held in the scopes `scope` (a bucket, a database), given in the
+    /// order of the map's [`Captures::scopes`].
+    pub fn resource_in(&self, scope: &[&str], key: &[u8]) -> Result<ResourceKey, KeyError> {
         let key = text(key)?;
+        for value in scope {
+            text(value.as_bytes())?;
+        }
+        let mut values = Vec::with_capacity(self.scopes + 1);
+        values.extend((0..self.scopes).map(|i| scope.get(i).copied().unwrap_or("")));
         for (prefix, template) in &self.prefixes {
             if let Some(rest) = key.strip_prefix(prefix.as_str()) {
                 // The next path segment; a key equal to its prefix has the empty segment.
-                let segment = rest.split('/').next().unwrap_or("");
-                return Ok(template.render(segment));
+                values.push(rest.split('/').next().unwrap_or(""));
+                return Ok(template.render(&values));
             }
         }
-        Ok(self.default.render(key))
+        values.push(key);
+        Ok(self.default.render(&values))
     }
 
     /// The one resource every key in `[start, end)` belongs to, or `None` when the range can hold
@@ -149,12 +235,12 @@ impl KeyMap {
                 let limit = prefix_end(subtree.as_bytes());
                 return Ok(end
                     .filter(|end| limit.as_deref().is_none_or(|limit| *end <= limit))
-                    .map(|_| template.render(segment)));
+                    .map(|_| template.render(&[segment])));
             }
         }
         // Outside every keyspace: one resource only if the default names no key and the range
         // reaches into no keyspace.
-        if self.default.names_capture() {
+        if self.default.names(self.scopes) {
             return Ok(None);
         }
         let overlaps_a_keyspace = self.prefixes.iter().any(|(prefix, _)| {
@@ -164,7 +250,7 @@ impl KeyMap {
             let ends_after_its_start = end.is_none_or(|end| end > prefix);
             starts_before_its_end && ends_after_its_start
         });
-        Ok((!overlaps_a_keyspace).then(|| self.default.render(start_text)))
+        Ok((!overlaps_a_keyspace).then(|| self.default.render(&[start_text])))
     }
 }
 

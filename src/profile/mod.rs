@@ -2,16 +2,23 @@
 //!
 //! A route's path says what a plain file server writes; a database's API often says it elsewhere:
 //! etcd's gateway carries every key base64-encoded in a JSON body, CouchDB's `_bulk_docs` writes
-//! many documents in one request. A profile reads a request the way its storage will and answers
-//! with [`Changes`]: the resources it changes, that it changes none, or that it changes state
-//! fencegate cannot attribute (refused, never forwarded under a guess). The gate, the store and the
-//! audit log never learn which profile asked: they see resources.
+//! many documents in one request, S3's DeleteObjects lists its keys in XML. A profile reads a
+//! request the way its storage will and answers with [`Changes`]: the resources it changes, that it
+//! changes none, or that it changes state fencegate cannot attribute (refused, never forwarded
+//! under a guess). The gate, the store and the audit log never learn which profile asked: they see
+//! resources.
 //!
-//! A route names its profile with `profile = "…"`; [`Profile`] is what the route keeps. So far:
-//! the etcd v3 gateway ([`etcd`]), over the profile-independent key map ([`keys`]).
+//! One module per storage, each with the same two functions (`needs_body` and `changes`) over a
+//! [`RequestHead`]; a new storage is one new module and one arm in each match below. The key map
+//! ([`keys`]) that turns a storage's keys into resources is shared by all of them.
 
+pub mod couchdb;
 pub mod etcd;
 pub mod keys;
+pub mod s3;
+pub mod webdav;
+
+use http::{HeaderMap, Method};
 
 use crate::route::ResourceKey;
 
@@ -20,31 +27,68 @@ use crate::route::ResourceKey;
 pub enum Profile {
     /// etcd's v3 JSON gateway, its keys mapped to resources.
     EtcdV3(keys::KeyMap),
+    /// CouchDB's HTTP API: documents of databases.
+    CouchDb(keys::KeyMap),
+    /// S3, path-style: objects of buckets.
+    S3(keys::KeyMap),
+    /// WebDAV: the route's path template names the resource, as on a route without a profile,
+    /// and WebDAV's read-only methods pass without a token.
+    WebDav,
 }
 
 /// The names `profile = "…"` accepts.
-pub const PROFILE_NAMES: [&str; 1] = ["etcd-v3"];
+pub const PROFILE_NAMES: [&str; 4] = ["webdav", "s3", "couchdb", "etcd-v3"];
+
+/// What a profile reads of a request before its body.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// Percent-decoded and checked, as routing matched it (`route::normalise_path`).
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
 
 impl Profile {
     /// The name the configuration uses.
     pub fn name(&self) -> &'static str {
         match self {
             Profile::EtcdV3(_) => "etcd-v3",
+            Profile::CouchDb(_) => "couchdb",
+            Profile::S3(_) => "s3",
+            Profile::WebDav => "webdav",
         }
     }
 
-    /// Whether a request to `path` must have its body read before the profile can say what it
-    /// changes. Every other body streams.
-    pub fn needs_body(&self, path: &str) -> bool {
+    /// Whether the route's `resource` template names the profile's captures (and `[[routes.keys]]`
+    /// applies) rather than the path's.
+    pub fn names_resources_from_keys(&self) -> bool {
+        !matches!(self, Profile::WebDav)
+    }
+
+    /// Whether the storage signs the `Host` header, so that it must reach it unchanged.
+    pub fn signs_host(&self) -> bool {
+        matches!(self, Profile::S3(_))
+    }
+
+    /// Whether a request must have its body read before the profile can say what it changes.
+    /// Every other body streams.
+    pub fn needs_body(&self, head: &RequestHead<'_>) -> bool {
         match self {
-            Profile::EtcdV3(_) => etcd::needs_body(path),
+            Profile::EtcdV3(_) => etcd::needs_body(head.path),
+            Profile::CouchDb(_) => couchdb::needs_body(head),
+            Profile::S3(_) => s3::needs_body(head),
+            Profile::WebDav => false,
         }
     }
 
-    /// What a request to `path` changes; `body` is empty unless [`Profile::needs_body`].
-    pub fn changes(&self, path: &str, body: &[u8]) -> Result<Changes, ProfileError> {
+    /// What a request changes; `body` is empty unless [`Profile::needs_body`].
+    pub fn changes(&self, head: &RequestHead<'_>, body: &[u8]) -> Result<Changes, ProfileError> {
         match self {
-            Profile::EtcdV3(keys) => etcd::changes(path, body, keys),
+            Profile::EtcdV3(keys) => etcd::changes(head.path, body, keys),
+            Profile::CouchDb(keys) => couchdb::changes(head, body, keys),
+            Profile::S3(keys) => s3::changes(head, body, keys),
+            Profile::WebDav => Ok(webdav::changes(head)),
         }
     }
 }
@@ -56,8 +100,20 @@ pub enum Changes {
     ReadsOnly,
     /// These resources, sorted and without repeats; the request must pass every one's gate.
     Resources(Vec<ResourceKey>),
+    /// What the path names, as on every path route: the route's resource, and a `Destination`'s
+    /// (see [`webdav`]). Only the WebDAV profile answers this.
+    Path,
     /// State fencegate cannot name as a finite set of resources; why, for the answer.
     Unattributable(String),
+}
+
+impl Changes {
+    /// The resources of `names`, sorted and without repeats.
+    pub fn of(mut names: Vec<ResourceKey>) -> Changes {
+        names.sort_unstable();
+        names.dedup();
+        Changes::Resources(names)
+    }
 }
 
 /// Why a profile could not read a request.
@@ -65,8 +121,20 @@ pub enum Changes {
 pub enum ProfileError {
     #[error("the body is not what the storage's API expects: {0}")]
     Body(String),
+    #[error("{0}")]
+    Header(String),
     #[error("the request holds more than {0} operations")]
     TooMany(usize),
     #[error(transparent)]
     Key(#[from] keys::KeyError),
+}
+
+/// The path's segments after the leading `/`; a trailing slash gives a last empty segment.
+fn segments(path: &str) -> Vec<&str> {
+    path.strip_prefix('/').unwrap_or(path).split('/').collect()
+}
+
+/// Whether the method only reads, in every API fencegate knows: GET, HEAD and OPTIONS.
+fn only_reads(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }

@@ -35,7 +35,7 @@ const METHOD_OVERRIDES: [HeaderName; 3] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The `Destination` header of WebDAV's COPY and MOVE: a second path the request writes.
-pub(super) const DESTINATION: HeaderName = HeaderName::from_static("destination");
+pub(super) const DESTINATION: HeaderName = crate::profile::webdav::DESTINATION;
 
 /// Headers that fencing reads or that must reach the upstream as the client sent them. A
 /// `Connection` header naming one would have fencegate check it and then strip it as hop-by-hop:
@@ -98,11 +98,20 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Prepares a client's request headers for the upstream: hop-by-hop headers go, the client's
-/// `Host` goes (the upstream gets its own authority, and the original host travels in
-/// `Forwarded`), and the client's address is appended to `Forwarded` and `X-Forwarded-For`.
-pub(super) fn prepare_upstream_request(headers: &mut HeaderMap, client: SocketAddr) {
+/// `Host` goes unless `keep_host` (the upstream gets its own authority, and the original host
+/// travels in `Forwarded`; storage that signs `Host`, like S3, gets it unchanged), and the
+/// client's address is appended to `Forwarded` and `X-Forwarded-For`.
+pub(super) fn prepare_upstream_request(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    keep_host: bool,
+) {
     strip_hop_by_hop(headers);
-    let host = headers.remove(HOST);
+    let host = if keep_host {
+        headers.get(HOST).cloned()
+    } else {
+        headers.remove(HOST)
+    };
     if let Ok(value) = HeaderValue::from_str(&forwarded_element(client.ip(), host.as_ref())) {
         headers.append(FORWARDED, value);
     }
@@ -186,7 +195,7 @@ mod tests {
     #[test]
     fn client_address_is_appended_to_forwarding_headers() {
         let mut map = headers(&[("host", "api.example"), ("x-forwarded-for", "10.0.0.1")]);
-        prepare_upstream_request(&mut map, "192.0.2.7:4000".parse().unwrap());
+        prepare_upstream_request(&mut map, "192.0.2.7:4000".parse().unwrap(), false);
         assert!(!map.contains_key(HOST));
         assert_eq!(map["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(
@@ -196,9 +205,20 @@ mod tests {
     }
 
     #[test]
+    fn a_route_that_preserves_host_forwards_it_unchanged() {
+        let mut map = headers(&[("host", "bucket-store:9000")]);
+        prepare_upstream_request(&mut map, "192.0.2.7:4000".parse().unwrap(), true);
+        assert_eq!(map[HOST], "bucket-store:9000");
+        assert_eq!(
+            map[FORWARDED],
+            "for=192.0.2.7;proto=http;host=\"bucket-store:9000\""
+        );
+    }
+
+    #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
         let mut map = HeaderMap::new();
-        prepare_upstream_request(&mut map, "[::1]:4000".parse().unwrap());
+        prepare_upstream_request(&mut map, "[::1]:4000".parse().unwrap(), false);
         assert_eq!(map[FORWARDED], "for=\"[::1]\";proto=http");
         assert_eq!(map["x-forwarded-for"], "::1");
     }

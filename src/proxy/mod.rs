@@ -23,8 +23,8 @@ use crate::audit::{self, Reason, Rejection};
 use crate::gate::{Gate, Permits, Refusal, RefusedBy};
 use crate::metrics::Metrics;
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
-use crate::profile::{Changes, Profile};
-use crate::route::destination::{self, DestinationError};
+use crate::profile::webdav::{self, Destination};
+use crate::profile::{Changes, Profile, RequestHead};
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
@@ -131,17 +131,29 @@ impl DataPlane {
             .ok_or_else(|| ProxyError::NoRoute {
                 path: request.uri().path().to_owned(),
             })?;
-        if let Some(profile) = resolved.route.profile() {
-            return self
-                .serve_profiled(&path, resolved, profile, request, client)
-                .await;
-        }
+        let head = RequestHead {
+            method: request.method(),
+            path: &path,
+            query: request.uri().query(),
+            headers: request.headers(),
+        };
+        let writes = match resolved.route.profile() {
+            Some(profile) if profile.names_resources_from_keys() => {
+                return self
+                    .serve_profiled(&path, resolved, profile, request, client)
+                    .await;
+            }
+            Some(profile) => {
+                profile.changes(&head, &[]).map_err(ProxyError::from)? != Changes::ReadsOnly
+            }
+            None => match resolved.route.fencing_for(request.method()) {
+                Fencing::Required => true,
+                Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
+                Fencing::Off => false,
+            },
+        };
         // A Destination is a second path the request writes, whatever its method.
-        let fenced = match resolved.route.fencing_for(request.method()) {
-            Fencing::Required => true,
-            Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
-            Fencing::Off => false,
-        } || request.headers().contains_key(headers::DESTINATION);
+        let fenced = writes || request.headers().contains_key(webdav::DESTINATION);
         if fenced {
             self.serve_fenced(&path, resolved, request, client).await
         } else {
@@ -161,7 +173,7 @@ impl DataPlane {
         self.metrics.forwarded(false);
         let _call = self.metrics.upstream_call();
         self.upstream
-            .forward(route.upstream(), request, client, None)
+            .forward(route, request, client, None)
             .await
             .map_err(|e| self.forward_failure(e).into())
     }
@@ -181,9 +193,21 @@ impl DataPlane {
             Ok(destination) => destination,
             Err(error) => return Err(self.refuse_malformed(error, resource).await),
         };
-        let conflict = self.collection_conflict(path, &resolved, destination.as_ref(), &request);
-        if let Some((error, on)) = conflict {
-            return Err(self.refuse_collection(error, on, &request, client).await);
+        let conflict = webdav::collection_conflict(
+            &self.routes,
+            request.method(),
+            path,
+            &resolved,
+            destination.as_ref(),
+        );
+        if let Some(conflict) = conflict {
+            let error = ProxyError::Collection {
+                path: conflict.path,
+                below: conflict.below,
+            };
+            return Err(self
+                .refuse_collection(error, conflict.resource, &request, client)
+                .await);
         }
         let token = match token::from_headers(request.headers()) {
             Ok(token) => token,
@@ -229,36 +253,22 @@ impl DataPlane {
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
         headers::refuse_method_override(request.headers())?;
-        let (request, changes) = if profile.needs_body(path) {
-            if let Some(length) = declared_length(&request)
-                && length > self.max_inspect_body
-            {
-                return Err(ProxyError::BodyTooLarge {
-                    limit: self.max_inspect_body,
-                }
-                .into());
-            }
-            let (parts, body) = request.into_parts();
-            let limit = usize::try_from(self.max_inspect_body).unwrap_or(usize::MAX);
-            let body = match Limited::new(body, limit).collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(e) if e.is::<LengthLimitError>() => {
-                    return Err(ProxyError::BodyTooLarge {
-                        limit: self.max_inspect_body,
-                    }
-                    .into());
-                }
-                Err(_) => return Err(ProxyError::BodyUnreadable.into()),
-            };
-            let changes = profile.changes(path, &body).map_err(ProxyError::from)?;
-            (
-                Request::from_parts(parts, Either::Right(Full::new(body))),
-                changes,
-            )
-        } else {
-            let changes = profile.changes(path, &[]).map_err(ProxyError::from)?;
-            (request.map(Either::Left), changes)
+        let (parts, body) = request.into_parts();
+        let head = RequestHead {
+            method: &parts.method,
+            path,
+            query: parts.uri.query(),
+            headers: &parts.headers,
         };
+        let (body, changes) = if profile.needs_body(&head) {
+            let body = self.read_for_inspection(&parts.headers, body).await?;
+            let changes = profile.changes(&head, &body).map_err(ProxyError::from)?;
+            (Either::Right(Full::new(body)), changes)
+        } else {
+            let changes = profile.changes(&head, &[]).map_err(ProxyError::from)?;
+            (Either::Left(body), changes)
+        };
+        let request = Request::from_parts(parts, body);
         let resources = match changes {
             Changes::ReadsOnly => {
                 self.check_declared_length(&request)?;
@@ -270,6 +280,11 @@ impl DataPlane {
                     .await);
             }
             Changes::Resources(resources) => resources,
+            // Only WebDAV answers with the path, and its routes are served by `serve_fenced`.
+            Changes::Path => {
+                let why = "the storage profile named no resource".to_owned();
+                return Err(ProxyError::Unattributable(why).into());
+            }
         };
         if resources.len() > self.max_resources_per_request {
             return Err(ProxyError::TooManyResources {
@@ -324,6 +339,26 @@ impl DataPlane {
         .await
     }
 
+    /// Reads a body a profile names resources from, up to `max_inspect_body` (413 over it).
+    async fn read_for_inspection(
+        &self,
+        headers: &http::HeaderMap,
+        body: Incoming,
+    ) -> Result<Bytes, ProxyError> {
+        let too_large = ProxyError::BodyTooLarge {
+            limit: self.max_inspect_body,
+        };
+        if declared_length_of(headers).is_some_and(|length| length > self.max_inspect_body) {
+            return Err(too_large);
+        }
+        let limit = usize::try_from(self.max_inspect_body).unwrap_or(usize::MAX);
+        match Limited::new(body, limit).collect().await {
+            Ok(body) => Ok(body.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(too_large),
+            Err(_) => Err(ProxyError::BodyUnreadable),
+        }
+    }
+
     /// A state-changing request its profile cannot attribute to a finite set of resources:
     /// refused and audited under `route_resource`, the resource that stands for its route.
     async fn refuse_unattributable<B>(
@@ -352,63 +387,17 @@ impl DataPlane {
         request: &mut Request<Incoming>,
     ) -> Result<Option<Destination<'a>>, ProxyError> {
         headers::refuse_method_override(request.headers())?;
-        let mut values = request.headers().get_all(headers::DESTINATION).iter();
-        let Some(value) = values.next() else {
+        let authority = request_authority(request);
+        let Some(destination) =
+            webdav::destination(&self.routes, source, request.headers(), authority)?
+        else {
             return Ok(None);
         };
-        if values.next().is_some() {
-            return Err(DestinationError::Repeated.into());
-        }
-        let value = value.to_str().map_err(|_| DestinationError::NotAUrl)?;
-        let raw = destination::destination_path(value, request_authority(request))?;
-        let path = route::normalise_path(raw).map_err(DestinationError::Path)?;
-        let mut resolved = self
-            .routes
-            .resolve(&path)
-            .ok_or_else(|| DestinationError::NoRoute(raw.to_owned()))?;
-        // Copying or moving a collection makes the destination one, whatever its spelling.
-        resolved.names_collection |= source.names_collection;
-        if resolved.route.upstream() != source.route.upstream() {
-            return Err(DestinationError::OtherUpstream {
-                destination: resolved.route.upstream().to_string(),
-                source_upstream: source.route.upstream().to_string(),
-            }
-            .into());
-        }
-        self.check_resource_length(&resolved.resource)?;
-        let rewritten = HeaderValue::from_str(&resolved.route.upstream().absolute_url(raw))
-            .map_err(|_| DestinationError::NotAUrl)?;
-        let destination = Destination { resolved, path };
+        self.check_resource_length(&destination.resolved.resource)?;
         request
             .headers_mut()
-            .insert(headers::DESTINATION, rewritten);
+            .insert(webdav::DESTINATION, destination.rewritten.clone());
         Ok(Some(destination))
-    }
-
-    /// A request on a collection above other resources' paths, at its own path or at its
-    /// Destination: the error and the resource it is audited under.
-    fn collection_conflict(
-        &self,
-        path: &str,
-        source: &Resolved<'_>,
-        destination: Option<&Destination<'_>>,
-        request: &Request<Incoming>,
-    ) -> Option<(ProxyError, ResourceKey)> {
-        let targets = std::iter::once((path, source))
-            .chain(destination.map(|d| (d.path.as_str(), &d.resolved)));
-        for (path, resolved) in targets {
-            if let Some(below) = self
-                .routes
-                .collection_conflict(path, resolved, request.method())
-            {
-                let error = ProxyError::Collection {
-                    path: path.to_owned(),
-                    below: below.path().to_owned(),
-                };
-                return Some((error, resolved.resource.clone()));
-            }
-        }
-        None
     }
 
     /// Refuses a resource name longer than `max_resource_len`: before the gate, so that it never
@@ -442,7 +431,7 @@ impl DataPlane {
         let in_flight = InFlight::new(permits);
         let forwarded = self
             .upstream
-            .forward(route.upstream(), request, client, Some(&in_flight))
+            .forward(route, request, client, Some(&in_flight))
             .await;
         drop(call);
         match forwarded {
@@ -642,14 +631,6 @@ impl DataPlane {
     }
 }
 
-/// The Destination of a COPY or MOVE, routed: a second resource the request changes.
-#[derive(Debug)]
-struct Destination<'a> {
-    resolved: Resolved<'a>,
-    /// Normalised, as routing saw it.
-    path: String,
-}
-
 /// The strictest `max_token_jump` of the routes a request changes.
 fn max_jump(route: &Route, destination: Option<&Destination<'_>>) -> Option<u64> {
     let destination = destination.and_then(|d| d.resolved.route.max_token_jump());
@@ -671,8 +652,11 @@ fn request_authority<B>(request: &Request<B>) -> Option<&str> {
 
 /// The request's `Content-Length`, if it declares one.
 fn declared_length<B>(request: &Request<B>) -> Option<u64> {
-    request
-        .headers()
+    declared_length_of(request.headers())
+}
+
+fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
+    headers
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok())

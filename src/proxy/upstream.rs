@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::headers;
 use super::inflight::{BodyDeadline, InFlight, SentBody};
+use crate::route::Route;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -162,22 +163,22 @@ impl UpstreamClient {
         self.max_body
     }
 
-    /// Sends `request` to `upstream` and returns its response head; the body streams on. A fenced
-    /// request's `in_flight` learns when its body has been sent in full. The whole exchange, the
-    /// request body included, must be done within the upstream timeout.
+    /// Sends `request` to `route`'s upstream and returns its response head; the body streams on.
+    /// A fenced request's `in_flight` learns when its body has been sent in full. The whole
+    /// exchange, the request body included, must be done within the upstream timeout.
     pub(super) async fn forward(
         &self,
-        upstream: &Upstream,
+        route: &Route,
         request: Request<UpstreamBody>,
         client: SocketAddr,
         in_flight: Option<&InFlight>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let (mut parts, body) = request.into_parts();
-        parts.uri = upstream.uri_for(&parts.uri)?;
+        parts.uri = route.upstream().uri_for(&parts.uri)?;
         // The client may have spoken HTTP/2 to us; the upstream connection is HTTP/1.1.
         parts.version = Version::HTTP_11;
-        headers::prepare_upstream_request(&mut parts.headers, client);
+        headers::prepare_upstream_request(&mut parts.headers, client, route.preserves_host());
         let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
         let body = Limited::new(SentBody::new(body, in_flight, deadline), limit);
         let request = Request::from_parts(parts, body);
