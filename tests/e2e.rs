@@ -1,8 +1,10 @@
-//! End to end against real storage that nobody here wrote: nginx's WebDAV module and etcd's JSON
-//! gateway. Both are opt-in: `cargo test` skips them (they are `#[ignore]`), and
+//! End to end against real storage that nobody here wrote: nginx's WebDAV module, etcd's JSON
+//! gateway, PouchDB Server (the CouchDB API) and s3s-fs (S3, checking SigV4, driven by boto3).
+//! All are opt-in: `cargo test` skips them (they are `#[ignore]`), and
 //! `cargo test --test e2e -- --ignored` runs them. A server that is not installed is skipped with a
 //! loud message on stderr, unless `FENCEGATE_E2E_REQUIRED` is set (as in CI), when it fails.
-//! Install them on Debian with `apt-get install nginx etcd-server`.
+//! `.ci/run` installs them all (`apt-get install nginx etcd-server`, `npm install -g
+//! pouchdb-server`, `cargo install s3s-fs@0.14.1 --features binary --locked`, `pip install boto3`).
 
 mod common;
 
@@ -33,17 +35,20 @@ impl Drop for Server {
     }
 }
 
-/// The installed `binary`, or `None` after saying loudly that the test is skipped.
-fn installed(binary: &str, package: &str) -> Option<PathBuf> {
+/// The installed `binary`, or `None` after saying loudly that the test is skipped; `install` is
+/// how to install it.
+fn installed(binary: &str, install: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin"));
     let found = std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .chain(cargo_bin)
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file());
     if found.is_none() {
         let message = format!(
             "SKIPPED: `{binary}` is not installed, so this end-to-end test did not run. \
-             Install it with `apt-get install {package}`."
+             Install it with `{install}`."
         );
         assert!(
             std::env::var_os("FENCEGATE_E2E_REQUIRED").is_none(),
@@ -185,7 +190,7 @@ fn webdav_routes(nginx: &Server) -> String {
 #[tokio::test]
 #[ignore = "needs nginx; run with --ignored"]
 async fn nginx_webdav_wallet_story() {
-    let Some(binary) = installed("nginx", "nginx") else {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
         return;
     };
     let nginx = start_nginx(&binary);
@@ -216,7 +221,7 @@ async fn nginx_webdav_wallet_story() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nginx; run with --ignored"]
 async fn nginx_webdav_storm_of_old_and_new_writers() {
-    let Some(binary) = installed("nginx", "nginx") else {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
         return;
     };
     let nginx = start_nginx(&binary);
@@ -337,7 +342,7 @@ async fn webdav(app: &TestApp, method: &str, path: &str, headers: &[(&str, &str)
 #[tokio::test]
 #[ignore = "needs nginx; run with --ignored"]
 async fn nginx_webdav_a_zombie_changes_nothing_through_any_path_a_request_can_take() {
-    let Some(binary) = installed("nginx", "nginx") else {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
         return;
     };
     let nginx = start_nginx(&binary);
@@ -459,7 +464,7 @@ async fn nginx_webdav_a_zombie_changes_nothing_through_any_path_a_request_can_ta
 #[tokio::test]
 #[ignore = "needs nginx; run with --ignored"]
 async fn nginx_webdav_the_leaders_copy_move_mkcol_and_delete_still_work() {
-    let Some(binary) = installed("nginx", "nginx") else {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
         return;
     };
     let nginx = start_nginx(&binary);
@@ -569,7 +574,7 @@ async fn fencegate_before_etcd(etcd: &Server) -> TestApp {
 #[tokio::test]
 #[ignore = "needs etcd; run with --ignored"]
 async fn etcd_json_gateway_wallet_story() {
-    let Some(binary) = installed("etcd", "etcd-server") else {
+    let Some(binary) = installed("etcd", "apt-get install etcd-server") else {
         return;
     };
     let etcd = start_etcd(&binary);
@@ -587,7 +592,7 @@ async fn etcd_json_gateway_wallet_story() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd; run with --ignored"]
 async fn etcd_json_gateway_storm_applies_no_stale_write() {
-    let Some(binary) = installed("etcd", "etcd-server") else {
+    let Some(binary) = installed("etcd", "apt-get install etcd-server") else {
         return;
     };
     let etcd = start_etcd(&binary);
@@ -679,7 +684,7 @@ fn b64(text: &str) -> String {
 #[tokio::test]
 #[ignore = "needs etcd; run with --ignored"]
 async fn etcd_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
-    let Some(binary) = installed("etcd", "etcd-server") else {
+    let Some(binary) = installed("etcd", "apt-get install etcd-server") else {
         return;
     };
     let etcd = start_etcd(&binary);
@@ -807,7 +812,7 @@ async fn etcd_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
 #[tokio::test]
 #[ignore = "needs etcd; run with --ignored"]
 async fn etcd_profile_leaders_write_transactions_and_member_deletes() {
-    let Some(binary) = installed("etcd", "etcd-server") else {
+    let Some(binary) = installed("etcd", "apt-get install etcd-server") else {
         return;
     };
     let etcd = start_etcd(&binary);
@@ -832,5 +837,373 @@ async fn etcd_profile_leaders_write_transactions_and_member_deletes() {
     let subtree = json!({"key": b64("/wallets/1/"), "range_end": b64("/wallets/10")});
     assert_eq!(call_through(&app, "kv/deleterange", 4, subtree).await, 200);
     assert_eq!(etcd_value(&etcd, "/wallets/1/balance", 0).await, None);
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CouchDB, through PouchDB Server
+
+/// PouchDB Server in memory on a free port, with the database `bank` created on it directly.
+async fn start_couchdb(binary: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = Command::new(binary)
+        .args(["--in-memory", "--host", "127.0.0.1", "--port"])
+        .arg(addr.port().to_string())
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_listening(addr, &mut child, "pouchdb-server");
+    let server = Server {
+        child,
+        addr,
+        _dir: dir,
+    };
+    let created = couch_direct(&server, "PUT", "/bank", None).await;
+    assert_eq!(created.0, 201, "{:?}", created.1);
+    server
+}
+
+/// A call straight to the storage, not through fencegate: (status, body).
+async fn couch_direct(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    couch_call(
+        &reqwest::Client::new(),
+        &format!("http://{}{path}", server.addr),
+        method,
+        None,
+        &[],
+        body,
+    )
+    .await
+}
+
+async fn couch_call(
+    client: &reqwest::Client,
+    url: &str,
+    method: &str,
+    token: Option<u64>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = client.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+    if let Some(token) = token {
+        request = request.header("fencing-token", token.to_string());
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// fencegate with the couchdb profile: wallets and orders are documents of one database, led
+/// independently.
+async fn fencegate_with_couchdb_profile(couchdb: &Server) -> TestApp {
+    TestApp::spawn(&format!(
+        r#"
+[[routes]]
+path = "/{{*rest}}"
+upstream = "http://{}"
+profile = "couchdb"
+resource = "couch:{{db}}/{{doc}}"
+[[routes.keys]]
+prefix = "wallet:"
+resource = "wallet:{{segment}}"
+[[routes.keys]]
+prefix = "order:"
+resource = "orders"
+"#,
+        couchdb.addr
+    ))
+    .await
+}
+
+/// Every document of `bank` with its revision and body, read from the storage directly.
+async fn couch_documents(couchdb: &Server) -> Vec<Value> {
+    let (status, all) =
+        couch_direct(couchdb, "GET", "/bank/_all_docs?include_docs=true", None).await;
+    assert_eq!(status, 200);
+    all["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["doc"].clone())
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs pouchdb-server; run with --ignored"]
+async fn couchdb_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
+    let Some(binary) = installed("pouchdb-server", "npm install -g pouchdb-server") else {
+        return;
+    };
+    let couchdb = start_couchdb(&binary).await;
+    let app = fencegate_with_couchdb_profile(&couchdb).await;
+    let call = |method: &'static str,
+                path: &'static str,
+                token: u64,
+                headers: &'static [(&'static str, &'static str)],
+                body: Option<Value>| {
+        let (client, url) = (app.client.clone(), app.url(path));
+        async move { couch_call(&client, &url, method, Some(token), headers, body).await }
+    };
+    // The wallets' leader (7) and the orders' leader (3), each at its own epoch.
+    let (status, wallet) = call(
+        "PUT",
+        "/bank/wallet:1",
+        7,
+        &[],
+        Some(json!({"balance": 120})),
+    )
+    .await;
+    assert_eq!(status, 201, "{wallet}");
+    let (status, _) = call(
+        "POST",
+        "/bank",
+        7,
+        &[],
+        Some(json!({"_id": "wallet:2", "balance": 80})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, bulk) = call(
+        "POST",
+        "/bank/_bulk_docs",
+        3,
+        &[],
+        Some(json!({"docs": [{"_id": "order:9", "state": "paid"}, {"_id": "order:10", "state": "open"}]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{bulk}");
+    let rev = wallet["rev"].as_str().unwrap().to_owned();
+    let before = couch_documents(&couchdb).await;
+    let (_, info) = couch_direct(&couchdb, "GET", "/bank", None).await;
+
+    // The wallets' old leader (6) tries every state-changing endpoint of the profile's table.
+    let rev_query: &'static str = Box::leak(format!("/bank/wallet:1?rev={rev}").into_boxed_str());
+    let attachment: &'static str =
+        Box::leak(format!("/bank/wallet:1/receipt.txt?rev={rev}").into_boxed_str());
+    let attempts: Vec<(&str, &str, &[(&str, &str)], Option<Value>, u16)> = vec![
+        (
+            "PUT",
+            "/bank/wallet:1",
+            &[],
+            Some(json!({"_rev": rev, "balance": 150})),
+            409,
+        ),
+        ("DELETE", rev_query, &[], None, 409),
+        (
+            "PUT",
+            attachment,
+            &[("content-type", "text/plain")],
+            None,
+            409,
+        ),
+        (
+            "POST",
+            "/bank",
+            &[],
+            Some(json!({"_id": "wallet:1", "balance": 0})),
+            409,
+        ),
+        (
+            "POST",
+            "/bank/_bulk_docs",
+            &[],
+            Some(json!({"docs": [{"_id": "wallet:2", "balance": 0}]})),
+            409,
+        ),
+        (
+            "POST",
+            "/bank/_bulk_docs",
+            &[],
+            Some(
+                json!({"new_edits": false, "docs": [{"_id": "wallet:1", "_rev": "9-x", "balance": 0}]}),
+            ),
+            409,
+        ),
+        // Two keyspaces in one request: orders would take 6 as a new epoch, wallets refuse it,
+        // and the request is refused whole.
+        (
+            "POST",
+            "/bank/_bulk_docs",
+            &[],
+            Some(json!({"docs": [{"_id": "order:11"}, {"_id": "wallet:1"}]})),
+            409,
+        ),
+        (
+            "COPY",
+            "/bank/order:9",
+            &[("destination", "wallet:1")],
+            None,
+            409,
+        ),
+        (
+            "POST",
+            "/bank/_bulk_docs",
+            &[],
+            Some(json!({"docs": [{"balance": 0}]})),
+            422,
+        ),
+        ("POST", "/bank", &[], Some(json!({"balance": 0})), 422),
+        (
+            "POST",
+            "/bank/_purge",
+            &[],
+            Some(json!({"wallet:1": [rev]})),
+            422,
+        ),
+        ("POST", "/bank/_compact", &[], None, 422),
+        ("POST", "/bank/_view_cleanup", &[], None, 422),
+        ("PUT", "/bank/_security", &[], Some(json!({})), 422),
+        ("PUT", "/bank/_revs_limit", &[], Some(json!(1)), 422),
+        (
+            "POST",
+            "/bank/_index",
+            &[],
+            Some(json!({"index": {"fields": ["balance"]}})),
+            422,
+        ),
+        (
+            "PUT",
+            "/bank/_design/app/_update/f/wallet:1",
+            &[],
+            None,
+            422,
+        ),
+        ("DELETE", "/bank", &[], None, 422),
+        ("PUT", "/other", &[], None, 422),
+        (
+            "POST",
+            "/_replicate",
+            &[],
+            Some(json!({"source": "bank", "target": "copy", "create_target": true})),
+            422,
+        ),
+    ];
+    for (method, path, headers, body, expected) in attempts {
+        let (status, answer) = call(method, path, 6, headers, body.clone()).await;
+        assert_eq!(status, expected, "{method} {path} {body:?}: {answer}");
+    }
+    // Reads pass with any token, or none.
+    let (status, _) = couch_call(
+        &app.client,
+        &app.url("/bank/_all_docs"),
+        "POST",
+        None,
+        &[],
+        Some(json!({"keys": ["wallet:1"]})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        "POST",
+        "/bank/_find",
+        0,
+        &[],
+        Some(json!({"selector": {"balance": {"$gt": 0}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // The storage, read directly, holds what the leaders wrote, byte for byte, and nothing else
+    // happened to it.
+    assert_eq!(couch_documents(&couchdb).await, before);
+    let (_, after) = couch_direct(&couchdb, "GET", "/bank", None).await;
+    assert_eq!(
+        after["update_seq"], info["update_seq"],
+        "no write reached the storage"
+    );
+    let (status, _) = couch_direct(&couchdb, "GET", "/copy", None).await;
+    assert_eq!(status, 404, "no replication ran");
+
+    // The orders leader was not fenced out by the refused two-keyspace request.
+    let (status, _) = call(
+        "POST",
+        "/bank/_bulk_docs",
+        3,
+        &[],
+        Some(json!({"docs": [{"_id": "order:11", "state": "open"}]})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let reasons = app.rejected_resources();
+    assert!(reasons.contains(&("wallet:1".into(), "stale".into())));
+    assert!(
+        reasons.contains(&("wallet:3".into(), "stale".into())),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&("/{*rest}".into(), "unattributable".into())));
+    app.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs pouchdb-server; run with --ignored"]
+async fn couchdb_profile_leaders_write_in_bulk_copy_and_delete() {
+    let Some(binary) = installed("pouchdb-server", "npm install -g pouchdb-server") else {
+        return;
+    };
+    let couchdb = start_couchdb(&binary).await;
+    let app = fencegate_with_couchdb_profile(&couchdb).await;
+    let url = |path: &str| app.url(path);
+    // A new leader's first write, in bulk over 100 wallets, raises all of them at once.
+    let docs: Vec<Value> = (0..100)
+        .map(|i| json!({"_id": format!("wallet:{i}"), "balance": i}))
+        .collect();
+    let (status, answer) = couch_call(
+        &app.client,
+        &url("/bank/_bulk_docs"),
+        "POST",
+        Some(5),
+        &[],
+        Some(json!({"docs": docs})),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(couch_documents(&couchdb).await.len(), 100);
+    for i in [0, 42, 99] {
+        assert_eq!(
+            common::durable_highest(&app.db_path, &format!("wallet:{i}")),
+            Some(5)
+        );
+    }
+    // COPY is fenced under its destination; DELETE under its document.
+    let (status, answer) = couch_call(
+        &app.client,
+        &url("/bank/wallet:1"),
+        "COPY",
+        Some(5),
+        &[("destination", "wallet:archive")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let (_, copied) = couch_direct(&couchdb, "GET", "/bank/wallet:archive", None).await;
+    assert_eq!(copied["balance"], 1);
+    let rev = copied["_rev"].as_str().unwrap();
+    let (status, _) = couch_call(
+        &app.client,
+        &url(&format!("/bank/wallet:archive?rev={rev}")),
+        "DELETE",
+        Some(5),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = couch_direct(&couchdb, "GET", "/bank/wallet:archive", None).await;
+    assert_eq!(status, 404);
     app.stop().await;
 }
