@@ -1215,3 +1215,292 @@ async fn couchdb_profile_leaders_write_in_bulk_copy_and_delete() {
     assert_eq!(status, 404);
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// S3, through s3s-fs, with boto3 signing every request (SigV4)
+
+/// s3s-fs on a free port over a temporary directory, with the bucket `bank`.
+fn start_s3(binary: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("bank")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = Command::new(binary)
+        .args(["--host", "127.0.0.1", "--port"])
+        .arg(addr.port().to_string())
+        .args(["--access-key", "AK", "--secret-key", "SK"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_listening(addr, &mut child, "s3s-fs");
+    Server {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// Whether boto3 can be imported, or `false` after saying loudly that the test is skipped.
+fn boto3_installed() -> bool {
+    let found = Command::new("python3")
+        .args(["-c", "import boto3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        let message = "SKIPPED: boto3 is not installed, so the S3 end-to-end test did not run. \
+                       Install it with `pip install boto3`.";
+        assert!(
+            std::env::var_os("FENCEGATE_E2E_REQUIRED").is_none(),
+            "{message} (FENCEGATE_E2E_REQUIRED is set)"
+        );
+        let _ = writeln!(std::io::stderr(), "\n{message}\n");
+    }
+    found
+}
+
+/// Runs `calls` with boto3 (tests/support/s3_client.py): through fencegate, or straight to the
+/// storage for those marked `direct`. Returns each call's (status, body).
+async fn boto3(app: &TestApp, s3: &Server, calls: &[Value]) -> Vec<(u16, Value)> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("calls.json");
+    std::fs::write(&file, serde_json::to_vec(calls).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_client.py");
+    let mut command = Command::new("python3");
+    command
+        .arg(script)
+        .arg(format!("http://{}", app.addr))
+        .arg(format!("http://{}", s3.addr))
+        .arg(&file);
+    // fencegate serves on this test's runtime: wait for the client off it.
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 failed: {}",
+        String::from_utf8_lossy(&output.stderr[output.stderr.len().saturating_sub(3000)..])
+    );
+    let results: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    results
+        .into_iter()
+        .map(|r| (r["status"].as_u64().unwrap() as u16, r["body"].clone()))
+        .collect()
+}
+
+fn s3_call(call: &str, token: Option<u64>, params: Value) -> Value {
+    json!({"call": call, "token": token, "params": params})
+}
+
+/// fencegate with the s3 profile: wallets and orders are key prefixes of one bucket, led
+/// independently.
+async fn fencegate_with_s3_profile(s3: &Server) -> TestApp {
+    TestApp::spawn(&format!(
+        r#"
+[[routes]]
+path = "/{{*rest}}"
+upstream = "http://{}"
+profile = "s3"
+resource = "s3:{{bucket}}/{{key}}"
+[[routes.keys]]
+prefix = "wallets/"
+resource = "wallet:{{segment}}"
+[[routes.keys]]
+prefix = "orders/"
+resource = "orders"
+"#,
+        s3.addr
+    ))
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs s3s-fs and boto3; run with --ignored"]
+async fn s3_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
+    let install = "cargo install s3s-fs@0.14.1 --features binary --locked";
+    let Some(binary) = installed("s3s-fs", install) else {
+        return;
+    };
+    if !boto3_installed() {
+        return;
+    }
+    let s3 = start_s3(&binary);
+    let app = fencegate_with_s3_profile(&s3).await;
+    let put = |key: &str, body: &str, token: u64| {
+        s3_call(
+            "put_object",
+            Some(token),
+            json!({"Bucket": "bank", "Key": key, "Body": body}),
+        )
+    };
+    // The leaders write, signed by boto3: every signature holds through fencegate.
+    let leaders = [
+        put("wallets/1/balance", "120", 7),
+        put("wallets/2/balance", "80", 7),
+        put("orders/9", "paid", 3),
+        s3_call(
+            "create_multipart_upload",
+            Some(7),
+            json!({"Bucket": "bank", "Key": "wallets/1/statement"}),
+        ),
+    ];
+    let mut leaders = leaders.to_vec();
+    leaders[3]["save"] = json!("upload");
+    leaders.extend([
+        s3_call("upload_part", Some(7), json!({"Bucket": "bank", "Key": "wallets/1/statement", "UploadId": "$upload", "PartNumber": 1, "Body": "part one"})),
+    ]);
+    for (i, (status, body)) in boto3(&app, &s3, &leaders).await.into_iter().enumerate() {
+        assert_eq!(status, 200, "leader call {i}: {body}");
+    }
+
+    // The wallets' old leader (6) tries every state-changing call of the profile's table.
+    let zombie = vec![
+        (put("wallets/1/balance", "150", 6), 409),
+        (
+            s3_call(
+                "delete_object",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/2/balance"}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "delete_objects",
+                Some(6),
+                json!({"Bucket": "bank", "Delete": {"Objects": [{"Key": "wallets/1/balance"}]}}),
+            ),
+            409,
+        ),
+        // Two keyspaces in one request: refused whole, orders not raised.
+        (
+            s3_call(
+                "delete_objects",
+                Some(6),
+                json!({"Bucket": "bank", "Delete": {"Objects": [{"Key": "orders/9"}, {"Key": "wallets/2/balance"}]}}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "copy_object",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/1/balance", "CopySource": "bank/orders/9"}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "put_object_tagging",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/1/balance", "Tagging": {"TagSet": [{"Key": "k", "Value": "v"}]}}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "create_multipart_upload",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/2/balance"}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "upload_part",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/1/statement", "UploadId": "$upload", "PartNumber": 1, "Body": "forged"}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "complete_multipart_upload",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/1/statement", "UploadId": "$upload", "MultipartUpload": {"Parts": [{"PartNumber": 1, "ETag": "\"x\""}]}}),
+            ),
+            409,
+        ),
+        (
+            s3_call(
+                "abort_multipart_upload",
+                Some(6),
+                json!({"Bucket": "bank", "Key": "wallets/1/statement", "UploadId": "$upload"}),
+            ),
+            409,
+        ),
+        (
+            s3_call("create_bucket", Some(6), json!({"Bucket": "other"})),
+            422,
+        ),
+        (
+            s3_call("delete_bucket", Some(6), json!({"Bucket": "bank"})),
+            422,
+        ),
+        (
+            s3_call(
+                "put_bucket_versioning",
+                Some(6),
+                json!({"Bucket": "bank", "VersioningConfiguration": {"Status": "Enabled"}}),
+            ),
+            422,
+        ),
+    ];
+    let mut calls = leaders[3..4].to_vec();
+    calls[0]["call"] = json!("list_multipart_uploads");
+    calls[0]["params"] = json!({"Bucket": "bank"});
+    calls[0]["token"] = Value::Null;
+    // Re-read the leader's upload id, so that the zombie can name it.
+    calls.push(s3_call(
+        "create_multipart_upload",
+        Some(7),
+        json!({"Bucket": "bank", "Key": "wallets/1/statement"}),
+    ));
+    calls[1]["save"] = json!("upload");
+    calls.extend(zombie.iter().map(|(call, _)| call.clone()));
+    let results = boto3(&app, &s3, &calls).await;
+    for ((call, expected), (status, body)) in zombie.iter().zip(&results[2..]) {
+        assert_eq!(status, expected, "{call}: {body}");
+    }
+
+    // The storage, read directly (not through fencegate), holds what the leaders wrote.
+    let direct = |call: &str, params: Value| {
+        let mut call = s3_call(call, None, params);
+        call["direct"] = json!(true);
+        call
+    };
+    let get = |key: &str| direct("get_object", json!({"Bucket": "bank", "Key": key}));
+    let results = boto3(
+        &app,
+        &s3,
+        &[
+            get("wallets/1/balance"),
+            get("wallets/2/balance"),
+            get("orders/9"),
+            direct("list_objects_v2", json!({"Bucket": "bank"})),
+        ],
+    )
+    .await;
+    let bodies: Vec<Value> = results.into_iter().map(|(_, body)| body).collect();
+    assert_eq!(
+        bodies,
+        [
+            json!("120"),
+            json!("80"),
+            json!("paid"),
+            json!(["orders/9", "wallets/1/balance", "wallets/2/balance"])
+        ]
+    );
+    let reasons = app.rejected_resources();
+    assert!(
+        reasons.contains(&("wallet:2".into(), "stale".into())),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&("/{*rest}".into(), "unattributable".into())));
+    // The orders leader was not fenced out by the refused two-keyspace delete.
+    let results = boto3(&app, &s3, &[put("orders/9", "shipped", 3)]).await;
+    assert_eq!(results[0].0, 200);
+    app.stop().await;
+}

@@ -6,7 +6,8 @@ CALLS.json is a list of {"call": boto3 method, "params": {...}, "token": N or nu
 "direct": bool, "save": name}. A call goes through ENDPOINT (fencegate), or straight to
 DIRECT_ENDPOINT (the storage) when "direct" is true. A string parameter "$name" is replaced by
 the UploadId saved under that name. Prints one JSON result per call: {"status", "body"}, where
-"body" is a GetObject's body as text, or the list of keys of a ListObjectsV2.
+"body" is a GetObject's body as text, or the list of keys of a ListObjectsV2; a call that got no
+answer has status 0 and says why.
 """
 
 import json
@@ -27,7 +28,7 @@ def client(url):
         aws_access_key_id="AK",
         aws_secret_access_key="SK",
         region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, read_timeout=10),
     )
 
     # The token is added before signing, as a leader would: SigV4 signs it too.
@@ -62,4 +63,6 @@ for call in json.load(open(calls_file)):
         results.append({"status": status, "body": body})
     except ClientError as e:
         results.append({"status": e.response["ResponseMetadata"]["HTTPStatusCode"], "body": str(e)})
+    except Exception as e:  # a connection that failed: no status, and what happened
+        results.append({"status": 0, "body": f"{call['call']}: {type(e).__name__}: {e}"})
 print(json.dumps(results))
