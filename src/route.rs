@@ -12,6 +12,7 @@
 
 pub mod destination;
 pub mod methods;
+pub mod request_parts;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -20,8 +21,9 @@ use std::sync::Arc;
 use http::Method;
 use percent_encoding::percent_decode_str;
 
-use crate::profile::Profile;
+use crate::profile::{Profile, RequestHead};
 use crate::proxy::Upstream;
+use request_parts::{PartError, RequestPart};
 
 /// The name of a fenced resource, such as `wallet:42`. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -156,6 +158,8 @@ pub enum RouteError {
     MalformedTemplate,
     #[error("must not be empty")]
     Empty,
+    #[error("{0}")]
+    Placeholder(String),
 }
 
 /// One configured route: a path template, its upstream, and how its resource is named.
@@ -378,6 +382,37 @@ impl Route {
             .count()
     }
 
+    /// Whether the resource template reads the query, a header or the body.
+    pub fn reads_request(&self) -> bool {
+        self.resource.reads_request()
+    }
+
+    /// Whether the resource template reads the body (`{body.…}`, `{body64.…}`).
+    pub fn reads_body(&self) -> bool {
+        self.resource.reads_body()
+    }
+
+    /// The resource of a request on this route whose template reads the request; `body` is empty
+    /// unless [`Route::reads_body`].
+    pub fn resource_for_request(
+        &self,
+        head: &RequestHead<'_>,
+        body: &[u8],
+    ) -> Result<ResourceKey, PartError> {
+        let matched = self.matcher.at(without_trailing_slash(head.path));
+        let capture = |name: &str| {
+            matched.as_ref().map_or("", |matched| {
+                matched
+                    .params
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map_or("", |(_, value)| value)
+            })
+        };
+        self.resource
+            .render_with(capture, |part| part.value(head, body))
+    }
+
     /// The resource of a path that matches, and the value of its catch-all capture if it has one.
     fn resolve(&self, match_path: &str) -> Option<(ResourceKey, Option<bool>)> {
         let matched = self.matcher.at(match_path).ok()?;
@@ -514,6 +549,8 @@ struct ResourceTemplate {
 enum Part {
     Literal(String),
     Capture(String),
+    /// A value from the query, a header or the body: see [`request_parts`].
+    Request(RequestPart),
 }
 
 impl ResourceTemplate {
@@ -540,6 +577,11 @@ impl ResourceTemplate {
                 .ok_or(RouteError::MalformedTemplate)?;
             if name.is_empty() || name.contains('{') {
                 return Err(RouteError::MalformedTemplate);
+            }
+            if let Some(part) = RequestPart::parse(name) {
+                parts.push(Part::Request(part.map_err(RouteError::Placeholder)?));
+                rest = after;
+                continue;
             }
             if !captures.iter().any(|c| c == name) {
                 return Err(RouteError::UnknownPlaceholder {
@@ -570,18 +612,42 @@ impl ResourceTemplate {
             .any(|part| matches!(part, Part::Capture(used) if used == name))
     }
 
+    /// The resource as the path alone names it; a part that reads the request renders empty
+    /// here, and [`Route::resource_for_request`] renders it in full.
     fn render<'p>(&self, capture: impl Fn(&str) -> &'p str) -> ResourceKey {
         if let Some(fixed) = &self.fixed {
             return fixed.clone();
         }
+        self.render_with(capture, |_| Ok(String::new()))
+            .unwrap_or_else(|_| ResourceKey::new(""))
+    }
+
+    fn render_with<'p>(
+        &self,
+        capture: impl Fn(&str) -> &'p str,
+        request: impl Fn(&RequestPart) -> Result<String, PartError>,
+    ) -> Result<ResourceKey, PartError> {
         let mut name = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(text) => name.push_str(text),
                 Part::Capture(key) => name.push_str(capture(key)),
+                Part::Request(part) => name.push_str(&request(part)?),
             }
         }
-        ResourceKey::new(name)
+        Ok(ResourceKey::new(name))
+    }
+
+    fn reads_request(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::Request(_)))
+    }
+
+    fn reads_body(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::Request(part) if part.reads_body()))
     }
 }
 

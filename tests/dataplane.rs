@@ -979,3 +979,103 @@ async fn an_unattributable_call_is_422_audited_and_never_forwarded() {
             .all(|(resource, reason)| resource == "/v3/{*rest}" && reason == "unattributable")
     );
 }
+
+#[tokio::test]
+async fn generic_routes_name_resources_from_the_query_a_header_or_the_body() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[[routes]]
+path = "/jobs"
+upstream = "{0}"
+resource = "job:{{query.id}}"
+[[routes]]
+path = "/tenants/{{*rest}}"
+upstream = "{0}"
+resource = "tenant:{{header.x-tenant}}"
+[[routes]]
+path = "/kv"
+upstream = "{0}"
+resource = "kv:{{body64./key}}"
+"#,
+        upstream.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    let send = |method: &str, path: &str, token: u64, headers: &[(&str, &str)], body: &str| {
+        let mut request = app
+            .client
+            .request(method.parse().unwrap(), app.url(path))
+            .header("fencing-token", token.to_string())
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // Query: each job is its own resource.
+    assert_eq!(send("POST", "/jobs?id=1", 5, &[], "").await, 200);
+    assert_eq!(send("POST", "/jobs?id=1", 4, &[], "").await, 409);
+    assert_eq!(send("POST", "/jobs?id=2", 4, &[], "").await, 200);
+    assert_eq!(
+        send("POST", "/jobs", 9, &[], "").await,
+        422,
+        "no id: unattributable"
+    );
+    assert_eq!(
+        send("POST", "/jobs?id=1&id=2", 9, &[], "").await,
+        400,
+        "ambiguous"
+    );
+    // Header.
+    let acme = [("x-tenant", "acme")];
+    assert_eq!(send("PUT", "/tenants/a/b", 3, &acme, "").await, 200);
+    assert_eq!(send("DELETE", "/tenants/c", 2, &acme, "").await, 409);
+    assert_eq!(
+        send("PUT", "/tenants/a/b", 2, &[("x-tenant", "other")], "").await,
+        200
+    );
+    assert_eq!(send("PUT", "/tenants/a/b", 2, &[], "").await, 422);
+    // Body, base64: the body is read before the gate and still reaches the upstream whole.
+    let body = r#"{"key":"L3dhbGxldHMvMQ==","value":"120"}"#;
+    assert_eq!(send("POST", "/kv", 8, &[], body).await, 200);
+    assert_eq!(send("POST", "/kv", 7, &[], body).await, 409);
+    assert_eq!(send("POST", "/kv", 7, &[], "not json").await, 400);
+    assert_eq!(send("POST", "/kv", 7, &[], r#"{"value":"1"}"#).await, 422);
+    // Reads pass untouched.
+    assert_eq!(
+        app.client
+            .get(app.url("/jobs"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let arrivals = upstream.arrivals();
+    let kv = arrivals.iter().find(|a| a.target == "/kv").unwrap();
+    assert_eq!(kv.body, body.as_bytes());
+    assert_eq!(
+        arrivals.iter().filter(|a| a.method != "GET").count(),
+        5,
+        "only the current writes arrived"
+    );
+    assert_eq!(
+        common::durable_highest(&app.db_path, "kv:/wallets/1"),
+        Some(8)
+    );
+    assert_eq!(
+        common::durable_highest(&app.db_path, "tenant:acme"),
+        Some(3)
+    );
+    let reasons = app.rejected_resources();
+    assert!(
+        reasons.contains(&("job:1".into(), "stale".into())),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("job:".into(), "unattributable".into())),
+        "{reasons:?}"
+    );
+    app.stop().await;
+}

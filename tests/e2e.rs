@@ -995,7 +995,15 @@ async fn couchdb_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
     let rev_query: &'static str = Box::leak(format!("/bank/wallet:1?rev={rev}").into_boxed_str());
     let attachment: &'static str =
         Box::leak(format!("/bank/wallet:1/receipt.txt?rev={rev}").into_boxed_str());
-    let attempts: Vec<(&str, &str, &[(&str, &str)], Option<Value>, u16)> = vec![
+    // (method, path, headers, body, expected status)
+    type Attempt = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        Option<Value>,
+        u16,
+    );
+    let attempts: Vec<Attempt> = vec![
         (
             "PUT",
             "/bank/wallet:1",

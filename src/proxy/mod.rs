@@ -24,7 +24,8 @@ use crate::gate::{Gate, Permits, Refusal, RefusedBy};
 use crate::metrics::Metrics;
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
 use crate::profile::webdav::{self, Destination};
-use crate::profile::{Changes, Profile, RequestHead};
+use crate::profile::{Changes, Profile, ProfileError, RequestHead};
+use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
@@ -154,8 +155,14 @@ impl DataPlane {
         };
         // A Destination is a second path the request writes, whatever its method.
         let fenced = writes || request.headers().contains_key(webdav::DESTINATION);
-        if fenced {
+        if fenced && resolved.route.reads_request() {
+            let (resolved, request) = self
+                .resolve_from_request(&path, resolved, request, client)
+                .await?;
             self.serve_fenced(&path, resolved, request, client).await
+        } else if fenced {
+            self.serve_fenced(&path, resolved, request.map(Either::Left), client)
+                .await
         } else {
             headers::refuse_method_override(request.headers())?;
             self.check_declared_length(&request)?;
@@ -184,7 +191,7 @@ impl DataPlane {
         &self,
         path: &str,
         resolved: Resolved<'_>,
-        mut request: Request<Incoming>,
+        mut request: Request<UpstreamBody>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
         let resource = resolved.resource.clone();
@@ -236,7 +243,6 @@ impl DataPlane {
                 return Err(self.refuse(refused, token, &request, client).await);
             }
         };
-        let request = request.map(Either::Left);
         self.forward_with(permits, resolved.route, resource, token, request, client)
             .await
     }
@@ -339,6 +345,52 @@ impl DataPlane {
         .await
     }
 
+    /// The resource of a fenced request on a route whose template reads the query, a header or
+    /// the body (read first, up to `max_inspect_body`). A value that is not there makes the
+    /// request unattributable (422, audited under the route's path-only resource); one that is
+    /// ambiguous or malformed is a 400.
+    async fn resolve_from_request<'r>(
+        &self,
+        path: &str,
+        mut resolved: Resolved<'r>,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<(Resolved<'r>, Request<UpstreamBody>), Rejected> {
+        headers::refuse_method_override(request.headers())?;
+        let (parts, body) = request.into_parts();
+        let (body, bytes) = if resolved.route.reads_body() {
+            let bytes = self.read_for_inspection(&parts.headers, body).await?;
+            (Either::Right(Full::new(bytes.clone())), bytes)
+        } else {
+            (Either::Left(body), Bytes::new())
+        };
+        let head = RequestHead {
+            method: &parts.method,
+            path,
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        let rendered = resolved.route.resource_for_request(&head, &bytes);
+        let request = Request::from_parts(parts, body);
+        let why = match rendered {
+            Ok(resource) => {
+                resolved.resource = resource;
+                if request.headers().contains_key(webdav::DESTINATION) {
+                    "a Destination on a route whose resource comes from the request".to_owned()
+                } else {
+                    return Ok((resolved, request));
+                }
+            }
+            Err(PartError::Missing(why)) => why,
+            Err(PartError::Malformed(why)) => {
+                return Err(ProxyError::from(ProfileError::Header(why)).into());
+            }
+        };
+        Err(self
+            .refuse_unattributable(why, resolved.resource, &request, client)
+            .await)
+    }
+
     /// Reads a body a profile names resources from, up to `max_inspect_body` (413 over it).
     async fn read_for_inspection(
         &self,
@@ -381,10 +433,10 @@ impl DataPlane {
     /// The checks of a fenced request that need no fencing state: a method override and, for a
     /// COPY or MOVE, its Destination, which is routed like a path and rewritten so that the
     /// upstream reads exactly the path that was fenced.
-    fn edge_checks<'a>(
+    fn edge_checks<'a, B>(
         &'a self,
         source: &Resolved<'_>,
-        request: &mut Request<Incoming>,
+        request: &mut Request<B>,
     ) -> Result<Option<Destination<'a>>, ProxyError> {
         headers::refuse_method_override(request.headers())?;
         let authority = request_authority(request);
