@@ -159,7 +159,7 @@ fn call<'a>(head: &RequestHead<'a>) -> Call<'a> {
         [] if *head.method == http::Method::POST => Call::NewDocument { db },
         [] => unattributable("creates, deletes or changes a whole database"),
         ["_bulk_docs"] if *head.method == http::Method::POST => Call::Bulk { db },
-        [endpoint, ..] if DATABASE_READS.contains(endpoint) => Call::Reads,
+        [endpoint] | [endpoint, "queries"] if DATABASE_READS.contains(endpoint) => Call::Reads,
         ["_design", name, rest @ ..] => design_document(head, db, name, rest),
         ["_local", name] => document(head, db, format!("_local/{name}")),
         [doc, ..] if !doc.starts_with('_') => document(head, db, (*doc).to_owned()),
@@ -421,5 +421,127 @@ mod tests {
             changes_of("POST", "/bank", &[], r#"{"_id":["x"]}"#),
             Err(ProfileError::Body(_))
         ));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What CouchDB itself would write for a request, written from its documentation and
+        /// independently of the profile: `Some(documents)`, or `None` for "documents nobody can
+        /// name in advance" (purge, replication, a generated id, a design function).
+        fn model_writes(
+            method: &str,
+            segments: &[&str],
+            docs: &[Option<String>],
+            destination: &str,
+        ) -> Option<Vec<(String, String)>> {
+            let reads = ["GET", "HEAD"].contains(&method);
+            // A COPY writes the document its Destination names, whichever it copies.
+            let written = |db: &str, doc: String| {
+                let doc = if method == "COPY" {
+                    destination.to_owned()
+                } else {
+                    doc
+                };
+                Some(vec![(db.to_owned(), doc)])
+            };
+            match segments {
+                _ if reads => Some(vec![]),
+                [db, "_bulk_docs"] if method == "POST" => docs
+                    .iter()
+                    .map(|id| id.clone().map(|id| (db.to_string(), id)))
+                    .collect(),
+                [db] if method == "POST" => match docs.first() {
+                    Some(Some(id)) => Some(vec![(db.to_string(), id.clone())]),
+                    _ => None,
+                },
+                [_, "_all_docs" | "_find" | "_changes"] => Some(vec![]),
+                // A design document, or one of its attachments (whose names may hold `/`).
+                [db, "_design", name, rest @ ..]
+                    if rest.first().is_none_or(|a| !a.starts_with('_')) =>
+                {
+                    written(db, format!("_design/{name}"))
+                }
+                [db, "_local", name] => written(db, format!("_local/{name}")),
+                // A document, or one of its attachments.
+                [db, doc, ..] if !doc.starts_with('_') => written(db, doc.to_string()),
+                _ => None,
+            }
+        }
+
+        fn segment() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "bank",
+                "_bulk_docs",
+                "_purge",
+                "_design",
+                "_local",
+                "app",
+                "wallet:1",
+                "wallet:2",
+                "x",
+                "_all_docs",
+                "_find",
+                "_changes",
+                "_update",
+                "att",
+                "logo",
+                "_compact",
+                "_security",
+            ])
+        }
+
+        fn id() -> impl Strategy<Value = Option<String>> {
+            prop::option::weighted(
+                0.9,
+                prop::sample::select(vec!["wallet:1", "wallet:2", "wallet:10", "x", "_design/d"])
+                    .prop_map(str::to_owned),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Whatever the profile lets through is fenced under every document CouchDB would
+            /// write; and what nobody can name is never let through.
+            #[test]
+            fn the_resources_cover_every_document_couchdb_would_write(
+                method in prop::sample::select(vec!["PUT", "DELETE", "POST", "COPY", "GET"]),
+                segments in prop::collection::vec(segment(), 1..4),
+                docs in prop::collection::vec(id(), 0..5),
+                destination in prop::sample::select(vec!["wallet:1", "wallet:3", "x"]),
+            ) {
+                let path = format!("/{}", segments.join("/"));
+                let body = if segments.len() == 1 {
+                    match docs.first().cloned().flatten() {
+                        Some(id) => serde_json::json!({"_id": id}),
+                        None => serde_json::json!({"v": 1}),
+                    }
+                } else {
+                    let docs: Vec<_> = docs.iter().map(|id| match id {
+                        Some(id) => serde_json::json!({"_id": id}),
+                        None => serde_json::json!({"v": 1}),
+                    }).collect();
+                    serde_json::json!({"docs": docs})
+                };
+                let answer = changes_of(method, &path, &[("destination", destination)], &body.to_string());
+                let model = model_writes(method, &segments, &docs, destination);
+                match (answer, model) {
+                    (Ok(Changes::Resources(resources)), Some(writes)) => {
+                        for (db, doc) in writes {
+                            let resource = keys().resource_in(&[&db], doc.as_bytes()).unwrap();
+                            prop_assert!(resources.contains(&resource), "{method} {path}: {resource} unfenced in {resources:?}");
+                        }
+                    }
+                    (Ok(Changes::ReadsOnly), Some(writes)) => prop_assert!(writes.is_empty(), "{method} {path} writes {writes:?} unfenced"),
+                    (Ok(Changes::Resources(_) | Changes::ReadsOnly | Changes::Path), None) => {
+                        prop_assert!(false, "{method} {path}: forwarded, but CouchDB writes documents nobody named");
+                    }
+                    (Ok(Changes::Path), Some(_)) => prop_assert!(false, "couchdb never answers with the path"),
+                    (Ok(Changes::Unattributable(_)) | Err(_), _) => {}
+                }
+            }
+        }
     }
 }

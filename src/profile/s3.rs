@@ -329,4 +329,78 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What an S3 server writes for a request, from the S3 API reference and independently
+        /// of the profile: `Some(objects)`, or `None` for "not objects anyone named" (bucket
+        /// calls, a form upload, anything unknown).
+        fn model_writes(
+            method: &str,
+            segments: &[&str],
+            query: &str,
+            keys: &[&str],
+        ) -> Option<Vec<(String, String)>> {
+            if ["GET", "HEAD"].contains(&method) {
+                return Some(vec![]);
+            }
+            let (bucket, key) = match segments {
+                [bucket, rest @ ..] if !rest.is_empty() && rest != [""] => {
+                    (bucket.to_string(), rest.join("/"))
+                }
+                [bucket] | [bucket, ""] if method == "POST" && query == "delete" => {
+                    let written = keys.iter().map(|k| (bucket.to_string(), k.to_string()));
+                    return Some(written.collect());
+                }
+                _ => return None,
+            };
+            match (method, query) {
+                ("PUT" | "DELETE", _) | ("POST", "uploads" | "uploadId=u") => {
+                    Some(vec![(bucket, key)])
+                }
+                ("POST", "select") => Some(vec![]),
+                _ => None,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Whatever the profile lets through is fenced under every object S3 would write.
+            #[test]
+            fn the_resources_cover_every_object_s3_would_write(
+                method in prop::sample::select(vec!["PUT", "DELETE", "POST", "GET", "PATCH"]),
+                segments in prop::collection::vec(prop::sample::select(vec!["bank", "wallets", "1", "2", "orders", "", "x"]), 1..5),
+                query in prop::sample::select(vec!["", "delete", "uploads", "uploadId=u", "select", "tagging", "policy"]),
+                listed in prop::collection::vec(prop::sample::select(vec!["wallets/1", "wallets/2/a", "orders/9", "x"]), 0..4),
+            ) {
+                // Paths as routing hands them over: no empty segment but a trailing one.
+                let segments: Vec<&str> = segments.iter().enumerate()
+                    .filter(|(i, s)| !s.is_empty() || *i == segments.len() - 1)
+                    .map(|(_, s)| *s).collect();
+                let path = format!("/{}", segments.join("/"));
+                let objects: String = listed.iter().map(|k| format!("<Object><Key>{k}</Key></Object>")).collect();
+                let body = format!("<Delete>{objects}</Delete>");
+                let target = if query.is_empty() { path.clone() } else { format!("{path}?{query}") };
+                let answer = changes_of(method, &target, &[], &body);
+                let model = model_writes(method, &segments, query, &listed);
+                match (answer, model) {
+                    (Ok(Changes::Resources(resources)), Some(writes)) => {
+                        for (bucket, key) in writes {
+                            let resource = keys().resource_in(&[&bucket], key.as_bytes()).unwrap();
+                            prop_assert!(resources.contains(&resource), "{method} {target}: {resource} unfenced in {resources:?}");
+                        }
+                    }
+                    (Ok(Changes::ReadsOnly), Some(writes)) => prop_assert!(writes.is_empty(), "{method} {target} writes {writes:?} unfenced"),
+                    (Ok(Changes::Resources(_) | Changes::ReadsOnly | Changes::Path), None) => {
+                        prop_assert!(false, "{method} {target}: forwarded, but S3 writes what nobody named");
+                    }
+                    (Ok(Changes::Path), Some(_)) => prop_assert!(false, "s3 never answers with the path"),
+                    (Ok(Changes::Unattributable(_)) | Err(_), _) => {}
+                }
+            }
+        }
+    }
 }
