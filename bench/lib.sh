@@ -35,8 +35,9 @@ start_nginx() { # name template port cpus
 
 FENCEGATE_PID=
 # Routes: /r/{id} -> r:{id} (what the hot path is measured on, first so that it matches first),
-# etcd's gateway through the etcd-v3 profile, and the same calls through a plain catch-all route
-# (/plain/...) for the profile's cost against a path route in one run.
+# etcd's gateway, a CouchDB database and an S3 bucket through their profiles, and the same calls
+# through a plain catch-all route (/plain/...) for each profile's cost against a path route in one
+# run.
 start_fencegate_binary() { # binary database
     cat >"$WORK/fencegate.toml" <<EOF
 listen = "127.0.0.1:$FENCEGATE_PORT"
@@ -57,6 +58,24 @@ resource = "etcd:{key}"
 [[routes.keys]]
 prefix = "/wallets/"
 resource = "wallet:{segment}"
+
+[[routes]]
+path = "/bank/{*rest}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+profile = "couchdb"
+resource = "couch:{db}/{doc}"
+[[routes.keys]]
+prefix = "wallet:"
+resource = "wallet:{segment}"
+
+[[routes]]
+path = "/bucket/{*rest}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+profile = "s3"
+resource = "s3:{bucket}/{key}"
+[[routes.keys]]
+prefix = "wallets/"
+resource = "s3wallet:{segment}"
 
 [[routes]]
 path = "/plain/{*rest}"

@@ -168,6 +168,19 @@ def markdown(summary, setup):
             f"| etcd txn of 100 keys (100 resources) through the profile | "
             f"{p['etcd_txn100']:,}/s ({p['etcd_txn100'] * 100:,} keys fenced/s) |",
         ]
+    if p.get("couch_put"):
+        lines += [
+            f"| CouchDB document PUT through the couchdb profile | {p['couch_put']:,}/s, "
+            f"{p['couch_put'] / p['couch_plain_put']:.2f} x the same call through a path route "
+            f"({p['couch_plain_put']:,}/s) |",
+            f"| CouchDB _bulk_docs of 100 documents through the profile | "
+            f"{p['couch_bulk100']:,}/s ({p['couch_bulk100'] * 100:,} documents fenced/s) |",
+            f"| S3 PutObject through the s3 profile | {p['s3_put']:,}/s, "
+            f"{p['s3_put'] / p['s3_plain_put']:.2f} x the same call through a path route "
+            f"({p['s3_plain_put']:,}/s) |",
+            f"| S3 DeleteObjects of 100 keys through the profile | "
+            f"{p['s3_delete100']:,}/s ({p['s3_delete100'] * 100:,} keys fenced/s) |",
+        ]
     lines += [
         "",
         "| target | met |",

@@ -10,8 +10,8 @@
 #   3. audited rejections per second (a zombie storm);
 #   4. RSS once 1,000,000 distinct resources have been seen;
 #   5. start-up time with those 1,000,000 resources in the database;
-#   6. the etcd-v3 storage profile: a single put against the same call through a path route, and a
-#      100-key transaction.
+#   6. the storage profiles (etcd-v3, couchdb, s3): a single-key write through each against the same
+#      call through a path route, and a 100-key bulk write (etcd txn, _bulk_docs, DeleteObjects).
 #
 # Writes bench/results/run.json and bench/results/run.md. Needs wrk, oha, nginx, taskset, curl and
 # python3 (`apt-get install wrk nginx-light curl util-linux`, `cargo install oha --locked`).
@@ -138,7 +138,8 @@ done
 
 # Storage profiles: one etcd put through the etcd-v3 profile (the body read, its key decoded) against
 # the same call through a plain path route, and a 100-key transaction (100 gates per request).
-for target in plain_put etcd_put etcd_txn100; do
+for target in plain_put etcd_put etcd_txn100 couch_plain_put couch_put couch_bulk100 \
+    s3_plain_put s3_put s3_delete100; do
     script=bench/wrk/$target.lua
     run_wrk "$script" "http://127.0.0.1:$FENCEGATE_PORT/" 3 >/dev/null
     log "wrk profile $target"

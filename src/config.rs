@@ -13,7 +13,7 @@ use http::Method;
 use serde::Deserialize;
 
 use crate::profile::keys::{self, KeyMap};
-use crate::profile::{PROFILE_NAMES, Profile, couchdb, s3};
+use crate::profile::{PROFILE_NAMES, Profile, couchdb, s3, webdav};
 use crate::proxy::Upstream;
 use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
 use crate::route::{Route, RoutePolicy, RouteTable};
@@ -515,7 +515,9 @@ fn build_route(
              fenced; list the reads to pass without a token in unfenced_methods instead",
         ));
     }
+    let is_webdav = route.profile.as_deref() == Some("webdav");
     let unfenced_methods = match &route.unfenced_methods {
+        None if is_webdav => webdav::unfenced_methods(),
         None => DEFAULT_UNFENCED_METHODS.to_vec(),
         Some(names) => unfenced(&key("unfenced_methods"), names)?,
     };

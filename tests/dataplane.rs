@@ -1079,3 +1079,49 @@ resource = "kv:{{body64./key}}"
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_webdav_profile_passes_webdavs_reads_and_fences_the_rest_by_path_and_destination() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[[routes]]
+path = "/files/{{name}}"
+upstream = "{}"
+profile = "webdav"
+resource = "file:{{name}}"
+"#,
+        upstream.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    let send = |method: &str, path: &str, headers: &[(&str, &str)]| {
+        let mut request = app.client.request(method.parse().unwrap(), app.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    for method in ["PROPFIND", "REPORT", "SEARCH", "GET"] {
+        assert_eq!(
+            send(method, "/files/a", &[]).await,
+            200,
+            "{method} is a read"
+        );
+    }
+    assert_eq!(send("PROPPATCH", "/files/a", &[]).await, 428);
+    assert_eq!(
+        send("PUT", "/files/b", &[("fencing-token", "5")]).await,
+        200
+    );
+    // A MOVE onto b needs b's gate too.
+    let onto_b = [("fencing-token", "4"), ("destination", "/files/b")];
+    assert_eq!(send("MOVE", "/files/a", &onto_b).await, 409);
+    let written: Vec<String> = upstream
+        .arrivals()
+        .iter()
+        .filter(|a| !["PROPFIND", "REPORT", "SEARCH", "GET"].contains(&a.method.as_str()))
+        .map(|a| format!("{} {}", a.method, a.target))
+        .collect();
+    assert_eq!(written, ["PUT /files/b"]);
+    app.stop().await;
+}

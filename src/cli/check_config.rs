@@ -163,10 +163,13 @@ fn describe_route(index: usize, route: &Route) -> String {
         .iter()
         .map(|m| m.as_str())
         .collect();
-    let fenced = if unfenced.is_empty() {
-        "every method".to_owned()
-    } else {
-        format!("every method but {}", unfenced.join(","))
+    let fenced = match route.profile() {
+        Some(profile) if profile.names_resources_from_keys() => format!(
+            "by the {} profile: every call that changes a key (docs/storage.md)",
+            profile.name()
+        ),
+        _ if unfenced.is_empty() => "every method".to_owned(),
+        _ => format!("every method but {}", unfenced.join(",")),
     };
     let mut line = format!(
         "  [{index}] {} -> {}  resource {}  fenced {fenced}",
@@ -179,6 +182,12 @@ fn describe_route(index: usize, route: &Route) -> String {
     }
     if let Some(jump) = route.max_token_jump() {
         let _ = write!(line, "  max_token_jump {jump}");
+    }
+    if let Some(profile) = route.profile().filter(|p| !p.names_resources_from_keys()) {
+        let _ = write!(line, "  profile {}", profile.name());
+    }
+    if route.preserves_host() {
+        line.push_str("  Host forwarded unchanged");
     }
     line
 }

@@ -32,7 +32,7 @@ pub enum Profile {
     /// S3, path-style: objects of buckets.
     S3(keys::KeyMap),
     /// WebDAV: the route's path template names the resource, as on a route without a profile,
-    /// and WebDAV's read-only methods pass without a token.
+    /// and WebDAV's read-only methods are the route's default `unfenced_methods`.
     WebDav,
 }
 
@@ -88,7 +88,8 @@ impl Profile {
             Profile::EtcdV3(keys) => etcd::changes(head.path, body, keys),
             Profile::CouchDb(keys) => couchdb::changes(head, body, keys),
             Profile::S3(keys) => s3::changes(head, body, keys),
-            Profile::WebDav => Ok(webdav::changes(head)),
+            // The path names it, and the route's methods say whether it is fenced.
+            Profile::WebDav => Ok(Changes::Path),
         }
     }
 }

@@ -8,29 +8,27 @@
 //!
 //! Every path route behaves this way, with or without a profile: a plain file server may speak
 //! WebDAV without saying so. `profile = "webdav"` adds what only WebDAV servers need: its
-//! read-only methods (PROPFIND, REPORT, SEARCH) pass without a token.
+//! read-only methods (PROPFIND, REPORT, SEARCH) are the route's default `unfenced_methods`.
 
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method};
 
-use super::{Changes, RequestHead};
 use crate::route::destination::{self, DestinationError};
 use crate::route::{self, Resolved, ResourceKey, RouteTable};
 
 /// The header naming the second path of a COPY or MOVE.
 pub const DESTINATION: HeaderName = HeaderName::from_static("destination");
 
-/// WebDAV's methods that only read (RFC 4918 9.1, RFC 3253 3.6, RFC 5323 2).
-const READ_METHODS: [&str; 3] = ["PROPFIND", "REPORT", "SEARCH"];
+/// The methods a `profile = "webdav"` route passes without a token unless its `unfenced_methods`
+/// says otherwise: HTTP's reads and WebDAV's (RFC 4918 9.1, RFC 3253 3.6, RFC 5323 2).
+pub const UNFENCED_METHODS: [&str; 6] = ["GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"];
 
-/// What a request on a `profile = "webdav"` route changes: nothing for a read, else what its path
-/// (and its `Destination`) names.
-pub fn changes(head: &RequestHead<'_>) -> Changes {
-    if super::only_reads(head.method) || READ_METHODS.contains(&head.method.as_str()) {
-        Changes::ReadsOnly
-    } else {
-        Changes::Path
-    }
+/// [`UNFENCED_METHODS`] as methods.
+pub fn unfenced_methods() -> Vec<Method> {
+    UNFENCED_METHODS
+        .iter()
+        .filter_map(|name| Method::from_bytes(name.as_bytes()).ok())
+        .collect()
 }
 
 /// The Destination of a COPY or MOVE, routed: a second resource the request changes.
@@ -111,41 +109,4 @@ pub fn collection_conflict(
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn webdav_reads_pass_and_everything_else_is_fenced_by_its_path() {
-        let headers = HeaderMap::new();
-        let changes_of = |method: &str| {
-            let method = Method::from_bytes(method.as_bytes()).unwrap();
-            changes(&RequestHead {
-                method: &method,
-                path: "/files/a",
-                query: None,
-                headers: &headers,
-            })
-        };
-        for method in ["GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"] {
-            assert_eq!(changes_of(method), Changes::ReadsOnly, "{method}");
-        }
-        for method in [
-            "PUT",
-            "DELETE",
-            "MKCOL",
-            "COPY",
-            "MOVE",
-            "PROPPATCH",
-            "LOCK",
-            "UNLOCK",
-            "POST",
-            "PATCH",
-            "BIND",
-        ] {
-            assert_eq!(changes_of(method), Changes::Path, "{method}");
-        }
-    }
 }

@@ -132,26 +132,17 @@ impl DataPlane {
             .ok_or_else(|| ProxyError::NoRoute {
                 path: request.uri().path().to_owned(),
             })?;
-        let head = RequestHead {
-            method: request.method(),
-            path: &path,
-            query: request.uri().query(),
-            headers: request.headers(),
-        };
-        let writes = match resolved.route.profile() {
-            Some(profile) if profile.names_resources_from_keys() => {
-                return self
-                    .serve_profiled(&path, resolved, profile, request, client)
-                    .await;
-            }
-            Some(profile) => {
-                profile.changes(&head, &[]).map_err(ProxyError::from)? != Changes::ReadsOnly
-            }
-            None => match resolved.route.fencing_for(request.method()) {
-                Fencing::Required => true,
-                Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
-                Fencing::Off => false,
-            },
+        if let Some(profile) = resolved.route.profile()
+            && profile.names_resources_from_keys()
+        {
+            return self
+                .serve_profiled(&path, resolved, profile, request, client)
+                .await;
+        }
+        let writes = match resolved.route.fencing_for(request.method()) {
+            Fencing::Required => true,
+            Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
+            Fencing::Off => false,
         };
         // A Destination is a second path the request writes, whatever its method.
         let fenced = writes || request.headers().contains_key(webdav::DESTINATION);
