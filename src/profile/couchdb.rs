@@ -424,11 +424,20 @@ mod tests {
         // A key given twice: the storage may read either, so fencegate reads neither.
         for (path, body) in [
             ("/bank", r#"{"_id":"x","_id":"wallet:1"}"#),
-            ("/bank/_bulk_docs", r#"{"docs":[{"_id":"x","_id":"wallet:1"}]}"#),
-            ("/bank/_bulk_docs", r#"{"docs":[{"_id":"x"}],"docs":[{"_id":"wallet:1"}]}"#),
+            (
+                "/bank/_bulk_docs",
+                r#"{"docs":[{"_id":"x","_id":"wallet:1"}]}"#,
+            ),
+            (
+                "/bank/_bulk_docs",
+                r#"{"docs":[{"_id":"x"}],"docs":[{"_id":"wallet:1"}]}"#,
+            ),
         ] {
             assert!(
-                matches!(changes_of("POST", path, &[], body), Err(ProfileError::Body(_))),
+                matches!(
+                    changes_of("POST", path, &[], body),
+                    Err(ProfileError::Body(_))
+                ),
                 "{body}"
             );
         }

@@ -110,7 +110,7 @@ fn header_value(head: &RequestHead<'_>, name: &HeaderName) -> Result<String, Par
 }
 
 fn body_value(body: &[u8], pointer: &str, base64: bool) -> Result<String, PartError> {
-    let document: serde_json::Value = serde_json::from_slice(body)
+    let UniqueKeys(document) = serde_json::from_slice(body)
         .map_err(|e| PartError::Malformed(format!("the body is not JSON: {e}")))?;
     let missing = || PartError::Missing(format!("body value at {pointer:?}"));
     let value = match document.pointer(pointer).ok_or_else(missing)? {
@@ -140,6 +140,78 @@ fn body_value(body: &[u8], pointer: &str, base64: bool) -> Result<String, PartEr
         ))
     })?;
     text(value, || format!("body value at {pointer:?}"))
+}
+
+/// A JSON document none of whose objects repeats a key. serde_json keeps the last of repeated
+/// keys; a storage may keep the first, and `{"id":"wallet:1","id":"fresh"}` would then be fenced
+/// under a never-seen resource while it writes `wallet:1`. An ambiguous body is refused instead.
+struct UniqueKeys(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(UniqueKeysVisitor)
+            .map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = serde_json::Map::new();
+        while let Some((key, UniqueKeys(value))) = map.next_entry::<String, UniqueKeys>()? {
+            if fields.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {key:?} is given more than once"
+                )));
+            }
+            fields.insert(key, value);
+        }
+        Ok(fields.into())
+    }
 }
 
 /// A value usable in a resource name: non-empty text without control characters.
