@@ -43,7 +43,7 @@ trap cleanup EXIT
 # Prints the req/s of fenced PUTs through the fencegate at BINARY.
 measure_fencegate() { # binary
     rm -f "$WORK"/fg.db*
-    start_fencegate_binary "$1" "$WORK/fg.db"
+    start_fencegate_binary "$1" "$WORK/fg.db" hot-only
     local pid=$FENCEGATE_PID
     curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
     measure "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
