@@ -1125,3 +1125,46 @@ resource = "file:{{name}}"
     assert_eq!(written, ["PUT /files/b"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_profile_reads_only_bodies_that_name_resources_and_the_rest_stream_past_max_inspect_body()
+{
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        r#"max_inspect_body = 1024
+[[routes]]
+path = "/bank/{{*rest}}"
+upstream = "{0}"
+profile = "couchdb"
+resource = "couch:{{db}}/{{doc}}"
+[[routes]]
+path = "/bucket/{{*rest}}"
+upstream = "{0}"
+profile = "s3"
+resource = "s3:{{bucket}}/{{key}}"
+"#,
+        upstream.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    let send = |method: &str, path: &str, body: String| {
+        let request = app
+            .client
+            .request(method.parse().unwrap(), app.url(path))
+            .header("fencing-token", "1")
+            .body(body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let large = "x".repeat(4096);
+    assert_eq!(
+        send("PUT", "/bank/wallet:1", format!(r#"{{"pad":"{large}"}}"#)).await,
+        200
+    );
+    assert_eq!(send("PUT", "/bucket/wallets/1", large.clone()).await, 200);
+    let bulk = format!(r#"{{"docs":[{{"_id":"wallet:1","pad":"{large}"}}]}}"#);
+    assert_eq!(send("POST", "/bank/_bulk_docs", bulk).await, 413);
+    let delete = format!("<Delete><Object><Key>{large}</Key></Object></Delete>");
+    assert_eq!(send("POST", "/bucket?delete", delete).await, 413);
+    let sizes: Vec<usize> = upstream.arrivals().iter().map(|a| a.body.len()).collect();
+    assert_eq!(sizes, [4096 + 10, 4096], "the large writes arrived whole");
+    app.stop().await;
+}

@@ -331,6 +331,26 @@ mod tests {
     }
 
     #[test]
+    fn only_calls_that_name_documents_in_the_body_have_it_read() {
+        let headers = HeaderMap::new();
+        let reads_body = |method: Method, path: &str| {
+            needs_body(&RequestHead {
+                method: &method,
+                path,
+                query: None,
+                headers: &headers,
+            })
+        };
+        assert!(reads_body(Method::POST, "/bank"));
+        assert!(reads_body(Method::POST, "/bank/_bulk_docs"));
+        // A document or an attachment streams, however large.
+        assert!(!reads_body(Method::PUT, "/bank/wallet:1"));
+        assert!(!reads_body(Method::PUT, "/bank/wallet:1/scan.pdf"));
+        assert!(!reads_body(Method::POST, "/bank/_find"));
+        assert!(!reads_body(Method::GET, "/bank"));
+    }
+
+    #[test]
     fn a_new_document_is_named_by_its_id() {
         assert_eq!(
             names("POST", "/bank", r#"{"_id":"wallet:3"}"#),

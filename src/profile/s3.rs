@@ -253,6 +253,32 @@ mod tests {
     }
 
     #[test]
+    fn only_delete_objects_has_its_body_read() {
+        let headers = HeaderMap::new();
+        let reads_body = |method: Method, path: &str, query: Option<&str>| {
+            needs_body(&RequestHead {
+                method: &method,
+                path,
+                query,
+                headers: &headers,
+            })
+        };
+        assert!(reads_body(Method::POST, "/bank", Some("delete")));
+        // Objects and parts stream, however large.
+        assert!(!reads_body(Method::PUT, "/bank/wallets/1", None));
+        assert!(!reads_body(
+            Method::PUT,
+            "/bank/wallets/1",
+            Some("partNumber=1&uploadId=u")
+        ));
+        assert!(!reads_body(
+            Method::POST,
+            "/bank/wallets/1",
+            Some("uploadId=u")
+        ));
+    }
+
+    #[test]
     fn delete_objects_changes_every_listed_key() {
         let body = r#"<?xml version="1.0" encoding="UTF-8"?>
 <Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
