@@ -345,6 +345,7 @@ mod tests {
             ("POST", "/bank/wallets/1"),
             ("PATCH", "/bank/wallets/1"),
             ("DELETE", "/"),
+            ("POST", "/?delete"),
         ] {
             assert!(
                 matches!(
