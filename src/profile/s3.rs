@@ -319,6 +319,8 @@ mod tests {
         assert!(copy("bank/wallets%2F1").is_ok());
         assert!(copy("bank").is_err());
         assert!(copy("/").is_err());
+        assert!(copy("bank/").is_err(), "no key");
+        assert!(copy("//wallets/1").is_err(), "no bucket");
     }
 
     #[test]
