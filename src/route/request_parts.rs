@@ -82,9 +82,6 @@ fn query_value(query: Option<&str>, name: &str) -> Result<String, PartError> {
         (Some(_), Some(_)) => Err(PartError::Malformed(format!(
             "the query parameter {name:?} is given more than once"
         ))),
-        (Some(value), None) if value.is_empty() => Err(PartError::Missing(format!(
-            "value for query parameter {name:?}"
-        ))),
         (Some(value), None) => text(value.into_owned(), || format!("query parameter {name:?}")),
     }
 }
@@ -101,9 +98,6 @@ fn header_value(head: &RequestHead<'_>, name: &HeaderName) -> Result<String, Par
                 .to_str()
                 .map_err(|_| PartError::Malformed(format!("the {name} header is not text")))?
                 .trim();
-            if value.is_empty() {
-                return Err(PartError::Missing(format!("value in the {name} header")));
-            }
             text(value.to_owned(), || format!("{name} header"))
         }
     }
@@ -115,6 +109,8 @@ fn body_value(body: &[u8], pointer: &str, base64: bool) -> Result<String, PartEr
     let missing = || PartError::Missing(format!("body value at {pointer:?}"));
     let value = match document.pointer(pointer).ok_or_else(missing)? {
         serde_json::Value::String(text) => text.clone(),
+        // Base64 is a string; a number's digits may still decode (1500 is "ם4"), so a number
+        // where base64 is expected is refused rather than read as text the storage never sees.
         serde_json::Value::Number(number) if !base64 => number.to_string(),
         serde_json::Value::Null => return Err(missing()),
         _ => {
@@ -305,12 +301,25 @@ mod tests {
             r#"{"id":"%%"}"#
         )));
         assert!(malformed(value_of("body64./id", None, &[], r#"{"id":7}"#)));
+        assert!(
+            malformed(value_of("body64./id", None, &[], r#"{"id":1500}"#)),
+            "digits that decode"
+        );
         assert!(malformed(value_of(
             "body./id",
             None,
             &[],
             r#"{"id":"a\nb"}"#
         )));
+    }
+
+    #[test]
+    fn only_body_placeholders_read_the_body() {
+        let reads_body = |p: &str| RequestPart::parse(p).unwrap().unwrap().reads_body();
+        assert!(reads_body("body./id"));
+        assert!(reads_body("body64./key"));
+        assert!(!reads_body("query.id"));
+        assert!(!reads_body("header.x-tenant"));
     }
 
     #[test]
