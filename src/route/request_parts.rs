@@ -271,6 +271,14 @@ mod tests {
             Ok("42".into())
         );
         assert_eq!(
+            value_of("body./n", None, &[], r#"{"n":-3}"#),
+            Ok("-3".into())
+        );
+        assert_eq!(
+            value_of("body./n", None, &[], r#"{"n":2.5}"#),
+            Ok("2.5".into())
+        );
+        assert_eq!(
             value_of("body64./key", None, &[], r#"{"key":"L3dhbGxldHMvMQ=="}"#),
             Ok("/wallets/1".into())
         );
@@ -294,6 +302,8 @@ mod tests {
         assert!(missing(value_of("body./id", None, &[], r#"{"id":null}"#)));
         assert!(malformed(value_of("body./id", None, &[], "not json")));
         assert!(malformed(value_of("body./id", None, &[], r#"{"id":{}}"#)));
+        assert!(malformed(value_of("body./id", None, &[], r#"{"id":true}"#)));
+        assert!(malformed(value_of("body./id", None, &[], r#"{"id":[1]}"#)));
         assert!(malformed(value_of(
             "body64./id",
             None,
