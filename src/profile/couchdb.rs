@@ -234,8 +234,9 @@ struct Bulk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::testing;
     use crate::route::ResourceKey;
-    use http::{HeaderMap, HeaderValue, Method};
+    use http::{HeaderMap, Method};
 
     fn keys() -> KeyMap {
         KeyMap::with_captures(
@@ -253,13 +254,7 @@ mod tests {
         body: &str,
     ) -> Result<Changes, ProfileError> {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            map.append(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
+        let map = testing::header_map(headers);
         let head = RequestHead {
             method: &method,
             path,
@@ -567,19 +562,14 @@ mod tests {
                 };
                 let answer = changes_of(method, &path, &[("destination", destination)], &body.to_string());
                 let model = model_writes(method, &segments, &docs, destination);
-                match (answer, model) {
-                    (Ok(Changes::Resources(resources)), Some(writes)) => {
-                        for (db, doc) in writes {
-                            let resource = keys().resource_in(&[&db], doc.as_bytes()).unwrap();
-                            prop_assert!(resources.contains(&resource), "{method} {path}: {resource} unfenced in {resources:?}");
-                        }
-                    }
-                    (Ok(Changes::ReadsOnly), Some(writes)) => prop_assert!(writes.is_empty(), "{method} {path} writes {writes:?} unfenced"),
-                    (Ok(Changes::Resources(_) | Changes::ReadsOnly | Changes::Path), None) => {
-                        prop_assert!(false, "{method} {path}: forwarded, but CouchDB writes documents nobody named");
-                    }
-                    (Ok(Changes::Path), Some(_)) => prop_assert!(false, "couchdb never answers with the path"),
-                    (Ok(Changes::Unattributable(_)) | Err(_), _) => {}
+                let written = model.map(|writes| {
+                    writes
+                        .iter()
+                        .map(|(db, doc)| keys().resource_in(&[db], doc.as_bytes()).unwrap())
+                        .collect()
+                });
+                if let Err(why) = testing::keeps_the_fence(&answer, written) {
+                    prop_assert!(false, "{method} {path}: {why}");
                 }
             }
         }

@@ -16,6 +16,8 @@ pub mod couchdb;
 pub mod etcd;
 pub mod keys;
 pub mod s3;
+#[cfg(test)]
+mod testing;
 pub mod webdav;
 
 use http::{HeaderMap, Method};

@@ -163,8 +163,9 @@ struct Object {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::testing;
     use crate::route::ResourceKey;
-    use http::{HeaderMap, HeaderValue, Method};
+    use http::{HeaderMap, Method};
 
     fn keys() -> KeyMap {
         KeyMap::with_captures(
@@ -186,13 +187,7 @@ mod tests {
             Some((path, query)) => (path, Some(query)),
             None => (target, None),
         };
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            map.append(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
+        let map = testing::header_map(headers);
         let head = RequestHead {
             method: &method,
             path,
@@ -415,19 +410,14 @@ mod tests {
                 let target = if query.is_empty() { path.clone() } else { format!("{path}?{query}") };
                 let answer = changes_of(method, &target, &[], &body);
                 let model = model_writes(method, &segments, query, &listed);
-                match (answer, model) {
-                    (Ok(Changes::Resources(resources)), Some(writes)) => {
-                        for (bucket, key) in writes {
-                            let resource = keys().resource_in(&[&bucket], key.as_bytes()).unwrap();
-                            prop_assert!(resources.contains(&resource), "{method} {target}: {resource} unfenced in {resources:?}");
-                        }
-                    }
-                    (Ok(Changes::ReadsOnly), Some(writes)) => prop_assert!(writes.is_empty(), "{method} {target} writes {writes:?} unfenced"),
-                    (Ok(Changes::Resources(_) | Changes::ReadsOnly | Changes::Path), None) => {
-                        prop_assert!(false, "{method} {target}: forwarded, but S3 writes what nobody named");
-                    }
-                    (Ok(Changes::Path), Some(_)) => prop_assert!(false, "s3 never answers with the path"),
-                    (Ok(Changes::Unattributable(_)) | Err(_), _) => {}
+                let written = model.map(|writes| {
+                    writes
+                        .iter()
+                        .map(|(bucket, key)| keys().resource_in(&[bucket], key.as_bytes()).unwrap())
+                        .collect()
+                });
+                if let Err(why) = testing::keeps_the_fence(&answer, written) {
+                    prop_assert!(false, "{method} {target}: {why}");
                 }
             }
         }
