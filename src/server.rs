@@ -47,11 +47,13 @@ const PRUNE_PAUSE: Duration = Duration::from_millis(10);
 /// A built, bound, not yet running fencegate.
 #[derive(Debug)]
 pub struct App {
-    data_listener: TcpListener,
+    /// One listener per data-plane thread, all on `data_addr` (SO_REUSEPORT: the kernel spreads
+    /// connections over them).
+    data_listeners: Vec<std::net::TcpListener>,
     data_addr: SocketAddr,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
-    plane: Arc<DataPlane>,
+    plane: DataPlane,
     gate: Gate,
     admin: AdminState,
     writer: WriterGuard,
@@ -98,18 +100,21 @@ impl App {
             upstream,
             Arc::clone(&metrics),
         );
-        let data_listener = TcpListener::bind(config.listen)
-            .await
+        let threads = config
+            .worker_threads
+            .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+            .unwrap_or(1);
+        let data_listeners = bind_data_listeners(config.listen, threads)
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
         Ok(App {
-            data_addr: data_listener.local_addr()?,
-            data_listener,
+            data_addr: data_listeners[0].local_addr()?,
+            data_listeners,
             admin_addr: admin_listener.local_addr()?,
             admin_listener,
-            plane: Arc::new(plane),
+            plane,
             gate: gate.clone(),
             admin: AdminState {
                 store,
@@ -156,23 +161,28 @@ impl App {
         let admin = tokio::spawn(serve_plane(
             self.admin_listener,
             self.limits,
+            Arc::new(Semaphore::new(self.limits.max_connections)),
             move |_client, phase| admin_service(router.clone(), phase),
             stop.clone(),
             self.shutdown_grace,
         ));
-        let plane = self.plane;
-        self.admin.readiness.set_data_plane(true);
-        let data = tokio::spawn(serve_plane(
-            self.data_listener,
+        let data = spawn_data_threads(
+            self.data_listeners,
+            &self.plane,
             self.limits,
-            move |client, phase| data_plane_service(Arc::clone(&plane), client, phase),
-            stop.clone(),
+            &stop,
             self.shutdown_grace,
-        ));
+        )?;
+        self.admin.readiness.set_data_plane(true);
         shutdown.await;
         self.admin.readiness.set_data_plane(false);
         stop.cancel();
-        data.await.context("the data plane task failed")?;
+        for thread in data {
+            thread
+                .await
+                .context("a data-plane thread ended without a word")?
+                .context("a data-plane thread failed")?;
+        }
         admin.await.context("the admin plane task failed")?;
         evictor.await.context("the eviction task failed")?;
         pruner.await.context("the audit pruning task failed")?;
@@ -189,12 +199,99 @@ impl App {
     }
 }
 
-/// Serves one plane: accepts while fewer than `max_connections` are open (the rest wait in the
-/// listen backlog), applies the limits to every connection, and at `stop` drains for up to
-/// `grace`.
+/// `threads` listeners on `addr` with SO_REUSEPORT, the first binding the port (port 0 picks
+/// one) and the rest joining it. Only sockets of the same user that also set SO_REUSEPORT can join
+/// a group, and a port held by a listener without it is refused as in use.
+fn bind_data_listeners(
+    addr: SocketAddr,
+    threads: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = reuse_port_listener(addr)?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..threads {
+        listeners.push(reuse_port_listener(bound)?);
+    }
+    Ok(listeners)
+}
+
+fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+/// The data plane, thread per core: one OS thread per listener, each with a current-thread
+/// runtime of its own that accepts, serves and forwards its connections, with no work stealing
+/// and no handoff between threads. The gate and the store are shared. Each thread's receiver
+/// says when it has drained and stopped.
+fn spawn_data_threads(
+    listeners: Vec<std::net::TcpListener>,
+    plane: &DataPlane,
+    limits: Limits,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>> {
+    let mut threads = Vec::with_capacity(listeners.len());
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let plane = Arc::new(plane.for_thread());
+        let open = Arc::clone(&open);
+        let stop = stop.clone();
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("fg-data-{index}"))
+            .spawn(move || {
+                let served = serve_data_thread(listener, plane, limits, open, stop, grace);
+                let _ = done.send(served);
+            })
+            .context("cannot start a data-plane thread")?;
+        threads.push(stopped);
+    }
+    Ok(threads)
+}
+
+fn serve_data_thread(
+    listener: std::net::TcpListener,
+    plane: Arc<DataPlane>,
+    limits: Limits,
+    open: Arc<Semaphore>,
+    stop: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a data-plane runtime")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::from_std(listener)?;
+        serve_plane(
+            listener,
+            limits,
+            open,
+            move |client, phase| data_plane_service(Arc::clone(&plane), client, phase),
+            stop,
+            grace,
+        )
+        .await;
+        Ok(())
+    })
+}
+
+/// Serves one plane on one listener: accepts a connection, waits until fewer than
+/// `max_connections` of the plane's (`open`, shared by every thread of the plane) are being
+/// served, applies the limits to it, and at `stop` drains for up to `grace`. A thread accepts its
+/// next connection only once the last has a slot, so beyond the limit at most one connection per
+/// thread is accepted and waiting; the rest wait in the listen backlog.
 async fn serve_plane<S, B>(
     listener: TcpListener,
     limits: Limits,
+    open: Arc<Semaphore>,
     service_for: impl Fn(SocketAddr, Arc<RequestPhase>) -> S,
     stop: CancellationToken,
     grace: Duration,
@@ -209,8 +306,19 @@ async fn serve_plane<S, B>(
 {
     let builder = connection_builder(limits);
     let graceful = GracefulShutdown::new();
-    let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
         let permit = tokio::select! {
             permit = Arc::clone(&open).acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -218,29 +326,19 @@ async fn serve_plane<S, B>(
             },
             () = stop.cancelled() => break,
         };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, client)) => {
-                    let phase = Arc::new(RequestPhase::default());
-                    let io = HeadDeadline::new(stream, limits.header_read_timeout, Arc::clone(&phase));
-                    let service = service_for(client, phase);
-                    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!(error = %e, %client, "connection ended with an error");
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = stop.cancelled() => break,
-        }
+        let phase = Arc::new(RequestPhase::default());
+        let io = HeadDeadline::new(stream, limits.header_read_timeout, Arc::clone(&phase));
+        let service = service_for(client, phase);
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %client, "connection ended with an error");
+            }
+            drop(permit);
+        });
     }
     drop(listener);
     tokio::select! {

@@ -167,3 +167,51 @@ fn exposed_admin_plane_without_a_token_refuses_to_start() {
             .contains("admin_listen: 0.0.0.0:0 is not a loopback address")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_plane_serves_on_worker_threads_threads_each_with_its_own_listener() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let config = common::binary::write_config(&upstream.url(), &db, "worker_threads = 3");
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", proxy.child.id())).unwrap();
+    let mut names: Vec<String> = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("fg-data-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fg-data-0", "fg-data-1", "fg-data-2"]);
+    // Connections spread over the threads' listeners; every one is served and fenced alike.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for token in 1..=12 {
+        assert_eq!(put(&client, proxy.addr, 0, token).await, Some((200, token)));
+    }
+    assert_eq!(put(&client, proxy.addr, 0, 3).await, Some((409, 12)));
+}
+
+#[test]
+fn a_data_port_held_by_another_listener_refuses_start_up() {
+    // A listener without SO_REUSEPORT (another program, or an older fencegate) holds the port:
+    // fencegate's listeners cannot join it, so two servers never split one port's connections.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let config = common::binary::write_config("http://127.0.0.1:9", &db, "");
+    let output = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+        .args(["serve", "--admin-listen", "127.0.0.1:0", "--listen"])
+        .arg(held.local_addr().unwrap().to_string())
+        .arg("--config")
+        .arg(&config)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+}

@@ -47,12 +47,12 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server on a multi-threaded runtime until SIGINT or SIGTERM.
+/// Runs the server until SIGINT or SIGTERM. This runtime, of one worker, serves the admin plane
+/// and the background tasks; the data plane runs on threads of its own (`worker_threads`, one per
+/// core by default), each with its own runtime (see `server`).
 pub fn run(config: Config) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.worker_threads {
-        builder.worker_threads(threads);
-    }
+    builder.worker_threads(1);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

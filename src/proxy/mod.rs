@@ -49,7 +49,7 @@ pub struct RequestLimits {
 /// Everything the data plane needs to serve a request.
 #[derive(Debug)]
 pub struct DataPlane {
-    routes: RouteTable,
+    routes: Arc<RouteTable>,
     /// The longest resource name a request may render (`max_resource_len`).
     max_resource_len: usize,
     /// The most of a body a profile reads before the gate (`max_inspect_body`).
@@ -73,7 +73,7 @@ impl DataPlane {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            routes,
+            routes: Arc::new(routes),
             max_resource_len: limits.max_resource_len,
             max_inspect_body: limits.max_inspect_body,
             max_resources_per_request: limits.max_resources_per_request,
@@ -81,6 +81,21 @@ impl DataPlane {
             store,
             upstream,
             metrics,
+        }
+    }
+
+    /// The same data plane for another thread: routes, gate and store shared, and an upstream
+    /// client with a connection pool of its own.
+    pub fn for_thread(&self) -> DataPlane {
+        DataPlane {
+            routes: Arc::clone(&self.routes),
+            max_resource_len: self.max_resource_len,
+            max_inspect_body: self.max_inspect_body,
+            max_resources_per_request: self.max_resources_per_request,
+            gate: self.gate.clone(),
+            store: self.store.clone(),
+            upstream: self.upstream.with_own_pool(),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 

@@ -131,6 +131,7 @@ impl ForwardError {
 pub struct UpstreamClient {
     client: Client<HttpConnector, Limited<SentBody<UpstreamBody>>>,
     timeout: Duration,
+    connect_timeout: Duration,
     max_body: u64,
 }
 
@@ -149,8 +150,15 @@ impl UpstreamClient {
         Self {
             client,
             timeout,
+            connect_timeout,
             max_body,
         }
+    }
+
+    /// A client with the same settings and a pool of its own: one per data-plane thread, so that
+    /// a request and its upstream connection are driven by the same thread.
+    pub fn with_own_pool(&self) -> Self {
+        Self::new(self.timeout, self.connect_timeout, self.max_body)
     }
 
     /// The configured exchange timeout.
