@@ -50,6 +50,8 @@ pub struct App {
     /// One listener per data-plane thread, all on `data_addr` (SO_REUSEPORT: the kernel spreads
     /// connections over them).
     data_listeners: Vec<std::net::TcpListener>,
+    /// Held until the server stops, so that no second fencegate joins the data port.
+    _port_claim: PortClaim,
     data_addr: SocketAddr,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
@@ -104,7 +106,7 @@ impl App {
             .worker_threads
             .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
             .unwrap_or(1);
-        let data_listeners = bind_data_listeners(config.listen, threads)
+        let (data_listeners, port_claim) = bind_data_listeners(config.listen, threads)
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
@@ -112,6 +114,7 @@ impl App {
         Ok(App {
             data_addr: data_listeners[0].local_addr()?,
             data_listeners,
+            _port_claim: port_claim,
             admin_addr: admin_listener.local_addr()?,
             admin_listener,
             plane,
@@ -200,19 +203,47 @@ impl App {
 }
 
 /// `threads` listeners on `addr` with SO_REUSEPORT, the first binding the port (port 0 picks
-/// one) and the rest joining it. Only sockets of the same user that also set SO_REUSEPORT can join
-/// a group, and a port held by a listener without it is refused as in use.
+/// one) and the rest joining it; the kernel spreads connections over them evenly. A port held by
+/// a listener without SO_REUSEPORT is refused as in use. A second fencegate by the same user could
+/// still join the group and take half of the port's connections, each server enforcing tokens the
+/// other never sees: [`PortClaim`] refuses that.
 fn bind_data_listeners(
     addr: SocketAddr,
     threads: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
+) -> std::io::Result<(Vec<std::net::TcpListener>, PortClaim)> {
     let first = reuse_port_listener(addr)?;
     let bound = first.local_addr()?;
+    let claim = PortClaim::take(bound)?;
     let mut listeners = vec![first];
     for _ in 1..threads {
         listeners.push(reuse_port_listener(bound)?);
     }
-    Ok(listeners)
+    Ok((listeners, claim))
+}
+
+/// This process's claim on a data port: an abstract Unix socket named after the address. Abstract
+/// names live in the network namespace, as ports do, and vanish with the process however it ends
+/// (kill -9 included), so a second server on the same port in the same namespace fails to start.
+#[derive(Debug)]
+struct PortClaim {
+    _socket: std::os::unix::net::UnixListener,
+}
+
+impl PortClaim {
+    fn take(addr: SocketAddr) -> std::io::Result<PortClaim> {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("fencegate-data-{addr}");
+        let claim = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        std::os::unix::net::UnixListener::bind_addr(&claim)
+            .map(|socket| PortClaim { _socket: socket })
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => std::io::Error::new(
+                    e.kind(),
+                    format!("another fencegate already serves the data plane on {addr}"),
+                ),
+                _ => e,
+            })
+    }
 }
 
 fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

@@ -215,3 +215,39 @@ fn a_data_port_held_by_another_listener_refuses_start_up() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot listen on"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_fencegate_cannot_join_the_data_port_of_a_running_one() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first_db = dir.path().join("first.db");
+    let first = start_binary(&upstream.url(), &first_db).await;
+    // Another database, the same data port: its listeners could join the first's SO_REUSEPORT
+    // group and serve half the connections under tokens the first never sees.
+    let second_db = dir.path().join("second.db");
+    let config = common::binary::write_config(&upstream.url(), &second_db, "");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_fencegate"))
+            .args(["serve", "--admin-listen", "127.0.0.1:0", "--listen"])
+            .arg(first.addr.to_string())
+            .arg("--config")
+            .arg(&config)
+            .arg("--db")
+            .arg(&second_db)
+            .output()
+            .map(|output| (output, first))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let (output, first) = output;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("another fencegate already serves"),
+        "{stderr}"
+    );
+    // The first still serves every connection.
+    let client = reqwest::Client::new();
+    assert_eq!(put(&client, first.addr, 0, 1).await, Some((200, 1)));
+}
