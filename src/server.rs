@@ -226,16 +226,19 @@ fn bind_data_listeners(
 /// (kill -9 included), so a second server on the same port in the same namespace fails to start.
 #[derive(Debug)]
 struct PortClaim {
-    _socket: std::os::unix::net::UnixListener,
+    _socket: Option<std::os::unix::net::UnixListener>,
 }
 
 impl PortClaim {
+    #[cfg(target_os = "linux")]
     fn take(addr: SocketAddr) -> std::io::Result<PortClaim> {
         use std::os::linux::net::SocketAddrExt;
         let name = format!("fencegate-data-{addr}");
         let claim = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
         std::os::unix::net::UnixListener::bind_addr(&claim)
-            .map(|socket| PortClaim { _socket: socket })
+            .map(|socket| PortClaim {
+                _socket: Some(socket),
+            })
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::AddrInUse => std::io::Error::new(
                     e.kind(),
@@ -243,6 +246,12 @@ impl PortClaim {
                 ),
                 _ => e,
             })
+    }
+
+    /// Abstract Unix sockets are Linux's; elsewhere (a developer's laptop) there is no claim.
+    #[cfg(not(target_os = "linux"))]
+    fn take(_addr: SocketAddr) -> std::io::Result<PortClaim> {
+        Ok(PortClaim { _socket: None })
     }
 }
 
