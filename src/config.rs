@@ -13,7 +13,7 @@ use http::Method;
 use serde::Deserialize;
 
 use crate::profile::keys::{self, KeyMap};
-use crate::profile::{PROFILE_NAMES, Profile, couchdb, s3, webdav};
+use crate::profile::{KeyApi, PROFILE_NAMES, Profile, couchdb, s3, webdav};
 use crate::proxy::Upstream;
 use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
 use crate::route::{Route, RoutePolicy, RouteTable};
@@ -569,9 +569,13 @@ fn profile(index: usize, route: &FileRoute) -> Result<Option<Profile>, ConfigErr
             .map_err(|e| invalid(format!("{} or {}", key("resource"), key("keys")), e))
     };
     match name {
-        "etcd-v3" => key_map(keys::ETCD_CAPTURES).map(|keys| Some(Profile::EtcdV3(keys))),
-        "couchdb" => key_map(couchdb::CAPTURES).map(|keys| Some(Profile::CouchDb(keys))),
-        "s3" => key_map(s3::CAPTURES).map(|keys| Some(Profile::S3(keys))),
+        "etcd-v3" => {
+            key_map(keys::ETCD_CAPTURES).map(|keys| Some(Profile::Keys(KeyApi::EtcdV3(keys))))
+        }
+        "couchdb" => {
+            key_map(couchdb::CAPTURES).map(|keys| Some(Profile::Keys(KeyApi::CouchDb(keys))))
+        }
+        "s3" => key_map(s3::CAPTURES).map(|keys| Some(Profile::Keys(KeyApi::S3(keys)))),
         "webdav" if !route.keys.is_empty() => Err(invalid(
             key("keys"),
             "the webdav profile names resources from the path template; it has no keys to map",

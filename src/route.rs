@@ -206,7 +206,7 @@ impl Route {
         let template = match &policy.profile {
             // The profile names resources from the request; the route's path stands for the
             // route in answers and audit rows about requests the profile cannot attribute.
-            Some(profile) if profile.names_resources_from_keys() => ResourceTemplate::fixed(path),
+            Some(Profile::Keys(_)) => ResourceTemplate::fixed(path),
             _ => ResourceTemplate::parse(resource, &captures, path)?,
         };
         Ok(Self {

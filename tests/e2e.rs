@@ -1292,6 +1292,8 @@ async fn boto3(app: &TestApp, s3: &Server, calls: &[Value]) -> Vec<(u16, Value)>
         String::from_utf8_lossy(&output.stderr[output.stderr.len().saturating_sub(3000)..])
     );
     let results: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    // One result per call, so that callers zipping calls with results check every one.
+    assert_eq!(results.len(), calls.len(), "boto3 answered every call");
     results
         .into_iter()
         .map(|r| (r["status"].as_u64().unwrap() as u16, r["body"].clone()))

@@ -1,39 +1,33 @@
-//! CouchDB's profile: any method, path and body never panic, and what it attributes is
-//! consistent: resources are sorted, without repeats, and never empty.
+//! CouchDB's profile: any method, path, Destination and body never panic, and what it attributes
+//! is consistent: resources are sorted, without repeats, and never empty.
 #![no_main]
+
+mod profile_input;
 
 use std::sync::LazyLock;
 
 use fencegate::profile::keys::KeyMap;
-use fencegate::profile::{Changes, Profile, RequestHead};
-use http::{HeaderMap, HeaderValue, Method};
+use fencegate::profile::{KeyApi, RequestHead, couchdb};
+use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
+use profile_input::Input;
 
-static PROFILE: LazyLock<Profile> = LazyLock::new(|| {
+static API: LazyLock<KeyApi> = LazyLock::new(|| {
     let keys = KeyMap::with_captures(
         "couch:{db}/{doc}",
         &[("wallet:".into(), "{db}:wallet:{segment}".into())],
-        fencegate::profile::couchdb::CAPTURES,
+        couchdb::CAPTURES,
     )
     .expect("a valid key map");
-    Profile::CouchDb(keys)
+    KeyApi::CouchDb(keys)
 });
 
-const METHODS: [&str; 6] = ["POST", "PUT", "DELETE", "COPY", "GET", "PATCH"];
-
 fuzz_target!(|data: &[u8]| {
-    // The first byte picks the method, the text up to the first newline is the path and the
-    // Destination header, the rest the body.
-    let Some((&pick, rest)) = data.split_first() else {
+    // The line is the path, then after a space the Destination header.
+    let Some(input) = Input::read(data, &["POST", "PUT", "DELETE", "COPY", "GET", "PATCH"]) else {
         return;
     };
-    let method = Method::from_bytes(METHODS[usize::from(pick) % METHODS.len()].as_bytes()).unwrap();
-    let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-    let (line, body) = rest.split_at(split);
-    let Ok(line) = std::str::from_utf8(line) else {
-        return;
-    };
-    let (path, destination) = line.split_once(' ').unwrap_or((line, "x"));
+    let (path, destination) = input.line.split_once(' ').unwrap_or((input.line, "x"));
     let Ok(path) = fencegate::route::normalise_path(path) else {
         return;
     };
@@ -42,14 +36,10 @@ fuzz_target!(|data: &[u8]| {
         headers.insert("destination", value);
     }
     let head = RequestHead {
-        method: &method,
+        method: &input.method,
         path: &path,
         query: None,
         headers: &headers,
     };
-    let body = if PROFILE.needs_body(&head) { body } else { &[] };
-    if let Ok(Changes::Resources(resources)) = PROFILE.changes(&head, body) {
-        assert!(!resources.is_empty());
-        assert!(resources.windows(2).all(|pair| pair[0] < pair[1]));
-    }
+    profile_input::check(&API, &head, input.body);
 });

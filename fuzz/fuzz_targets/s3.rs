@@ -2,38 +2,32 @@
 //! what it attributes is consistent: resources are sorted, without repeats, and never empty.
 #![no_main]
 
+mod profile_input;
+
 use std::sync::LazyLock;
 
 use fencegate::profile::keys::KeyMap;
-use fencegate::profile::{Changes, Profile, RequestHead};
-use http::{HeaderMap, HeaderValue, Method};
+use fencegate::profile::{KeyApi, RequestHead, s3};
+use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
+use profile_input::Input;
 
-static PROFILE: LazyLock<Profile> = LazyLock::new(|| {
+static API: LazyLock<KeyApi> = LazyLock::new(|| {
     let keys = KeyMap::with_captures(
         "s3:{bucket}/{key}",
         &[("wallets/".into(), "{bucket}:wallet:{segment}".into())],
-        fencegate::profile::s3::CAPTURES,
+        s3::CAPTURES,
     )
     .expect("a valid key map");
-    Profile::S3(keys)
+    KeyApi::S3(keys)
 });
 
-const METHODS: [&str; 5] = ["POST", "PUT", "DELETE", "GET", "PATCH"];
-
 fuzz_target!(|data: &[u8]| {
-    // The first byte picks the method, the text up to the first newline is the target and the
-    // copy source, the rest the body.
-    let Some((&pick, rest)) = data.split_first() else {
+    // The line is the target (path and query), then after a space the copy source.
+    let Some(input) = Input::read(data, &["POST", "PUT", "DELETE", "GET", "PATCH"]) else {
         return;
     };
-    let method = Method::from_bytes(METHODS[usize::from(pick) % METHODS.len()].as_bytes()).unwrap();
-    let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-    let (line, body) = rest.split_at(split);
-    let Ok(line) = std::str::from_utf8(line) else {
-        return;
-    };
-    let (target, source) = line.split_once(' ').unwrap_or((line, ""));
+    let (target, source) = input.line.split_once(' ').unwrap_or((input.line, ""));
     let (path, query) = match target.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (target, None),
@@ -48,14 +42,10 @@ fuzz_target!(|data: &[u8]| {
         headers.insert("x-amz-copy-source", value);
     }
     let head = RequestHead {
-        method: &method,
+        method: &input.method,
         path: &path,
         query,
         headers: &headers,
     };
-    let body = if PROFILE.needs_body(&head) { body } else { &[] };
-    if let Ok(Changes::Resources(resources)) = PROFILE.changes(&head, body) {
-        assert!(!resources.is_empty());
-        assert!(resources.windows(2).all(|pair| pair[0] < pair[1]));
-    }
+    profile_input::check(&API, &head, input.body);
 });

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::serve::ADMIN_TOKEN_ENV;
 use crate::config::{Config, Overrides};
+use crate::profile::Profile;
 use crate::route::Route;
 
 /// Flags of `fencegate check-config`.
@@ -164,7 +165,7 @@ fn describe_route(index: usize, route: &Route) -> String {
         .map(|m| m.as_str())
         .collect();
     let fenced = match route.profile() {
-        Some(profile) if profile.names_resources_from_keys() => format!(
+        Some(profile @ Profile::Keys(_)) => format!(
             "by the {} profile: every call that changes a key (docs/storage.md)",
             profile.name()
         ),
@@ -183,7 +184,7 @@ fn describe_route(index: usize, route: &Route) -> String {
     if let Some(jump) = route.max_token_jump() {
         let _ = write!(line, "  max_token_jump {jump}");
     }
-    if let Some(profile) = route.profile().filter(|p| !p.names_resources_from_keys()) {
+    if let Some(profile @ Profile::WebDav) = route.profile() {
         let _ = write!(line, "  profile {}", profile.name());
     }
     if route.preserves_host() {

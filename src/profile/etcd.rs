@@ -257,7 +257,6 @@ mod tests {
             }
             Ok(Changes::ReadsOnly) => Ok(vec![]),
             Ok(Changes::Unattributable(why)) => Err(format!("unattributable: {why}")),
-            Ok(Changes::Path) => Err("etcd never answers with the path".into()),
             Err(e) => Err(format!("error: {e}")),
         }
     }

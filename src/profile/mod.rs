@@ -9,7 +9,7 @@
 //! resources.
 //!
 //! One module per storage, each with the same two functions (`needs_body` and `changes`) over a
-//! [`RequestHead`]; a new storage is one new module and one arm in each match below. The key map
+//! [`RequestHead`]; a new storage is one new module and one arm in each match of [`KeyApi`]. The key map
 //! ([`keys`]) that turns a storage's keys into resources is shared by all of them.
 
 pub mod couchdb;
@@ -27,15 +27,22 @@ use crate::route::ResourceKey;
 /// The profiles a route may name, and what each knows of its storage.
 #[derive(Debug, Clone)]
 pub enum Profile {
-    /// etcd's v3 JSON gateway, its keys mapped to resources.
+    /// A storage whose API names the keys each request changes: the profile reads them.
+    Keys(KeyApi),
+    /// WebDAV: the route's path template names the resource, as on a route without a profile,
+    /// and WebDAV's read-only methods are the route's default `unfenced_methods`.
+    WebDav,
+}
+
+/// The storage APIs whose keys a profile reads, each with its key map.
+#[derive(Debug, Clone)]
+pub enum KeyApi {
+    /// etcd's v3 JSON gateway.
     EtcdV3(keys::KeyMap),
     /// CouchDB's HTTP API: documents of databases.
     CouchDb(keys::KeyMap),
     /// S3, path-style: objects of buckets.
     S3(keys::KeyMap),
-    /// WebDAV: the route's path template names the resource, as on a route without a profile,
-    /// and WebDAV's read-only methods are the route's default `unfenced_methods`.
-    WebDav,
 }
 
 /// The names `profile = "…"` accepts.
@@ -55,43 +62,36 @@ impl Profile {
     /// The name the configuration uses.
     pub fn name(&self) -> &'static str {
         match self {
-            Profile::EtcdV3(_) => "etcd-v3",
-            Profile::CouchDb(_) => "couchdb",
-            Profile::S3(_) => "s3",
+            Profile::Keys(KeyApi::EtcdV3(_)) => "etcd-v3",
+            Profile::Keys(KeyApi::CouchDb(_)) => "couchdb",
+            Profile::Keys(KeyApi::S3(_)) => "s3",
             Profile::WebDav => "webdav",
         }
     }
 
-    /// Whether the route's `resource` template names the profile's captures (and `[[routes.keys]]`
-    /// applies) rather than the path's.
-    pub fn names_resources_from_keys(&self) -> bool {
-        !matches!(self, Profile::WebDav)
-    }
-
     /// Whether the storage signs the `Host` header, so that it must reach it unchanged.
     pub fn signs_host(&self) -> bool {
-        matches!(self, Profile::S3(_))
+        matches!(self, Profile::Keys(KeyApi::S3(_)))
     }
+}
 
+impl KeyApi {
     /// Whether a request must have its body read before the profile can say what it changes.
     /// Every other body streams.
     pub fn needs_body(&self, head: &RequestHead<'_>) -> bool {
         match self {
-            Profile::EtcdV3(_) => etcd::needs_body(head.path),
-            Profile::CouchDb(_) => couchdb::needs_body(head),
-            Profile::S3(_) => s3::needs_body(head),
-            Profile::WebDav => false,
+            KeyApi::EtcdV3(_) => etcd::needs_body(head.path),
+            KeyApi::CouchDb(_) => couchdb::needs_body(head),
+            KeyApi::S3(_) => s3::needs_body(head),
         }
     }
 
-    /// What a request changes; `body` is empty unless [`Profile::needs_body`].
+    /// What a request changes; `body` is empty unless [`KeyApi::needs_body`].
     pub fn changes(&self, head: &RequestHead<'_>, body: &[u8]) -> Result<Changes, ProfileError> {
         match self {
-            Profile::EtcdV3(keys) => etcd::changes(head.path, body, keys),
-            Profile::CouchDb(keys) => couchdb::changes(head, body, keys),
-            Profile::S3(keys) => s3::changes(head, body, keys),
-            // The path names it, and the route's methods say whether it is fenced.
-            Profile::WebDav => Ok(Changes::Path),
+            KeyApi::EtcdV3(keys) => etcd::changes(head.path, body, keys),
+            KeyApi::CouchDb(keys) => couchdb::changes(head, body, keys),
+            KeyApi::S3(keys) => s3::changes(head, body, keys),
         }
     }
 }
@@ -103,9 +103,6 @@ pub enum Changes {
     ReadsOnly,
     /// These resources, sorted and without repeats; the request must pass every one's gate.
     Resources(Vec<ResourceKey>),
-    /// What the path names, as on every path route: the route's resource, and a `Destination`'s
-    /// (see [`webdav`]). Only the WebDAV profile answers this.
-    Path,
     /// State fencegate cannot name as a finite set of resources; why, for the answer.
     Unattributable(String),
 }

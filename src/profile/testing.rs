@@ -27,7 +27,6 @@ pub(super) fn keeps_the_fence(
 ) -> Result<(), String> {
     match (answer, written) {
         (Ok(Changes::Unattributable(_)) | Err(_), _) => Ok(()),
-        (Ok(Changes::Path), _) => Err("a key profile answered with the path".into()),
         (Ok(_), None) => Err("forwarded, but the storage writes what nobody named".into()),
         (Ok(Changes::ReadsOnly), Some(written)) if written.is_empty() => Ok(()),
         (Ok(Changes::ReadsOnly), Some(written)) => Err(format!("writes {written:?} unfenced")),

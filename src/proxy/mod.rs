@@ -24,7 +24,7 @@ use crate::gate::{Gate, Permits, Refusal, RefusedBy};
 use crate::metrics::Metrics;
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
 use crate::profile::webdav::{self, Destination};
-use crate::profile::{Changes, Profile, ProfileError, RequestHead};
+use crate::profile::{Changes, KeyApi, Profile, ProfileError, RequestHead};
 use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::store::Store;
@@ -147,11 +147,9 @@ impl DataPlane {
             .ok_or_else(|| ProxyError::NoRoute {
                 path: request.uri().path().to_owned(),
             })?;
-        if let Some(profile) = resolved.route.profile()
-            && profile.names_resources_from_keys()
-        {
+        if let Some(Profile::Keys(api)) = resolved.route.profile() {
             return self
-                .serve_profiled(&path, resolved, profile, request, client)
+                .serve_profiled(&path, resolved, api, request, client)
                 .await;
         }
         let writes = match resolved.route.fencing_for(request.method()) {
@@ -260,7 +258,7 @@ impl DataPlane {
         &self,
         path: &str,
         resolved: Resolved<'_>,
-        profile: &Profile,
+        profile: &KeyApi,
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, Rejected> {
@@ -293,10 +291,6 @@ impl DataPlane {
             }
             Changes::Resources(resources) => resources,
             // Only WebDAV answers with the path, and its routes are served by `serve_fenced`.
-            Changes::Path => {
-                let why = "the storage profile named no resource".to_owned();
-                return Err(ProxyError::Unattributable(why).into());
-            }
         };
         if resources.len() > self.max_resources_per_request {
             return Err(ProxyError::TooManyResources {
