@@ -5,17 +5,11 @@
 //! (an early `201`, an error it decides on from the headers); the old leader's bytes still
 //! streaming upstream at that moment must keep the next token back, or they would land after the
 //! new leader's first write. So the permits are held by [`InFlight`], shared between the proxy
-//! (which sees the response head) and the [`SentBody`] that hyper sends (which sees the end of the
-//! body), and settled only when both have happened. If either side goes away first, the permits
+//! (which sees the response head) and the [`BodySent`] handle of the upstream exchange (which sees
+//! the last byte of the request written), and settled only when both have happened. If either side goes away first, the permits
 //! are dropped unsettled: the resource is in doubt for `in_doubt_grace`.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, ready};
-
-use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
 
 use crate::gate::Permits;
 use crate::token::FencingToken;
@@ -87,6 +81,13 @@ impl InFlight {
         self.shared.lock().permits.take().and_then(Permits::settle)
     }
 
+    /// The handle the upstream exchange tells when the request is written in full.
+    pub(super) fn body_sent(&self) -> BodySent {
+        BodySent {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// The highest token right now, without settling anything.
     pub(super) fn highest(&self) -> Option<FencingToken> {
         self.shared
@@ -97,92 +98,20 @@ impl InFlight {
     }
 }
 
-/// Why a request body stopped before its end.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body was still being sent when the upstream timeout ran out")]
-pub(super) struct BodyDeadline;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A request body on its way upstream: it tells the [`InFlight`] (if any) when it has been sent in
-/// full, and gives up at `deadline`, so that a client that drips its body after the upstream has
-/// answered cannot keep a resource in flight (and every newer token waiting) for ever.
+/// The request body's side of an [`InFlight`]: told once the upstream connection has taken the
+/// last byte of the request. Dropped untold (a body cut off, a connection torn down), it leaves
+/// the request in doubt.
 #[derive(Debug)]
-pub(super) struct SentBody<B> {
-    inner: B,
-    in_flight: Option<Arc<Shared>>,
-    deadline: Instant,
-    /// Armed on the first wait for more of the body; most bodies never wait.
-    timer: Option<Pin<Box<Sleep>>>,
+pub(crate) struct BodySent {
+    shared: Arc<Shared>,
 }
 
-impl<B: Body> SentBody<B> {
-    /// Wraps `inner`; `in_flight` learns when it has been sent in full.
-    pub(super) fn new(inner: B, in_flight: Option<&InFlight>, deadline: Instant) -> Self {
-        let body = Self {
-            inner,
-            in_flight: in_flight.map(|in_flight| Arc::clone(&in_flight.shared)),
-            deadline,
-            timer: None,
-        };
-        // An empty body is never polled: it is sent with the head.
-        if body.inner.is_end_stream() {
-            body.mark_sent();
-        }
-        body
-    }
-
-    fn mark_sent(&self) {
-        if let Some(shared) = &self.in_flight {
-            let mut state = shared.lock();
-            state.body_sent = true;
-            state.settle_if_done();
-        }
-    }
-}
-
-impl<B> Body for SentBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.mark_sent();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if this.inner.is_end_stream() {
-                    this.mark_sent();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Pending => {
-                let deadline = this.deadline;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                ready!(timer.as_mut().poll(cx));
-                Poll::Ready(Some(Err(Box::new(BodyDeadline))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+impl BodySent {
+    /// The whole request has been written to the upstream connection.
+    pub(crate) fn sent(self) {
+        let mut state = self.shared.lock();
+        state.body_sent = true;
+        state.settle_if_done();
     }
 }
 
@@ -195,10 +124,6 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::route::ResourceKey;
     use crate::store::{LastStop, Store};
-    use http_body_util::{BodyExt, StreamBody};
-
-    type Chunks =
-        StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, BoxError>>>;
 
     /// A gate on a fresh database, and a resource already at token 1.
     async fn gate() -> (Gate, ResourceKey, tempfile::TempDir) {
@@ -221,15 +146,6 @@ mod tests {
             .unwrap()
     }
 
-    fn streaming() -> (
-        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-        Chunks,
-    ) {
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
-        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
-        (sender, body)
-    }
-
     /// Whether token 2 can be admitted at once (nothing older in flight or in doubt).
     async fn next_token_goes_through(gate: &Gate, resource: &ResourceKey) -> bool {
         let admit = gate.admit_all(resource, &[], FencingToken::new(2), None, "");
@@ -242,25 +158,14 @@ mod tests {
     async fn an_answer_before_the_body_is_sent_keeps_the_request_in_flight() {
         let (gate, resource, _dir) = gate().await;
         let in_flight = InFlight::new(permits(&gate, &resource).await);
-        let (sender, chunks) = streaming();
-        let mut body = SentBody::new(
-            chunks,
-            Some(&in_flight),
-            Instant::now() + Duration::from_secs(60),
-        );
-        sender
-            .send(Ok(Frame::data(Bytes::from("part"))))
-            .await
-            .unwrap();
-        body.frame().await.unwrap().unwrap();
+        let body = in_flight.body_sent();
         in_flight.answered();
         drop(in_flight);
         assert!(
             !next_token_goes_through(&gate, &resource).await,
             "body still streaming"
         );
-        drop(sender);
-        assert!(body.frame().await.is_none());
+        body.sent();
         assert!(
             next_token_goes_through(&gate, &resource).await,
             "sent and answered"
@@ -268,15 +173,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_sent_before_the_answer_waits_for_the_answer() {
+        let (gate, resource, _dir) = gate().await;
+        let in_flight = InFlight::new(permits(&gate, &resource).await);
+        in_flight.body_sent().sent();
+        assert!(
+            !next_token_goes_through(&gate, &resource).await,
+            "not answered"
+        );
+        in_flight.answered();
+        assert!(next_token_goes_through(&gate, &resource).await);
+    }
+
+    #[tokio::test]
     async fn a_body_cut_off_after_the_answer_leaves_the_resource_in_doubt() {
         let (gate, resource, _dir) = gate().await;
         let in_flight = InFlight::new(permits(&gate, &resource).await);
-        let (_sender, chunks) = streaming();
-        let body = SentBody::new(
-            chunks,
-            Some(&in_flight),
-            Instant::now() + Duration::from_secs(60),
-        );
+        let body = in_flight.body_sent();
         in_flight.answered();
         drop(in_flight);
         drop(body);
@@ -284,27 +197,5 @@ mod tests {
             !next_token_goes_through(&gate, &resource).await,
             "in doubt for the grace"
         );
-    }
-
-    #[tokio::test]
-    async fn an_empty_body_is_sent_with_the_head() {
-        let (gate, resource, _dir) = gate().await;
-        let in_flight = InFlight::new(permits(&gate, &resource).await);
-        let body = SentBody::new(
-            http_body_util::Empty::<Bytes>::new(),
-            Some(&in_flight),
-            Instant::now() + Duration::from_secs(60),
-        );
-        in_flight.answered();
-        assert!(next_token_goes_through(&gate, &resource).await);
-        drop(body);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_body_that_stalls_past_its_deadline_fails() {
-        let (_sender, chunks) = streaming();
-        let mut body = SentBody::new(chunks, None, Instant::now() + Duration::from_secs(30));
-        let error = body.frame().await.unwrap().unwrap_err();
-        assert!(error.is::<BodyDeadline>());
     }
 }

@@ -31,10 +31,13 @@ use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
 
-pub use upstream::{ForwardError, Upstream, UpstreamBody, UpstreamClient, UpstreamUrlError};
+pub use upstream::{
+    ExchangeError, ForwardError, ResponseBody, Upstream, UpstreamBody, UpstreamClient,
+    UpstreamUrlError, wire,
+};
 
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -84,8 +87,8 @@ impl DataPlane {
         }
     }
 
-    /// The same data plane for another thread: routes, gate and store shared, and an upstream
-    /// client with a connection pool of its own.
+    /// The same data plane for another thread: routes, gate and store shared. Upstream
+    /// connections are each thread's own (a thread-local pool).
     pub fn for_thread(&self) -> DataPlane {
         DataPlane {
             routes: Arc::clone(&self.routes),
@@ -94,7 +97,7 @@ impl DataPlane {
             max_resources_per_request: self.max_resources_per_request,
             gate: self.gate.clone(),
             store: self.store.clone(),
-            upstream: self.upstream.with_own_pool(),
+            upstream: self.upstream.clone(),
             metrics: Arc::clone(&self.metrics),
         }
     }
@@ -131,7 +134,7 @@ impl DataPlane {
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejected> {
+    ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(registered) = methods::case_variant_of(request.method()) {
             return Err(ProxyError::MethodCase {
                 sent: audit::truncated(request.method().as_str(), audit::MAX_AUDITED_METHOD),
@@ -180,7 +183,7 @@ impl DataPlane {
         route: &Route,
         request: Request<UpstreamBody>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejected> {
+    ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.forwarded(false);
         let _call = self.metrics.upstream_call();
         self.upstream
@@ -197,7 +200,7 @@ impl DataPlane {
         resolved: Resolved<'_>,
         mut request: Request<UpstreamBody>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejected> {
+    ) -> Result<Response<ResponseBody>, Rejected> {
         let resource = resolved.resource.clone();
         self.check_resource_length(&resource)?;
         let destination = match self.edge_checks(&resolved, &mut request) {
@@ -261,7 +264,7 @@ impl DataPlane {
         profile: &KeyApi,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejected> {
+    ) -> Result<Response<ResponseBody>, Rejected> {
         headers::refuse_method_override(request.headers())?;
         let (parts, body) = request.into_parts();
         let head = RequestHead {
@@ -477,7 +480,7 @@ impl DataPlane {
         token: FencingToken,
         request: Request<UpstreamBody>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejected> {
+    ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
         let in_flight = InFlight::new(permits);
@@ -675,7 +678,7 @@ impl DataPlane {
                 tracing::warn!("upstream switched protocols; refused");
                 ProxyError::UpstreamSwitchedProtocols
             }
-            e @ (ForwardError::Connect(_) | ForwardError::Exchange(_) | ForwardError::Uri(_)) => {
+            e @ (ForwardError::Connect(_) | ForwardError::Exchange(_)) => {
                 tracing::warn!(error = %e, "upstream failed");
                 ProxyError::UpstreamUnreachable
             }

@@ -1,0 +1,388 @@
+//! The upstream side: where a route forwards to, and the lean HTTP/1.1 client that does it.
+//!
+//! Each data-plane thread forwards with connections of its own ([`pool`]), and each request
+//! drives its own exchange ([`exchange`]): no connection task, no channel, no lock between a
+//! request and its upstream connection. [`wire`] is the HTTP/1.1 framing, parsed with httparse.
+
+mod exchange;
+mod pool;
+pub mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONTENT_LENGTH, EXPECT, HOST};
+use http::uri::Authority;
+use http::{Method, Request, Response, Uri};
+use hyper::body::Body;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::headers;
+use super::inflight::InFlight;
+use crate::route::Route;
+use exchange::{Exchange, HeadFailure, Sender};
+pub use exchange::{ExchangeError, ResponseBody};
+use pool::Connection;
+use wire::RequestFraming;
+
+/// A route's upstream: an `http://host:port` base, optionally with a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    authority: Authority,
+    /// Prepended to every forwarded path; empty or starting with `/`, never ending with one.
+    prefix: String,
+    /// `host:port`, naming the upstream's connections in each thread's pool.
+    pool_key: Arc<str>,
+    /// The address to connect to, if the host is an IP address (a name is resolved per connect).
+    address: Option<SocketAddr>,
+}
+
+/// Why an upstream URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamUrlError {
+    #[error("is not a URL ({0}); write it like http://127.0.0.1:5984")]
+    Unparsable(String),
+    #[error("must be an http:// URL with a host, like http://127.0.0.1:5984")]
+    NotHttp,
+    #[error(
+        "uses https, which fencegate does not speak to upstreams; terminate TLS in front of storage or use http on a private network"
+    )]
+    Https,
+    #[error("must not have a query string")]
+    Query,
+}
+
+impl FromStr for Upstream {
+    type Err = UpstreamUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let uri: Uri = s
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamUrlError::Unparsable(e.to_string()))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(UpstreamUrlError::Https),
+            _ => return Err(UpstreamUrlError::NotHttp),
+        }
+        let authority = uri.authority().cloned().ok_or(UpstreamUrlError::NotHttp)?;
+        if uri.query().is_some() {
+            return Err(UpstreamUrlError::Query);
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        Ok(Self {
+            pool_key: format!("{host}:{port}").into(),
+            address: host
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, port)),
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+impl Upstream {
+    /// The absolute URL of `path` (as sent, percent-encoded) on this upstream: what a rewritten
+    /// `Destination` header says, so that the upstream reads the very path fencegate fenced.
+    pub fn absolute_url(&self, path: &str) -> String {
+        format!("http://{}{}{path}", self.authority, self.prefix)
+    }
+
+    /// The request target on the upstream for a client's: the same path and query, under the
+    /// prefix.
+    fn target_for(&self, original: &Uri) -> String {
+        let path_and_query = original.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut target = String::with_capacity(self.prefix.len() + path_and_query.len());
+        target.push_str(&self.prefix);
+        target.push_str(path_and_query);
+        target
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<TcpStream, std::io::Error> {
+        let connecting = async {
+            match self.address {
+                Some(address) => TcpStream::connect(address).await,
+                None => TcpStream::connect(&*self.pool_key).await,
+            }
+        };
+        let stream = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// A request body on its way upstream: the client's, streaming, or one fencegate has already read
+/// (where a profile named resources from it).
+pub type UpstreamBody =
+    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("the upstream exchange failed: {0}")]
+    Exchange(#[source] ExchangeError),
+    #[error("the upstream did not answer in time")]
+    Timeout,
+    #[error("the request body exceeded the limit")]
+    BodyTooLarge,
+    #[error(
+        "the upstream answered 101 Switching Protocols; fencegate does not tunnel other protocols, whose writes it could not fence"
+    )]
+    SwitchedProtocols,
+}
+
+impl ForwardError {
+    /// Whether the upstream certainly never received the request, so it cannot apply it later.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, ForwardError::Connect(_))
+    }
+
+    fn from_exchange(error: ExchangeError) -> Self {
+        match error {
+            ExchangeError::BodyTooLarge => ForwardError::BodyTooLarge,
+            ExchangeError::BodyDeadline => ForwardError::Timeout,
+            other => ForwardError::Exchange(other),
+        }
+    }
+}
+
+/// The upstream client's settings; the connections are per thread ([`pool`]).
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    timeout: Duration,
+    connect_timeout: Duration,
+    max_body: u64,
+}
+
+impl UpstreamClient {
+    /// A client whose exchanges time out after `timeout` (connecting, within that, after
+    /// `connect_timeout`) and whose request bodies stop at `max_body` bytes.
+    pub fn new(timeout: Duration, connect_timeout: Duration, max_body: u64) -> Self {
+        Self {
+            timeout,
+            connect_timeout,
+            max_body,
+        }
+    }
+
+    /// The configured exchange timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The largest request body forwarded, in bytes.
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
+    /// Sends `request` to `route`'s upstream and returns its response head; the body streams on.
+    /// The request must be written and the head received within the upstream timeout; the body
+    /// then may pause for at most as long between two reads. A fenced request's `in_flight`
+    /// learns when the last byte of the request has been written.
+    pub(super) async fn forward(
+        &self,
+        route: &Route,
+        request: Request<super::UpstreamBody>,
+        client: SocketAddr,
+        in_flight: Option<&InFlight>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let deadline = Instant::now() + self.timeout;
+        let upstream = route.upstream();
+        let (mut parts, body) = request.into_parts();
+        headers::prepare_upstream_request(&mut parts.headers, client, route.preserves_host());
+        let framing = request_framing(&parts.method, &parts.headers, &body);
+        let expects_continue = parts
+            .headers
+            .get(EXPECT)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        // An HTTP/2 client's authority is in the URI, not in a Host header.
+        let host = match parts.uri.authority() {
+            Some(authority) if route.preserves_host() && !parts.headers.contains_key(HOST) => {
+                authority.as_str()
+            }
+            _ => upstream.authority.as_str(),
+        };
+        let mut head = Vec::with_capacity(512);
+        wire::write_request_head(
+            &mut head,
+            &parts.method,
+            &upstream.target_for(&parts.uri),
+            &parts.headers,
+            host,
+            framing,
+        );
+        let sender = Sender::new(
+            head,
+            Some(body),
+            framing,
+            self.max_body,
+            in_flight.map(InFlight::body_sent),
+            expects_continue,
+            deadline,
+        );
+        let exchange = tokio::time::timeout_at(
+            deadline,
+            self.exchange_head(upstream, sender, &parts.method, in_flight.is_none()),
+        );
+        let (exchange, head) = match exchange.await {
+            Err(_) => return Err(ForwardError::Timeout),
+            Ok(result) => result?,
+        };
+        // A 101 would hand over the connection; relaying it would open a tunnel whose traffic no
+        // gate sees.
+        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ForwardError::SwitchedProtocols);
+        }
+        let (framing, keep_alive) =
+            wire::framing_of(&head, &parts.method).map_err(|e| ForwardError::Exchange(e.into()))?;
+        let body = exchange.into_body(
+            framing,
+            keep_alive,
+            Arc::clone(&upstream.pool_key),
+            self.timeout,
+        );
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        headers::strip_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+
+    /// Sends the request on a pooled connection, or a new one, until its response head arrives.
+    /// A pooled connection the upstream has closed in the meantime is replaced when that cannot
+    /// have delivered the request: nothing of it was written, or it is a bodiless unfenced read
+    /// that got no answer at all.
+    async fn exchange_head(
+        &self,
+        upstream: &Upstream,
+        mut sender: Sender,
+        method: &Method,
+        unfenced: bool,
+    ) -> Result<(Exchange, wire::ResponseHead), ForwardError> {
+        // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
+        let mut replay = if unfenced && method.is_safe() {
+            sender.replayable()
+        } else {
+            None
+        };
+        loop {
+            let connection = match pool::take(&upstream.pool_key) {
+                Some(connection) => connection,
+                None => self.connect(upstream).await?,
+            };
+            let mut exchange = Exchange::new(connection, sender);
+            let failure = match std::future::poll_fn(|cx| exchange.poll_head(cx)).await {
+                Ok(head) => return Ok((exchange, head)),
+                Err(failure) => failure,
+            };
+            let HeadFailure {
+                error,
+                unsent,
+                answered_anything,
+            } = failure;
+            let stale = exchange.reused() && !answered_anything;
+            sender = match unsent {
+                Some(unsent) if stale => unsent,
+                None if stale && replay.is_some() => replay.take().expect("checked"),
+                _ => return Err(ForwardError::from_exchange(error)),
+            };
+            tracing::debug!(%error, upstream = %upstream.pool_key, "pooled connection was closed; retrying on a new one");
+        }
+    }
+
+    async fn connect(&self, upstream: &Upstream) -> Result<Connection, ForwardError> {
+        let stream = upstream
+            .connect(self.connect_timeout)
+            .await
+            .map_err(ForwardError::Connect)?;
+        Ok(Connection {
+            stream,
+            buffer: bytes::BytesMut::new(),
+            reused: false,
+        })
+    }
+}
+
+/// How the request body goes upstream: the client's `Content-Length`; nothing for an empty body
+/// (with `Content-Length: 0` where the method usually has a body, as storage may insist on one);
+/// chunked when the length is unknown.
+fn request_framing(
+    method: &Method,
+    headers: &http::HeaderMap,
+    body: &super::UpstreamBody,
+) -> RequestFraming {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    match declared {
+        Some(length) => RequestFraming::Length(length),
+        None if !body.is_end_stream() => match body.size_hint().exact() {
+            Some(length) => RequestFraming::Length(length),
+            None => RequestFraming::Chunked,
+        },
+        None if matches!(*method, Method::POST | Method::PUT | Method::PATCH) => {
+            RequestFraming::Length(0)
+        }
+        None => RequestFraming::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_validated() {
+        assert!("http://127.0.0.1:5984".parse::<Upstream>().is_ok());
+        assert!("http://storage.internal".parse::<Upstream>().is_ok());
+        assert_eq!(
+            "https://x".parse::<Upstream>(),
+            Err(UpstreamUrlError::Https)
+        );
+        assert_eq!(
+            "ftp://x".parse::<Upstream>(),
+            Err(UpstreamUrlError::NotHttp)
+        );
+        assert_eq!(
+            "/just/a/path".parse::<Upstream>(),
+            Err(UpstreamUrlError::NotHttp)
+        );
+        assert_eq!(
+            "http://x/?a=1".parse::<Upstream>(),
+            Err(UpstreamUrlError::Query)
+        );
+        assert!(matches!(
+            "http://a b".parse::<Upstream>(),
+            Err(UpstreamUrlError::Unparsable(_))
+        ));
+    }
+
+    #[test]
+    fn forwarded_uri_keeps_path_and_query_under_the_base() {
+        let plain: Upstream = "http://127.0.0.1:5984".parse().unwrap();
+        let original: Uri = "/wallets/1?x=2".parse().unwrap();
+        assert_eq!(plain.target_for(&original), "/wallets/1?x=2");
+
+        let prefixed: Upstream = "http://127.0.0.1:5984/db/".parse().unwrap();
+        assert_eq!(prefixed.target_for(&original), "/db/wallets/1?x=2");
+        assert_eq!(prefixed.to_string(), "http://127.0.0.1:5984/db");
+    }
+}

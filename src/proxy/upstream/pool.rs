@@ -1,0 +1,93 @@
+//! Keep-alive connections to upstreams, one pool per data-plane thread.
+//!
+//! The pool is thread-local: a data-plane thread runs one current-thread runtime, so a request,
+//! its upstream connection and the pool it comes from and goes back to are all on that thread.
+//! Taking and giving back a connection is a `RefCell` borrow: no lock, no channel, no other
+//! thread involved. (The types stay `Send` only because tokio's `spawn` asks for it.)
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+/// How long an idle connection is kept. Shorter than the keep-alive timeouts storage commonly
+/// uses (Node's 5 s, nginx's 75 s), so that the upstream rarely closes a connection fencegate
+/// is about to reuse; the check in [`take`] catches most of the rest.
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The most idle connections kept per upstream and thread; more are closed.
+const MAX_IDLE_PER_UPSTREAM: usize = 256;
+
+/// An open HTTP/1.1 connection to an upstream, between requests.
+#[derive(Debug)]
+pub(super) struct Connection {
+    pub(super) stream: TcpStream,
+    /// Bytes read past the end of the last response: always empty between requests, since a
+    /// response that leaves any makes the connection unusable; kept for its allocation.
+    pub(super) buffer: BytesMut,
+    /// Whether it has carried a request before (a reused connection may have been closed by the
+    /// upstream in the meantime).
+    pub(super) reused: bool,
+}
+
+#[derive(Debug)]
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+thread_local! {
+    static POOL: RefCell<HashMap<String, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// An idle connection to `upstream` (its `host:port`) that still looks open, most recently used
+/// first; expired or closed ones found on the way are dropped.
+pub(super) fn take(upstream: &str) -> Option<Connection> {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let idle = pool.get_mut(upstream)?;
+        let now = Instant::now();
+        while let Some(Idle { connection, since }) = idle.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && still_open(&connection.stream) {
+                return Some(connection);
+            }
+        }
+        None
+    })
+}
+
+/// Gives a connection whose exchange ended cleanly back for the next request to `upstream`.
+pub(super) fn give_back(upstream: &str, mut connection: Connection) {
+    connection.reused = true;
+    let now = Instant::now();
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let idle = match pool.get_mut(upstream) {
+            Some(idle) => idle,
+            None => pool.entry(upstream.to_owned()).or_default(),
+        };
+        // The oldest are at the front; they expire first.
+        let expired = idle
+            .iter()
+            .take_while(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+            .count();
+        idle.drain(..expired);
+        if idle.len() >= MAX_IDLE_PER_UPSTREAM {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            connection,
+            since: now,
+        });
+    });
+}
+
+/// Whether an idle connection is still open: it must have nothing to read. An upstream that
+/// closed it has sent a FIN (a read of 0) or a reset; bytes sent unasked are a protocol error.
+/// Costs a system call only when the runtime has seen the socket become readable.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}

@@ -1,0 +1,662 @@
+//! HTTP/1.1 on the upstream connection: the request head fencegate writes, the response head it
+//! parses (with httparse), how the response body is framed (RFC 9112 §6.3), and chunked coding in
+//! both directions.
+//!
+//! Everything here is pure: bytes in, bytes or a typed error out. The connection that moves the
+//! bytes is in [`super::exchange`].
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// The largest response head (status line and headers) accepted from an upstream.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// The most headers a response head may carry.
+pub const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// The longest chunk-size line (size and extensions), and the most trailer bytes, accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Why an upstream's response could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("the response head is larger than {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the response head is malformed: {0}")]
+    MalformedHead(httparse::Error),
+    #[error("the response carries a header that is not valid HTTP")]
+    InvalidHeader,
+    #[error("the response's Content-Length is invalid or given twice with different values")]
+    ContentLength,
+    #[error("the response's Transfer-Encoding is not understood")]
+    TransferEncoding,
+    #[error("the response's chunked body is malformed")]
+    Chunk,
+    #[error("the response's trailers are malformed or larger than {MAX_TRAILERS} bytes")]
+    Trailers,
+    #[error("the upstream sent more than 16 interim (1xx) responses")]
+    TooManyInterim,
+    #[error("the upstream closed the connection in the middle of the response")]
+    Truncated,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// How many bytes of the buffer the head took.
+    pub length: usize,
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a HEAD's response, 1xx, 204, 304, or `Content-Length: 0`.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection (no length and no chunked coding).
+    UntilClose,
+}
+
+/// Parses a response head at the start of `buf`; `None` if more bytes are needed.
+pub fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, WireError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let length = match response.parse(buf) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
+            return Err(WireError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(WireError::MalformedHead(e)),
+    };
+    if length > MAX_RESPONSE_HEAD {
+        return Err(WireError::HeadTooLarge);
+    }
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(WireError::MalformedHead(httparse::Error::Status))?;
+    let version = match response.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for header in response.headers.iter() {
+        let name =
+            HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| WireError::InvalidHeader)?;
+        let value = HeaderValue::from_bytes(header.value).map_err(|_| WireError::InvalidHeader)?;
+        headers.append(name, value);
+    }
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+        length,
+    }))
+}
+
+/// How the body of `head`, the answer to a `method` request, is delimited, and whether the
+/// connection can carry another request after it.
+pub fn framing_of(head: &ResponseHead, method: &Method) -> Result<(Framing, bool), WireError> {
+    let keep_alive = keeps_alive(head);
+    let status = head.status.as_u16();
+    if *method == Method::HEAD || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok((Framing::Empty, keep_alive));
+    }
+    if head.headers.contains_key(TRANSFER_ENCODING) {
+        // A Transfer-Encoding overrides any Content-Length; a message with both may be an attempt
+        // at smuggling, so the connection is not reused after it (RFC 9112 §6.1).
+        let reusable = keep_alive && !head.headers.contains_key(CONTENT_LENGTH);
+        return match last_transfer_coding(&head.headers)? {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
+                Ok((Framing::Chunked, reusable))
+            }
+            _ => Ok((Framing::UntilClose, false)),
+        };
+    }
+    match content_length(&head.headers)? {
+        Some(0) => Ok((Framing::Empty, keep_alive)),
+        Some(length) => Ok((Framing::Length(length), keep_alive)),
+        None => Ok((Framing::UntilClose, false)),
+    }
+}
+
+/// Whether the upstream lets the connection live on: HTTP/1.1 unless it says `close`, HTTP/1.0
+/// only if it says `keep-alive`.
+fn keeps_alive(head: &ResponseHead) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for option in connection_options(&head.headers) {
+        close |= option.eq_ignore_ascii_case("close");
+        keep_alive |= option.eq_ignore_ascii_case("keep-alive");
+    }
+    !close && (head.version == Version::HTTP_11 || keep_alive)
+}
+
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+}
+
+fn last_transfer_coding(headers: &HeaderMap) -> Result<Option<&str>, WireError> {
+    let mut last = None;
+    for value in headers.get_all(TRANSFER_ENCODING) {
+        let value = value.to_str().map_err(|_| WireError::TransferEncoding)?;
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            // `chunked` anywhere but last is not a valid response (RFC 9112 §6.1).
+            if last.is_some_and(|c: &str| c.eq_ignore_ascii_case("chunked")) {
+                return Err(WireError::TransferEncoding);
+            }
+            last = Some(coding);
+        }
+    }
+    Ok(last)
+}
+
+/// The `Content-Length`: every value (and every comma-separated element) must be the same
+/// decimal number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, WireError> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let value = value.to_str().map_err(|_| WireError::ContentLength)?;
+        for element in value.split(',').map(str::trim) {
+            let parsed = parse_decimal(element).ok_or(WireError::ContentLength)?;
+            if length.is_some_and(|known| known != parsed) {
+                return Err(WireError::ContentLength);
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(length)
+}
+
+fn parse_decimal(digits: &str) -> Option<u64> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// How a request body goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body bytes follow the head.
+    None,
+    /// The client's `Content-Length`, forwarded unchanged.
+    Length(u64),
+    /// A body of unknown length: chunked coding.
+    Chunked,
+}
+
+/// Writes a request head into `out`. `target` is the path and query as the upstream should see
+/// them; `host` is written if `headers` has no `Host`. The framing headers follow `framing`.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    host: &str,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(HOST) {
+        write_header(out, b"host", host.as_bytes());
+    }
+    for (name, value) in headers {
+        // The framing is fencegate's to state: a client's Transfer-Encoding is hop-by-hop and
+        // already gone, and its Content-Length is written below from `framing`.
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(length) => {
+            let mut digits = itoa_buffer();
+            write_header(out, b"content-length", format_u64(length, &mut digits));
+        }
+        RequestFraming::Chunked => write_header(out, b"transfer-encoding", b"chunked"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_buffer() -> [u8; 20] {
+    [0; 20]
+}
+
+fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return &buffer[start..];
+        }
+    }
+}
+
+/// Appends one chunk of `data` in chunked coding; an empty `data` would end the body, so it is
+/// skipped.
+pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body (no trailers are sent upstream).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// A piece of a decoded response body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body is complete.
+    End,
+}
+
+/// Decodes a chunked body incrementally from a buffer that grows as bytes arrive.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    /// Inside a chunk, with this many bytes of it left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailers, then an empty line.
+    Trailers,
+    Done,
+}
+
+impl ChunkedDecoder {
+    /// Takes what it can from `buf`: a piece of data, the trailers, the end, or `None` if more
+    /// bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, WireError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some((line, size)) = chunk_size_line(buf)? else {
+                        return Ok(None);
+                    };
+                    buf.advance(line);
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Some(Decoded::Data(buf.split_to(take).freeze())));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Chunk);
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some((length, trailers)) = trailer_section(buf)? else {
+                        return Ok(None);
+                    };
+                    buf.advance(length);
+                    self.state = ChunkState::Done;
+                    if !trailers.is_empty() {
+                        return Ok(Some(Decoded::Trailers(trailers)));
+                    }
+                }
+                ChunkState::Done => return Ok(Some(Decoded::End)),
+            }
+        }
+    }
+}
+
+/// A chunk-size line: one to sixteen hex digits, optional extensions (ignored), CRLF. Returns the
+/// line's length and the size. Strict where lenient parsers disagree: no empty size, no bare LF,
+/// no control characters in extensions, a bounded line.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, WireError> {
+    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() > MAX_CHUNK_LINE {
+            Err(WireError::Chunk)
+        } else {
+            Ok(None)
+        };
+    };
+    if end > MAX_CHUNK_LINE || end == 0 || buf[end - 1] != b'\r' {
+        return Err(WireError::Chunk);
+    }
+    let line = &buf[..end - 1];
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 16 {
+        return Err(WireError::Chunk);
+    }
+    let extensions = &line[digits..];
+    let well_formed = extensions.is_empty()
+        || (extensions.trim_ascii_start().first() == Some(&b';')
+            && extensions
+                .iter()
+                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)));
+    if !well_formed {
+        return Err(WireError::Chunk);
+    }
+    let size = std::str::from_utf8(&line[..digits])
+        .ok()
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or(WireError::Chunk)?;
+    Ok(Some((end + 1, size)))
+}
+
+/// The trailer section after the last chunk, up to and including its empty line.
+fn trailer_section(buf: &[u8]) -> Result<Option<(usize, HeaderMap)>, WireError> {
+    if buf.starts_with(b"\r\n") {
+        return Ok(Some((2, HeaderMap::new())));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; 32];
+    match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((length, parsed))) => {
+            if length > MAX_TRAILERS {
+                return Err(WireError::Trailers);
+            }
+            let mut trailers = HeaderMap::with_capacity(parsed.len());
+            for header in parsed {
+                let name = HeaderName::from_bytes(header.name.as_bytes())
+                    .map_err(|_| WireError::Trailers)?;
+                let value =
+                    HeaderValue::from_bytes(header.value).map_err(|_| WireError::Trailers)?;
+                trailers.append(name, value);
+            }
+            Ok(Some((length, trailers)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => Err(WireError::Trailers),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(WireError::Trailers),
+    }
+}
+
+/// A whole response read from `input` as the answer to `method`: its head, body and trailers,
+/// skipping interim (1xx) responses. What the fuzz target and the tests drive; the connection
+/// reads the same way, piece by piece.
+pub fn read_response(
+    input: &[u8],
+    method: &Method,
+) -> Result<(ResponseHead, Vec<u8>, Option<HeaderMap>), WireError> {
+    let mut buf = BytesMut::from(input);
+    let mut interim = 0;
+    let head = loop {
+        let head = parse_head(&buf)?.ok_or(WireError::Truncated)?;
+        buf.advance(head.length);
+        if !head.status.is_informational() || head.status == StatusCode::SWITCHING_PROTOCOLS {
+            break head;
+        }
+        interim += 1;
+        if interim > 16 {
+            return Err(WireError::TooManyInterim);
+        }
+    };
+    let (framing, _) = framing_of(&head, method)?;
+    let mut body = Vec::new();
+    let mut trailers = None;
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(length) => {
+            if (buf.len() as u64) < length {
+                return Err(WireError::Truncated);
+            }
+            body.extend_from_slice(&buf[..length as usize]);
+        }
+        Framing::UntilClose => body.extend_from_slice(&buf),
+        Framing::Chunked => {
+            let mut decoder = ChunkedDecoder::default();
+            loop {
+                match decoder.decode(&mut buf)? {
+                    Some(Decoded::Data(data)) => body.extend_from_slice(&data),
+                    Some(Decoded::Trailers(t)) => trailers = Some(t),
+                    Some(Decoded::End) => break,
+                    None => return Err(WireError::Truncated),
+                }
+            }
+        }
+    }
+    Ok((head, body, trailers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(input: &str) -> Result<(ResponseHead, Vec<u8>, Option<HeaderMap>), WireError> {
+        read_response(input.as_bytes(), &Method::PUT)
+    }
+
+    fn framing(input: &str, method: Method) -> (Framing, bool) {
+        let head = parse_head(input.as_bytes()).unwrap().unwrap();
+        framing_of(&head, &method).unwrap()
+    }
+
+    #[test]
+    fn a_head_is_parsed_once_complete() {
+        assert!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
+                .unwrap()
+                .is_none()
+        );
+        let head = parse_head(b"HTTP/1.1 201 Created\r\nETag: \"1\"\r\n\r\nrest")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert_eq!(head.headers["etag"], "\"1\"");
+        assert_eq!(head.length, 35);
+    }
+
+    #[test]
+    fn a_head_that_never_ends_is_refused_at_the_limit() {
+        let mut endless = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while endless.len() < MAX_RESPONSE_HEAD {
+            endless.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaa\r\n");
+        }
+        assert!(matches!(
+            parse_head(&endless),
+            Err(WireError::HeadTooLarge | WireError::MalformedHead(_))
+        ));
+    }
+
+    #[test]
+    fn the_body_is_delimited_as_rfc_9112_says() {
+        let ok = "HTTP/1.1 200 OK\r\n";
+        let bare = format!("{ok}\r\n");
+        assert_eq!(framing(&bare, Method::GET), (Framing::UntilClose, false));
+        let sized = format!("{ok}Content-Length: 5\r\n\r\n");
+        assert_eq!(framing(&sized, Method::GET), (Framing::Length(5), true));
+        assert_eq!(framing(&sized, Method::HEAD), (Framing::Empty, true));
+        let chunked = format!("{ok}Transfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(framing(&chunked, Method::GET), (Framing::Chunked, true));
+        let both = format!("{ok}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(framing(&both, Method::GET), (Framing::Chunked, false));
+        let gzip_only = format!("{ok}Transfer-Encoding: gzip\r\n\r\n");
+        assert_eq!(
+            framing(&gzip_only, Method::GET),
+            (Framing::UntilClose, false)
+        );
+        for status in ["204 No Content", "304 Not Modified", "100 Continue"] {
+            let head = format!("HTTP/1.1 {status}\r\nContent-Length: 9\r\n\r\n");
+            assert_eq!(framing(&head, Method::GET).0, Framing::Empty, "{status}");
+        }
+        let close = format!("{ok}Connection: close\r\nContent-Length: 1\r\n\r\n");
+        assert_eq!(framing(&close, Method::GET), (Framing::Length(1), false));
+        let old = "HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n";
+        assert_eq!(framing(old, Method::GET), (Framing::Length(1), false));
+        let old_kept = "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n";
+        assert_eq!(framing(old_kept, Method::GET), (Framing::Length(1), true));
+    }
+
+    #[test]
+    fn ambiguous_lengths_and_codings_are_errors() {
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        ] {
+            let parsed = parse_head(head.as_bytes()).unwrap().unwrap();
+            assert!(framing_of(&parsed, &Method::GET).is_err(), "{head}");
+        }
+        let same = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(framing(same, Method::GET), (Framing::Length(5), true));
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let (_, body, trailers) = read(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nChecksum: abc\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(body, b"hello world");
+        assert_eq!(trailers.unwrap()["checksum"], "abc");
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors_not_guesses() {
+        for body in [
+            "\r\n\r\n",                     // no size: not the last chunk
+            "5\nhello\r\n0\r\n\r\n",        // bare LF
+            "5\r\nhelloXX0\r\n\r\n",        // no CRLF after the data
+            "g\r\n",                        // not hex
+            "10000000000000000\r\n",        // seventeen digits
+            "5;\x01\r\nhello\r\n0\r\n\r\n", // control character in an extension
+            "5 x\r\nhello\r\n0\r\n\r\n",    // junk after the size
+        ] {
+            let response = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+            assert!(
+                matches!(read(&response), Err(WireError::Chunk)),
+                "{body:?} gave {:?}",
+                read(&response).map(|r| r.1)
+            );
+        }
+        let endless_extension = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;{}",
+            "x".repeat(MAX_CHUNK_LINE + 1)
+        );
+        assert_eq!(read(&endless_extension).unwrap_err(), WireError::Chunk);
+    }
+
+    #[test]
+    fn a_body_cut_short_is_truncated() {
+        let short = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
+        assert_eq!(read(short).unwrap_err(), WireError::Truncated);
+        let unfinished = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel";
+        assert_eq!(read(unfinished).unwrap_err(), WireError::Truncated);
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_but_bounded() {
+        let (head, body, _) = read(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+             HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+        )
+        .unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert_eq!(body, b"ok");
+        let endless = "HTTP/1.1 100 Continue\r\n\r\n".repeat(17);
+        assert_eq!(read(&endless).unwrap_err(), WireError::TooManyInterim);
+    }
+
+    #[test]
+    fn the_request_head_states_fencegates_own_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert("fencing-token", HeaderValue::from_static("7"));
+        let mut out = Vec::new();
+        write_request_head(
+            &mut out,
+            &Method::PUT,
+            "/db/wallets/1?x=2",
+            &headers,
+            "127.0.0.1:8080",
+            RequestFraming::Length(5),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "PUT /db/wallets/1?x=2 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nfencing-token: 7\r\n\
+             content-length: 5\r\n\r\n"
+        );
+        headers.insert(HOST, HeaderValue::from_static("bucket.s3"));
+        let mut out = Vec::new();
+        write_request_head(
+            &mut out,
+            &Method::POST,
+            "/",
+            &headers,
+            "x",
+            RequestFraming::Chunked,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("host: bucket.s3\r\n") && !text.contains("host: x"));
+        assert!(text.ends_with("transfer-encoding: chunked\r\n\r\n"));
+        assert!(!text.contains("content-length"));
+    }
+
+    #[test]
+    fn chunks_are_written_with_hex_sizes() {
+        let mut out = Vec::new();
+        write_chunk(&mut out, &[b'a'; 26]);
+        write_chunk(&mut out, b"");
+        out.extend_from_slice(LAST_CHUNK);
+        assert_eq!(
+            out,
+            [b"1a\r\n".as_slice(), &[b'a'; 26], b"\r\n0\r\n\r\n"].concat()
+        );
+        let mut digits = itoa_buffer();
+        assert_eq!(format_u64(0, &mut digits), b"0");
+        assert_eq!(format_u64(u64::MAX, &mut digits), b"18446744073709551615");
+    }
+}
