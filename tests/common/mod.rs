@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset.
 
 pub mod binary;
+pub mod scripted;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

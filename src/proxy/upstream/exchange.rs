@@ -560,7 +560,8 @@ impl ResponseBody {
             }
             BodyState::Chunked(decoder) => {
                 let decoded = decoder.decode(buffer)?;
-                if matches!(decoded, Some(Decoded::End)) {
+                // Trailers end the body too: hyper drops a body once it has sent its trailers.
+                if decoder.is_done() {
                     self.body = BodyState::Done;
                 }
                 Ok(decoded)

@@ -300,6 +300,11 @@ enum ChunkState {
 }
 
 impl ChunkedDecoder {
+    /// Whether the body, trailers included, has been read to its end.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
     /// Takes what it can from `buf`: a piece of data, the trailers, the end, or `None` if more
     /// bytes are needed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, WireError> {
