@@ -183,15 +183,24 @@ async fn the_data_plane_serves_on_worker_threads_threads_each_with_its_own_liste
         .collect();
     names.sort();
     assert_eq!(names, ["fg-data-0", "fg-data-1", "fg-data-2"]);
-    // Connections spread over the threads' listeners; every one is served and fenced alike.
+    // Connections spread over the threads' listeners (SO_REUSEPORT): every thread wakes up to
+    // serve some of them, and every one is served and fenced alike.
+    let before = data_thread_wakeups(proxy.child.id());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    for token in 1..=12 {
+    for token in 1..=48 {
         assert_eq!(put(&client, proxy.addr, 0, token).await, Some((200, token)));
     }
-    assert_eq!(put(&client, proxy.addr, 0, 3).await, Some((409, 12)));
+    assert_eq!(put(&client, proxy.addr, 0, 3).await, Some((409, 48)));
+    let after = data_thread_wakeups(proxy.child.id());
+    for (thread, woken) in &after {
+        assert!(
+            woken > &before[thread],
+            "{thread} served none of 49 connections: {before:?} -> {after:?}"
+        );
+    }
 }
 
 #[test]
@@ -250,4 +259,25 @@ async fn a_second_fencegate_cannot_join_the_data_port_of_a_running_one() {
     // The first still serves every connection.
     let client = reqwest::Client::new();
     assert_eq!(put(&client, first.addr, 0, 1).await, Some((200, 1)));
+}
+
+/// Each data-plane thread's voluntary context switches: an idle current-thread runtime sleeps in
+/// epoll until a connection of its own wakes it.
+fn data_thread_wakeups(pid: u32) -> HashMap<String, u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let name = name.trim().to_owned();
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            let switches = status
+                .lines()
+                .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            name.starts_with("fg-data-").then_some((name, switches))
+        })
+        .collect()
 }

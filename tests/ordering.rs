@@ -452,3 +452,28 @@ async fn an_upstream_that_switches_protocols_is_refused_with_502() {
         "held back as if in doubt"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_busy_resource_does_not_stall_the_others() {
+    let upstream = RecordingUpstream::start().await;
+    let app = Arc::new(TestApp::spawn(&standard_routes(&upstream.url())).await);
+    assert_eq!(app.put("/wallets/busy", 1, "").await.status(), 200);
+    // Forty slow writes hold the busy wallet (and a share of every data-plane thread) ...
+    let slow: Vec<_> = (0..40)
+        .map(|_| spawn_slow_put(&app, "/wallets/busy", 1, Duration::from_millis(1500)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... while other wallets, new tokens included, go through at once.
+    let started = Instant::now();
+    for token in 1..=20 {
+        assert_eq!(app.put("/wallets/other", token, "").await.status(), 200);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "20 writes on another wallet took {took:?} behind a busy one"
+    );
+    for write in slow {
+        assert_eq!(write.await.unwrap(), 200);
+    }
+}
