@@ -678,7 +678,9 @@ impl DataPlane {
                 tracing::warn!("upstream switched protocols; refused");
                 ProxyError::UpstreamSwitchedProtocols
             }
-            e @ (ForwardError::Connect(_) | ForwardError::Exchange(_)) => {
+            e @ (ForwardError::Connect(_)
+            | ForwardError::NotSent(_)
+            | ForwardError::Exchange(_)) => {
                 tracing::warn!(error = %e, "upstream failed");
                 ProxyError::UpstreamUnreachable
             }

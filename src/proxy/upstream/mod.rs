@@ -138,6 +138,8 @@ pub enum ForwardError {
     Connect(#[source] std::io::Error),
     #[error("the upstream exchange failed: {0}")]
     Exchange(#[source] ExchangeError),
+    #[error("the request could not be sent; none of it reached the upstream: {0}")]
+    NotSent(#[source] ExchangeError),
     #[error("the upstream did not answer in time")]
     Timeout,
     #[error("the request body exceeded the limit")]
@@ -151,7 +153,16 @@ pub enum ForwardError {
 impl ForwardError {
     /// Whether the upstream certainly never received the request, so it cannot apply it later.
     pub fn never_sent(&self) -> bool {
-        matches!(self, ForwardError::Connect(_))
+        matches!(self, ForwardError::Connect(_) | ForwardError::NotSent(_))
+    }
+
+    /// An exchange that failed before writing anything: a body over the limit or too slow is
+    /// still answered as such.
+    fn unsent(error: ExchangeError) -> Self {
+        match error {
+            ExchangeError::BodyTooLarge | ExchangeError::BodyDeadline => Self::from_exchange(error),
+            other => ForwardError::NotSent(other),
+        }
     }
 
     fn from_exchange(error: ExchangeError) -> Self {
@@ -301,7 +312,9 @@ impl UpstreamClient {
             sender = match unsent {
                 Some(unsent) if stale => unsent,
                 None if stale && replay.is_some() => replay.take().expect("checked"),
-                _ => return Err(ForwardError::from_exchange(error)),
+                // Not one byte left fencegate: the upstream cannot apply any of it.
+                Some(_) => return Err(ForwardError::unsent(error)),
+                None => return Err(ForwardError::from_exchange(error)),
             };
             tracing::debug!(%error, upstream = %upstream.pool_key, "pooled connection was closed; retrying on a new one");
         }
