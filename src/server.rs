@@ -20,9 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
 use tower::ServiceExt;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 mod limits;
 
@@ -30,7 +28,7 @@ use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
-use crate::proxy::{DataPlane, RequestLimits, UpstreamClient};
+use crate::proxy::{DataPlane, RequestLimits, UpstreamClient, request_id};
 use crate::store::{LastStop, PrunePlan, Reader, Retention, Store, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
 
@@ -366,6 +364,9 @@ async fn serve_plane<S, B>(
             },
             () = stop.cancelled() => break,
         };
+        // Answers are written whole, each in one system call: Nagle's algorithm could only hold
+        // one back, waiting for an acknowledgement.
+        let _ = stream.set_nodelay(true);
         let phase = Arc::new(RequestPhase::default());
         let io = HeadDeadline::new(stream, limits.header_read_timeout, Arc::clone(&phase));
         let service = service_for(client, phase);
@@ -434,41 +435,37 @@ fn admin_service(
     }))
 }
 
-/// The data plane's layers, in one place: request ids, then the proxy itself. There is no
-/// tower-http `TraceLayer` here: its span and response-body wrapper cost 7% of the hot path's
-/// throughput (bench/run.sh), for request lines that were only ever logged at DEBUG; the proxy
-/// logs its own refusals and failures, and each response at DEBUG.
+/// The data plane's service: a request id, then the proxy itself. No tower layers here: the
+/// request-id layers and their futures cost 8% of the hot path's throughput (bench/compare.sh),
+/// and tower-http's `TraceLayer` 7%, for request lines that were only ever logged at DEBUG; the
+/// proxy logs its own refusals and failures, and each response at DEBUG.
 fn data_plane_service(
     plane: Arc<DataPlane>,
     client: SocketAddr,
     phase: Arc<RequestPhase>,
-) -> TowerToHyperService<
-    impl tower::Service<
-        http::Request<Incoming>,
-        Response = http::Response<
-            impl hyper::body::Body<
-                Data = bytes::Bytes,
-                Error = impl Into<Box<dyn std::error::Error + Send + Sync>>,
-            > + Send
-            + 'static,
-        >,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone,
+) -> impl hyper::service::Service<
+    http::Request<Incoming>,
+    Response = http::Response<
+        impl hyper::body::Body<
+            Data = bytes::Bytes,
+            Error = impl Into<Box<dyn std::error::Error + Send + Sync>>,
+        > + Send
+        + 'static,
+    >,
+    Error = Infallible,
+    Future = impl Send,
 > {
-    let service = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .service_fn(move |request| {
-            let plane = Arc::clone(&plane);
-            let in_request = phase.begin();
-            async move {
-                let response = plane.handle(request, client).await;
-                drop(in_request);
-                Ok::<_, Infallible>(response)
-            }
-        });
-    TowerToHyperService::new(service)
+    hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+        let plane = Arc::clone(&plane);
+        let in_request = phase.begin();
+        async move {
+            let id = request_id::ensure(request.headers_mut());
+            let mut response = plane.handle(request, client).await;
+            request_id::echo(response.headers_mut(), id);
+            drop(in_request);
+            Ok::<_, Infallible>(response)
+        }
+    })
 }
 
 async fn evict_idle_resources(gate: Gate, stop: CancellationToken) {

@@ -1,14 +1,16 @@
 //! Proxy header conventions: hop-by-hop removal, `Forwarded` / `X-Forwarded-For`, and the refusal
 //! of method-override headers.
 
-use std::fmt::Write;
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
 use http::header::{
-    CONNECTION, FORWARDED, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 
+use super::upstream::wire;
 use crate::problem::ProxyError;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see). They describe
@@ -97,58 +99,71 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == TRAILER || HOP_BY_HOP.contains(name)
 }
 
-/// Prepares a client's request headers for the upstream: hop-by-hop headers go, the client's
-/// `Host` goes unless `keep_host` (the upstream gets its own authority, and the original host
-/// travels in `Forwarded`; storage that signs `Host`, like S3, gets it unchanged), and the
-/// client's address is appended to `Forwarded` and `X-Forwarded-For`.
-pub(super) fn prepare_upstream_request(
-    headers: &mut HeaderMap,
+/// Writes a client's request headers into the upstream request head, as header lines: hop-by-hop
+/// headers (and those `Connection` names) are left out, the client's `Host` too unless
+/// `keep_host` (the upstream gets its own authority, and the original host travels in
+/// `Forwarded`; storage that signs `Host`, like S3, gets it unchanged), and the client's address
+/// is appended to `Forwarded` and `X-Forwarded-For`. The framing headers are the head's own.
+/// Written straight from the client's map, with no copy of it: this runs on every request.
+pub(super) fn write_upstream_headers(
+    out: &mut Vec<u8>,
+    headers: &HeaderMap,
     client: SocketAddr,
     keep_host: bool,
 ) {
-    strip_hop_by_hop(headers);
-    let host = if keep_host {
-        headers.get(HOST).cloned()
-    } else {
-        headers.remove(HOST)
+    let named_by_connection = |name: &HeaderName| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_element(client.ip(), host.as_ref())) {
-        headers.append(FORWARDED, value);
+    let has_connection = headers.contains_key(CONNECTION);
+    for (name, value) in headers {
+        let left_out = is_hop_by_hop(name)
+            || *name == CONTENT_LENGTH
+            || *name == X_FORWARDED_FOR
+            || (*name == HOST && !keep_host)
+            || (has_connection && named_by_connection(name));
+        if !left_out {
+            wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
     }
-    append_x_forwarded_for(headers, client.ip());
+    write_forwarded(out, client.ip(), headers.get(HOST));
+    write_x_forwarded_for(out, headers, client.ip());
 }
 
-fn forwarded_element(client: IpAddr, host: Option<&HeaderValue>) -> String {
-    let mut element = String::with_capacity(64);
-    // Writing to a String cannot fail.
+/// `Forwarded: for=…;proto=http;host="…"`, as a line of its own after any the client sent.
+fn write_forwarded(out: &mut Vec<u8>, client: IpAddr, host: Option<&HeaderValue>) {
+    out.extend_from_slice(b"forwarded: ");
+    // Writing to a Vec cannot fail.
     let _ = match client {
-        IpAddr::V4(ip) => write!(element, "for={ip};proto=http"),
-        IpAddr::V6(ip) => write!(element, "for=\"[{ip}]\";proto=http"),
+        IpAddr::V4(ip) => write!(out, "for={ip};proto=http"),
+        IpAddr::V6(ip) => write!(out, "for=\"[{ip}]\";proto=http"),
     };
     // Only a host that is safe inside a quoted-string is passed on.
     if let Some(host) = host.and_then(|h| h.to_str().ok())
         && !host.is_empty()
         && !host.contains(['"', '\\'])
     {
-        let _ = write!(element, ";host=\"{host}\"");
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(host.as_bytes());
+        out.push(b'"');
     }
-    element
+    out.extend_from_slice(b"\r\n");
 }
 
-fn append_x_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let earlier: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .collect();
-    let chain = if earlier.is_empty() {
-        client.to_string()
-    } else {
-        format!("{}, {client}", earlier.join(", "))
-    };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert(X_FORWARDED_FOR, value);
+/// `X-Forwarded-For`: the client's chain, if it sent one, then the client's address, in one line.
+fn write_x_forwarded_for(out: &mut Vec<u8>, headers: &HeaderMap, client: IpAddr) {
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(earlier) = earlier.to_str() {
+            out.extend_from_slice(earlier.as_bytes());
+            out.extend_from_slice(b", ");
+        }
     }
+    let _ = write!(out, "{client}\r\n");
 }
 
 #[cfg(test)]
@@ -192,35 +207,80 @@ mod tests {
         assert!(map.contains_key("accept"));
     }
 
+    /// The header lines the upstream gets, in order, names lower-cased.
+    fn upstream_lines(map: &HeaderMap, client: &str, keep_host: bool) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        write_upstream_headers(&mut out, map, client.parse().unwrap(), keep_host);
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (name, value) = line.split_once(": ").unwrap();
+                (name.to_owned(), value.to_owned())
+            })
+            .collect()
+    }
+
+    fn value<'a>(lines: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        lines
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_never_reach_the_upstream() {
+        let map = headers(&[
+            ("connection", "close, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("x-secret", "1"),
+            ("content-type", "text/plain"),
+        ]);
+        let lines = upstream_lines(&map, "192.0.2.7:4000", false);
+        let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "forwarded", "x-forwarded-for"]);
+    }
+
     #[test]
     fn client_address_is_appended_to_forwarding_headers() {
-        let mut map = headers(&[("host", "api.example"), ("x-forwarded-for", "10.0.0.1")]);
-        prepare_upstream_request(&mut map, "192.0.2.7:4000".parse().unwrap(), false);
-        assert!(!map.contains_key(HOST));
-        assert_eq!(map["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        let map = headers(&[
+            ("host", "api.example"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+        ]);
+        let lines = upstream_lines(&map, "192.0.2.7:4000", false);
+        assert!(value(&lines, "host").is_empty());
+        assert_eq!(value(&lines, "x-forwarded-for"), ["10.0.0.1, 192.0.2.7"]);
         assert_eq!(
-            map[FORWARDED],
-            "for=192.0.2.7;proto=http;host=\"api.example\""
+            value(&lines, "forwarded"),
+            [
+                "for=10.0.0.1",
+                "for=192.0.2.7;proto=http;host=\"api.example\""
+            ]
         );
     }
 
     #[test]
     fn a_route_that_preserves_host_forwards_it_unchanged() {
-        let mut map = headers(&[("host", "bucket-store:9000")]);
-        prepare_upstream_request(&mut map, "192.0.2.7:4000".parse().unwrap(), true);
-        assert_eq!(map[HOST], "bucket-store:9000");
+        let map = headers(&[("host", "bucket-store:9000")]);
+        let lines = upstream_lines(&map, "192.0.2.7:4000", true);
+        assert_eq!(value(&lines, "host"), ["bucket-store:9000"]);
         assert_eq!(
-            map[FORWARDED],
-            "for=192.0.2.7;proto=http;host=\"bucket-store:9000\""
+            value(&lines, "forwarded"),
+            ["for=192.0.2.7;proto=http;host=\"bucket-store:9000\""]
         );
     }
 
     #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
-        let mut map = HeaderMap::new();
-        prepare_upstream_request(&mut map, "[::1]:4000".parse().unwrap(), false);
-        assert_eq!(map[FORWARDED], "for=\"[::1]\";proto=http");
-        assert_eq!(map["x-forwarded-for"], "::1");
+        let lines = upstream_lines(&HeaderMap::new(), "[::1]:4000", false);
+        assert_eq!(value(&lines, "forwarded"), ["for=\"[::1]\";proto=http"]);
+        assert_eq!(value(&lines, "x-forwarded-for"), ["::1"]);
     }
 
     #[test]

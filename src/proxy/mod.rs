@@ -7,6 +7,7 @@
 
 mod headers;
 mod inflight;
+pub mod request_id;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -39,7 +40,7 @@ pub use upstream::{
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use request_id::X_REQUEST_ID;
 
 /// The data plane's limits on what one request may name and make it read.
 #[derive(Debug, Clone, Copy)]

@@ -345,7 +345,7 @@ impl Exchange {
                 Err(e) => return Poll::Ready(Err(self.failure(e.into()))),
             }
             match ready!(poll_read(
-                &self.connection.stream,
+                &mut self.connection.stream,
                 cx,
                 &mut self.connection.buffer
             )) {
@@ -438,20 +438,16 @@ impl Exchange {
     }
 }
 
-/// Reads what is available into `buffer`.
+/// Reads what is available into `buffer`. Through `AsyncRead`, so that a read that drains the
+/// socket clears its readiness: the next request's check that its pooled connection is still open
+/// ([`pool::take`]) then costs no system call.
 fn poll_read(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     cx: &mut Context<'_>,
     buffer: &mut BytesMut,
 ) -> Poll<std::io::Result<usize>> {
-    loop {
-        ready!(stream.poll_read_ready(cx))?;
-        buffer.reserve(READ_CHUNK);
-        match stream.try_read_buf(buffer) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
-        }
-    }
+    buffer.reserve(READ_CHUNK);
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buffer)
 }
 
 impl Drop for ResponseBody {
@@ -575,7 +571,7 @@ impl ResponseBody {
         let Some(connection) = self.connection.as_mut() else {
             return Poll::Ready(Ok(()));
         };
-        match poll_read(&connection.stream, cx, &mut connection.buffer) {
+        match poll_read(&mut connection.stream, cx, &mut connection.buffer) {
             Poll::Ready(Ok(0)) => match self.body {
                 BodyState::UntilClose => {
                     self.body = BodyState::Done;

@@ -216,28 +216,27 @@ impl UpstreamClient {
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let deadline = Instant::now() + self.timeout;
         let upstream = route.upstream();
-        let (mut parts, body) = request.into_parts();
-        headers::prepare_upstream_request(&mut parts.headers, client, route.preserves_host());
+        let (parts, body) = request.into_parts();
         let framing = request_framing(&parts.method, &parts.headers, &body);
         let expects_continue = parts
             .headers
             .get(EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        // An HTTP/2 client's authority is in the URI, not in a Host header.
+        let keep_host = route.preserves_host();
         let host = match parts.uri.authority() {
-            Some(authority) if route.preserves_host() && !parts.headers.contains_key(HOST) => {
-                authority.as_str()
-            }
-            _ => upstream.authority.as_str(),
+            _ if keep_host && parts.headers.contains_key(HOST) => None,
+            // An HTTP/2 client's authority is in the URI, not in a Host header.
+            Some(authority) if keep_host => Some(authority.as_str()),
+            _ => Some(upstream.authority.as_str()),
         };
         let mut head = Vec::with_capacity(512);
         wire::write_request_head(
             &mut head,
             &parts.method,
             &upstream.target_for(&parts.uri),
-            &parts.headers,
             host,
             framing,
+            |out| headers::write_upstream_headers(out, &parts.headers, client, keep_host),
         );
         let sender = Sender::new(
             head,
