@@ -50,9 +50,8 @@ fn read_in_pieces(
     };
     let mut interim = 0;
     let head = loop {
-        match wire::parse_head(&buffer) {
+        match wire::parse_head(&mut buffer) {
             Ok(Some(head)) => {
-                let _ = buffer.split_to(head.length);
                 if head.status.is_informational() && head.status.as_u16() != 101 {
                     interim += 1;
                     if interim > 16 {

@@ -65,6 +65,8 @@ pub(super) struct HeadDeadline<T> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// The number of requests begun when the deadline was armed, if it is.
     armed: Option<u64>,
+    /// The number of requests begun when bytes of a head were last read, before it was armed.
+    head_started: Option<u64>,
 }
 
 impl<T> HeadDeadline<T> {
@@ -75,6 +77,7 @@ impl<T> HeadDeadline<T> {
             phase,
             deadline: None,
             armed: None,
+            head_started: None,
         }
     }
 
@@ -114,11 +117,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadDeadline<T> {
                 "request head not received within header_read_timeout",
             )));
         }
+        // A head that needs another read did not arrive whole: its deadline starts now, a moment
+        // after its first byte. Most heads arrive in one read and never arm it (a timer reset
+        // and a clock read saved on every request).
+        if this.armed.is_none()
+            && this.head_started == Some(this.phase.begun())
+            && !this.phase.in_request()
+        {
+            this.arm(cx);
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         let got_bytes = buf.filled().len() > before;
         if got_bytes && this.armed.is_none() && !this.phase.in_request() {
-            this.arm(cx);
+            this.head_started = Some(this.phase.begun());
         }
         read
     }

@@ -320,9 +320,8 @@ impl Exchange {
             if let Err(error) = self.poll_sender(cx) {
                 return Poll::Ready(Err(self.failure(error)));
             }
-            match wire::parse_head(&self.connection.buffer) {
+            match wire::parse_head(&mut self.connection.buffer) {
                 Ok(Some(head)) => {
-                    self.connection.buffer.advance(head.length);
                     if head.status.is_informational()
                         && head.status != http::StatusCode::SWITCHING_PROTOCOLS
                     {

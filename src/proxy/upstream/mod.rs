@@ -271,7 +271,6 @@ impl UpstreamClient {
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
-        headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
 

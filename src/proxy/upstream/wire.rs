@@ -6,7 +6,7 @@
 //! bytes is in [`super::exchange`].
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// The largest response head (status line and headers) accepted from an upstream.
@@ -20,7 +20,7 @@ const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Why an upstream's response could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("the response head is larger than {MAX_RESPONSE_HEAD} bytes")]
     HeadTooLarge,
@@ -47,9 +47,21 @@ pub enum WireError {
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
+    /// The end-to-end headers: the hop-by-hop ones, and those `Connection` names, are left out
+    /// (they describe this connection, not the answer). Values share the head's bytes.
     pub headers: HeaderMap,
-    /// How many bytes of the buffer the head took.
-    pub length: usize,
+    /// What the framing is decided from, read off the hop-by-hop headers.
+    hop: HopByHop,
+}
+
+/// What the hop-by-hop headers of a response say about its framing and its connection.
+#[derive(Debug, Default, Clone, Copy)]
+struct HopByHop {
+    close: bool,
+    keep_alive: bool,
+    /// Whether a `Transfer-Encoding` was sent, and its last coding is `chunked`; `Err` if
+    /// `chunked` came before another coding.
+    transfer_encoding: Option<Result<bool, WireError>>,
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -63,61 +75,129 @@ pub enum Framing {
     UntilClose,
 }
 
-/// Parses a response head at the start of `buf`; `None` if more bytes are needed.
-pub fn parse_head(buf: &[u8]) -> Result<Option<ResponseHead>, WireError> {
+/// Where a header sits in the head: offsets of its name and value.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Parses a response head at the start of `buf` and takes it off; `None` (and `buf` untouched)
+/// if more bytes are needed.
+pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let length = match response.parse(buf) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
+    let mut spans = [Span::default(); MAX_RESPONSE_HEADERS];
+    let mut hop = HopByHop::default();
+    // Header names `Connection` lists beyond close and keep-alive: rare, so allocated only then.
+    let mut named: Vec<(usize, usize)> = Vec::new();
+    let (length, status, version, count) = {
+        let mut response = httparse::Response::new(&mut slots);
+        let length = match response.parse(buf) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
+                return Err(WireError::HeadTooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(WireError::MalformedHead(e)),
+        };
+        if length > MAX_RESPONSE_HEAD {
             return Err(WireError::HeadTooLarge);
         }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(WireError::MalformedHead(e)),
+        let status = response
+            .code
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .ok_or(WireError::MalformedHead(httparse::Error::Status))?;
+        let version = match response.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let base = buf.as_ptr() as usize;
+        let offsets = |part: &[u8]| {
+            let start = part.as_ptr() as usize - base;
+            (start, start + part.len())
+        };
+        for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+            *span = Span {
+                name: offsets(header.name.as_bytes()),
+                value: offsets(header.value),
+            };
+            note_hop_by_hop(&mut hop, &mut named, header, &offsets);
+        }
+        (length, status, version, response.headers.len())
     };
-    if length > MAX_RESPONSE_HEAD {
-        return Err(WireError::HeadTooLarge);
-    }
-    let status = response
-        .code
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or(WireError::MalformedHead(httparse::Error::Status))?;
-    let version = match response.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
-    for header in response.headers.iter() {
-        let name =
-            HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| WireError::InvalidHeader)?;
-        let value = HeaderValue::from_bytes(header.value).map_err(|_| WireError::InvalidHeader)?;
+    let head = buf.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for span in &spans[..count] {
+        let name = &head[span.name.0..span.name.1];
+        let listed = named
+            .iter()
+            .any(|&(start, end)| head[start..end].eq_ignore_ascii_case(name));
+        let name = HeaderName::from_bytes(name).map_err(|_| WireError::InvalidHeader)?;
+        if listed || super::super::headers::is_hop_by_hop(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
+            .map_err(|_| WireError::InvalidHeader)?;
         headers.append(name, value);
     }
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
-        length,
+        hop,
     }))
+}
+
+/// Reads what a hop-by-hop header says about framing and the connection.
+fn note_hop_by_hop(
+    hop: &mut HopByHop,
+    named: &mut Vec<(usize, usize)>,
+    header: &httparse::Header<'_>,
+    offsets: &impl Fn(&[u8]) -> (usize, usize),
+) {
+    if header.name.eq_ignore_ascii_case("connection") {
+        for option in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if option.eq_ignore_ascii_case(b"close") {
+                hop.close = true;
+            } else if option.eq_ignore_ascii_case(b"keep-alive") {
+                hop.keep_alive = true;
+            } else if !option.is_empty() {
+                named.push(offsets(option));
+            }
+        }
+    } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+        let mut chunked_last = hop.transfer_encoding.unwrap_or(Ok(false));
+        for coding in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if coding.is_empty() {
+                continue;
+            }
+            // `chunked` anywhere but last is not a valid response (RFC 9112 §6.1).
+            chunked_last = match chunked_last {
+                Ok(true) => Err(WireError::TransferEncoding),
+                Ok(false) => Ok(coding.eq_ignore_ascii_case(b"chunked")),
+                Err(e) => Err(e),
+            };
+        }
+        hop.transfer_encoding = Some(chunked_last);
+    }
 }
 
 /// How the body of `head`, the answer to a `method` request, is delimited, and whether the
 /// connection can carry another request after it.
 pub fn framing_of(head: &ResponseHead, method: &Method) -> Result<(Framing, bool), WireError> {
-    let keep_alive = keeps_alive(head);
+    // HTTP/1.1 lives on unless it says `close`; HTTP/1.0 only if it says `keep-alive`.
+    let keep_alive = !head.hop.close && (head.version == Version::HTTP_11 || head.hop.keep_alive);
     let status = head.status.as_u16();
     if *method == Method::HEAD || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok((Framing::Empty, keep_alive));
     }
-    if head.headers.contains_key(TRANSFER_ENCODING) {
+    if let Some(chunked_last) = head.hop.transfer_encoding {
         // A Transfer-Encoding overrides any Content-Length; a message with both may be an attempt
         // at smuggling, so the connection is not reused after it (RFC 9112 §6.1).
         let reusable = keep_alive && !head.headers.contains_key(CONTENT_LENGTH);
-        return match last_transfer_coding(&head.headers)? {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
-                Ok((Framing::Chunked, reusable))
-            }
-            _ => Ok((Framing::UntilClose, false)),
+        return match chunked_last? {
+            true => Ok((Framing::Chunked, reusable)),
+            false => Ok((Framing::UntilClose, false)),
         };
     }
     match content_length(&head.headers)? {
@@ -125,42 +205,6 @@ pub fn framing_of(head: &ResponseHead, method: &Method) -> Result<(Framing, bool
         Some(length) => Ok((Framing::Length(length), keep_alive)),
         None => Ok((Framing::UntilClose, false)),
     }
-}
-
-/// Whether the upstream lets the connection live on: HTTP/1.1 unless it says `close`, HTTP/1.0
-/// only if it says `keep-alive`.
-fn keeps_alive(head: &ResponseHead) -> bool {
-    let mut close = false;
-    let mut keep_alive = false;
-    for option in connection_options(&head.headers) {
-        close |= option.eq_ignore_ascii_case("close");
-        keep_alive |= option.eq_ignore_ascii_case("keep-alive");
-    }
-    !close && (head.version == Version::HTTP_11 || keep_alive)
-}
-
-fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-}
-
-fn last_transfer_coding(headers: &HeaderMap) -> Result<Option<&str>, WireError> {
-    let mut last = None;
-    for value in headers.get_all(TRANSFER_ENCODING) {
-        let value = value.to_str().map_err(|_| WireError::TransferEncoding)?;
-        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-            // `chunked` anywhere but last is not a valid response (RFC 9112 §6.1).
-            if last.is_some_and(|c: &str| c.eq_ignore_ascii_case("chunked")) {
-                return Err(WireError::TransferEncoding);
-            }
-            last = Some(coding);
-        }
-    }
-    Ok(last)
 }
 
 /// The `Content-Length`: every value (and every comma-separated element) must be the same
@@ -430,8 +474,7 @@ pub fn read_response(
     let mut buf = BytesMut::from(input);
     let mut interim = 0;
     let head = loop {
-        let head = parse_head(&buf)?.ok_or(WireError::Truncated)?;
-        buf.advance(head.length);
+        let head = parse_head(&mut buf)?.ok_or(WireError::Truncated)?;
         if !head.status.is_informational() || head.status == StatusCode::SWITCHING_PROTOCOLS {
             break head;
         }
@@ -475,24 +518,23 @@ mod tests {
         read_response(input.as_bytes(), &Method::PUT)
     }
 
+    fn head_of(input: &str) -> Result<Option<ResponseHead>, WireError> {
+        parse_head(&mut BytesMut::from(input.as_bytes()))
+    }
+
     fn framing(input: &str, method: Method) -> (Framing, bool) {
-        let head = parse_head(input.as_bytes()).unwrap().unwrap();
+        let head = head_of(input).unwrap().unwrap();
         framing_of(&head, &method).unwrap()
     }
 
     #[test]
     fn a_head_is_parsed_once_complete() {
-        assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
-                .unwrap()
-                .is_none()
-        );
-        let head = parse_head(b"HTTP/1.1 201 Created\r\nETag: \"1\"\r\n\r\nrest")
-            .unwrap()
-            .unwrap();
+        assert!(head_of("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        let mut buf = BytesMut::from(&b"HTTP/1.1 201 Created\r\nETag: \"1\"\r\n\r\nrest"[..]);
+        let head = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(head.status, StatusCode::CREATED);
         assert_eq!(head.headers["etag"], "\"1\"");
-        assert_eq!(head.length, 35);
+        assert_eq!(&buf[..], b"rest", "the head is taken off the buffer");
     }
 
     #[test]
@@ -502,9 +544,25 @@ mod tests {
             endless.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaa\r\n");
         }
         assert!(matches!(
-            parse_head(&endless),
+            parse_head(&mut BytesMut::from(endless.as_slice())),
             Err(WireError::HeadTooLarge | WireError::MalformedHead(_))
         ));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_read_for_framing_and_left_out_of_the_answer() {
+        let head = head_of(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: checksum\r\nX-Hop: 1\r\nETag: \"7\"\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = head.headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(names, ["etag"]);
+        assert_eq!(
+            framing_of(&head, &Method::GET).unwrap(),
+            (Framing::Chunked, true)
+        );
     }
 
     #[test]
@@ -546,7 +604,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         ] {
-            let parsed = parse_head(head.as_bytes()).unwrap().unwrap();
+            let parsed = head_of(head).unwrap().unwrap();
             assert!(framing_of(&parsed, &Method::GET).is_err(), "{head}");
         }
         let same = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n";
