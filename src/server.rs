@@ -285,6 +285,7 @@ fn spawn_data_threads(
         std::thread::Builder::new()
             .name(format!("fg-data-{index}"))
             .spawn(move || {
+                crate::metrics::use_shard(index + 1);
                 let served = serve_data_thread(listener, plane, limits, open, stop, grace);
                 let _ = done.send(served);
             })

@@ -1,7 +1,12 @@
 //! Prometheus metrics, served by the admin plane at `/metrics`.
 //!
-//! Every counter the hot path touches is created up front and kept as a handle, so recording is
+//! What every forwarded request records lives in per-thread [`shards`], summed when scraped; the
+//! rarer counters are prometheus-client's, created up front and kept as handles, so recording is
 //! an atomic add: no label lookup, no allocation per request.
+
+mod shards;
+
+pub use shards::use_shard;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +15,6 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::audit::Reason;
@@ -25,12 +29,10 @@ type Labels = [(&'static str, &'static str); 1];
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    forwarded_fenced: Counter,
-    forwarded_unfenced: Counter,
+    /// Forwarded requests, upstream calls in flight and their latency.
+    hot: Arc<shards::Shards>,
     rejected: [Counter; Reason::ALL.len()],
     advances: [Counter; 3],
-    in_flight: Gauge,
-    upstream_latency: Histogram,
     resident: Gauge,
     pruned: Counter,
 }
@@ -39,11 +41,11 @@ impl Metrics {
     /// Registers every metric, all at zero.
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("fencegate");
-        let forwarded = Family::<Labels, Counter>::default();
+        let hot = Arc::new(shards::Shards::new());
         registry.register(
             "requests_forwarded",
             "Requests forwarded upstream, by whether they were fenced",
-            forwarded.clone(),
+            shards::Forwarded(Arc::clone(&hot)),
         );
         let rejected = Family::<Labels, Counter>::default();
         registry.register(
@@ -57,18 +59,15 @@ impl Metrics {
             "Changes of a resource's highest token, by what caused them",
             advances.clone(),
         );
-        let in_flight = Gauge::default();
         registry.register(
             "upstream_in_flight",
             "Requests forwarded upstream and not yet answered",
-            in_flight.clone(),
+            shards::InFlight(Arc::clone(&hot)),
         );
-        // 0.5 ms doubling up to about 16 s: upstream answers, from a local cache to a slow disk.
-        let upstream_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "upstream_response_seconds",
             "Time from forwarding a request to the upstream's response head",
-            upstream_latency.clone(),
+            shards::Latency(Arc::clone(&hot)),
         );
         let resident = Gauge::default();
         registry.register(
@@ -86,13 +85,10 @@ impl Metrics {
             family.get_or_create(&[(key, value)]).clone()
         };
         Arc::new(Self {
-            forwarded_fenced: label(&forwarded, "fenced", "true"),
-            forwarded_unfenced: label(&forwarded, "fenced", "false"),
+            hot,
             rejected: Reason::ALL.map(|reason| label(&rejected, "reason", reason.as_str())),
             advances: [Via::Write, Via::Fence, Via::Reset]
                 .map(|via| label(&advances, "via", via.as_str())),
-            in_flight,
-            upstream_latency,
             resident,
             pruned,
             registry,
@@ -101,11 +97,7 @@ impl Metrics {
 
     /// A request was forwarded upstream.
     pub fn forwarded(&self, fenced: bool) {
-        if fenced {
-            self.forwarded_fenced.inc();
-        } else {
-            self.forwarded_unfenced.inc();
-        }
+        self.hot.forwarded(fenced);
     }
 
     /// A fenced request was refused and audited.
@@ -121,7 +113,7 @@ impl Metrics {
     /// Counts a request as in flight upstream until the returned guard is dropped, and then
     /// records how long it took.
     pub fn upstream_call(&self) -> UpstreamCall<'_> {
-        self.in_flight.inc();
+        self.hot.call_started();
         UpstreamCall {
             metrics: self,
             started: std::time::Instant::now(),
@@ -160,10 +152,7 @@ impl UpstreamCall<'_> {
 
 impl Drop for UpstreamCall<'_> {
     fn drop(&mut self) {
-        self.metrics.in_flight.dec();
-        self.metrics
-            .upstream_latency
-            .observe(self.elapsed().as_secs_f64());
+        self.metrics.hot.call_ended(self.elapsed());
     }
 }
 
