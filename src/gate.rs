@@ -864,7 +864,13 @@ impl EpochState {
     }
 
     fn is_idle(&self, now: u64, idle_for: Duration) -> bool {
-        let idle = u64::from((now as u32).wrapping_sub(self.last_used));
+        // Signed: eviction takes `now` once and then walks every slot, while the data-plane
+        // threads go on using them; a slot used after that `now` is "in the future", not idle for
+        // 49 days (which evicted hundreds of busy slots per pass with a million resident).
+        let idle = (now as u32).wrapping_sub(self.last_used) as i32;
+        let Ok(idle) = u64::try_from(idle) else {
+            return false;
+        };
         self.in_flight == 0
             && self.in_doubt_until.is_none_or(|until| until.get() <= now)
             && idle >= ceil_millis(idle_for)

@@ -499,6 +499,18 @@ fn in_doubt_deadlines_round_up_and_idleness_survives_the_32_bit_wrap() {
     assert!(!state.is_idle(wrap + 41, Duration::from_millis(60)));
 }
 
+#[test]
+fn a_slot_used_after_the_evictions_clock_was_read_is_not_idle() {
+    // The evictor reads the clock once, then walks a million slots while requests go on.
+    let evictor_now = 100_000;
+    let mut state = EpochState::new(0);
+    state.enter(evictor_now + 5);
+    state.in_flight = 0;
+    assert!(!state.is_idle(evictor_now, Duration::from_secs(60)));
+    assert!(!state.is_idle(evictor_now, Duration::ZERO));
+    assert!(state.is_idle(evictor_now + 60_005, Duration::from_secs(60)));
+}
+
 /// The gate's state machine, driven by random steps against a model of the contract's rules.
 mod properties {
     use super::*;
