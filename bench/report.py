@@ -16,10 +16,18 @@ METHODS = ("PUT", "GET")
 
 # The issue's targets, as (label, check) over the summary below.
 TARGET_CHECKS = [
-    ("fenced-PUT throughput >= 1.0 x nginx proxy_pass",
+    ("pinned: fenced-PUT throughput >= 1.0 x nginx proxy_pass",
      lambda s: s["ratios"]["PUT"]["throughput_vs_nginx"] >= 1.0),
-    ("fenced-PUT p99 at 50% load <= nginx's",
+    ("pinned: unfenced-GET throughput >= 1.0 x nginx proxy_pass",
+     lambda s: s["ratios"]["GET"]["throughput_vs_nginx"] >= 1.0),
+    ("pinned: fenced-PUT p99 at 50% load <= nginx's",
      lambda s: s["ratios"]["PUT"]["p99_vs_nginx"] <= 1.0),
+    ("shared: fenced-PUT throughput >= 1.0 x nginx proxy_pass",
+     lambda s: "shared" in s and s["shared"]["ratios"]["PUT"]["throughput_vs_nginx"] >= 1.0),
+    ("shared: unfenced-GET throughput >= 1.0 x nginx proxy_pass",
+     lambda s: "shared" in s and s["shared"]["ratios"]["GET"]["throughput_vs_nginx"] >= 1.0),
+    ("shared: fenced-PUT p99 at 50% load <= nginx's",
+     lambda s: "shared" in s and s["shared"]["ratios"]["PUT"]["p99_vs_nginx"] <= 1.0),
     (">= 20,000 durable epoch advances/s", lambda s: s["advances"]["per_second"] >= 20_000),
     (">= 20,000 audited rejections/s", lambda s: s["rejections"]["per_second"] >= 20_000),
     ("RSS <= 200 MiB with 1,000,000 resources",
@@ -39,19 +47,19 @@ def oha_latency_us(oha):
             for name, key in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"))}
 
 
-def summarise(rows):
-    by = {}
-    for row in rows:
-        by.setdefault(row["scenario"], []).append(row)
+def throughput_and_latency(by, prefix, targets):
+    """The req/s, CPU per request and latency of each target, and fencegate's ratios to nginx."""
     throughput, latency = {}, {}
-    for row in by["throughput"]:
+    for row in by[prefix + "throughput"]:
+        requests = row["requests"]
         throughput.setdefault(row["method"], {})[row["target"]] = {
             "requests_per_s": round(per_second(row)),
+            "cpu_us_per_request": round(float(row.get("cpu_seconds", "nan")) * 1e6 / max(1, requests), 1),
             "non_2xx": row["non_2xx"],
             "socket_errors": sum(row[k] for k in
                                  ("connect_errors", "read_errors", "write_errors", "timeouts")),
         }
-    for row in by["latency"]:
+    for row in by[prefix + "latency"]:
         codes = row.get("statusCodeDistribution", {})
         latency.setdefault(row["method"], {})[row["target"]] = {
             "rate": int(row["rate"]),
@@ -67,19 +75,35 @@ def summarise(rows):
         ratios[method] = {
             "throughput_vs_nginx": round(fg / t["nginx"]["requests_per_s"], 3),
             "throughput_vs_direct": round(fg / t["direct"]["requests_per_s"], 3),
+            "cpu_per_request_vs_nginx": round(t["fencegate"]["cpu_us_per_request"]
+                                              / t["nginx"]["cpu_us_per_request"], 3),
             "p50_vs_nginx": round(l["fencegate"]["p50"] / l["nginx"]["p50"], 3),
             "p99_vs_nginx": round(l["fencegate"]["p99"] / l["nginx"]["p99"], 3),
             "p999_vs_nginx": round(l["fencegate"]["p999"] / l["nginx"]["p999"], 3),
             "p99_vs_direct": round(l["fencegate"]["p99"] / l["direct"]["p99"], 3),
-            "throughput_vs_hyper_floor": round(fg / t["hyper"]["requests_per_s"], 3),
-            "hyper_floor_vs_nginx": round(t["hyper"]["requests_per_s"] / t["nginx"]["requests_per_s"], 3),
         }
+        if "hyper" in t:
+            ratios[method]["throughput_vs_hyper_floor"] = round(fg / t["hyper"]["requests_per_s"], 3)
+            ratios[method]["hyper_floor_vs_nginx"] = round(
+                t["hyper"]["requests_per_s"] / t["nginx"]["requests_per_s"], 3)
+    return throughput, latency, ratios
+
+
+def summarise(rows):
+    by = {}
+    for row in rows:
+        by.setdefault(row["scenario"], []).append(row)
+    throughput, latency, ratios = throughput_and_latency(by, "", TARGETS)
+    shared = None
+    if "shared_throughput" in by:
+        s_t, s_l, s_r = throughput_and_latency(by, "shared_", ("direct", "nginx", "fencegate"))
+        shared = {"throughput": s_t, "latency_at_half_saturation_us": s_l, "ratios": s_r}
     profile = {row["target"]: round(per_second(row)) for row in by.get("profile", [])}
     advances = by["advances"][0]
     rejections = by["rejections"][0]
     memory = by["memory"][0]
     startup = by["startup"][0]
-    return {
+    summary = {
         "throughput": throughput,
         "latency_at_half_saturation_us": latency,
         "ratios": ratios,
@@ -109,6 +133,26 @@ def summarise(rows):
             "first_409_s": [round(s, 3) for s in startup["first_409_s"]],
         },
     }
+    if shared:
+        summary["shared"] = shared
+    return summary
+
+
+def latency_table(t, l, targets):
+    lines = [
+        "| | target | req/s (wrk) | CPU µs/request | p50 µs | p99 µs | p99.9 µs | oha rate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        label = "fenced PUT (current token)" if method == "PUT" else "GET (unfenced)"
+        for target in targets:
+            name = {"nginx": "nginx proxy_pass", "direct": "upstream directly",
+                    "hyper": "bare hyper proxy (floor)"}.get(target, target)
+            lt, tt = l[method][target], t[method][target]
+            lines.append(f"| {label} | {name} | {tt['requests_per_s']:,} | "
+                         f"{tt['cpu_us_per_request']} | {lt['p50']:,} | {lt['p99']:,} | "
+                         f"{lt['p999']:,} | {lt['rate']:,} |")
+    return lines
 
 
 def markdown(summary, setup):
@@ -124,19 +168,11 @@ def markdown(summary, setup):
         f"{setup['duration_s']} s per measurement. Latency by oha at 50% of each target's own "
         "wrk saturation, latency-corrected.",
         "",
-        "| | target | req/s (wrk) | p50 µs | p99 µs | p99.9 µs | oha rate |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for method in METHODS:
-        label = "fenced PUT (current token)" if method == "PUT" else "GET (unfenced)"
-        for target in TARGETS:
-            name = {"nginx": "nginx proxy_pass", "direct": "upstream directly",
-                    "hyper": "bare hyper proxy (floor)"}.get(target, target)
-            lt = l[method][target]
-            lines.append(f"| {label} | {name} | {t[method][target]['requests_per_s']:,} | "
-                         f"{lt['p50']:,} | {lt['p99']:,} | {lt['p999']:,} | {lt['rate']:,} |")
+    lines += latency_table(t, l, TARGETS)
     lines += ["", "| ratio | PUT | GET |", "|---|---:|---:|"]
     for key, label in (("throughput_vs_nginx", "throughput fencegate / nginx"),
+                       ("cpu_per_request_vs_nginx", "CPU per request fencegate / nginx"),
                        ("throughput_vs_direct", "throughput fencegate / direct"),
                        ("p50_vs_nginx", "p50 fencegate / nginx"),
                        ("p99_vs_nginx", "p99 fencegate / nginx"),
@@ -145,6 +181,18 @@ def markdown(summary, setup):
                        ("throughput_vs_hyper_floor", "throughput fencegate / bare hyper proxy"),
                        ("hyper_floor_vs_nginx", "throughput bare hyper proxy / nginx")):
         lines.append(f"| {label} | {r['PUT'][key]:.2f} | {r['GET'][key]:.2f} |")
+    if "shared" in summary:
+        sh = summary["shared"]
+        lines += ["", "Shared setup (the outside check's): two nginx workers and two fencegate "
+                  "threads, wrk, oha and the upstream all on CPUs 0,1, nothing pinned apart.", ""]
+        lines += latency_table(sh["throughput"], sh["latency_at_half_saturation_us"],
+                               ("direct", "nginx", "fencegate"))
+        lines += ["", "| ratio, shared setup | PUT | GET |", "|---|---:|---:|"]
+        for key, label in (("throughput_vs_nginx", "throughput fencegate / nginx"),
+                           ("cpu_per_request_vs_nginx", "CPU per request fencegate / nginx"),
+                           ("p99_vs_nginx", "p99 fencegate / nginx")):
+            lines.append(f"| {label} | {sh['ratios']['PUT'][key]:.2f} | "
+                         f"{sh['ratios']['GET'][key]:.2f} |")
     a, z, m, s = (summary[k] for k in ("advances", "rejections", "memory", "startup"))
     lines += [
         "",

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The performance benchmark of issue 5, in one run on this machine, on a release build:
 #
-#   1. throughput and latency of fenced PUTs (current token: the hot path) and plain GETs, against
-#      the upstream directly, nginx proxy_pass, fencegate, and the bare hyper proxy of
-#      examples/hyper_floor.rs (fencegate's HTTP stack with nothing else: the floor under it), all
-#      in front of the same nginx `return 200`; wrk finds saturation, oha measures latency at 50%
-#      of it (latency-corrected);
+#   1. throughput, latency and CPU time per request of fenced PUTs (current token: the hot path)
+#      and plain GETs, against the upstream directly, nginx proxy_pass, fencegate, and the bare
+#      hyper proxy of examples/hyper_floor.rs (hyper's server and pooled client with nothing else),
+#      all in front of the same nginx `return 200`; wrk finds saturation, oha measures latency at
+#      50% of it (latency-corrected); CPU time is the process's own (/proc, user + system) over the
+#      wrk run, divided by its requests. Twice: with the proxy pinned alone on one core, and in the
+#      outside check's setup, two threads for each proxy and everything sharing two cores;
 #   2. durable epoch advances per second;
 #   3. audited rejections per second (a zombie storm);
 #   4. RSS once 1,000,000 distinct resources have been seen;
@@ -20,6 +22,8 @@
 # fencegate) runs alone on BENCH_PROXY_CPUS (default: core 1); the load generator and the upstream
 # share BENCH_LOAD_CPUS (default: core 0). nginx gets one worker per proxy core and fencegate one
 # worker thread per proxy core, so both proxies have the same CPU and the same parallelism.
+#
+# The shared setup needs two cores; on one it is skipped.
 #
 # Knobs (environment): BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
 # (default 64), BENCH_FILL_RESOURCES (default 1000000), BENCH_OUT (default bench/results).
@@ -107,10 +111,13 @@ run_oha() { # method url rate
 # ---------------------------------------------------------------------------------------------
 log "release build ready; load on CPU $LOAD_CPUS, proxies on CPU $PROXY_CPUS ($PROXY_WORKERS worker(s) each)"
 start_nginx upstream bench/nginx/upstream.conf "$UPSTREAM_PORT" "$LOAD_CPUS"
+UPSTREAM_PID=${PIDS[-1]}
 start_nginx proxy bench/nginx/proxy.conf "$NGINX_PORT" "$PROXY_CPUS"
+NGINX_PID=${PIDS[-1]}
 start_fencegate "$WORK/hot.db"
 taskset -c "$PROXY_CPUS" "$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" "$PROXY_WORKERS" &
 PIDS+=($!)
+FLOOR_PID=$!
 wait_for_port "$FLOOR_PORT"
 
 declare -A URL=(
@@ -122,19 +129,77 @@ declare -A URL=(
 # The hot resource's first token, so every measured PUT carries the current token.
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "${URL[fencegate]}"
 
-for method in PUT GET; do
-    script=bench/wrk/${method,,}.lua
-    for target in direct nginx hyper fencegate; do
-        run_wrk "$script" "${URL[$target]}" 3 >/dev/null # warm-up: connections, pools, caches
-        log "wrk $method $target"
-        saturation=$(run_wrk "$script" "${URL[$target]}")
-        record scenario=throughput method="$method" target="$target" tool=wrk -- "$saturation"
-        rate=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(max(1, int(s["requests"] / (s["duration_us"] / 1e6) / 2)))' "$saturation")
-        log "oha $method $target at $rate req/s"
-        record scenario=latency method="$method" target="$target" tool=oha rate="$rate" -- \
-            "$(run_oha "$method" "${URL[$target]}" "$rate")"
+# CPU seconds (user + system) used so far by the processes and their children (nginx's workers).
+cpu_seconds() { # pid...
+    python3 - "$@" <<'EOF'
+import os, sys
+pids = set(sys.argv[1:])
+for pid in list(pids):
+    try:
+        pids |= set(open(f"/proc/{pid}/task/{pid}/children").read().split())
+    except OSError:
+        pass
+total = 0
+for pid in pids:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total += int(fields[11]) + int(fields[12])
+print(total / os.sysconf("SC_CLK_TCK"))
+EOF
+}
+
+# Throughput (with CPU time per request) and latency of each target: `measure PREFIX TARGET...`,
+# with URL and CPU_PID (the process whose CPU time a target costs) filled in.
+measure() {
+    local prefix=$1
+    shift
+    for method in PUT GET; do
+        script=bench/wrk/${method,,}.lua
+        for target in "$@"; do
+            run_wrk "$script" "${URL[$target]}" 3 >/dev/null # warm-up: connections, pools, caches
+            log "wrk $method $target ${prefix%_}"
+            cpu_before=$(cpu_seconds "${CPU_PID[$target]}")
+            saturation=$(run_wrk "$script" "${URL[$target]}")
+            cpu_after=$(cpu_seconds "${CPU_PID[$target]}")
+            record scenario="${prefix}throughput" method="$method" target="$target" tool=wrk \
+                cpu_seconds="$(python3 -c "print($cpu_after - $cpu_before)")" -- "$saturation"
+            rate=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(max(1, int(s["requests"] / (s["duration_us"] / 1e6) / 2)))' "$saturation")
+            log "oha $method $target at $rate req/s ${prefix%_}"
+            record scenario="${prefix}latency" method="$method" target="$target" tool=oha rate="$rate" -- \
+                "$(run_oha "$method" "${URL[$target]}" "$rate")"
+        done
     done
-done
+}
+
+declare -A CPU_PID=([direct]=$UPSTREAM_PID [nginx]=$NGINX_PID [hyper]=$FLOOR_PID [fencegate]=$FENCEGATE_PID)
+measure "" direct nginx hyper fencegate
+
+# The outside check's setup: two threads for each proxy (two nginx workers, worker_threads = 2)
+# and everything (wrk, oha, the upstream, the proxy) sharing both cores, nothing pinned apart.
+repin_upstream() { # cpus
+    for pid in "$UPSTREAM_PID" $(cat "/proc/$UPSTREAM_PID/task/$UPSTREAM_PID/children"); do
+        taskset -a -p -c "$1" "$pid" >/dev/null
+    done
+}
+if [ "$(nproc)" -ge 2 ]; then
+    SHARED_CPUS=0,1
+    repin_upstream "$SHARED_CPUS"
+    pinned=("$WORK" "$PROXY_CPUS" "$PROXY_WORKERS" "$FENCEGATE_PORT" "$ADMIN_PORT" "$FENCEGATE_PID" "$LOAD_CPUS")
+    WORK=$WORK/shared PROXY_CPUS=$SHARED_CPUS PROXY_WORKERS=2 FENCEGATE_PORT=18186 ADMIN_PORT=18187
+    mkdir -p "$WORK"
+    start_nginx proxy bench/nginx/proxy.conf 18188 "$SHARED_CPUS"
+    CPU_PID[nginx]=${PIDS[-1]}
+    start_fencegate_binary "$BIN" "$WORK/shared.db" hot-only
+    CPU_PID[fencegate]=$FENCEGATE_PID
+    URL[nginx]="http://127.0.0.1:18188/r/hot"
+    URL[fencegate]="http://127.0.0.1:18186/r/hot"
+    curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "${URL[fencegate]}"
+    LOAD_CPUS=$SHARED_CPUS
+    measure shared_ direct nginx fencegate
+    kill -TERM "${CPU_PID[fencegate]}" "${CPU_PID[nginx]}"
+    WORK=${pinned[0]} PROXY_CPUS=${pinned[1]} PROXY_WORKERS=${pinned[2]} FENCEGATE_PORT=${pinned[3]}
+    ADMIN_PORT=${pinned[4]} FENCEGATE_PID=${pinned[5]} LOAD_CPUS=${pinned[6]}
+    repin_upstream "$LOAD_CPUS"
+fi
 
 # Storage profiles: one etcd put through the etcd-v3 profile (the body read, its key decoded) against
 # the same call through a plain path route, and a 100-key transaction (100 gates per request).
