@@ -31,6 +31,7 @@ use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, meth
 use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
+use request_id::X_REQUEST_ID;
 
 pub use upstream::{
     ExchangeError, ForwardError, ResponseBody, Upstream, UpstreamBody, UpstreamClient,
@@ -40,7 +41,6 @@ pub use upstream::{
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
-use request_id::X_REQUEST_ID;
 
 /// The data plane's limits on what one request may name and make it read.
 #[derive(Debug, Clone, Copy)]

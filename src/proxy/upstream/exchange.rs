@@ -285,6 +285,8 @@ pub(super) struct Exchange {
     sender: Option<Sender>,
     /// A write failure seen while waiting for the head: the answer may still be readable.
     write_failed: Option<ExchangeError>,
+    /// Whether the upstream has sent a response head, interim ones included.
+    answered: bool,
 }
 
 /// How a head could not be had.
@@ -303,6 +305,7 @@ impl Exchange {
             connection,
             sender: Some(sender),
             write_failed: None,
+            answered: false,
         }
     }
 
@@ -322,6 +325,7 @@ impl Exchange {
             }
             match wire::parse_head(&mut self.connection.buffer) {
                 Ok(Some(head)) => {
+                    self.answered = true;
                     if head.status.is_informational()
                         && head.status != http::StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -395,12 +399,12 @@ impl Exchange {
         HeadFailure {
             error,
             unsent,
-            answered_anything: !self.connection.buffer.is_empty(),
+            answered_anything: self.answered || !self.connection.buffer.is_empty(),
         }
     }
 
     /// The response head has arrived: the body that reads the rest, on behalf of `pool_key`'s
-    /// pool. An early answer that closes the connection stops the request body where it is.
+    /// pool, and sends what is left of the request after an early answer.
     pub(super) fn into_body(
         self,
         framing: Framing,
