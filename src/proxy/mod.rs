@@ -41,7 +41,6 @@ pub use upstream::{
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
-
 /// The data plane's limits on what one request may name and make it read.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {

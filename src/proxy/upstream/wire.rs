@@ -264,7 +264,7 @@ pub fn write_request_head(
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(length) => {
-            let mut digits = itoa_buffer();
+            let mut digits = [0; 20];
             write_header(out, b"content-length", format_u64(length, &mut digits));
         }
         RequestFraming::Chunked => write_header(out, b"transfer-encoding", b"chunked"),
@@ -278,10 +278,6 @@ pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-fn itoa_buffer() -> [u8; 20] {
-    [0; 20]
 }
 
 fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
@@ -549,6 +545,51 @@ mod tests {
         ));
     }
 
+    /// A complete head of exactly `length` bytes: one header whose value fills it.
+    fn head_of_length(length: usize) -> String {
+        let frame = "HTTP/1.1 200 OK\r\nx-big: \r\n\r\n".len();
+        format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+            "a".repeat(length - frame)
+        )
+    }
+
+    #[test]
+    fn a_head_may_fill_the_limit_but_not_pass_it() {
+        let fits = head_of_length(MAX_RESPONSE_HEAD);
+        assert_eq!(fits.len(), MAX_RESPONSE_HEAD);
+        assert!(head_of(&fits).unwrap().is_some());
+        let over = head_of_length(MAX_RESPONSE_HEAD + 1);
+        assert_eq!(head_of(&over).unwrap_err(), WireError::HeadTooLarge);
+        // One endless line, never complete: refused once the buffer reaches the limit.
+        let endless = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}",
+            "a".repeat(MAX_RESPONSE_HEAD)
+        );
+        assert_eq!(head_of(&endless).unwrap_err(), WireError::HeadTooLarge);
+        let growing = format!("HTTP/1.1 200 OK\r\nx-big: {}", "a".repeat(32 * 1024));
+        assert!(
+            head_of(&growing).unwrap().is_none(),
+            "32 KiB so far: wait for more"
+        );
+    }
+
+    #[test]
+    fn trailers_up_to_their_limit_are_read() {
+        let trailer = format!("x-sum: {}\r\n", "b".repeat(8 * 1024));
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n{trailer}\r\n"
+        );
+        let (_, body, trailers) = read(&response).unwrap();
+        assert_eq!(body, b"ok");
+        assert_eq!(trailers.unwrap()["x-sum"].len(), 8 * 1024);
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx-sum: {}\r\n\r\n",
+            "b".repeat(MAX_TRAILERS)
+        );
+        assert_eq!(read(&huge).unwrap_err(), WireError::Trailers);
+    }
+
     #[test]
     fn hop_by_hop_headers_are_read_for_framing_and_left_out_of_the_answer() {
         let head = head_of(
@@ -711,7 +752,7 @@ mod tests {
             out,
             [b"1a\r\n".as_slice(), &[b'a'; 26], b"\r\n0\r\n\r\n"].concat()
         );
-        let mut digits = itoa_buffer();
+        let mut digits = [0; 20];
         assert_eq!(format_u64(0, &mut digits), b"0");
         assert_eq!(format_u64(u64::MAX, &mut digits), b"18446744073709551615");
     }
