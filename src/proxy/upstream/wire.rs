@@ -664,6 +664,26 @@ mod tests {
     }
 
     #[test]
+    fn the_decoder_is_done_only_after_the_last_chunk_and_its_trailers() {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&b"2\r\nok\r\n0\r\n"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf).unwrap(),
+            Some(Decoded::Data(Bytes::from("ok")))
+        );
+        assert!(!decoder.is_done(), "inside the body");
+        assert_eq!(decoder.decode(&mut buf).unwrap(), None);
+        assert!(!decoder.is_done(), "the trailer section has not ended");
+        buf.extend_from_slice(b"x-sum: 1\r\n\r\n");
+        assert!(matches!(
+            decoder.decode(&mut buf).unwrap(),
+            Some(Decoded::Trailers(_))
+        ));
+        assert!(decoder.is_done());
+        assert_eq!(decoder.decode(&mut buf).unwrap(), Some(Decoded::End));
+    }
+
+    #[test]
     fn malformed_chunks_are_errors_not_guesses() {
         for body in [
             "\r\n\r\n",                     // no size: not the last chunk
