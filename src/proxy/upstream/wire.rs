@@ -684,6 +684,33 @@ mod tests {
     }
 
     #[test]
+    fn a_chunked_body_arriving_one_byte_at_a_time_decodes_the_same() {
+        let wire = b"5\r\nhello\r\n3\r\n!!!\r\n0\r\n\r\n";
+        let mut decoder = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut ended = false;
+        for byte in wire {
+            buf.extend_from_slice(&[*byte]);
+            while let Some(piece) = decoder.decode(&mut buf).unwrap() {
+                match piece {
+                    Decoded::Data(data) => {
+                        assert!(!data.is_empty(), "no empty pieces");
+                        body.extend_from_slice(&data);
+                    }
+                    Decoded::Trailers(_) => panic!("no trailers were sent"),
+                    Decoded::End => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(ended);
+        assert_eq!(body, b"hello!!!");
+    }
+
+    #[test]
     fn malformed_chunks_are_errors_not_guesses() {
         for body in [
             "\r\n\r\n",                     // no size: not the last chunk
