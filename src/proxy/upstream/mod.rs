@@ -306,7 +306,15 @@ impl UpstreamClient {
                 unsent,
                 answered_anything,
             } = failure;
-            let stale = exchange.reused() && !answered_anything;
+            // Only the connection's own failures say it was stale; a client body that failed or
+            // ran over the limit fails the same way on any connection.
+            let connection_failed = matches!(
+                error,
+                ExchangeError::Write(_)
+                    | ExchangeError::Read(_)
+                    | ExchangeError::ClosedBeforeAnswer
+            );
+            let stale = connection_failed && exchange.reused() && !answered_anything;
             sender = match unsent {
                 Some(unsent) if stale => unsent,
                 None if stale && replay.is_some() => replay.take().expect("checked"),
