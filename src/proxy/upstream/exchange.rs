@@ -208,9 +208,7 @@ impl Sender {
                 return Err(ExchangeError::BodyLength);
             }
             RequestFraming::Chunked => {
-                let mut framed = Vec::with_capacity(data.len() + 12);
-                wire::write_chunk(&mut framed, data);
-                self.pending.extend_from_slice(&framed);
+                wire::write_chunk(&mut self.pending, data);
             }
             _ => self.pending.extend_from_slice(data),
         }

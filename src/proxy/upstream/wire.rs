@@ -294,13 +294,26 @@ fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
 
 /// Appends one chunk of `data` in chunked coding; an empty `data` would end the body, so it is
 /// skipped.
-pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+pub fn write_chunk(out: &mut impl bytes::BufMut, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
+    // The size in hex, written into a stack buffer: no formatting machinery per chunk.
+    let mut digits = [0u8; 16];
+    let mut start = digits.len();
+    let mut size = data.len();
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789abcdef"[size % 16];
+        size /= 16;
+        if size == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[start..]);
+    out.put_slice(b"\r\n");
+    out.put_slice(data);
+    out.put_slice(b"\r\n");
 }
 
 /// The end of a chunked body (no trailers are sent upstream).
