@@ -17,20 +17,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+pub mod http1;
 mod limits;
+mod rewound;
+
+pub use http1::{ClientBody, ClientBodyError};
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
-use crate::proxy::{DataPlane, RequestLimits, UpstreamClient, request_id};
+use crate::proxy::{DataPlane, ProxyBody, RequestLimits, UpstreamClient, request_id};
 use crate::store::{LastStop, PrunePlan, Reader, Retention, Store, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
+use rewound::Rewound;
 
 /// How often idle resources are looked for and evicted from memory.
 const EVICTION_INTERVAL: Duration = Duration::from_secs(15);
@@ -309,17 +315,151 @@ fn serve_data_thread(
         .context("cannot start a data-plane runtime")?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        serve_plane(
-            listener,
-            limits,
-            open,
-            move |client, phase| data_plane_service(Arc::clone(&plane), client, phase),
-            stop,
-            grace,
-        )
-        .await;
+        serve_data_connections(listener, plane, limits, open, stop, grace).await;
         Ok(())
     })
+}
+
+/// The data plane on one thread's listener: accepts a connection once fewer than
+/// `max_connections` are served (as [`serve_plane`]), serves it with fencegate's own HTTP/1.1
+/// server ([`http1`]) — or hyper's HTTP/2 if it opens with h2's preface — and at `stop` lets every
+/// connection finish its request, for up to `grace`.
+async fn serve_data_connections(
+    listener: TcpListener,
+    plane: Arc<DataPlane>,
+    limits: Limits,
+    open: Arc<Semaphore>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let connections = TaskTracker::new();
+    let settings = http1::Settings {
+        head: http1::HeadLimits {
+            max_size: limits.max_header_size,
+            max_headers: limits.max_headers,
+        },
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
+    while let Some((stream, client, permit)) = next_connection(&listener, &open, &stop).await {
+        let _ = stream.set_nodelay(true);
+        let plane = Arc::clone(&plane);
+        let stop = stop.clone();
+        connections.spawn(async move {
+            serve_data_connection(stream, client, plane, settings, limits, stop).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    connections.close();
+    tokio::select! {
+        () = connections.wait() => tracing::info!("in-flight requests drained"),
+        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight"),
+    }
+}
+
+/// Accepts the next connection and waits for a slot under `max_connections`; `None` at `stop`.
+async fn next_connection(
+    listener: &TcpListener,
+    open: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let (stream, client) = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => break accepted,
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stop.cancelled() => return None,
+        }
+    };
+    let permit = tokio::select! {
+        permit = Arc::clone(open).acquire_owned() => permit.ok()?,
+        () = stop.cancelled() => return None,
+    };
+    Some((stream, client, permit))
+}
+
+/// One data-plane connection: HTTP/1.1 through [`http1`], handed to hyper if it speaks h2.
+async fn serve_data_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    plane: Arc<DataPlane>,
+    settings: http1::Settings,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let handle = |request| answer(&plane, request, client);
+    match http1::serve(stream, settings, stop.clone(), handle).await {
+        http1::Ended::Closed => {}
+        http1::Ended::Http2 { stream, read } => {
+            serve_http2(Rewound::new(read, stream), client, plane, limits, stop).await;
+        }
+    }
+}
+
+/// Answers one request: a request id, then the proxy itself. No tower layers here: the
+/// request-id layers and their futures cost 8% of the hot path's throughput (bench/compare.sh),
+/// and tower-http's `TraceLayer` 7%, for request lines that were only ever logged at DEBUG; the
+/// proxy logs its own refusals and failures, and each response at DEBUG.
+async fn answer(
+    plane: &DataPlane,
+    mut request: http::Request<ClientBody>,
+    client: SocketAddr,
+) -> http::Response<ProxyBody> {
+    let id = request_id::ensure(request.headers_mut());
+    // The proxy's future is large (every phase of a fenced request, about 5 KiB); boxed, the
+    // connection's future holds a pointer instead of embedding it.
+    let mut response = Box::pin(plane.handle(request, client)).await;
+    request_id::echo(response.headers_mut(), id);
+    response
+}
+
+/// An HTTP/2 connection, served by hyper, with the same head deadline as the admin plane's.
+async fn serve_http2(
+    io: Rewound,
+    client: SocketAddr,
+    plane: Arc<DataPlane>,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let phase = Arc::new(RequestPhase::default());
+    let io = HeadDeadline::new(io, limits.header_read_timeout, Arc::clone(&phase));
+    let service = hyper::service::service_fn(|request: http::Request<Incoming>| {
+        let in_request = phase.begin();
+        let request = request.map(ClientBody::Http2);
+        let plane = Arc::clone(&plane);
+        async move {
+            let response = answer(&plane, request, client).await;
+            drop(in_request);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+        .max_concurrent_streams(Some(
+            u32::try_from(limits.max_headers.max(100)).unwrap_or(100),
+        ))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(limits.header_read_timeout);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, %client, "h2 connection ended with an error");
+    }
 }
 
 /// Serves one plane on one listener: accepts a connection, waits until fewer than
@@ -434,41 +574,6 @@ fn admin_service(
             response
         }
     }))
-}
-
-/// The data plane's service: a request id, then the proxy itself. No tower layers here: the
-/// request-id layers and their futures cost 8% of the hot path's throughput (bench/compare.sh),
-/// and tower-http's `TraceLayer` 7%, for request lines that were only ever logged at DEBUG; the
-/// proxy logs its own refusals and failures, and each response at DEBUG.
-fn data_plane_service(
-    plane: Arc<DataPlane>,
-    client: SocketAddr,
-    phase: Arc<RequestPhase>,
-) -> impl hyper::service::Service<
-    http::Request<Incoming>,
-    Response = http::Response<
-        impl hyper::body::Body<
-            Data = bytes::Bytes,
-            Error = impl Into<Box<dyn std::error::Error + Send + Sync>>,
-        > + Send
-        + 'static,
-    >,
-    Error = Infallible,
-    Future = impl Send,
-> {
-    hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-        let plane = Arc::clone(&plane);
-        let in_request = phase.begin();
-        async move {
-            let id = request_id::ensure(request.headers_mut());
-            // The proxy's future is large (every phase of a fenced request, about 5 KiB); boxed,
-            // hyper moves a pointer instead of copying it.
-            let mut response = Box::pin(plane.handle(request, client)).await;
-            request_id::echo(response.headers_mut(), id);
-            drop(in_request);
-            Ok::<_, Infallible>(response)
-        }
-    })
 }
 
 async fn evict_idle_resources(gate: Gate, stop: CancellationToken) {

@@ -18,7 +18,6 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 
 use crate::audit::{self, Reason, Rejection};
 use crate::gate::{Gate, Permits, Refusal, RefusedBy};
@@ -28,6 +27,7 @@ use crate::profile::webdav::{self, Destination};
 use crate::profile::{Changes, KeyApi, Profile, ProfileError, RequestHead};
 use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
+use crate::server::ClientBody;
 use crate::store::Store;
 use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
@@ -105,7 +105,7 @@ impl DataPlane {
     /// Serves one request from `client`. Never fails: every error becomes a problem+json answer.
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
         let body_may_be_unread = has_body(&request) && request.version() <= Version::HTTP_11;
@@ -132,7 +132,7 @@ impl DataPlane {
 
     async fn serve(
         &self,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(registered) = methods::case_variant_of(request.method()) {
@@ -262,7 +262,7 @@ impl DataPlane {
         path: &str,
         resolved: Resolved<'_>,
         profile: &KeyApi,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         headers::refuse_method_override(request.headers())?;
@@ -356,7 +356,7 @@ impl DataPlane {
         &self,
         path: &str,
         mut resolved: Resolved<'r>,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         client: SocketAddr,
     ) -> Result<(Resolved<'r>, Request<UpstreamBody>), Rejected> {
         headers::refuse_method_override(request.headers())?;
@@ -398,7 +398,7 @@ impl DataPlane {
     async fn read_for_inspection(
         &self,
         headers: &http::HeaderMap,
-        body: Incoming,
+        body: ClientBody,
     ) -> Result<Bytes, ProxyError> {
         let too_large = ProxyError::BodyTooLarge {
             limit: self.max_inspect_body,

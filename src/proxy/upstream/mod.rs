@@ -129,7 +129,7 @@ impl Upstream {
 /// A request body on its way upstream: the client's, streaming, or one fencegate has already read
 /// (where a profile named resources from it).
 pub type UpstreamBody =
-    http_body_util::Either<hyper::body::Incoming, http_body_util::Full<bytes::Bytes>>;
+    http_body_util::Either<crate::server::ClientBody, http_body_util::Full<bytes::Bytes>>;
 
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,315 @@
+//! The data plane's HTTP/1.1 server: one connection, its requests one after another.
+//!
+//! fencegate reads its clients' requests itself instead of through hyper's server, which cost
+//! about a fifth of the hot path (its dispatcher, a timer reset per request, header maps built
+//! and dropped twice; bench/compare.sh). What it does, in order, for each request:
+//!
+//! 1. Read a head ([`head`]): within `idle_timeout` of the previous answer for its first byte,
+//!    then within `header_read_timeout` of that byte for the rest (slowloris). Refused heads are
+//!    answered with problem+json and the connection closed.
+//! 2. Lend the connection's read side to the request's body ([`body`]), which gives it back when
+//!    its last byte is decoded.
+//! 3. Call the handler, write its response ([`response`]), and take the read side back. A body
+//!    left unread, a response that said `close`, HTTP/1.0 without keep-alive, or a stop closes
+//!    the connection, gracefully: the write side is shut and what the client still sends is read
+//!    and dropped for a moment, so that its answer is not destroyed by a reset.
+//!
+//! A connection that opens with HTTP/2's preface is handed back to the caller, for hyper's h2.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::body::Body;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+mod body;
+pub mod head;
+mod response;
+
+pub use body::{ClientBody, ClientBodyError, RequestBody};
+use body::{ReadSide, Returned};
+use head::{BodyFraming, RequestHead};
+pub use head::{HeadError, HeadLimits};
+use response::{Asked, Writer};
+
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How much is read from the socket at a time.
+const READ_SIZE: usize = 8 * 1024;
+
+/// How long a closing connection reads and drops what the client still sends.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// The most a closing connection reads and drops.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// A connection's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub head: HeadLimits,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    Closed,
+    /// The client opened with HTTP/2's preface: the socket, and the bytes already read from it.
+    Http2 {
+        stream: TcpStream,
+        read: Bytes,
+    },
+}
+
+/// What waiting for a head came to.
+enum NextHead {
+    Head(Box<RequestHead>),
+    Http2,
+    /// The client closed, went idle past `idle_timeout`, or the server is stopping.
+    Gone,
+    /// The head did not arrive within `header_read_timeout`, or the socket failed.
+    Failed,
+    Refused(HeadError),
+}
+
+/// Serves the HTTP/1.1 requests of one connection with `handle`, until it closes or `stop`.
+pub async fn serve<H, F, B>(
+    stream: TcpStream,
+    settings: Settings,
+    stop: CancellationToken,
+    mut handle: H,
+) -> Ended
+where
+    H: FnMut(Request<ClientBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let (read, write) = stream.into_split();
+    let mut side = Some(ReadSide {
+        read,
+        buf: BytesMut::with_capacity(READ_SIZE),
+    });
+    let mut writer = Writer::new(write, settings.idle_timeout);
+    let mut waiting = Waiting::new(settings, stop.clone());
+    let mut first = true;
+    loop {
+        let Some(current) = side.as_mut() else {
+            return Ended::Closed;
+        };
+        let head = match waiting.next_head(current, first).await {
+            NextHead::Head(head) => head,
+            NextHead::Http2 => {
+                let Some(ReadSide { read, buf }) = side.take() else {
+                    return Ended::Closed;
+                };
+                return match read.reunite(writer.into_inner()) {
+                    Ok(stream) => Ended::Http2 {
+                        stream,
+                        read: buf.freeze(),
+                    },
+                    Err(_) => Ended::Closed,
+                };
+            }
+            NextHead::Gone | NextHead::Failed => return Ended::Closed,
+            NextHead::Refused(error) => {
+                refuse(&mut writer, &error).await;
+                linger_and_close(side, writer).await;
+                return Ended::Closed;
+            }
+        };
+        first = false;
+        let RequestHead {
+            request,
+            framing,
+            keep_alive,
+            expect_continue,
+        } = *head;
+        let asked = Asked::of(&request, keep_alive && !stop.is_cancelled());
+        let (body, returned) = match (framing, side.take()) {
+            (BodyFraming::None, taken) => {
+                side = taken;
+                (ClientBody::Empty, None)
+            }
+            (BodyFraming::Length(_) | BodyFraming::Chunked, None) => return Ended::Closed,
+            (framing, Some(lent)) => {
+                let length = match framing {
+                    BodyFraming::Length(length) => Some(length),
+                    _ => None,
+                };
+                let (back, returned) = oneshot::channel();
+                let body = RequestBody::new(lent, length, expect_continue, back);
+                (ClientBody::Http1(body), Some(returned))
+            }
+        };
+        let response = handle(request.map(|()| body)).await;
+        let mut keep_alive = match writer.respond(response, asked).await {
+            Ok(keep_alive) => keep_alive,
+            Err(e) => {
+                tracing::debug!(error = %e, "response not written whole; connection closed");
+                return Ended::Closed;
+            }
+        };
+        if let Some(returned) = returned {
+            match returned.await {
+                Ok(Returned {
+                    side: back,
+                    complete,
+                }) => {
+                    keep_alive &= complete;
+                    side = Some(back);
+                }
+                Err(_) => return Ended::Closed,
+            }
+        }
+        if !keep_alive || stop.is_cancelled() {
+            linger_and_close(side, writer).await;
+            return Ended::Closed;
+        }
+        waiting.answered();
+    }
+}
+
+/// Answers a refused head with problem+json.
+async fn refuse(writer: &mut Writer, error: &HeadError) {
+    let title = match error.status().as_u16() {
+        431 => "Request head too large",
+        501 => "Transfer coding not implemented",
+        _ => "Malformed request",
+    };
+    let response = crate::problem::response(error.status(), error.slug(), title, error.to_string());
+    let asked = Asked {
+        head: false,
+        version: http::Version::HTTP_11,
+        keep_alive: false,
+    };
+    if let Err(e) = writer.respond(response, asked).await {
+        tracing::debug!(error = %e, "refusal not written");
+    }
+}
+
+/// Shuts the write side, then reads and drops what the client still sends for a moment: closing
+/// a socket with unread bytes resets it, and a reset can destroy the answer before the client
+/// reads it.
+async fn linger_and_close(side: Option<ReadSide>, writer: Writer) {
+    let mut write = writer.into_inner();
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+    let Some(ReadSide { mut read, mut buf }) = side else {
+        return;
+    };
+    let drain = async {
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            buf.clear();
+            buf.reserve(READ_SIZE);
+            match tokio::io::AsyncReadExt::read_buf(&mut read, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => drained += read,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Waiting for the next head: the idle timeout, the head deadline, and the server's stop.
+struct Waiting {
+    settings: Settings,
+    /// Fires at or after the idle deadline. Moved forward lazily, only when it fires early: a
+    /// timer reset on every request would cost more than the request's own parsing.
+    idle: Pin<Box<Sleep>>,
+    idle_since: Instant,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Waiting {
+    fn new(settings: Settings, stop: CancellationToken) -> Waiting {
+        let now = Instant::now();
+        Waiting {
+            settings,
+            idle: Box::pin(tokio::time::sleep_until(now + settings.idle_timeout)),
+            idle_since: now,
+            stop: Box::pin(stop.cancelled_owned()),
+        }
+    }
+
+    /// The previous request was answered: the connection is idle from now.
+    fn answered(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
+    async fn next_head(&mut self, side: &mut ReadSide, first: bool) -> NextHead {
+        let mut deadline: Option<Pin<Box<Sleep>>> = None;
+        loop {
+            if !side.buf.is_empty() {
+                if first
+                    && H2_PREFACE.starts_with(&side.buf[..side.buf.len().min(H2_PREFACE.len())])
+                {
+                    if side.buf.len() >= H2_PREFACE.len() {
+                        return NextHead::Http2;
+                    }
+                } else {
+                    match head::parse(&mut side.buf, self.settings.head) {
+                        Ok(Some(head)) => return NextHead::Head(Box::new(head)),
+                        Ok(None) => {}
+                        Err(e) => return NextHead::Refused(e),
+                    }
+                }
+                // Part of a head: the rest must come within header_read_timeout.
+                if deadline.is_none() {
+                    let limit = self.settings.header_read_timeout;
+                    deadline = Some(Box::pin(tokio::time::sleep(limit)));
+                }
+            }
+            side.buf.reserve(READ_SIZE);
+            let started = !side.buf.is_empty();
+            let read = poll_fn(|cx| {
+                let read =
+                    tokio_util::io::poll_read_buf(Pin::new(&mut side.read), cx, &mut side.buf);
+                if let Poll::Ready(read) = read {
+                    return Poll::Ready(Some(read));
+                }
+                if let Some(deadline) = deadline.as_mut() {
+                    return deadline.as_mut().poll(cx).map(|()| None);
+                }
+                if !started && self.stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Ok(0)));
+                }
+                self.poll_idle(cx).map(|()| Some(Ok(0)))
+            })
+            .await;
+            match read {
+                Some(Ok(0)) if side.buf.is_empty() => return NextHead::Gone,
+                // Closed in the middle of a head, or the head deadline passed.
+                Some(Ok(0)) | None => return NextHead::Failed,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "reading a request head failed");
+                    return NextHead::Failed;
+                }
+            }
+        }
+    }
+
+    /// Ready once the connection has been idle for `idle_timeout`.
+    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let expires = self.idle_since + self.settings.idle_timeout;
+        loop {
+            if self.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= expires {
+                return Poll::Ready(());
+            }
+            self.idle.as_mut().reset(expires);
+        }
+    }
+}

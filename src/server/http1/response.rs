@@ -1,0 +1,408 @@
+//! Writing a response to the client: the head, then the body framed by `Content-Length` when its
+//! length is known, chunked when it is not (HTTP/1.1), or up to the connection's close (HTTP/1.0).
+//!
+//! Small answers leave in one system call: the head and every body piece already at hand are
+//! gathered in one buffer, which is written only when the body has nothing more to give at once.
+
+use std::fmt::Display;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
+use hyper::body::Body;
+use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::proxy::wire::{LAST_CHUNK, write_chunk};
+
+/// Bytes gathered before they are written, and the size above which a body piece is written
+/// from its own buffer instead of being copied.
+const GATHER: usize = 16 * 1024;
+
+/// What the connection knows of the request being answered.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Asked {
+    pub(super) head: bool,
+    pub(super) version: Version,
+    /// Whether the connection may carry another request (the client's wish, and not stopping).
+    pub(super) keep_alive: bool,
+}
+
+impl Asked {
+    pub(super) fn of<B>(request: &http::Request<B>, keep_alive: bool) -> Asked {
+        Asked {
+            head: request.method() == Method::HEAD,
+            version: request.version(),
+            keep_alive,
+        }
+    }
+}
+
+/// Why a response could not be written whole; the connection is closed after any of them.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WriteError {
+    #[error("writing to the client failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the client read nothing for {0:?}")]
+    Stalled(Duration),
+    #[error("the response body failed: {0}")]
+    Body(String),
+    #[error("the response body did not match its Content-Length")]
+    Length,
+}
+
+/// How the body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// The connection's write side.
+#[derive(Debug)]
+pub(super) struct Writer {
+    write: OwnedWriteHalf,
+    out: BytesMut,
+    /// How long a write may wait for the client to read.
+    stall: Duration,
+}
+
+impl Writer {
+    pub(super) fn new(write: OwnedWriteHalf, stall: Duration) -> Writer {
+        Writer {
+            write,
+            out: BytesMut::with_capacity(4096),
+            stall,
+        }
+    }
+
+    pub(super) fn into_inner(self) -> OwnedWriteHalf {
+        self.write
+    }
+
+    /// Writes `response`; returns whether the connection may carry another request.
+    pub(super) async fn respond<B>(
+        &mut self,
+        response: Response<B>,
+        asked: Asked,
+    ) -> Result<bool, WriteError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Display,
+    {
+        let (parts, body) = response.into_parts();
+        let (framing, keep_alive) = self.head(&parts, &body, asked);
+        let mut body = std::pin::pin!(body);
+        if framing == Framing::None {
+            self.flush().await?;
+            return Ok(keep_alive);
+        }
+        self.body(body.as_mut(), framing).await?;
+        Ok(keep_alive)
+    }
+
+    /// Gathers the head, and decides the framing and whether the connection lives on.
+    fn head<B: Body>(
+        &mut self,
+        parts: &http::response::Parts,
+        body: &B,
+        asked: Asked,
+    ) -> (Framing, bool) {
+        let status = parts.status;
+        let headers = &parts.headers;
+        let bodiless = asked.head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let mut keep_alive = asked.keep_alive && !says_close(headers);
+        let framing = if bodiless {
+            Framing::None
+        } else if let Some(length) = declared_length(headers).or(body.size_hint().exact()) {
+            if length == 0 {
+                Framing::None
+            } else {
+                Framing::Length(length)
+            }
+        } else if asked.version == Version::HTTP_11 {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        };
+        let out = &mut self.out;
+        out.put_slice(b"HTTP/1.1 ");
+        out.put_slice(status.as_str().as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.put_slice(b"\r\n");
+        for (name, value) in headers {
+            // Framing and the connection are this hop's, written below; a bodiless answer keeps
+            // the length it describes (a HEAD's, a 304's).
+            let ours = name == CONNECTION
+                || name == TRANSFER_ENCODING
+                || (name == CONTENT_LENGTH && !bodiless);
+            if !ours {
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        if !headers.contains_key(DATE) {
+            put_header(out, b"date", &http_date());
+        }
+        match framing {
+            Framing::Length(length) => {
+                let mut digits = itoa_buffer();
+                put_header(out, b"content-length", format_u64(length, &mut digits));
+            }
+            Framing::None if !bodiless => put_header(out, b"content-length", b"0"),
+            Framing::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
+            Framing::None | Framing::UntilClose => {}
+        }
+        if !keep_alive {
+            put_header(out, b"connection", b"close");
+        } else if asked.version == Version::HTTP_10 {
+            put_header(out, b"connection", b"keep-alive");
+        }
+        out.put_slice(b"\r\n");
+        (framing, keep_alive)
+    }
+
+    /// Writes the body, gathering what arrives at once.
+    async fn body<B>(&mut self, mut body: Pin<&mut B>, framing: Framing) -> Result<(), WriteError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Display,
+    {
+        let mut left = match framing {
+            Framing::Length(length) => length,
+            _ => u64::MAX,
+        };
+        let mut trailers_sent = false;
+        loop {
+            let out_empty = self.out.is_empty();
+            let next = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                // Nothing more at once: what is gathered leaves now.
+                Poll::Pending if !out_empty => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            let frame = match next {
+                None => {
+                    self.flush().await?;
+                    continue;
+                }
+                Some(None) => break,
+                Some(Some(Ok(frame))) => frame,
+                Some(Some(Err(e))) => {
+                    // Nothing can say "failed" in the middle of an HTTP/1 body but closing.
+                    let _ = self.flush().await;
+                    return Err(WriteError::Body(e.to_string()));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    if data.len() as u64 > left {
+                        return Err(WriteError::Length);
+                    }
+                    if let Framing::Length(_) = framing {
+                        left -= data.len() as u64;
+                    }
+                    self.data(data, framing).await?;
+                }
+                Err(frame) => {
+                    if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), framing) {
+                        self.out.put_slice(b"0\r\n");
+                        for (name, value) in &trailers {
+                            put_header(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+                        }
+                        self.out.put_slice(b"\r\n");
+                        trailers_sent = true;
+                    }
+                }
+            }
+        }
+        match framing {
+            Framing::Chunked if !trailers_sent => self.out.put_slice(LAST_CHUNK),
+            Framing::Length(_) if left != 0 => {
+                let _ = self.flush().await;
+                return Err(WriteError::Length);
+            }
+            _ => {}
+        }
+        self.flush().await
+    }
+
+    /// Gathers or writes one piece of the body.
+    async fn data(&mut self, data: Bytes, framing: Framing) -> Result<(), WriteError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data.len() < GATHER {
+            if framing == Framing::Chunked {
+                write_chunk(&mut self.out, &data);
+            } else {
+                self.out.put_slice(&data);
+            }
+            if self.out.len() >= GATHER {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        // A large piece is written from its own buffer, after what was gathered.
+        if framing == Framing::Chunked {
+            write_chunk_size(&mut self.out, data.len());
+        }
+        self.flush().await?;
+        self.write_all(&data).await?;
+        if framing == Framing::Chunked {
+            self.out.put_slice(b"\r\n");
+        }
+        Ok(())
+    }
+
+    /// Writes what is gathered.
+    pub(super) async fn flush(&mut self) -> Result<(), WriteError> {
+        let out = std::mem::take(&mut self.out);
+        let written = self.write_all(&out).await;
+        self.out = out;
+        self.out.clear();
+        written
+    }
+
+    /// Writes all of `bytes`; a client that reads nothing for `stall` is given up on.
+    async fn write_all(&self, mut bytes: &[u8]) -> Result<(), WriteError> {
+        while !bytes.is_empty() {
+            match self.write.try_write(bytes) {
+                Ok(written) => bytes = &bytes[written..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(self.stall, self.write.writable())
+                        .await
+                        .map_err(|_| WriteError::Stalled(self.stall))??;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the response asks for the connection to close (fencegate's own refusals do, when the
+/// request body was left unread).
+fn says_close(headers: &HeaderMap) -> bool {
+    headers.get_all(CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// A `Content-Length` the response carries, if it is one plain number.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(CONTENT_LENGTH)?.to_str().ok()?;
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+fn write_chunk_size(out: &mut BytesMut, size: usize) {
+    let mut digits = [0u8; 16];
+    let mut start = digits.len();
+    let mut rest = size;
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789abcdef"[rest % 16];
+        rest /= 16;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[start..]);
+    out.put_slice(b"\r\n");
+}
+
+fn itoa_buffer() -> [u8; 20] {
+    [0; 20]
+}
+
+fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return &buffer[start..];
+        }
+    }
+}
+
+thread_local! {
+    /// The `Date` header's text, remade once a second.
+    static DATE_TEXT: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// The current time as an HTTP date (29 bytes), formatted at most once a second per thread.
+fn http_date() -> [u8; 29] {
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    DATE_TEXT.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != second {
+            let text = httpdate::fmt_http_date(now);
+            if let Ok(bytes) = <[u8; 29]>::try_from(text.as_bytes()) {
+                *cached = (second, bytes);
+            }
+        }
+        cached.1
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http_date_is_29_bytes_of_imf_fixdate() {
+        let date = http_date();
+        let text = std::str::from_utf8(&date).unwrap();
+        assert!(text.ends_with(" GMT"), "{text}");
+        assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
+    }
+
+    #[test]
+    fn a_response_says_close_when_any_connection_option_is_close() {
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, "keep-alive, Close".parse().unwrap());
+        assert!(says_close(&headers));
+        headers.clear();
+        headers.append(CONNECTION, "keep-alive".parse().unwrap());
+        assert!(!says_close(&headers));
+    }
+
+    #[test]
+    fn a_declared_length_is_one_plain_number() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_LENGTH, "12".parse().unwrap());
+        assert_eq!(declared_length(&headers), Some(12));
+        headers.insert(CONTENT_LENGTH, "+12".parse().unwrap());
+        assert_eq!(declared_length(&headers), None);
+        headers.insert(CONTENT_LENGTH, "1,1".parse().unwrap());
+        assert_eq!(declared_length(&headers), None);
+    }
+}
