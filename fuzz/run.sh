@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(token route config dataplane etcd couchdb s3 upstream_response)
+[ ${#targets[@]} -gt 0 ] || targets=(token route config dataplane etcd couchdb s3 upstream_response request_head)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 cargo fuzz build --sanitizer none

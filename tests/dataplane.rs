@@ -1168,3 +1168,256 @@ resource = "s3:{{bucket}}/{{key}}"
     assert_eq!(sizes, [4096 + 10, 4096], "the large writes arrived whole");
     app.stop().await;
 }
+
+// --- HTTP/1.1 as clients speak it (fencegate's own server, src/server/http1/) ---
+
+/// The responses in `bytes`, in order: status, lower-cased headers and body, framed by
+/// Content-Length or chunked coding as fencegate sends them.
+fn responses(mut bytes: &[u8]) -> Vec<(u16, std::collections::HashMap<String, String>, String)> {
+    let mut answers = Vec::new();
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        bytes = &bytes[end + 4..];
+        let mut lines = head.lines();
+        let status = lines.next().unwrap().split_whitespace().nth(1).unwrap();
+        let headers: std::collections::HashMap<String, String> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let status: u16 = status.parse().unwrap();
+        let mut body = Vec::new();
+        if status == 100 {
+            answers.push((status, headers, String::new()));
+            continue;
+        }
+        if let Some(length) = headers.get("content-length") {
+            let length: usize = length.parse().unwrap();
+            body.extend_from_slice(&bytes[..length]);
+            bytes = &bytes[length..];
+        } else if headers.get("transfer-encoding").is_some() {
+            loop {
+                let line_end = bytes.windows(2).position(|w| w == b"\r\n").unwrap();
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&bytes[..line_end]).unwrap(), 16)
+                        .unwrap();
+                bytes = &bytes[line_end + 2..];
+                if size == 0 {
+                    bytes = &bytes[2..];
+                    break;
+                }
+                body.extend_from_slice(&bytes[..size]);
+                bytes = &bytes[size + 2..];
+            }
+        }
+        answers.push((status, headers, String::from_utf8_lossy(&body).into_owned()));
+    }
+    answers
+}
+
+/// Sends `text` in one write and reads until fencegate closes.
+async fn exchange(app: &TestApp, text: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(text.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("fencegate answered and closed")
+        .unwrap();
+    answer
+}
+
+fn put_text(token: u64, body: &str, extra: &str) -> String {
+    format!(
+        "PUT /wallets/1 HTTP/1.1\r\nhost: t\r\nfencing-token: {token}\r\ncontent-length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_on_one_connection_are_answered_in_order() {
+    let (upstream, app) = setup().await;
+    let text = format!(
+        "{}{}GET /wallets/1 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+        put_text(1, "one", ""),
+        put_text(2, "two", ""),
+    );
+    let answers = responses(&exchange(&app, &text).await);
+    let statuses: Vec<u16> = answers.iter().map(|(status, _, _)| *status).collect();
+    assert_eq!(statuses, [200, 200, 200]);
+    assert_eq!(answers[1].1["fencing-token-highest"], "2");
+    assert_eq!(answers[2].1["connection"], "close");
+    let arrivals = upstream.arrivals();
+    let tokens: Vec<Option<u64>> = arrivals.iter().map(|a| a.token).collect();
+    assert_eq!(tokens, [Some(1), Some(2), None]);
+    assert_eq!(arrivals[0].body, "one");
+    assert_eq!(arrivals[1].body, "two");
+}
+
+#[tokio::test]
+async fn a_chunked_request_body_arrives_whole_and_the_connection_serves_the_next_request() {
+    let (upstream, app) = setup().await;
+    let text = "PUT /wallets/1 HTTP/1.1\r\nhost: t\r\nfencing-token: 4\r\ntransfer-encoding: chunked\r\n\r\n\
+                3;ext=1\r\nbal\r\n4\r\nance\r\n0\r\nx-checksum: 9\r\n\r\n\
+                GET /wallets/1 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n";
+    let answers = responses(&exchange(&app, text).await);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(answers[1].0, 200);
+    assert_eq!(upstream.arrivals()[0].body, "balance");
+}
+
+#[tokio::test]
+async fn a_client_waiting_for_100_continue_gets_it_once_its_body_is_wanted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, app) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = "PUT /wallets/1 HTTP/1.1\r\nhost: t\r\nfencing-token: 3\r\nexpect: 100-continue\r\n\
+                content-length: 5\r\nconnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = vec![0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut interim))
+        .await
+        .expect("100 Continue before the body")
+        .unwrap();
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(responses(&rest)[0].0, 200);
+    assert_eq!(upstream.arrivals()[0].body, "hello");
+}
+
+#[tokio::test]
+async fn a_stale_client_that_expects_100_continue_is_refused_without_sending_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, app) = setup().await;
+    assert_eq!(app.put("/wallets/1", 5, "leader").await.status(), 200);
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = "PUT /wallets/1 HTTP/1.1\r\nhost: t\r\nfencing-token: 1\r\nexpect: 100-continue\r\n\
+                content-length: 5\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answers = responses(&answer);
+    assert_eq!(
+        answers.len(),
+        1,
+        "no 100 Continue for a stale token: {answers:?}"
+    );
+    assert_eq!(answers[0].0, 409);
+    assert_eq!(upstream.arrivals().len(), 1);
+}
+
+#[tokio::test]
+async fn http_10_clients_are_answered_and_kept_alive_only_when_they_ask() {
+    let (_upstream, app) = setup().await;
+    let plain = exchange(&app, "GET /wallets/1 HTTP/1.0\r\n\r\n").await;
+    let answers = responses(&plain);
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(answers[0].1["connection"], "close");
+    let kept = exchange(
+        &app,
+        "GET /wallets/1 HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /wallets/1 HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let answers = responses(&kept);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].1["connection"], "keep-alive");
+    assert_eq!(answers[1].1["connection"], "close");
+}
+
+#[tokio::test]
+async fn a_head_request_gets_headers_without_a_body_and_the_connection_goes_on() {
+    let (_upstream, app) = setup().await;
+    let answers = responses(
+        &exchange(
+            &app,
+            "HEAD /wallets/1 HTTP/1.1\r\nhost: t\r\n\r\nGET /wallets/1 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+        )
+        .await,
+    );
+    // `responses` frames the HEAD answer by its Content-Length: were a body sent, the second
+    // answer would not parse.
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].0, 200);
+    assert!(answers[0].1.contains_key("date"));
+}
+
+#[tokio::test]
+async fn a_head_that_cannot_be_framed_is_answered_with_problem_json_and_closed() {
+    let (upstream, app) = setup().await;
+    let cases = [
+        (
+            "content-length: 5\r\ntransfer-encoding: chunked",
+            400,
+            "malformed-request",
+        ),
+        (
+            "transfer-encoding: gzip, chunked",
+            501,
+            "unknown-transfer-coding",
+        ),
+        (
+            "content-length: 5\r\ncontent-length: 6",
+            400,
+            "malformed-request",
+        ),
+    ];
+    for (headers, status, slug) in cases {
+        let text = format!(
+            "PUT /wallets/1 HTTP/1.1\r\nhost: t\r\nfencing-token: 9\r\n{headers}\r\n\r\nhello"
+        );
+        let answers = responses(&exchange(&app, &text).await);
+        assert_eq!(answers.len(), 1, "{headers}");
+        let (got, headers_out, body) = &answers[0];
+        assert_eq!(*got, status, "{headers}");
+        assert_eq!(headers_out["content-type"], "application/problem+json");
+        assert_eq!(headers_out["connection"], "close");
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(problem["type"], format!("urn:fencegate:problem:{slug}"));
+    }
+    assert!(upstream.arrivals().is_empty());
+}
+
+#[tokio::test]
+async fn a_head_dripped_byte_by_byte_within_the_header_timeout_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, app) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for byte in put_text(2, "drip", "connection: close\r\n").bytes() {
+        stream.write_all(&[byte]).await.unwrap();
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(responses(&answer)[0].0, 200);
+    assert_eq!(upstream.arrivals()[0].body, "drip");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_does_not_hold_up_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let (_upstream, app) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /wallets/1 HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), app.stop())
+        .await
+        .expect("stopped");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stream);
+}

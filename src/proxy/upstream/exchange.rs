@@ -415,7 +415,7 @@ impl Exchange {
         // Any other early answer, even with `Connection: close`, gets the rest of the body, as
         // the upstream may read it before closing; the exchange ends once it is written.
         let stop_sending = self.sender.as_ref().is_some_and(Sender::held);
-        let sender = self.sender.filter(|_| !stop_sending);
+        let sender = self.sender.filter(|_| !stop_sending).map(Box::new);
         let reusable = keep_alive && self.write_failed.is_none() && !stop_sending;
         let mut body = ResponseBody {
             connection: Some(self.connection),
@@ -460,7 +460,7 @@ impl Drop for ResponseBody {
 /// Sends the rest of an early-answered request; the connection is reused only if that works.
 async fn finish_sending(
     connection: Connection,
-    mut sender: Sender,
+    mut sender: Box<Sender>,
     reusable: bool,
     pool_key: Arc<str>,
 ) {
@@ -476,8 +476,9 @@ async fn finish_sending(
 pub struct ResponseBody {
     /// `None` once given back to the pool or closed.
     connection: Option<Connection>,
-    /// The rest of an early-answered request, still being sent.
-    sender: Option<Sender>,
+    /// The rest of an early-answered request, still being sent. Boxed: it is rare, and the
+    /// response this body travels in is moved through every layer of the proxy.
+    sender: Option<Box<Sender>>,
     body: BodyState,
     /// Whether the connection can carry another request once this exchange ends.
     reusable: bool,
