@@ -1194,7 +1194,7 @@ fn responses(mut bytes: &[u8]) -> Vec<(u16, std::collections::HashMap<String, St
             let length: usize = length.parse().unwrap();
             body.extend_from_slice(&bytes[..length]);
             bytes = &bytes[length..];
-        } else if headers.get("transfer-encoding").is_some() {
+        } else if headers.contains_key("transfer-encoding") {
             loop {
                 let line_end = bytes.windows(2).position(|w| w == b"\r\n").unwrap();
                 let size =
