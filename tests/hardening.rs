@@ -420,3 +420,36 @@ async fn hostile_names_cannot_grow_the_database_or_the_audit_log_past_a_bound() 
         "each hostile name cost {per_request} bytes of database"
     );
 }
+
+/// A chunked body fencegate cannot decode exactly — a size of more than sixteen hex digits, an
+/// empty size, a bare LF, control bytes in an extension — never reaches the upstream as a whole
+/// request: fencegate stops forwarding it and closes the connection, so nothing after it is
+/// read as a request of its own.
+#[tokio::test]
+async fn malformed_chunked_bodies_never_reach_the_upstream_whole() {
+    let (upstream, app) = app_with("").await;
+    let zombie = "PUT /wallets/1 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 1\r\ncontent-length: 0\r\n\r\n";
+    let bodies = [
+        "11111111111111111\r\nx\r\n0\r\n\r\n",
+        "\r\nx\r\n0\r\n\r\n",
+        "1\nx\r\n0\r\n\r\n",
+        "1;ext=\x01\r\nx\r\n0\r\n\r\n",
+        "1\r\nxy0\r\n\r\n",
+    ];
+    for body in bodies {
+        let text = format!(
+            "PUT /wallets/2 HTTP/1.1\r\nhost: fencegate\r\nfencing-token: 5\r\n\
+             transfer-encoding: chunked\r\n\r\n{body}{zombie}"
+        );
+        let answered = tokio::time::timeout(Duration::from_secs(5), raw_request(app.addr, &text))
+            .await
+            .expect("fencegate answered and closed");
+        assert_ne!(answered.0, 200, "{body:?}");
+    }
+    assert!(
+        upstream.arrivals().is_empty(),
+        "{:?}",
+        upstream.arrivals()
+    );
+    still_served(&app).await;
+}

@@ -223,3 +223,18 @@ fn header_values_keep_their_bytes_and_names_are_lowercased() {
     let head = parse(&mut buf, LIMITS).unwrap().unwrap();
     assert_eq!(head.request.headers()["x-thing"].as_bytes(), b"a\tb \xff");
 }
+
+#[test]
+fn a_bare_lf_ends_a_line_as_crlf_would_and_nothing_else_does() {
+    // RFC 9112 §2.2 lets a recipient take a lone LF as a line end, as hyper and nginx do; what is
+    // forwarded is re-framed with CRLF, so the upstream never sees the difference.
+    let mut buf = BytesMut::from("PUT /a HTTP/1.1\nhost: a\ncontent-length: 2\n\nhiGET");
+    let head = parse(&mut buf, LIMITS).unwrap().unwrap();
+    assert_eq!(head.framing, BodyFraming::Length(2));
+    assert_eq!(&buf[..], b"hiGET");
+    // A lone CR is never a line end.
+    assert!(matches!(
+        refused("PUT /a HTTP/1.1\rcontent-length: 2\r\n\r\n"),
+        HeadError::Malformed(_)
+    ));
+}
