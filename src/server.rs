@@ -412,9 +412,7 @@ async fn answer(
     client: SocketAddr,
 ) -> http::Response<ProxyBody> {
     let id = request_id::ensure(request.headers_mut());
-    // The proxy's future is large (every phase of a fenced request, about 5 KiB); boxed, the
-    // connection's future holds a pointer instead of embedding it.
-    let mut response = Box::pin(plane.handle(request, client)).await;
+    let mut response = plane.handle(request, client).await;
     request_id::echo(response.headers_mut(), id);
     response
 }

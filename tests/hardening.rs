@@ -446,10 +446,6 @@ async fn malformed_chunked_bodies_never_reach_the_upstream_whole() {
             .expect("fencegate answered and closed");
         assert_ne!(answered.0, 200, "{body:?}");
     }
-    assert!(
-        upstream.arrivals().is_empty(),
-        "{:?}",
-        upstream.arrivals()
-    );
+    assert!(upstream.arrivals().is_empty(), "{:?}", upstream.arrivals());
     still_served(&app).await;
 }

@@ -151,9 +151,10 @@ impl DataPlane {
                 path: request.uri().path().to_owned(),
             })?;
         if let Some(Profile::Keys(api)) = resolved.route.profile() {
-            return self
-                .serve_profiled(&path, resolved, api, request, client)
-                .await;
+            // Boxed, here and on every refusal below: a branch's future is laid out inside its
+            // caller's, and the hot path's futures are copied at every `.await` they pass
+            // through; the rare branches would make each copy larger.
+            return Box::pin(self.serve_profiled(&path, resolved, api, request, client)).await;
         }
         let writes = match resolved.route.fencing_for(request.method()) {
             Fencing::Required => true,
@@ -163,9 +164,8 @@ impl DataPlane {
         // A Destination is a second path the request writes, whatever its method.
         let fenced = writes || request.headers().contains_key(webdav::DESTINATION);
         if fenced && resolved.route.reads_request() {
-            let (resolved, request) = self
-                .resolve_from_request(&path, resolved, request, client)
-                .await?;
+            let (resolved, request) =
+                Box::pin(self.resolve_from_request(&path, resolved, request, client)).await?;
             self.serve_fenced(&path, resolved, request, client).await
         } else if fenced {
             self.serve_fenced(&path, resolved, request.map(Either::Left), client)
@@ -205,7 +205,7 @@ impl DataPlane {
         self.check_resource_length(&resource)?;
         let destination = match self.edge_checks(&resolved, &mut request) {
             Ok(destination) => destination,
-            Err(error) => return Err(self.refuse_malformed(error, resource).await),
+            Err(error) => return Err(Box::pin(self.refuse_malformed(error, resource)).await),
         };
         let conflict = webdav::collection_conflict(
             &self.routes,
@@ -219,16 +219,22 @@ impl DataPlane {
                 path: conflict.path,
                 below: conflict.below,
             };
-            return Err(self
-                .refuse_collection(error, conflict.resource, &request, client)
-                .await);
+            return Err(Box::pin(self.refuse_collection(
+                error,
+                conflict.resource,
+                &request,
+                client,
+            ))
+            .await);
         }
         let token = match token::from_headers(request.headers()) {
             Ok(token) => token,
-            Err(e) => return Err(self.refuse_unparsed(resource, e, &request, client).await),
+            Err(e) => {
+                return Err(Box::pin(self.refuse_unparsed(resource, e, &request, client)).await);
+            }
         };
         if let Err(error) = self.check_declared_length(&request) {
-            let highest = self.gate.highest(&resource).await.ok().flatten();
+            let highest = Box::pin(self.gate.highest(&resource)).await.ok().flatten();
             return Err(fenced(error, resource, Some(token), highest));
         }
         let also = destination
@@ -247,7 +253,7 @@ impl DataPlane {
         let permits = match admitted {
             Ok(permits) => permits,
             Err(refused) => {
-                return Err(self.refuse(refused, token, &request, client).await);
+                return Err(Box::pin(self.refuse(refused, token, &request, client)).await);
             }
         };
         self.forward_with(permits, resolved.route, resource, token, request, client)

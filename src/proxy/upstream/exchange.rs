@@ -307,6 +307,11 @@ impl Exchange {
         }
     }
 
+    /// Ready once the exchange's `deadline` has passed.
+    pub(super) fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        self.connection.poll_deadline(cx, deadline)
+    }
+
     pub(super) fn reused(&self) -> bool {
         self.connection.reused
     }

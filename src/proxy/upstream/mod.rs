@@ -11,6 +11,7 @@ pub mod wire;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, EXPECT, HOST};
@@ -247,14 +248,15 @@ impl UpstreamClient {
             expects_continue,
             deadline,
         );
-        let exchange = tokio::time::timeout_at(
-            deadline,
-            self.exchange_head(upstream, sender, &parts.method, in_flight.is_none()),
-        );
-        let (exchange, head) = match exchange.await {
-            Err(_) => return Err(ForwardError::Timeout),
-            Ok(result) => result?,
-        };
+        let (exchange, head) = self
+            .exchange_head(
+                upstream,
+                sender,
+                &parts.method,
+                in_flight.is_none(),
+                deadline,
+            )
+            .await?;
         // A 101 would hand over the connection; relaying it would open a tunnel whose traffic no
         // gate sees.
         if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -284,6 +286,7 @@ impl UpstreamClient {
         mut sender: Sender,
         method: &Method,
         unfenced: bool,
+        deadline: Instant,
     ) -> Result<(Exchange, wire::ResponseHead), ForwardError> {
         // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
         let mut replay = if unfenced && method.is_safe() {
@@ -294,12 +297,21 @@ impl UpstreamClient {
         loop {
             let connection = match pool::take(&upstream.pool_key) {
                 Some(connection) => connection,
-                None => self.connect(upstream).await?,
+                // Boxed: connecting is rare on a warm pool, and its future is large.
+                None => Box::pin(tokio::time::timeout_at(deadline, self.connect(upstream)))
+                    .await
+                    .map_err(|_| ForwardError::Timeout)??,
             };
             let mut exchange = Exchange::new(connection, sender);
-            let failure = match std::future::poll_fn(|cx| exchange.poll_head(cx)).await {
-                Ok(head) => return Ok((exchange, head)),
-                Err(failure) => failure,
+            let head = std::future::poll_fn(|cx| match exchange.poll_head(cx) {
+                Poll::Ready(head) => Poll::Ready(Some(head)),
+                Poll::Pending => exchange.poll_deadline(cx, deadline).map(|()| None),
+            });
+            let failure = match head.await {
+                Some(Ok(head)) => return Ok((exchange, head)),
+                Some(Err(failure)) => failure,
+                // The exchange is dropped: its connection is closed, whatever it sent.
+                None => return Err(ForwardError::Timeout),
             };
             let HeadFailure {
                 error,
@@ -331,11 +343,7 @@ impl UpstreamClient {
             .connect(self.connect_timeout)
             .await
             .map_err(ForwardError::Connect)?;
-        Ok(Connection {
-            stream,
-            buffer: bytes::BytesMut::new(),
-            reused: false,
-        })
+        Ok(Connection::new(stream))
     }
 }
 

@@ -7,10 +7,14 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 /// How long an idle connection is kept. Shorter than the keep-alive timeouts storage commonly
 /// uses (Node's 5 s, nginx's 75 s), so that the upstream rarely closes a connection fencegate
@@ -30,6 +34,46 @@ pub(super) struct Connection {
     /// Whether it has carried a request before (a reused connection may have been closed by the
     /// upstream in the meantime).
     pub(super) reused: bool,
+    /// The timer behind the exchange deadline, kept from one request to the next (see
+    /// [`Connection::poll_deadline`]).
+    pub(super) deadline_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Connection {
+    pub(super) fn new(stream: TcpStream) -> Connection {
+        Connection {
+            stream,
+            buffer: BytesMut::new(),
+            reused: false,
+            deadline_timer: None,
+        }
+    }
+
+    /// Ready once `deadline` has passed. The timer is moved only when it fires before the
+    /// deadline it serves (it still holds an earlier request's) or when it would fire after it:
+    /// with one timeout for every request, that is about once per timeout period, where
+    /// re-arming it for every request cost a timer-wheel insertion and removal each.
+    pub(super) fn poll_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Poll<()> {
+        let timer = self
+            .deadline_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -90,4 +134,53 @@ pub(super) fn give_back(upstream: &str, mut connection: Connection) {
 fn still_open(stream: &TcpStream) -> bool {
     let mut probe = [0u8; 1];
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    async fn connection() -> (Connection, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Connection::new(client), server)
+    }
+
+    async fn passed(connection: &mut Connection, deadline: Instant) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(connection.poll_deadline(cx, deadline).is_ready()))
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_timer_kept_from_an_earlier_request_fires_neither_early_nor_late() {
+        let (mut connection, _peer) = connection().await;
+        let timeout = Duration::from_secs(1);
+        let first = Instant::now() + timeout;
+        assert!(!passed(&mut connection, first).await);
+        tokio::time::advance(timeout).await;
+        assert!(passed(&mut connection, first).await);
+
+        // The next request's deadline is later: the timer, which has fired, must not say so.
+        let second = Instant::now() + timeout;
+        assert!(!passed(&mut connection, second).await);
+        tokio::time::advance(timeout / 2).await;
+        assert!(!passed(&mut connection, second).await);
+        tokio::time::advance(timeout / 2).await;
+        assert!(passed(&mut connection, second).await);
+
+        // An earlier deadline than the timer holds moves it forward.
+        let late = Instant::now() + timeout;
+        assert!(!passed(&mut connection, late).await);
+        let early = Instant::now() + Duration::from_millis(10);
+        assert!(!passed(&mut connection, early).await);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(passed(&mut connection, early).await);
+    }
 }
