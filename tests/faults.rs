@@ -253,6 +253,56 @@ async fn after_kill_9_new_tokens_wait_out_the_in_doubt_grace_and_after_sigterm_t
     );
 }
 
+/// A SIGTERM that finds a request still waiting on its upstream after `shutdown_grace` is not a
+/// clean stop: the upstream may yet apply that request, so the next server holds the resource's
+/// next token back for `in_doubt_grace`, exactly as after `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_with_a_request_stuck_upstream_past_shutdown_grace_is_not_a_clean_stop() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let grace = Duration::from_millis(1500);
+    let settings = "in_doubt_grace = \"1500ms\"\nshutdown_grace = \"200ms\"\nupstream_timeout = \"30s\"";
+    let client = reqwest::Client::new();
+    let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;
+    assert_eq!(put(&client, proxy.addr, 0, 1).await, Some((200, 1)));
+    // Token 2 reaches the upstream, which takes ten seconds to answer.
+    let stuck = {
+        let client = client.clone();
+        let url = format!("http://{}/crash/0", proxy.addr);
+        tokio::spawn(async move {
+            client
+                .put(url)
+                .header("fencing-token", "2")
+                .header(common::DELAY_HEADER, "10000")
+                .send()
+                .await
+        })
+    };
+    let arrived = Instant::now();
+    while upstream.arrivals().len() < 2 {
+        assert!(arrived.elapsed() < Duration::from_secs(5), "token 2 never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kill(&mut proxy, "-TERM");
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "a stop past its grace still exits 0: {status:?}");
+    let _ = stuck.await;
+
+    let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;
+    let started = Instant::now();
+    assert_eq!(put(&client, proxy.addr, 0, 3).await, Some((200, 3)));
+    let waited = started.elapsed();
+    assert!(
+        waited >= grace / 2,
+        "a stop with a request in doubt was recorded as clean: token 3 waited only {waited:?}"
+    );
+    kill(&mut proxy, "-TERM");
+    proxy.child.wait().unwrap();
+}
+
 /// Storage behind an "upstream" process that a test can stop or kill (a second fencegate), behind
 /// the fencegate under test, configured with `front_settings`. Returns storage, the scratch
 /// directory, the upstream process and the front one.
