@@ -70,10 +70,31 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the database and binds both listeners.
+    /// Binds both listeners, then opens the database. In that order: a start that fails on a port
+    /// in use must neither create the database nor leave it marked as served (which would make
+    /// the next start hold every token back for `in_doubt_grace`).
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        let threads = config
+            .worker_threads
+            .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+            .unwrap_or(1);
+        let (data_listeners, port_claim) = bind_data_listeners(config.listen, threads)
+            .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
+        let data_addr = data_listeners[0].local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
         let (store, writer) = Store::open(&config.database)?;
-        let reader = Reader::open(&config.database)?;
+        let reader = match Reader::open(&config.database) {
+            Ok(reader) => reader,
+            Err(e) => {
+                // Nothing was served: the database stops as it was found.
+                let previous = writer.last_stop();
+                writer.close(previous).await;
+                return Err(e.into());
+            }
+        };
         let metrics = Metrics::new();
         let last_stop = writer.last_stop();
         if last_stop == LastStop::Unclean {
@@ -106,20 +127,11 @@ impl App {
             upstream,
             Arc::clone(&metrics),
         );
-        let threads = config
-            .worker_threads
-            .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-            .unwrap_or(1);
-        let (data_listeners, port_claim) = bind_data_listeners(config.listen, threads)
-            .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
-        let admin_listener = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
         Ok(App {
-            data_addr: data_listeners[0].local_addr()?,
+            data_addr,
             data_listeners,
             _port_claim: port_claim,
-            admin_addr: admin_listener.local_addr()?,
+            admin_addr,
             admin_listener,
             plane,
             gate: gate.clone(),

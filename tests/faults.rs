@@ -262,7 +262,8 @@ async fn a_sigterm_with_a_request_stuck_upstream_past_shutdown_grace_is_not_a_cl
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("fencegate.db");
     let grace = Duration::from_millis(1500);
-    let settings = "in_doubt_grace = \"1500ms\"\nshutdown_grace = \"200ms\"\nupstream_timeout = \"30s\"";
+    let settings =
+        "in_doubt_grace = \"1500ms\"\nshutdown_grace = \"200ms\"\nupstream_timeout = \"30s\"";
     let client = reqwest::Client::new();
     let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;
     assert_eq!(put(&client, proxy.addr, 0, 1).await, Some((200, 1)));
@@ -281,14 +282,20 @@ async fn a_sigterm_with_a_request_stuck_upstream_past_shutdown_grace_is_not_a_cl
     };
     let arrived = Instant::now();
     while upstream.arrivals().len() < 2 {
-        assert!(arrived.elapsed() < Duration::from_secs(5), "token 2 never reached the upstream");
+        assert!(
+            arrived.elapsed() < Duration::from_secs(5),
+            "token 2 never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     kill(&mut proxy, "-TERM");
     let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
         .await
         .unwrap();
-    assert!(status.success(), "a stop past its grace still exits 0: {status:?}");
+    assert!(
+        status.success(),
+        "a stop past its grace still exits 0: {status:?}"
+    );
     let _ = stuck.await;
 
     let mut proxy = start_binary_with(&upstream.url(), &db, settings).await;

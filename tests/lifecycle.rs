@@ -281,3 +281,68 @@ fn data_thread_wakeups(pid: u32) -> HashMap<String, u64> {
         })
         .collect()
 }
+
+/// A start that fails because a port is taken touches no database: a new one is not created,
+/// and one that was stopped cleanly stays so (the next start need not hold tokens back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_on_a_port_in_use_leaves_the_database_as_it_was() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let config = common::binary::write_config(&upstream.url(), &dir.path().join("x.db"), "");
+    let failed_start = |db: &std::path::Path, taken_plane: &str| {
+        let (listen, admin) = match taken_plane {
+            "--listen" => (port.as_str(), "127.0.0.1:0"),
+            _ => ("127.0.0.1:0", port.as_str()),
+        };
+        let output = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--admin-listen",
+                admin,
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--db")
+            .arg(db)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "started on a taken port");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let fresh = dir.path().join("fresh.db");
+    let stderr = failed_start(&fresh, "--listen");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert!(!fresh.exists(), "a failed start created the database");
+
+    let used = dir.path().join("used.db");
+    let mut proxy = start_binary(&upstream.url(), &used).await;
+    assert_eq!(
+        put(&reqwest::Client::new(), proxy.addr, 1, 4).await,
+        Some((200, 4))
+    );
+    let pid = proxy.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(proxy.child.wait().unwrap().success());
+    let lock = dir.path().join("used.db.lock");
+    let cleanly = std::fs::read(&lock).unwrap();
+    for flag in ["--listen", "--admin-listen"] {
+        let stderr = failed_start(&used, flag);
+        assert!(stderr.contains("cannot listen on"), "{stderr}");
+        assert_eq!(
+            std::fs::read(&lock).unwrap(),
+            cleanly,
+            "a failed start ({flag}) changed how the last stop is recorded"
+        );
+    }
+}
