@@ -84,6 +84,12 @@ impl AdminToken {
     }
 }
 
+impl PartialEq for AdminToken {
+    fn eq(&self, other: &AdminToken) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
 impl fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AdminToken(<redacted>)")

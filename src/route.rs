@@ -671,6 +671,16 @@ pub struct Resolved<'a> {
 }
 
 impl RouteTable {
+    /// How many routes there are.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether there are none (a validated config always has one).
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
     /// A table of routes, tried in this order.
     pub fn new(routes: Vec<Route>) -> Self {
         let deepest_required = routes

@@ -25,6 +25,7 @@ use tower::ServiceExt;
 
 pub mod http1;
 mod limits;
+mod live;
 mod rewound;
 
 pub use http1::{ClientBody, ClientBodyError};
@@ -34,8 +35,10 @@ use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, ProxyBody, RequestLimits, UpstreamClient, request_id};
-use crate::store::{LastStop, PrunePlan, Reader, Retention, Store, WriterGuard};
+use crate::store::{LastStop, PrunePlan, Reader, Store, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
+use live::{Fixed, Live, Pruning};
+pub use live::{Reloaded, Reloader};
 use rewound::Rewound;
 
 /// How often idle resources are looked for and evicted from memory.
@@ -59,14 +62,14 @@ pub struct App {
     data_addr: SocketAddr,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
-    plane: DataPlane,
+    /// The data plane, routes, limits and retention, as reloads change them.
+    live: Arc<Live>,
+    reloader: Reloader,
     gate: Gate,
     admin: AdminState,
     writer: WriterGuard,
     shutdown_grace: Duration,
     limits: Limits,
-    retention: Retention,
-    prune_interval: Duration,
 }
 
 impl App {
@@ -119,6 +122,7 @@ impl App {
             max_inspect_body: config.max_inspect_body,
             max_resources_per_request: config.max_resources_per_request,
         };
+        let running = Fixed::of(&config);
         let plane = DataPlane::new(
             config.routes,
             limits,
@@ -127,13 +131,26 @@ impl App {
             upstream,
             Arc::clone(&metrics),
         );
+        let pruning = Pruning {
+            retention: config.retention,
+            interval: config.audit_prune_interval,
+        };
+        let live = Live::new(plane, config.limits, pruning);
+        let reloader = Reloader::new(
+            Arc::clone(&live),
+            running,
+            gate.clone(),
+            store.clone(),
+            Arc::clone(&metrics),
+        );
         Ok(App {
             data_addr,
             data_listeners,
             _port_claim: port_claim,
             admin_addr,
             admin_listener,
-            plane,
+            live,
+            reloader,
             gate: gate.clone(),
             admin: AdminState {
                 store,
@@ -147,9 +164,12 @@ impl App {
             writer,
             shutdown_grace: config.shutdown_grace,
             limits: config.limits,
-            retention: config.retention,
-            prune_interval: config.audit_prune_interval,
         })
+    }
+
+    /// A handle that applies a new configuration while the server runs (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The data plane's bound address.
@@ -172,8 +192,7 @@ impl App {
         let evictor = tokio::spawn(evict_idle_resources(self.gate.clone(), stop.clone()));
         let pruner = tokio::spawn(prune_audit_log(
             self.admin.clone(),
-            self.retention,
-            self.prune_interval,
+            self.live.pruning(),
             stop.clone(),
         ));
         let router = admin::router(self.admin.clone());
@@ -187,8 +206,8 @@ impl App {
         ));
         let data = spawn_data_threads(
             self.data_listeners,
-            &self.plane,
-            self.limits,
+            &self.live,
+            self.limits.max_connections,
             &stop,
             self.shutdown_grace,
         )?;
@@ -288,15 +307,15 @@ fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListene
 /// says when it has drained and stopped.
 fn spawn_data_threads(
     listeners: Vec<std::net::TcpListener>,
-    plane: &DataPlane,
-    limits: Limits,
+    live: &Arc<Live>,
+    max_connections: usize,
     stop: &CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>> {
     let mut threads = Vec::with_capacity(listeners.len());
-    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(Semaphore::new(max_connections));
     for (index, listener) in listeners.into_iter().enumerate() {
-        let plane = Arc::new(plane.for_thread());
+        let live = Arc::clone(live);
         let open = Arc::clone(&open);
         let stop = stop.clone();
         let (done, stopped) = tokio::sync::oneshot::channel();
@@ -304,7 +323,7 @@ fn spawn_data_threads(
             .name(format!("fg-data-{index}"))
             .spawn(move || {
                 crate::metrics::use_shard(index + 1);
-                let served = serve_data_thread(listener, plane, limits, open, stop, grace);
+                let served = serve_data_thread(listener, live, open, stop, grace);
                 let _ = done.send(served);
             })
             .context("cannot start a data-plane thread")?;
@@ -315,8 +334,7 @@ fn spawn_data_threads(
 
 fn serve_data_thread(
     listener: std::net::TcpListener,
-    plane: Arc<DataPlane>,
-    limits: Limits,
+    live: Arc<Live>,
     open: Arc<Semaphore>,
     stop: CancellationToken,
     grace: Duration,
@@ -327,7 +345,7 @@ fn serve_data_thread(
         .context("cannot start a data-plane runtime")?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        serve_data_connections(listener, plane, limits, open, stop, grace).await;
+        serve_data_connections(listener, live, open, stop, grace).await;
         Ok(())
     })
 }
@@ -338,27 +356,20 @@ fn serve_data_thread(
 /// connection finish its request, for up to `grace`.
 async fn serve_data_connections(
     listener: TcpListener,
-    plane: Arc<DataPlane>,
-    limits: Limits,
+    live: Arc<Live>,
     open: Arc<Semaphore>,
     stop: CancellationToken,
     grace: Duration,
 ) {
     let connections = TaskTracker::new();
-    let settings = http1::Settings {
-        head: http1::HeadLimits {
-            max_size: limits.max_header_size,
-            max_headers: limits.max_headers,
-        },
-        header_read_timeout: limits.header_read_timeout,
-        idle_timeout: limits.idle_timeout,
-    };
     while let Some((stream, client, permit)) = next_connection(&listener, &open, &stop).await {
         let _ = stream.set_nodelay(true);
-        let plane = Arc::clone(&plane);
+        // The limits of the moment the connection is accepted: a reload applies to new ones.
+        let limits = live.limits();
+        let live = Arc::clone(&live);
         let stop = stop.clone();
         connections.spawn(async move {
-            serve_data_connection(stream, client, plane, settings, limits, stop).await;
+            serve_data_connection(stream, client, live, limits, stop).await;
             drop(permit);
         });
     }
@@ -400,16 +411,23 @@ async fn next_connection(
 async fn serve_data_connection(
     stream: TcpStream,
     client: SocketAddr,
-    plane: Arc<DataPlane>,
-    settings: http1::Settings,
+    live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
 ) {
-    let handle = |request| answer(&plane, request, client);
+    let settings = http1::Settings {
+        head: http1::HeadLimits {
+            max_size: limits.max_header_size,
+            max_headers: limits.max_headers,
+        },
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
+    let handle = |request| answer(live.plane(), request, client);
     match http1::serve(stream, settings, stop.clone(), handle).await {
         http1::Ended::Closed => {}
         http1::Ended::Http2 { stream, read } => {
-            serve_http2(Rewound::new(read, stream), client, plane, limits, stop).await;
+            serve_http2(Rewound::new(read, stream), client, live, limits, stop).await;
         }
     }
 }
@@ -419,7 +437,7 @@ async fn serve_data_connection(
 /// and tower-http's `TraceLayer` 7%, for request lines that were only ever logged at DEBUG; the
 /// proxy logs its own refusals and failures, and each response at DEBUG.
 async fn answer(
-    plane: &DataPlane,
+    plane: Arc<DataPlane>,
     mut request: http::Request<ClientBody>,
     client: SocketAddr,
 ) -> http::Response<ProxyBody> {
@@ -433,7 +451,7 @@ async fn answer(
 async fn serve_http2(
     io: Rewound,
     client: SocketAddr,
-    plane: Arc<DataPlane>,
+    live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
 ) {
@@ -442,9 +460,9 @@ async fn serve_http2(
     let service = hyper::service::service_fn(|request: http::Request<Incoming>| {
         let in_request = phase.begin();
         let request = request.map(ClientBody::Http2);
-        let plane = Arc::clone(&plane);
+        let plane = live.plane();
         async move {
-            let response = answer(&plane, request, client).await;
+            let response = answer(plane, request, client).await;
             drop(in_request);
             Ok::<_, Infallible>(response)
         }
@@ -600,15 +618,19 @@ async fn evict_idle_resources(gate: Gate, stop: CancellationToken) {
     }
 }
 
-/// Retention: at start-up and then every `interval`, plans what `retention` no longer keeps (on
-/// a read-only connection) and deletes it in small batches with pauses between them.
+/// Retention: at start-up, then every `interval` and after every reload, plans what `retention`
+/// no longer keeps (on a read-only connection) and deletes it in small batches with pauses
+/// between them.
 async fn prune_audit_log(
     admin: AdminState,
-    retention: Retention,
-    interval: Duration,
+    mut pruning: tokio::sync::watch::Receiver<Pruning>,
     stop: CancellationToken,
 ) {
     loop {
+        let Pruning {
+            retention,
+            interval,
+        } = *pruning.borrow_and_update();
         let reader = admin.reader.clone();
         match tokio::task::spawn_blocking(move || reader.prune_plan(retention)).await {
             Ok(Ok(plan)) => {
@@ -624,8 +646,10 @@ async fn prune_audit_log(
                 tracing::warn!(error = %e, "the audit log's pruning planner failed; retrying later")
             }
         }
+        // A reload's new retention applies at once, not after the old interval.
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
+            _ = pruning.changed() => {}
             () = stop.cancelled() => return,
         }
     }

@@ -1,4 +1,4 @@
-//! The signals that start a graceful shutdown.
+//! The signals that start a graceful shutdown, and SIGHUP, which reloads the config.
 
 /// Completes on the first SIGINT (Ctrl-C) or SIGTERM.
 pub async fn signal() {
@@ -23,4 +23,9 @@ pub async fn signal() {
         () = interrupt => tracing::info!("SIGINT received, shutting down"),
         () = terminate => tracing::info!("SIGTERM received, shutting down"),
     }
+}
+
+/// SIGHUP, from now on: a reload request instead of the default (ending the process).
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }

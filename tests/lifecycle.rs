@@ -346,3 +346,110 @@ async fn a_start_that_fails_on_a_port_in_use_leaves_the_database_as_it_was() {
         );
     }
 }
+
+/// Waits until `check` holds, for at most five seconds.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(5), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// SIGHUP reloads the config file: a new route serves at once, a request in flight across the
+/// reload finishes on the route it started with, a connection opened before it goes on, a key
+/// that only a restart changes is named in the log, and a broken file changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_routes_without_dropping_a_connection_and_a_bad_config_changes_nothing() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let mut proxy = common::binary::start_binary(&upstream.url(), &db).await;
+    let config = db.with_extension("toml");
+    let client = reqwest::Client::new();
+    let put_to = |path: &str, token: u64| {
+        client
+            .put(format!("http://{}{path}", proxy.addr))
+            .header("fencing-token", token.to_string())
+            .send()
+    };
+    assert_eq!(put_to("/crash/1", 1).await.unwrap().status(), 200);
+    assert_eq!(put_to("/orders/1", 1).await.unwrap().status(), 404);
+    let in_flight = {
+        let request = client
+            .put(format!("http://{}/crash/2", proxy.addr))
+            .header("fencing-token", "5")
+            .header(common::DELAY_HEADER, "1500");
+        tokio::spawn(request.send())
+    };
+    eventually("the slow request reached the upstream", async || {
+        upstream.arrivals().len() == 2
+    })
+    .await;
+
+    let original = std::fs::read_to_string(&config).unwrap();
+    let grown = format!(
+        "in_doubt_grace = \"7s\"\n{original}\n[[routes]]\npath = \"/orders/{{id}}\"\nupstream = \"{}\"\nresource = \"order:{{id}}\"\n",
+        upstream.url()
+    );
+    std::fs::write(&config, grown).unwrap();
+    let hup = |proxy: &common::binary::Proxy| {
+        let pid = proxy.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    hup(&proxy);
+    eventually("the new route serves", async || {
+        put_to("/orders/1", 3).await.unwrap().status() == 200
+    })
+    .await;
+    let finished = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        finished.status(),
+        200,
+        "the request in flight across the reload"
+    );
+    assert!(proxy.logged("config reloaded"));
+    assert!(
+        proxy.logged("in_doubt_grace"),
+        "a key only a restart changes is named: {:?}",
+        proxy.log.lock().unwrap()
+    );
+
+    std::fs::write(&config, "routes = [[[ not toml").unwrap();
+    hup(&proxy);
+    eventually("the failed reload is logged", async || {
+        proxy.logged("config reload failed")
+    })
+    .await;
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    assert_eq!(put_to("/orders/2", 1).await.unwrap().status(), 200);
+    assert_eq!(put_to("/crash/1", 2).await.unwrap().status(), 200);
+
+    let pid = proxy.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(proxy.child.wait().unwrap().success());
+    let arrived: Vec<String> = upstream
+        .arrivals()
+        .iter()
+        .map(|a| a.target.clone())
+        .collect();
+    assert_eq!(
+        arrived,
+        ["/crash/1", "/crash/2", "/orders/1", "/orders/2", "/crash/1"]
+    );
+}

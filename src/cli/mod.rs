@@ -65,7 +65,7 @@ impl Cli {
                     }
                 };
                 telemetry::init(self.log_format);
-                serve::run(config)
+                serve::run(config, args)
             }
             Command::Audit(args) => audit::run(&args),
             Command::Epochs(args) => epochs::run(&args),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::{Config, ConfigError, Overrides};
-use crate::server::App;
+use crate::server::{App, Reloader};
 use crate::shutdown;
 
 /// The environment variable that holds the admin token (kept out of flags, so it is not visible in
@@ -14,7 +14,7 @@ use crate::shutdown;
 pub const ADMIN_TOKEN_ENV: &str = "FENCEGATE_ADMIN_TOKEN";
 
 /// Flags of `fencegate serve`; each also reads a `FENCEGATE_*` environment variable.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// TOML config file.
     #[arg(long, env = "FENCEGATE_CONFIG", value_name = "FILE")]
@@ -47,10 +47,11 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM. This runtime, of one worker, serves the admin plane
-/// and the background tasks; the data plane runs on threads of its own (`worker_threads`, one per
-/// core by default), each with its own runtime (see `server`).
-pub fn run(config: Config) -> ExitCode {
+/// Runs the server until SIGINT or SIGTERM, reloading `args`' config file on SIGHUP. This
+/// runtime, of one worker, serves the admin plane and the background tasks; the data plane runs
+/// on threads of its own (`worker_threads`, one per core by default), each with its own runtime
+/// (see `server`).
+pub fn run(config: Config, args: ServeArgs) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(1);
     let runtime = match builder.enable_all().build() {
@@ -61,15 +62,43 @@ pub fn run(config: Config) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Listened for before anything is bound: SIGHUP's default action would end the process.
+        let hangups = shutdown::hangups()?;
         let app = App::build(config).await?;
-        app.run_until_stopped(shutdown::signal()).await
+        let reloads = tokio::spawn(reload_on_hangup(hangups, args, app.reloader()));
+        let served = app.run_until_stopped(shutdown::signal()).await;
+        reloads.abort();
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("fencegate: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// On every SIGHUP, reads the config again (file, environment, the same flags) and applies it;
+/// a config that does not load or validate is logged with its error and changes nothing.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    args: ServeArgs,
+    reloader: Reloader,
+) {
+    while hangups.recv().await.is_some() {
+        match args.load_config() {
+            Ok(config) => {
+                let reloaded = reloader.apply(config);
+                if !reloaded.restart_needed.is_empty() {
+                    tracing::warn!(
+                        keys = %reloaded.restart_needed.join(", "),
+                        "config reloaded, but these keys only change at a restart; their running values stay"
+                    );
+                }
+                tracing::info!(routes = reloaded.routes, "config reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "config reload failed; the running config stays"),
         }
     }
 }

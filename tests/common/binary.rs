@@ -11,6 +11,19 @@ pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Every line the server has written to stderr so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    /// Whether a line of the server's log so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
+    }
 }
 
 impl Drop for Proxy {
@@ -72,11 +85,14 @@ pub async fn start(mut command: Command) -> Proxy {
         child,
         addr: unbound,
         admin: unbound,
+        log: Default::default(),
     };
     let stderr = proxy.child.stderr.take().unwrap();
     let (found, addresses) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::clone(&proxy.log);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.lock().unwrap().push(line.clone());
             if line.contains("fencegate serving") {
                 let address = |key: &str| -> SocketAddr {
                     let start = line.find(key).unwrap() + key.len();
