@@ -114,6 +114,8 @@ pub fn router(state: AdminState) -> Router {
 enum AdminError {
     #[error("this call needs the header Authorization: Bearer <admin token>")]
     Unauthorized,
+    #[error("the bearer token sent is not the admin token")]
+    WrongToken,
     #[error("reset is disabled: it lowers fencing tokens, so it needs an admin token configured")]
     ResetDisabled,
     #[error("{parameter}: {problem}")]
@@ -141,7 +143,7 @@ impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let detail = self.to_string();
         let response = match self {
-            AdminError::Unauthorized => {
+            AdminError::Unauthorized | AdminError::WrongToken => {
                 let mut response = problem::response(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -190,13 +192,20 @@ async fn require_bearer_token(
     next: Next,
 ) -> Response {
     match &state.token {
-        Some(token) if !bearer(request.headers()).is_some_and(|p| token.matches(p)) => {
-            tracing::warn!(
-                path = request.uri().path(),
-                "admin call without a valid token"
-            );
-            AdminError::Unauthorized.into_response()
-        }
+        Some(token) => match bearer(request.headers()) {
+            Some(presented) if token.matches(presented) => next.run(request).await,
+            presented => {
+                tracing::warn!(
+                    path = request.uri().path(),
+                    "admin call without a valid token"
+                );
+                let error = match presented {
+                    None => AdminError::Unauthorized,
+                    Some(_) => AdminError::WrongToken,
+                };
+                error.into_response()
+            }
+        },
         _ => next.run(request).await,
     }
 }

@@ -232,10 +232,21 @@ async fn fence_goes_through_the_admin_api_and_the_gate() {
     let unauthorised = fence(Some("wrong"), "5").await.unwrap();
     assert_eq!(unauthorised.status.code(), Some(1));
     assert!(
-        stderr(&unauthorised).contains("401"),
+        stderr(&unauthorised).contains("401")
+            && stderr(&unauthorised).contains("the bearer token sent is not the admin token"),
         "{}",
         stderr(&unauthorised)
     );
+    let tokenless = fence(None, "5").await.unwrap();
+    assert!(
+        stderr(&tokenless).contains("needs the header Authorization"),
+        "{}",
+        stderr(&tokenless)
+    );
+    let bad_url = fencegate(&["fence", "--admin", "not a url", "w", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(bad_url.status.code(), Some(2), "an unusable command line");
     let vias: Vec<String> = app.epochs().into_iter().map(|e| e.3).collect();
     assert_eq!(vias, ["write", "fence"]);
 
@@ -343,7 +354,78 @@ resource = "default"
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("cannot read config file"));
+    assert_eq!(
+        stderr(&missing)
+            .matches("/nonexistent/fencegate.toml")
+            .count(),
+        1,
+        "the file is named once: {}",
+        stderr(&missing)
+    );
+    let unparsable = dir.path().join("unparsable.toml");
+    std::fs::write(&unparsable, "routes = [[[\n").unwrap();
+    let output = fencegate(&["check-config", unparsable.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        stderr(&output).matches("unparsable.toml").count(),
+        1,
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// `/wallets/:id` is an older router's placeholder; matchit 0.8 reads it as literal text, so the
+/// route would serve only the path `/wallets/:id`. check-config says so and names `{id}`.
+#[test]
+fn check_config_warns_of_placeholders_in_the_old_router_syntax() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("colon.toml");
+    std::fs::write(
+        &file,
+        "[[routes]]\npath = \"/wallets/:id\"\nupstream = \"http://127.0.0.1:1\"\nresource = \"wallet\"\n",
+    )
+    .unwrap();
+    let output = fencegate(&["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains(
+            "warning: routes[0] (/wallets/:id) has the segment :id, which matches only the literal text :id; to capture a segment write {id}"
+        ),
+        "{}",
+        stdout(&output)
+    );
+}
+
+/// `check-config FILE | head -1`: the reader closes the pipe early; no panic, exit 0.
+#[test]
+fn check_config_into_a_closed_pipe_does_not_panic() {
+    use std::io::Read as _;
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/fencegate.toml"
+    );
+    for _ in 0..5 {
+        let mut child = fencegate(&["check-config", example])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // closed before a byte is read
+        let status = child.wait().unwrap();
+        let mut errors = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut errors)
+            .unwrap();
+        assert!(!errors.contains("panicked"), "{errors}");
+        assert!(status.success() || errors.is_empty(), "{status:?} {errors}");
+    }
 }
 
 /// Reads JSON log lines from `lines` until one has `message`; returns it.

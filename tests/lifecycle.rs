@@ -316,7 +316,11 @@ async fn a_start_that_fails_on_a_port_in_use_leaves_the_database_as_it_was() {
 
     let fresh = dir.path().join("fresh.db");
     let stderr = failed_start(&fresh, "--listen");
-    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert_eq!(
+        stderr.matches("cannot listen on").count(),
+        1,
+        "said once: {stderr}"
+    );
     assert!(!fresh.exists(), "a failed start created the database");
 
     let used = dir.path().join("used.db");

@@ -1,13 +1,14 @@
 //! `fencegate check-config`: validate a config and show what it would serve.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 
 use super::serve::ADMIN_TOKEN_ENV;
-use crate::config::{Config, Overrides};
+use crate::config::{Config, ConfigError, Overrides};
 use crate::profile::Profile;
 use crate::route::Route;
 
@@ -28,8 +29,16 @@ pub fn run(args: &CheckConfigArgs) -> ExitCode {
     };
     match Config::load(Some(&args.file), overrides) {
         Ok(config) => {
-            print!("{}", describe(&config));
+            // A reader that stops early (`| head`) closes the pipe: not an error, and no panic.
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(describe(&config).as_bytes());
             ExitCode::SUCCESS
+        }
+        // Reading and parsing errors name the file themselves.
+        Err(e @ (ConfigError::Read { .. } | ConfigError::Syntax { .. })) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("{}: {e}", args.file.display());
@@ -122,8 +131,9 @@ pub fn describe(config: &Config) -> String {
 }
 
 /// Route tables that work, but not the way an operator may think: collections that one route
-/// matches above another route's paths, and routes whose resources nest.
-fn warnings(config: &Config) -> Vec<String> {
+/// matches above another route's paths, routes whose resources nest, and placeholders in an older
+/// router's syntax. `serve` logs them too.
+pub fn warnings(config: &Config) -> Vec<String> {
     let routes = config.routes.routes();
     let mut warnings: Vec<String> = config
         .routes
@@ -144,6 +154,24 @@ fn warnings(config: &Config) -> Vec<String> {
         })
         .collect();
     for (index, route) in routes.iter().enumerate() {
+        // matchit 0.7's `:id` and `*rest` are literal text in 0.8: the route would match only a
+        // path spelled that way.
+        let legacy = route.path().split('/').find(|segment| {
+            segment.len() > 1 && (segment.starts_with(':') || segment.starts_with('*'))
+        });
+        if let Some(segment) = legacy {
+            let name = &segment[1..];
+            let placeholder = if segment.starts_with('*') {
+                format!("{{*{name}}}")
+            } else {
+                format!("{{{name}}}")
+            };
+            warnings.push(format!(
+                "routes[{index}] ({}) has the segment {segment}, which matches only the literal text \
+                 {segment}; to capture a segment write {placeholder}",
+                route.path()
+            ));
+        }
         if route.nests_resources() {
             warnings.push(format!(
                 "routes[{index}] ({}) gives every sub-path a resource of its own ({}); a request \

@@ -68,7 +68,11 @@ pub fn run(args: &FenceArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("fencegate fence: {e}");
-            ExitCode::FAILURE
+            match e {
+                // An unusable command line, as README's exit statuses say.
+                FenceError::BadUrl(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

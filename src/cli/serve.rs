@@ -61,6 +61,9 @@ pub fn run(config: Config, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for warning in super::check_config::warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     let result = runtime.block_on(async {
         // Listened for before anything is bound: SIGHUP's default action would end the process.
         let hangups = shutdown::hangups()?;

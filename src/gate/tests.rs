@@ -651,3 +651,22 @@ mod properties {
         Ok(())
     }
 }
+
+/// What decides whether a stop is recorded as clean: a permit still held (in flight), or one
+/// dropped unsettled whose in-doubt grace has not run out.
+#[tokio::test]
+async fn anything_in_doubt_sees_permits_in_flight_and_unsettled_ones_until_their_grace_ends() {
+    let grace = Duration::from_millis(200);
+    let f = fixture(grace);
+    assert!(!f.gate.anything_in_doubt(), "a new gate");
+    let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+    assert!(f.gate.anything_in_doubt(), "a permit in flight");
+    permit.settle();
+    assert!(!f.gate.anything_in_doubt(), "settled");
+
+    let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+    drop(permit); // the upstream may still apply it
+    assert!(f.gate.anything_in_doubt(), "dropped unsettled");
+    tokio::time::sleep(grace + Duration::from_millis(50)).await;
+    assert!(!f.gate.anything_in_doubt(), "the grace has run out");
+}
