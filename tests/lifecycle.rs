@@ -457,3 +457,44 @@ async fn sighup_reloads_routes_without_dropping_a_connection_and_a_bad_config_ch
         ["/crash/1", "/crash/2", "/orders/1", "/orders/2", "/crash/1"]
     );
 }
+
+/// A database fencegate cannot use is named with the reason, once: a missing directory (and
+/// where else the path can come from), a path that is not a file it can read and write.
+#[test]
+fn an_unusable_database_path_is_explained_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |db: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_fencegate"))
+            .args(["serve", "--upstream", "http://127.0.0.1:1"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--db",
+            ])
+            .arg(db)
+            .output()
+            .unwrap()
+    };
+    let missing = serve(&dir.path().join("no/such/dir/fencegate.db"));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("FENCEGATE_DB"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(".lock"),
+        "the lock file is not the problem: {stderr}"
+    );
+    assert!(!dir.path().join("no").exists());
+
+    let directory = dir.path().join("a-directory.db");
+    std::fs::create_dir(&directory).unwrap();
+    let output = serve(&directory);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+    assert!(stderr.contains("for reading and writing"), "{stderr}");
+}

@@ -156,31 +156,42 @@ pub struct PrunePlan {
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open database {path}: {source}")]
+    // The causes are in the messages, and deliberately not `source`s: a chain printed whole
+    // (`{:#}`) would repeat them.
+    #[error("cannot open database {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: Arc<rusqlite::Error>,
+        cause: Arc<rusqlite::Error>,
     },
-    #[error("cannot bring database {path} to the current schema: {source}")]
+    #[error("cannot open database {path} for reading and writing: {cause}")]
+    Access {
+        path: PathBuf,
+        cause: Arc<std::io::Error>,
+    },
+    #[error(
+        "the directory of database {path} does not exist; create it, or name another file with --db (or FENCEGATE_DB, or `database` in the config file)"
+    )]
+    NoDirectory { path: PathBuf },
+    #[error("cannot bring database {path} to the current schema: {cause}")]
     Migrate {
         path: PathBuf,
-        source: Arc<rusqlite_migration::Error>,
+        cause: Arc<rusqlite_migration::Error>,
     },
     #[error(
         "database {path} is in use by another `fencegate serve` (it holds {lock}); two servers on one database would each enforce only their own tokens"
     )]
     InUse { path: PathBuf, lock: PathBuf },
     #[error(
-        "database {path} is locked for writing by another process ({source}); fencegate must be able to write before it serves (close any sqlite3 shell or other writer)"
+        "database {path} is locked for writing by another process ({cause}); fencegate must be able to write before it serves (close any sqlite3 shell or other writer)"
     )]
     Locked {
         path: PathBuf,
-        source: Arc<rusqlite::Error>,
+        cause: Arc<rusqlite::Error>,
     },
-    #[error("cannot lock {lock}: {source}")]
+    #[error("cannot lock {lock}: {cause}")]
     LockFile {
         lock: PathBuf,
-        source: Arc<std::io::Error>,
+        cause: Arc<std::io::Error>,
     },
     #[error("database {path} did not switch to WAL journaling (it reports {mode:?})")]
     NotWal { path: PathBuf, mode: String },
@@ -280,7 +291,7 @@ impl LockFile {
 fn lock_error(lock: &Path, source: std::io::Error) -> StoreError {
     StoreError::LockFile {
         lock: lock.to_owned(),
-        source: Arc::new(source),
+        cause: Arc::new(source),
     }
 }
 
@@ -355,6 +366,16 @@ impl Store {
     /// `<database>.lock` for as long as it runs (the kernel releases it if the process dies).
     /// The guard tells how the previous server stopped ([`WriterGuard::last_stop`]).
     pub fn open(path: &Path) -> Result<(Store, WriterGuard), StoreError> {
+        let directory = match path.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+            Some(parent) => parent,
+            None => Path::new("/"),
+        };
+        if !directory.is_dir() {
+            return Err(StoreError::NoDirectory {
+                path: path.to_owned(),
+            });
+        }
         let (lock, last_stop) = LockFile::take(path)?;
         let conn = schema::open(path)?;
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);

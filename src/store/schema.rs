@@ -33,10 +33,23 @@ pub(super) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Opens the database for writing: WAL journaling with `synchronous=FULL`, so a commit is on disk
 /// (and survives power loss) before it returns, then migrates it to the current schema.
 pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
-    let open_error = |source| StoreError::Open {
+    let open_error = |cause| StoreError::Open {
         path: path.to_owned(),
-        source: Arc::new(source),
+        cause: Arc::new(cause),
     };
+    // SQLite reports a file it may not read or write only as "unable to open database file";
+    // the operating system says why.
+    if path.exists()
+        && let Err(cause) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+    {
+        return Err(StoreError::Access {
+            path: path.to_owned(),
+            cause: Arc::new(cause),
+        });
+    }
     let mut conn = Connection::open(path).map_err(open_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
     let mode: String = conn
@@ -53,15 +66,15 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
     // A database another process keeps locked would fail every fenced write; refuse to start
     // (before migrating, which would fail on the same lock with a less helpful error).
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
-        .map_err(|source| StoreError::Locked {
+        .map_err(|cause| StoreError::Locked {
             path: path.to_owned(),
-            source: Arc::new(source),
+            cause: Arc::new(cause),
         })?;
     migrations()
         .to_latest(&mut conn)
-        .map_err(|source| StoreError::Migrate {
+        .map_err(|cause| StoreError::Migrate {
             path: path.to_owned(),
-            source: Arc::new(source),
+            cause: Arc::new(cause),
         })?;
     Ok(conn)
 }
