@@ -17,6 +17,22 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+/// Runs a test's body under a deadline: a gate that never lets a request through (a broken drain,
+/// a slot that never loads) fails the test in seconds instead of hanging it. The deadline is real
+/// time, kept by a thread of its own: a tokio timer would fire at once in the paused-time tests,
+/// whose clock jumps ahead whenever they wait for the store's thread.
+async fn within<F: std::future::Future>(body: F) -> F::Output {
+    let (expired, deadline) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        let _ = expired.send(());
+    });
+    tokio::select! {
+        output = body => output,
+        _ = deadline => panic!("the gate never answered within 5 s: a request waits for ever"),
+    }
+}
+
 fn fixture(in_doubt_grace: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (store, guard) = Store::open(&dir.path().join("gate.db")).unwrap();
@@ -77,357 +93,416 @@ fn jump_limit_applies_only_above_a_known_highest() {
 
 #[tokio::test]
 async fn same_token_requests_are_admitted_together() {
-    let f = fixture(Duration::from_secs(1));
-    let first = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let second = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let third = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    for permit in [first, second, third] {
-        assert_eq!(permit.settle(), Some(t(1)));
-    }
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let first = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let second = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let third = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        for permit in [first, second, third] {
+            assert_eq!(permit.settle(), Some(t(1)));
+        }
+    })
+    .await
 }
 
 #[tokio::test]
 async fn lower_token_is_refused_once_a_higher_one_is_durable() {
-    let f = fixture(Duration::from_secs(1));
-    f.gate
-        .admit(&key("w"), t(2), None, "")
-        .await
-        .unwrap()
-        .settle();
-    let refusal = f.gate.admit(&key("w"), t(1), None, "").await.unwrap_err();
-    assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(2)));
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        f.gate
+            .admit(&key("w"), t(2), None, "")
+            .await
+            .unwrap()
+            .settle();
+        let refusal = f.gate.admit(&key("w"), t(1), None, "").await.unwrap_err();
+        assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(2)));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn higher_token_waits_until_older_in_flight_requests_settle() {
-    let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let new = admit_later(&f.gate, "w", 2);
-    until_highest(&f.gate, "w", 2).await;
-    let_others_run().await;
-    assert!(
-        !new.is_finished(),
-        "token 2 must not be forwarded while token 1 is in flight"
-    );
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let new = admit_later(&f.gate, "w", 2);
+        until_highest(&f.gate, "w", 2).await;
+        let_others_run().await;
+        assert!(
+            !new.is_finished(),
+            "token 2 must not be forwarded while token 1 is in flight"
+        );
 
-    old.settle();
-    let permit = new.await.unwrap().unwrap();
-    assert_eq!(permit.highest(), Some(t(2)));
+        old.settle();
+        let permit = new.await.unwrap().unwrap();
+        assert_eq!(permit.highest(), Some(t(2)));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn resources_do_not_wait_on_each_other() {
-    let f = fixture(Duration::from_secs(1));
-    let _busy = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
-    let other = f.gate.admit(&key("b"), t(2), None, "").await.unwrap();
-    other.settle();
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let _busy = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+        let other = f.gate.admit(&key("b"), t(2), None, "").await.unwrap();
+        other.settle();
+    })
+    .await
 }
 
 #[tokio::test]
 async fn requests_arriving_with_a_new_token_all_go_once_the_old_drain() {
-    let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let first = admit_later(&f.gate, "w", 2);
-    until_highest(&f.gate, "w", 2).await;
-    let second = admit_later(&f.gate, "w", 2);
-    let_others_run().await;
-    assert!(!first.is_finished() && !second.is_finished());
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let first = admit_later(&f.gate, "w", 2);
+        until_highest(&f.gate, "w", 2).await;
+        let second = admit_later(&f.gate, "w", 2);
+        let_others_run().await;
+        assert!(!first.is_finished() && !second.is_finished());
 
-    old.settle();
-    // Both permits are held at the same time: same-token requests never wait on each other.
-    let first = first.await.unwrap().unwrap();
-    let second = second.await.unwrap().unwrap();
-    first.settle();
-    second.settle();
+        old.settle();
+        // Both permits are held at the same time: same-token requests never wait on each other.
+        let first = first.await.unwrap().unwrap();
+        let second = second.await.unwrap().unwrap();
+        first.settle();
+        second.settle();
+    })
+    .await
 }
 
 #[tokio::test]
 async fn waiter_superseded_by_an_even_higher_token_is_refused() {
-    let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let middle = admit_later(&f.gate, "w", 2);
-    until_highest(&f.gate, "w", 2).await;
-    let newest = admit_later(&f.gate, "w", 3);
-    until_highest(&f.gate, "w", 3).await;
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let middle = admit_later(&f.gate, "w", 2);
+        until_highest(&f.gate, "w", 2).await;
+        let newest = admit_later(&f.gate, "w", 3);
+        until_highest(&f.gate, "w", 3).await;
 
-    let refusal = middle.await.unwrap().unwrap_err();
-    assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(3)));
-    let_others_run().await;
-    assert!(!newest.is_finished());
-    old.settle();
-    newest.await.unwrap().unwrap().settle();
+        let refusal = middle.await.unwrap().unwrap_err();
+        assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(3)));
+        let_others_run().await;
+        assert!(!newest.is_finished());
+        old.settle();
+        newest.await.unwrap().unwrap().settle();
+    })
+    .await
 }
 
 #[tokio::test(start_paused = true)]
 async fn torn_down_request_holds_back_the_next_token_for_the_grace() {
-    let f = fixture(Duration::from_secs(10));
-    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    drop(old); // torn down: the upstream may still apply it
-    let new = admit_later(&f.gate, "w", 2);
-    until_highest(&f.gate, "w", 2).await;
-    let_others_run().await;
-    assert!(!new.is_finished());
+    within(async {
+        let f = fixture(Duration::from_secs(10));
+        let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        drop(old); // torn down: the upstream may still apply it
+        let new = admit_later(&f.gate, "w", 2);
+        until_highest(&f.gate, "w", 2).await;
+        let_others_run().await;
+        assert!(!new.is_finished());
 
-    tokio::time::advance(Duration::from_secs(8)).await;
-    let_others_run().await;
-    assert!(!new.is_finished(), "still inside the in-doubt grace");
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let_others_run().await;
+        assert!(!new.is_finished(), "still inside the in-doubt grace");
 
-    tokio::time::advance(Duration::from_secs(3)).await;
-    new.await.unwrap().unwrap().settle();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        new.await.unwrap().unwrap().settle();
+    })
+    .await
 }
 
 #[tokio::test(start_paused = true)]
 async fn after_an_unclean_stop_no_token_opens_before_the_grace_has_passed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _guard) = Store::open(&dir.path().join("gate.db")).unwrap();
-    let grace = Duration::from_secs(10);
-    let gate = Gate::new(store, grace, Metrics::new(), LastStop::Unclean);
-    let first = admit_later(&gate, "w", 1);
-    until_highest(&gate, "w", 1).await;
-    let_others_run().await;
-    assert!(
-        !first.is_finished(),
-        "the dead server's requests may still land"
-    );
-    tokio::time::advance(grace).await;
-    first.await.unwrap().unwrap().settle();
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+        let grace = Duration::from_secs(10);
+        let gate = Gate::new(store, grace, Metrics::new(), LastStop::Unclean);
+        let first = admit_later(&gate, "w", 1);
+        until_highest(&gate, "w", 1).await;
+        let_others_run().await;
+        assert!(
+            !first.is_finished(),
+            "the dead server's requests may still land"
+        );
+        tokio::time::advance(grace).await;
+        first.await.unwrap().unwrap().settle();
+    })
+    .await
 }
 
 #[tokio::test(start_paused = true)]
 async fn after_a_clean_stop_the_first_token_opens_at_once() {
-    let f = fixture(Duration::from_secs(10));
-    let before = Instant::now();
-    f.gate
-        .admit(&key("w"), t(1), None, "")
-        .await
-        .unwrap()
-        .settle();
-    assert_eq!(
-        Instant::now(),
-        before,
-        "no time passed, so there was no wait"
-    );
+    within(async {
+        let f = fixture(Duration::from_secs(10));
+        let before = Instant::now();
+        f.gate
+            .admit(&key("w"), t(1), None, "")
+            .await
+            .unwrap()
+            .settle();
+        assert_eq!(
+            Instant::now(),
+            before,
+            "no time passed, so there was no wait"
+        );
+    })
+    .await
 }
 
 #[tokio::test(start_paused = true)]
 async fn same_token_requests_are_not_held_back_by_a_torn_down_one() {
-    let f = fixture(Duration::from_secs(10));
-    drop(f.gate.admit(&key("w"), t(1), None, "").await.unwrap());
-    let before = Instant::now();
-    let again = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    // The paused clock would jump over a wait, so prove there was none: no time passed.
-    assert_eq!(
-        Instant::now(),
-        before,
-        "a same-token request must not wait out the grace"
-    );
-    again.settle();
+    within(async {
+        let f = fixture(Duration::from_secs(10));
+        drop(f.gate.admit(&key("w"), t(1), None, "").await.unwrap());
+        let before = Instant::now();
+        let again = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        // The paused clock would jump over a wait, so prove there was none: no time passed.
+        assert_eq!(
+            Instant::now(),
+            before,
+            "a same-token request must not wait out the grace"
+        );
+        again.settle();
+    })
+    .await
 }
 
 #[tokio::test]
 async fn jump_beyond_the_route_limit_is_refused() {
-    let f = fixture(Duration::from_secs(1));
-    f.gate
-        .admit(&key("w"), t(10), Some(5), "")
-        .await
-        .unwrap()
-        .settle();
-    f.gate
-        .admit(&key("w"), t(15), Some(5), "")
-        .await
-        .unwrap()
-        .settle();
-    let refusal = f
-        .gate
-        .admit(&key("w"), t(21), Some(5), "")
-        .await
-        .unwrap_err();
-    assert!(matches!(refusal, Refusal::Jump { limit: 5, .. }));
-    assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(15)));
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        f.gate
+            .admit(&key("w"), t(10), Some(5), "")
+            .await
+            .unwrap()
+            .settle();
+        f.gate
+            .admit(&key("w"), t(15), Some(5), "")
+            .await
+            .unwrap()
+            .settle();
+        let refusal = f
+            .gate
+            .admit(&key("w"), t(21), Some(5), "")
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal, Refusal::Jump { limit: 5, .. }));
+        assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(15)));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn admit_all_refused_by_one_gate_raises_no_resource() {
-    let f = fixture(Duration::from_secs(60));
-    f.gate
-        .admit(&key("b"), t(5), None, "")
-        .await
-        .unwrap()
-        .settle();
-    let refused = f
-        .gate
-        .admit_all(&key("a"), &[key("b")], t(3), None, "")
-        .await
-        .unwrap_err();
-    assert_eq!(refused.resource, key("b"));
-    assert!(matches!(refused.refusal, Refusal::Stale { highest } if highest == t(5)));
-    assert_eq!(
-        f.gate.highest(&key("a")).await.unwrap(),
-        None,
-        "a was not raised"
-    );
-    // Nothing of the refused request is left in flight or in doubt.
-    assert!(!f.gate.anything_in_doubt());
+    within(async {
+        let f = fixture(Duration::from_secs(60));
+        f.gate
+            .admit(&key("b"), t(5), None, "")
+            .await
+            .unwrap()
+            .settle();
+        let refused = f
+            .gate
+            .admit_all(&key("a"), &[key("b")], t(3), None, "")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.resource, key("b"));
+        assert!(matches!(refused.refusal, Refusal::Stale { highest } if highest == t(5)));
+        assert_eq!(
+            f.gate.highest(&key("a")).await.unwrap(),
+            None,
+            "a was not raised"
+        );
+        // Nothing of the refused request is left in flight or in doubt.
+        assert!(!f.gate.anything_in_doubt());
+    })
+    .await
 }
 
 #[tokio::test]
 async fn admit_all_passes_every_gate_and_raises_them_together() {
-    let f = fixture(Duration::from_secs(60));
-    f.gate
-        .admit(&key("a"), t(2), None, "")
-        .await
-        .unwrap()
-        .settle();
-    let permits = f
-        .gate
-        .admit_all(&key("b"), &[key("a"), key("b")], t(4), None, "")
-        .await
-        .unwrap();
-    assert_eq!(f.gate.highest(&key("a")).await.unwrap(), Some(t(4)));
-    assert_eq!(f.gate.highest(&key("b")).await.unwrap(), Some(t(4)));
-    // Both are in flight until the permits settle: a newer token waits on either.
-    let waiting = admit_later(&f.gate, "a", 5);
-    until_highest(&f.gate, "a", 5).await;
-    let_others_run().await;
-    assert!(!waiting.is_finished());
-    assert_eq!(
-        permits.settle(),
-        Some(t(5)),
-        "the greatest highest, for the header"
-    );
-    waiting.await.unwrap().unwrap().settle();
+    within(async {
+        let f = fixture(Duration::from_secs(60));
+        f.gate
+            .admit(&key("a"), t(2), None, "")
+            .await
+            .unwrap()
+            .settle();
+        let permits = f
+            .gate
+            .admit_all(&key("b"), &[key("a"), key("b")], t(4), None, "")
+            .await
+            .unwrap();
+        assert_eq!(f.gate.highest(&key("a")).await.unwrap(), Some(t(4)));
+        assert_eq!(f.gate.highest(&key("b")).await.unwrap(), Some(t(4)));
+        // Both are in flight until the permits settle: a newer token waits on either.
+        let waiting = admit_later(&f.gate, "a", 5);
+        until_highest(&f.gate, "a", 5).await;
+        let_others_run().await;
+        assert!(!waiting.is_finished());
+        assert_eq!(
+            permits.settle(),
+            Some(t(5)),
+            "the greatest highest, for the header"
+        );
+        waiting.await.unwrap().unwrap().settle();
+    })
+    .await
 }
 
 #[tokio::test]
 async fn a_superseded_second_gate_gives_the_first_permit_back_settled() {
-    let f = fixture(Duration::from_secs(60));
-    let old_b = f.gate.admit(&key("b"), t(1), None, "").await.unwrap();
-    let both = {
-        let gate = f.gate.clone();
-        tokio::spawn(async move { gate.admit_all(&key("a"), &[key("b")], t(2), None, "").await })
-    };
-    let_others_run().await;
-    until_highest(&f.gate, "b", 2).await;
-    assert!(!both.is_finished(), "waits for b's older request");
-    // A newer leader supersedes b while the request holds a's permit.
-    let newer = admit_later(&f.gate, "b", 3);
-    until_highest(&f.gate, "b", 3).await;
-    old_b.settle();
-    let refused = both.await.unwrap().unwrap_err();
-    assert_eq!(refused.resource, key("b"));
-    newer.await.unwrap().unwrap().settle();
-    // a's permit was given back settled: a's next token opens at once, not after the grace.
-    let next_a = tokio::time::timeout(
-        Duration::from_secs(5),
-        f.gate.admit(&key("a"), t(3), None, ""),
-    )
+    within(async {
+        let f = fixture(Duration::from_secs(60));
+        let old_b = f.gate.admit(&key("b"), t(1), None, "").await.unwrap();
+        let both = {
+            let gate = f.gate.clone();
+            tokio::spawn(
+                async move { gate.admit_all(&key("a"), &[key("b")], t(2), None, "").await },
+            )
+        };
+        let_others_run().await;
+        until_highest(&f.gate, "b", 2).await;
+        assert!(!both.is_finished(), "waits for b's older request");
+        // A newer leader supersedes b while the request holds a's permit.
+        let newer = admit_later(&f.gate, "b", 3);
+        until_highest(&f.gate, "b", 3).await;
+        old_b.settle();
+        let refused = both.await.unwrap().unwrap_err();
+        assert_eq!(refused.resource, key("b"));
+        newer.await.unwrap().unwrap().settle();
+        // a's permit was given back settled: a's next token opens at once, not after the grace.
+        let next_a = tokio::time::timeout(
+            Duration::from_secs(5),
+            f.gate.admit(&key("a"), t(3), None, ""),
+        )
+        .await
+        .expect("a was left in doubt");
+        next_a.unwrap().settle();
+    })
     .await
-    .expect("a was left in doubt");
-    next_a.unwrap().settle();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_same_resources_in_opposite_orders_do_not_deadlock() {
-    let f = fixture(Duration::from_secs(60));
-    let mut tasks = Vec::new();
-    for round in 0..200u64 {
-        let gate = f.gate.clone();
-        let (first, second) = if round % 2 == 0 {
-            ("a", "b")
-        } else {
-            ("b", "a")
-        };
-        tasks.push(tokio::spawn(async move {
-            let token = t(1 + round / 10);
-            match gate
-                .admit_all(&key(first), &[key(second)], token, None, "")
-                .await
-            {
-                Ok(permits) => {
-                    tokio::task::yield_now().await;
-                    permits.settle();
+    within(async {
+        let f = fixture(Duration::from_secs(60));
+        let mut tasks = Vec::new();
+        for round in 0..200u64 {
+            let gate = f.gate.clone();
+            let (first, second) = if round % 2 == 0 {
+                ("a", "b")
+            } else {
+                ("b", "a")
+            };
+            tasks.push(tokio::spawn(async move {
+                let token = t(1 + round / 10);
+                match gate
+                    .admit_all(&key(first), &[key(second)], token, None, "")
+                    .await
+                {
+                    Ok(permits) => {
+                        tokio::task::yield_now().await;
+                        permits.settle();
+                    }
+                    Err(refused) => assert!(matches!(refused.refusal, Refusal::Stale { .. })),
                 }
-                Err(refused) => assert!(matches!(refused.refusal, Refusal::Stale { .. })),
-            }
-        }));
-    }
-    let all = async {
-        for task in tasks {
-            task.await.unwrap();
+            }));
         }
-    };
-    tokio::time::timeout(Duration::from_secs(20), all)
-        .await
-        .expect("deadlocked");
+        let all = async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .expect("deadlocked");
+    })
+    .await
 }
 
 #[tokio::test]
 async fn fence_raises_the_highest_after_in_flight_writes_drain() {
-    let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let fence = {
-        let gate = f.gate.clone();
-        tokio::spawn(async move { gate.fence(&key("w"), t(7), "").await })
-    };
-    until_highest(&f.gate, "w", 7).await;
-    let_others_run().await;
-    assert!(!fence.is_finished());
-    old.settle();
-    assert_eq!(fence.await.unwrap().unwrap(), t(7));
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let fence = {
+            let gate = f.gate.clone();
+            tokio::spawn(async move { gate.fence(&key("w"), t(7), "").await })
+        };
+        until_highest(&f.gate, "w", 7).await;
+        let_others_run().await;
+        assert!(!fence.is_finished());
+        old.settle();
+        assert_eq!(fence.await.unwrap().unwrap(), t(7));
 
-    let stale = f.gate.fence(&key("w"), t(6), "").await.unwrap_err();
-    assert!(matches!(stale, Refusal::Stale { highest } if highest == t(7)));
-    assert_eq!(f.gate.fence(&key("w"), t(7), "").await.unwrap(), t(7));
+        let stale = f.gate.fence(&key("w"), t(6), "").await.unwrap_err();
+        assert!(matches!(stale, Refusal::Stale { highest } if highest == t(7)));
+        assert_eq!(f.gate.fence(&key("w"), t(7), "").await.unwrap(), t(7));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn evicted_resources_reload_their_highest_from_the_database() {
-    let f = fixture(Duration::from_secs(1));
-    f.gate
-        .admit(&key("a"), t(4), None, "")
-        .await
-        .unwrap()
-        .settle();
-    let busy = f.gate.admit(&key("b"), t(9), None, "").await.unwrap();
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        f.gate
+            .admit(&key("a"), t(4), None, "")
+            .await
+            .unwrap()
+            .settle();
+        let busy = f.gate.admit(&key("b"), t(9), None, "").await.unwrap();
 
-    assert_eq!(
-        f.gate.evict_idle(Duration::ZERO),
-        1,
-        "only the idle resource leaves"
-    );
-    assert_eq!(f.gate.resident(), 1);
-    let refusal = f.gate.admit(&key("a"), t(3), None, "").await.unwrap_err();
-    assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(4)));
-    busy.settle();
+        assert_eq!(
+            f.gate.evict_idle(Duration::ZERO),
+            1,
+            "only the idle resource leaves"
+        );
+        assert_eq!(f.gate.resident(), 1);
+        let refusal = f.gate.admit(&key("a"), t(3), None, "").await.unwrap_err();
+        assert!(matches!(refusal, Refusal::Stale { highest } if highest == t(4)));
+        busy.settle();
+    })
+    .await
 }
 
 #[tokio::test]
 async fn reset_lowers_the_highest_and_the_lower_token_waits_for_in_flight_writes() {
-    let f = fixture(Duration::from_secs(1));
-    let runaway = f.gate.admit(&key("w"), t(1_000), None, "").await.unwrap();
-    let reset = f.gate.reset(&key("w"), t(5), "runaway", "").await.unwrap();
-    assert_eq!(reset.from, Some(t(1_000)));
-    assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(5)));
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let runaway = f.gate.admit(&key("w"), t(1_000), None, "").await.unwrap();
+        let reset = f.gate.reset(&key("w"), t(5), "runaway", "").await.unwrap();
+        assert_eq!(reset.from, Some(t(1_000)));
+        assert_eq!(f.gate.highest(&key("w")).await.unwrap(), Some(t(5)));
 
-    let lower = admit_later(&f.gate, "w", 5);
-    let_others_run().await;
-    assert!(!lower.is_finished(), "token 1000 is still in flight");
-    runaway.settle();
-    lower.await.unwrap().unwrap().settle();
-    let stale = f.gate.admit(&key("w"), t(4), None, "").await.unwrap_err();
-    assert!(matches!(stale, Refusal::Stale { highest } if highest == t(5)));
+        let lower = admit_later(&f.gate, "w", 5);
+        let_others_run().await;
+        assert!(!lower.is_finished(), "token 1000 is still in flight");
+        runaway.settle();
+        lower.await.unwrap().unwrap().settle();
+        let stale = f.gate.admit(&key("w"), t(4), None, "").await.unwrap_err();
+        assert!(matches!(stale, Refusal::Stale { highest } if highest == t(5)));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn a_waiter_above_a_reset_token_is_refused_not_forwarded() {
-    let f = fixture(Duration::from_secs(1));
-    let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
-    let waiter = admit_later(&f.gate, "w", 9);
-    until_highest(&f.gate, "w", 9).await;
-    f.gate.reset(&key("w"), t(2), "undo", "").await.unwrap();
-    old.settle();
-    let refusal = waiter.await.unwrap().unwrap_err();
-    assert!(matches!(refusal, Refusal::NotDurable), "{refusal:?}");
+    within(async {
+        let f = fixture(Duration::from_secs(1));
+        let old = f.gate.admit(&key("w"), t(1), None, "").await.unwrap();
+        let waiter = admit_later(&f.gate, "w", 9);
+        until_highest(&f.gate, "w", 9).await;
+        f.gate.reset(&key("w"), t(2), "undo", "").await.unwrap();
+        old.settle();
+        let refusal = waiter.await.unwrap().unwrap_err();
+        assert!(matches!(refusal, Refusal::NotDurable), "{refusal:?}");
+    })
+    .await
 }
 
 #[test]
@@ -656,17 +731,20 @@ mod properties {
 /// dropped unsettled whose in-doubt grace has not run out.
 #[tokio::test]
 async fn anything_in_doubt_sees_permits_in_flight_and_unsettled_ones_until_their_grace_ends() {
-    let grace = Duration::from_millis(200);
-    let f = fixture(grace);
-    assert!(!f.gate.anything_in_doubt(), "a new gate");
-    let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
-    assert!(f.gate.anything_in_doubt(), "a permit in flight");
-    permit.settle();
-    assert!(!f.gate.anything_in_doubt(), "settled");
+    within(async {
+        let grace = Duration::from_millis(200);
+        let f = fixture(grace);
+        assert!(!f.gate.anything_in_doubt(), "a new gate");
+        let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+        assert!(f.gate.anything_in_doubt(), "a permit in flight");
+        permit.settle();
+        assert!(!f.gate.anything_in_doubt(), "settled");
 
-    let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
-    drop(permit); // the upstream may still apply it
-    assert!(f.gate.anything_in_doubt(), "dropped unsettled");
-    tokio::time::sleep(grace + Duration::from_millis(50)).await;
-    assert!(!f.gate.anything_in_doubt(), "the grace has run out");
+        let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+        drop(permit); // the upstream may still apply it
+        assert!(f.gate.anything_in_doubt(), "dropped unsettled");
+        tokio::time::sleep(grace + Duration::from_millis(50)).await;
+        assert!(!f.gate.anything_in_doubt(), "the grace has run out");
+    })
+    .await
 }
