@@ -748,3 +748,72 @@ async fn anything_in_doubt_sees_permits_in_flight_and_unsettled_ones_until_their
     })
     .await
 }
+
+/// Eviction drops only what nobody needs: a slot a request holds (even one idle by its state), a
+/// slot with a request in flight and a slot in doubt all stay, as the same slot; an idle,
+/// unreferenced one goes. Dropping any of the others would let a second slot for the same
+/// resource admit a token next to the first's, or forget that the upstream may still apply one.
+#[tokio::test]
+async fn eviction_keeps_every_slot_in_use_in_flight_or_in_doubt_and_drops_the_rest() {
+    within(async {
+        let f = fixture(Duration::from_secs(60));
+        f.gate
+            .admit(&key("idle"), t(1), None, "")
+            .await
+            .unwrap()
+            .settle();
+        let held = f.gate.slot(&key("held")).await.unwrap();
+        let in_flight = f.gate.admit(&key("busy"), t(1), None, "").await.unwrap();
+        drop(f.gate.admit(&key("doubt"), t(1), None, "").await.unwrap());
+        assert_eq!(f.gate.resident(), 4);
+
+        assert_eq!(f.gate.evict_idle(Duration::ZERO), 1, "only the idle one");
+        assert_eq!(f.gate.resident(), 3);
+        assert!(Arc::ptr_eq(
+            &held,
+            &f.gate.slot(&key("held")).await.unwrap()
+        ));
+        // The one in doubt still holds the next token back.
+        let next = admit_later(&f.gate, "doubt", 2);
+        let_others_run().await;
+        assert!(!next.is_finished(), "the in-doubt request was forgotten");
+        in_flight.settle();
+        next.abort();
+    })
+    .await
+}
+
+/// A resource not in memory (after a restart or an eviction) is read from the store before it
+/// is judged: its highest token is the stored one.
+#[tokio::test]
+async fn a_resource_not_in_memory_is_read_from_the_store_on_first_use() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+        let first = Gate::new(
+            store.clone(),
+            Duration::from_secs(1),
+            Metrics::new(),
+            LastStop::Clean,
+        );
+        first
+            .admit(&key("w"), t(7), None, "")
+            .await
+            .unwrap()
+            .settle();
+        let restarted = Gate::new(
+            store,
+            Duration::from_secs(1),
+            Metrics::new(),
+            LastStop::Clean,
+        );
+        assert_eq!(restarted.resident(), 0);
+        assert_eq!(restarted.highest(&key("w")).await.unwrap(), Some(t(7)));
+        let refused = restarted
+            .admit(&key("w"), t(6), None, "")
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, Refusal::Stale { highest } if highest == t(7)));
+    })
+    .await
+}
