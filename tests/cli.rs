@@ -192,7 +192,8 @@ fn reading_a_missing_database_fails_without_creating_it() {
             .unwrap();
         assert_eq!(output.status.code(), Some(1));
         assert!(
-            stderr(&output).contains("no database at"),
+            stderr(&output).contains("no database at")
+                && stderr(&output).contains("--db or FENCEGATE_DB"),
             "{}",
             stderr(&output)
         );

@@ -29,7 +29,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("no database at {0} (fencegate serve creates it on first start)")]
+    #[error(
+        "no database at {0} (fencegate serve creates it on first start; name another with --db or FENCEGATE_DB)"
+    )]
     Missing(PathBuf),
     #[error("cannot open database {path} read-only: {source}")]
     Open {
