@@ -467,15 +467,8 @@ async fn serve_http2(
             Ok::<_, Infallible>(response)
         }
     });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-        .max_concurrent_streams(Some(
-            u32::try_from(limits.max_headers.max(100)).unwrap_or(100),
-        ))
-        .keep_alive_interval(Some(limits.idle_timeout))
-        .keep_alive_timeout(limits.header_read_timeout);
+    // The admin plane's settings, h2 only: the preface has been seen.
+    let builder = connection_builder(limits).http2_only();
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     let served = tokio::select! {

@@ -280,7 +280,8 @@ pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
+/// `value` in decimal, written into `buffer`: no formatting machinery per request.
+pub(crate) fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
     let mut start = buffer.len();
     loop {
         start -= 1;
@@ -298,10 +299,15 @@ pub fn write_chunk(out: &mut impl bytes::BufMut, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    // The size in hex, written into a stack buffer: no formatting machinery per chunk.
+    write_chunk_size(out, data.len());
+    out.put_slice(data);
+    out.put_slice(b"\r\n");
+}
+
+/// Appends a chunk-size line: the size in hex, written into a stack buffer.
+pub(crate) fn write_chunk_size(out: &mut impl bytes::BufMut, mut size: usize) {
     let mut digits = [0u8; 16];
     let mut start = digits.len();
-    let mut size = data.len();
     loop {
         start -= 1;
         digits[start] = b"0123456789abcdef"[size % 16];
@@ -311,8 +317,6 @@ pub fn write_chunk(out: &mut impl bytes::BufMut, data: &[u8]) {
         }
     }
     out.put_slice(&digits[start..]);
-    out.put_slice(b"\r\n");
-    out.put_slice(data);
     out.put_slice(b"\r\n");
 }
 

@@ -16,7 +16,7 @@ use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::Body;
 use tokio::net::tcp::OwnedWriteHalf;
 
-use crate::proxy::wire::{LAST_CHUNK, write_chunk};
+use crate::proxy::wire::{LAST_CHUNK, format_u64, write_chunk, write_chunk_size};
 
 /// Bytes gathered before they are written, and the size above which a body piece is written
 /// from its own buffer instead of being copied.
@@ -155,7 +155,7 @@ impl Writer {
         }
         match framing {
             Framing::Length(length) => {
-                let mut digits = itoa_buffer();
+                let mut digits = [0; 20];
                 put_header(out, b"content-length", format_u64(length, &mut digits));
             }
             Framing::None if !bodiless => put_header(out, b"content-length", b"0"),
@@ -316,38 +316,6 @@ fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(b": ");
     out.put_slice(value);
     out.put_slice(b"\r\n");
-}
-
-fn write_chunk_size(out: &mut BytesMut, size: usize) {
-    let mut digits = [0u8; 16];
-    let mut start = digits.len();
-    let mut rest = size;
-    loop {
-        start -= 1;
-        digits[start] = b"0123456789abcdef"[rest % 16];
-        rest /= 16;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[start..]);
-    out.put_slice(b"\r\n");
-}
-
-fn itoa_buffer() -> [u8; 20] {
-    [0; 20]
-}
-
-fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
-    let mut start = buffer.len();
-    loop {
-        start -= 1;
-        buffer[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            return &buffer[start..];
-        }
-    }
 }
 
 thread_local! {
