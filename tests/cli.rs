@@ -251,6 +251,22 @@ async fn fence_goes_through_the_admin_api_and_the_gate() {
     let vias: Vec<String> = app.epochs().into_iter().map(|e| e.3).collect();
     assert_eq!(vias, ["write", "fence"]);
 
+    // A name no write or fence ever used (a typo) is refused unless --create says it is meant.
+    let typo = fencegate(&["fence", "--admin", &admin, "walet:9", "3"])
+        .env("FENCEGATE_ADMIN_TOKEN", "t0ken")
+        .output()
+        .unwrap();
+    assert_eq!(typo.status.code(), Some(1));
+    assert!(
+        stderr(&typo).contains("has never been seen"),
+        "{}",
+        stderr(&typo)
+    );
+    let created = fencegate(&["fence", "--create", "--admin", &admin, "wallet:10", "3"])
+        .env("FENCEGATE_ADMIN_TOKEN", "t0ken")
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", stderr(&created));
     let closed = common::closed_port();
     let unreachable = fencegate(&[
         "fence",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{Request, StatusCode, Uri};
+use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -33,6 +33,11 @@ pub struct FenceArgs {
     /// How long to wait for the answer; a fence waits for older in-flight writes to drain.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Fence a resource fencegate has never seen (no write, no fence yet): a new leader may
+    /// fence before its first write. Without it such a fence is refused, as a misspelt name
+    /// would otherwise fence nothing that any leader writes.
+    #[arg(long)]
+    pub create: bool,
     /// The resource to fence, as fencegate names it (for example wallet:42).
     pub resource: String,
     /// The new leader's token.
@@ -57,6 +62,10 @@ enum FenceError {
     Body(hyper::Error),
     #[error("refused ({status}): {detail}")]
     Refused { status: StatusCode, detail: String },
+    #[error(
+        "resource {0:?} has never been seen (no write, no fence): check the name as fencegate renders it (`fencegate epochs`), or pass --create to fence it anyway"
+    )]
+    Unknown(String),
 }
 
 /// Calls `POST /v1/resources/{resource}/fence` and reports the outcome.
@@ -87,23 +96,45 @@ fn fence(args: &FenceArgs) -> Result<u64, FenceError> {
         .enable_all()
         .build()
         .map_err(FenceError::Runtime)?;
-    let (status, body) = runtime.block_on(call(args, &url))?;
+    if !args.create {
+        let resource_url = resource_url(&base, &args.resource)?;
+        let (status, body) = runtime.block_on(call(args, Method::GET, &resource_url))?;
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Err(FenceError::Unknown(args.resource.clone())),
+            status => return Err(refused(status, &body)),
+        }
+    }
+    let (status, body) = runtime.block_on(call(args, Method::POST, &url))?;
     let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (status, answer["highest"].as_u64()) {
         (StatusCode::OK, Some(highest)) => Ok(highest),
-        _ => Err(FenceError::Refused {
-            status,
-            detail: answer["detail"].as_str().map_or_else(
-                || String::from_utf8_lossy(&body).into_owned(),
-                str::to_owned,
-            ),
-        }),
+        _ => Err(refused(status, &body)),
+    }
+}
+
+/// A refusal, with the problem document's detail if the body is one.
+fn refused(status: StatusCode, body: &[u8]) -> FenceError {
+    let answer: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    FenceError::Refused {
+        status,
+        detail: answer["detail"]
+            .as_str()
+            .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned),
     }
 }
 
 /// The fence URL for `resource` under the admin base URL; the resource is one path segment, so
 /// every character but letters and digits is percent-encoded.
 fn fence_url(base: &str, resource: &str) -> Result<Uri, FenceError> {
+    let url = resource_url(base, resource)?;
+    format!("{url}/fence")
+        .parse()
+        .map_err(|_| FenceError::BadUrl(base.to_owned()))
+}
+
+/// The admin URL of `resource`, one percent-encoded path segment.
+fn resource_url(base: &str, resource: &str) -> Result<Uri, FenceError> {
     let base_ok = base
         .parse::<Uri>()
         .is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
@@ -111,18 +142,25 @@ fn fence_url(base: &str, resource: &str) -> Result<Uri, FenceError> {
         return Err(FenceError::BadUrl(base.to_owned()));
     }
     let resource = utf8_percent_encode(resource, NON_ALPHANUMERIC);
-    format!(
-        "{}/v1/resources/{resource}/fence",
-        base.trim_end_matches('/')
-    )
-    .parse()
-    .map_err(|_| FenceError::BadUrl(base.to_owned()))
+    format!("{}/v1/resources/{resource}", base.trim_end_matches('/'))
+        .parse()
+        .map_err(|_| FenceError::BadUrl(base.to_owned()))
 }
 
-async fn call(args: &FenceArgs, url: &Uri) -> Result<(StatusCode, Bytes), FenceError> {
+async fn call(
+    args: &FenceArgs,
+    method: Method,
+    url: &Uri,
+) -> Result<(StatusCode, Bytes), FenceError> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let body = json!({ "token": args.token.get() }).to_string();
-    let mut request = Request::post(url.clone()).header(CONTENT_TYPE, "application/json");
+    let body = match method {
+        Method::POST => json!({ "token": args.token.get() }).to_string(),
+        _ => String::new(),
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(url.clone())
+        .header(CONTENT_TYPE, "application/json");
     if let Some(token) = &args.admin_token {
         request = request.header(AUTHORIZATION, format!("Bearer {token}"));
     }
