@@ -17,7 +17,7 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. A second call (as in tests) keeps the first.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter(std::env::var(EnvFilter::DEFAULT_ENV).ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -32,4 +32,35 @@ pub fn init(format: LogFormat) {
             .with_current_span(false)
             .try_init(),
     };
+}
+
+/// `RUST_LOG`'s filter (default `info`). The migrations crate logs every migration's whole SQL at
+/// DEBUG, the schema included; that stays at INFO unless `RUST_LOG` names it.
+fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let mut filter = rust_log
+        .and_then(|directives| EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    if !rust_log.is_some_and(|directives| directives.contains("rusqlite_migration"))
+        && let Ok(quiet) = "rusqlite_migration=info".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
+    filter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_keeps_the_migrations_sql_out_unless_asked_for() {
+        assert!(
+            filter(Some("debug"))
+                .to_string()
+                .contains("rusqlite_migration=info")
+        );
+        assert!(filter(None).to_string().contains("rusqlite_migration=info"));
+        let asked = filter(Some("debug,rusqlite_migration=debug")).to_string();
+        assert!(!asked.contains("rusqlite_migration=info"), "{asked}");
+    }
 }
