@@ -569,3 +569,27 @@ fn every_example_config_in_deploy_passes_check_config() {
     }
     assert!(checked >= 2, "the examples were found");
 }
+
+/// The image is built, run by compose and deployed by Kubernetes under one tag: the crate's
+/// version.
+#[test]
+fn the_image_tag_is_the_crate_version_everywhere() {
+    let expected = format!("fencegate:{}", env!("CARGO_PKG_VERSION"));
+    for file in [
+        "deploy/Dockerfile",
+        "deploy/README.md",
+        "deploy/docker-compose.yml",
+        "deploy/k8s/fencegate.yaml",
+    ] {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let tags: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == '`')
+            .filter(|word| word.starts_with("fencegate:") && word.len() > "fencegate:".len())
+            .collect();
+        assert!(!tags.is_empty(), "{file} names no fencegate image");
+        for tag in tags {
+            assert_eq!(tag, expected, "{file}");
+        }
+    }
+}
