@@ -1514,3 +1514,94 @@ async fn s3_profile_two_keyspaces_and_a_zombie_that_tries_every_write() {
     assert_eq!(results[0].0, 200);
     app.stop().await;
 }
+
+/// The compose file's storage, outside Docker: deploy/examples/nginx-webdav.conf as it is (only
+/// its port and data directory moved), under a master that runs its workers as an unprivileged
+/// user, as the nginx image does. A data directory owned by root, as a new named volume is,
+/// refuses every PUT (the bug compose had); owned by the workers' user, as compose's
+/// `storage-init` leaves it, the PUT through fencegate lands.
+#[tokio::test]
+#[ignore = "needs nginx and root; run with --ignored"]
+async fn the_compose_storage_config_writes_once_its_volume_belongs_to_the_workers() {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
+        return;
+    };
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n")
+    {
+        eprintln!("SKIPPED: needs root, to run nginx's workers as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // The workers must reach their files through the scratch directory.
+    run("chmod", &["755", &d.to_string()]);
+    let data = dir.path().join("data");
+    let body_temp = dir.path().join("body");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&body_temp).unwrap();
+    // The image's temp directories belong to its worker user; so does this one.
+    run(
+        "chown",
+        &["nobody:nogroup", &body_temp.display().to_string()],
+    );
+    let port = free_port();
+    let server_block = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/nginx-webdav.conf"
+    ))
+    .unwrap()
+    .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+    .replace("root /srv/data;", &format!("root {};", data.display()));
+    let config = format!(
+        "daemon off;\nuser nobody nogroup;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 64; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {};\n{server_block}\n}}\n",
+        body_temp.display()
+    );
+    std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
+    let mut child = Command::new(&binary)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until_listening(addr, &mut child, "nginx");
+    let nginx = Server {
+        child,
+        addr,
+        _dir: dir,
+    };
+    let app = TestApp::spawn(&webdav_routes(&nginx)).await;
+
+    let root_owned = app.put("/files/wallets/1", 1, "100").await;
+    assert_eq!(
+        root_owned.status(),
+        500,
+        "a root-owned volume refuses the workers"
+    );
+    run(
+        "chown",
+        &["-R", "nobody:nogroup", &data.display().to_string()],
+    );
+    let owned = app.put("/files/wallets/1", 1, "100").await;
+    assert_eq!(owned.status(), 201);
+    assert_eq!(
+        std::fs::read_to_string(data.join("files/wallets/1")).unwrap(),
+        "100"
+    );
+    app.stop().await;
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program).args(args).status().unwrap();
+    assert!(status.success(), "{program} {args:?}");
+}
