@@ -211,6 +211,8 @@ struct FileRoute {
     profile: Option<String>,
     /// Forward the client's `Host` unchanged; the default is the profile's (`true` for `s3`).
     preserve_host: Option<bool>,
+    /// The header leaders send their token in; `Fencing-Token` by default.
+    token_header: Option<String>,
     /// `[[routes.keys]]`: key prefixes to resources, for a profile route.
     #[serde(default)]
     keys: Vec<FileKeys>,
@@ -488,6 +490,7 @@ fn routes(
             max_token_jump: None,
             profile: None,
             preserve_host: false,
+            token_header: crate::token::FENCING_TOKEN,
         };
         let route = Route::new("/{*rest}", upstream, DEFAULT_RESOURCE, policy)
             .map_err(|e| invalid("--upstream", e))?;
@@ -537,12 +540,17 @@ fn build_route(
     let preserve_host = route
         .preserve_host
         .unwrap_or_else(|| profile.as_ref().is_some_and(Profile::signs_host));
+    let token_header = match route.token_header.as_deref() {
+        None => crate::token::FENCING_TOKEN,
+        Some(name) => token_header(&key("token_header"), name)?,
+    };
     let policy = RoutePolicy {
         unfenced_methods,
         fence_reads: route.fence_reads,
         max_token_jump: route.max_token_jump,
         profile,
         preserve_host,
+        token_header,
     };
     Route::new(&route.path, upstream, &route.resource, policy).map_err(|e| match e {
         crate::route::RouteError::Path(problem) => {
@@ -550,6 +558,40 @@ fn build_route(
         }
         other => invalid(key("resource"), other),
     })
+}
+
+/// A route's `token_header`: a header name a client can send end to end. Not a hop-by-hop
+/// header (it would not reach the upstream, and `Connection` could strip it), not one that frames
+/// or routes the request, and not fencegate's own answer headers.
+fn token_header(key: &str, name: &str) -> Result<http::HeaderName, ConfigError> {
+    let header = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(key, format!("{name:?} is not a valid header name")))?;
+    const RESERVED: [&str; 15] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "content-length",
+        "host",
+        "expect",
+        "destination",
+        "x-request-id",
+        "fencing-token-highest",
+    ];
+    if RESERVED.contains(&header.as_str()) {
+        return Err(invalid(
+            key,
+            format!(
+                "{name:?} cannot carry a token: it is hop-by-hop, frames or routes the request, or is fencegate's own"
+            ),
+        ));
+    }
+    Ok(header)
 }
 
 /// A route's `profile`, with its `resource` template over the profile's captures and its
@@ -757,6 +799,18 @@ resource = "default"
                 "max_header_size",
             ),
             (format!("max_headers = 0\n{ROUTE}"), "max_headers"),
+            (
+                format!("{ROUTE}token_header = \"not a header\"\n"),
+                "routes[0].token_header",
+            ),
+            (
+                format!("{ROUTE}token_header = \"Connection\"\n"),
+                "routes[0].token_header",
+            ),
+            (
+                format!("{ROUTE}token_header = \"fencing-token-highest\"\n"),
+                "routes[0].token_header",
+            ),
             (format!("max_connections = 0\n{ROUTE}"), "max_connections"),
             (
                 format!("upstream_connect_timeout = \"0ms\"\n{ROUTE}"),

@@ -177,6 +177,7 @@ pub struct Route {
     max_token_jump: Option<u64>,
     profile: Option<Profile>,
     preserve_host: bool,
+    token_header: http::HeaderName,
 }
 
 /// The settings of a route other than its templates, already validated by the config layer.
@@ -190,6 +191,8 @@ pub struct RoutePolicy {
     pub profile: Option<Profile>,
     /// Whether the upstream gets the client's `Host` header rather than its own authority.
     pub preserve_host: bool,
+    /// The header leaders send their token in (`Fencing-Token` unless the route says otherwise).
+    pub token_header: http::HeaderName,
 }
 
 impl Route {
@@ -221,7 +224,13 @@ impl Route {
             max_token_jump: policy.max_token_jump,
             profile: policy.profile,
             preserve_host: policy.preserve_host,
+            token_header: policy.token_header,
         })
+    }
+
+    /// The header this route's leaders send their token in.
+    pub fn token_header(&self) -> &http::HeaderName {
+        &self.token_header
     }
 
     /// Whether the upstream gets the client's `Host` header unchanged (`preserve_host`).
@@ -810,6 +819,7 @@ mod tests {
             max_token_jump: None,
             profile: None,
             preserve_host: false,
+            token_header: crate::token::FENCING_TOKEN,
         }
     }
 

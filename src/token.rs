@@ -83,7 +83,12 @@ impl FromStr for FencingToken {
 
 /// Reads the one `Fencing-Token` header of a request.
 pub fn from_headers(headers: &HeaderMap) -> Result<FencingToken, TokenError> {
-    let mut values = headers.get_all(&FENCING_TOKEN).iter();
+    from_header(headers, &FENCING_TOKEN)
+}
+
+/// Reads the one token header `name` of a request (a route's `token_header`).
+pub fn from_header(headers: &HeaderMap, name: &HeaderName) -> Result<FencingToken, TokenError> {
+    let mut values = headers.get_all(name).iter();
     let first = values.next().ok_or(TokenError::Missing)?;
     if values.next().is_some() {
         return Err(TokenError::Repeated);

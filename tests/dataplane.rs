@@ -1421,3 +1421,55 @@ async fn an_idle_keep_alive_connection_does_not_hold_up_shutdown() {
     );
     drop(stream);
 }
+
+/// A route whose leaders send their token in another header (`token_header`): that header is
+/// the token, read, audited and guarded exactly as `Fencing-Token` is; `Fencing-Token` itself
+/// means nothing there.
+#[tokio::test]
+async fn a_routes_token_header_is_read_audited_and_guarded_like_fencing_token() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        "[[routes]]\npath = \"/locks/{{id}}\"\nupstream = \"{}\"\nresource = \"lock:{{id}}\"\ntoken_header = \"X-Fencing-Token\"\n",
+        upstream.url()
+    );
+    let app = TestApp::spawn(&config).await;
+    let client = reqwest::Client::new();
+    let put = |header: &'static str, token: &'static str| {
+        client
+            .put(app.url("/locks/1"))
+            .header(header, token)
+            .body("x")
+            .send()
+    };
+    let leader = put("x-fencing-token", "5").await.unwrap();
+    assert_eq!(leader.status(), 200);
+    assert_eq!(leader.headers()["fencing-token-highest"], "5");
+    let zombie = put("x-fencing-token", "4").await.unwrap();
+    assert_eq!(zombie.status(), 409);
+    assert_eq!(zombie.headers()["fencing-token-highest"], "5");
+    let wrong_header = put("fencing-token", "9").await.unwrap();
+    assert_eq!(
+        wrong_header.status(),
+        428,
+        "Fencing-Token is not this route's token"
+    );
+    let rejections = app.rejections();
+    let reasons: Vec<&str> = rejections.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(reasons, ["stale", "missing"]);
+    let (status, _, _) = raw_request(
+        app.addr,
+        &raw(
+            "PUT",
+            "/locks/1",
+            &["x-fencing-token: 6", "connection: x-fencing-token"],
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "Connection may not strip the token header");
+    let arrivals = upstream.arrivals();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(
+        arrivals[0].headers["x-fencing-token"], "5",
+        "forwarded unchanged"
+    );
+}

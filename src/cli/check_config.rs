@@ -218,5 +218,8 @@ fn describe_route(index: usize, route: &Route) -> String {
     if route.preserves_host() {
         line.push_str("  Host forwarded unchanged");
     }
+    if *route.token_header() != crate::token::FENCING_TOKEN {
+        let _ = write!(line, "  token in {}", route.token_header());
+    }
     line
 }

@@ -56,8 +56,12 @@ pub(super) fn refuse_method_override(headers: &HeaderMap) -> Result<(), ProxyErr
     }
 }
 
-/// Refuses a `Connection` header that names a header fencing depends on.
-pub(super) fn refuse_hop_by_hop_fencing_headers(headers: &HeaderMap) -> Result<(), ProxyError> {
+/// Refuses a `Connection` header that names a header fencing depends on: `Fencing-Token`,
+/// `Destination`, and `also` (a route's own `token_header`).
+pub(super) fn refuse_hop_by_hop_fencing_headers(
+    headers: &HeaderMap,
+    also: Option<&HeaderName>,
+) -> Result<(), ProxyError> {
     let named = headers
         .get_all(CONNECTION)
         .iter()
@@ -65,8 +69,10 @@ pub(super) fn refuse_hop_by_hop_fencing_headers(headers: &HeaderMap) -> Result<(
         .flat_map(|value| value.split(','))
         .find_map(|name| {
             FENCING_HEADERS
-                .into_iter()
+                .iter()
+                .chain(also)
                 .find(|fencing| fencing.as_str().eq_ignore_ascii_case(name.trim()))
+                .cloned()
         });
     match named {
         Some(name) => Err(ProxyError::HopByHopFencingHeader(name)),
@@ -269,10 +275,16 @@ mod tests {
             "keep-alive,DESTINATION",
         ] {
             let map = headers(&[("connection", value)]);
-            assert!(refuse_hop_by_hop_fencing_headers(&map).is_err(), "{value}");
+            assert!(
+                refuse_hop_by_hop_fencing_headers(&map, None).is_err(),
+                "{value}"
+            );
         }
         let map = headers(&[("connection", "close, x-fencing-token-ish")]);
-        assert!(refuse_hop_by_hop_fencing_headers(&map).is_ok());
+        assert!(refuse_hop_by_hop_fencing_headers(&map, None).is_ok());
+        // A route's own token header counts too.
+        let custom = HeaderName::from_static("x-fencing-token-ish");
+        assert!(refuse_hop_by_hop_fencing_headers(&map, Some(&custom)).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 
@@ -29,7 +29,7 @@ use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::server::ClientBody;
 use crate::store::Store;
-use crate::token::{self, FENCING_TOKEN, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
+use crate::token::{self, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
 use request_id::X_REQUEST_ID;
 
@@ -142,7 +142,7 @@ impl DataPlane {
             }
             .into());
         }
-        headers::refuse_hop_by_hop_fencing_headers(request.headers())?;
+        headers::refuse_hop_by_hop_fencing_headers(request.headers(), None)?;
         let path = route::normalise_path(request.uri().path()).map_err(ProxyError::from)?;
         let resolved = self
             .routes
@@ -150,6 +150,10 @@ impl DataPlane {
             .ok_or_else(|| ProxyError::NoRoute {
                 path: request.uri().path().to_owned(),
             })?;
+        let token_header = resolved.route.token_header();
+        if *token_header != token::FENCING_TOKEN {
+            headers::refuse_hop_by_hop_fencing_headers(request.headers(), Some(token_header))?;
+        }
         if let Some(Profile::Keys(api)) = resolved.route.profile() {
             // Boxed, here and on every refusal below: a branch's future is laid out inside its
             // caller's, and the hot path's futures are copied at every `.await` they pass
@@ -158,7 +162,9 @@ impl DataPlane {
         }
         let writes = match resolved.route.fencing_for(request.method()) {
             Fencing::Required => true,
-            Fencing::IfPresent => request.headers().contains_key(FENCING_TOKEN),
+            Fencing::IfPresent => request
+                .headers()
+                .contains_key(resolved.route.token_header()),
             Fencing::Off => false,
         };
         // A Destination is a second path the request writes, whatever its method.
@@ -222,12 +228,13 @@ impl DataPlane {
             return Err(Box::pin(self.refuse_collection(
                 error,
                 conflict.resource,
+                resolved.route.token_header(),
                 &request,
                 client,
             ))
             .await);
         }
-        let token = match token::from_headers(request.headers()) {
+        let token = match token::from_header(request.headers(), resolved.route.token_header()) {
             Ok(token) => token,
             Err(e) => {
                 return Err(Box::pin(self.refuse_unparsed(resource, e, &request, client)).await);
@@ -294,8 +301,9 @@ impl DataPlane {
                 return self.forward_unfenced(resolved.route, request, client).await;
             }
             Changes::Unattributable(why) => {
+                let header = resolved.route.token_header();
                 return Err(self
-                    .refuse_unattributable(why, resolved.resource, &request, client)
+                    .refuse_unattributable(why, resolved.resource, header, &request, client)
                     .await);
             }
             Changes::Resources(resources) => resources,
@@ -317,7 +325,7 @@ impl DataPlane {
             let why = "the storage profile named no resource".to_owned();
             return Err(ProxyError::Unattributable(why).into());
         };
-        let token = match token::from_headers(request.headers()) {
+        let token = match token::from_header(request.headers(), resolved.route.token_header()) {
             Ok(token) => token,
             Err(e) => {
                 return Err(self
@@ -395,8 +403,9 @@ impl DataPlane {
                 return Err(ProxyError::from(ProfileError::Header(why)).into());
             }
         };
+        let header = resolved.route.token_header();
         Err(self
-            .refuse_unattributable(why, resolved.resource, &request, client)
+            .refuse_unattributable(why, resolved.resource, header, &request, client)
             .await)
     }
 
@@ -426,12 +435,13 @@ impl DataPlane {
         &self,
         why: String,
         route_resource: ResourceKey,
+        token_header: &HeaderName,
         request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
         let fencing = FencingContext {
             resource: route_resource,
-            token: token::from_headers(request.headers()).ok(),
+            token: token::from_header(request.headers(), token_header).ok(),
             highest: None,
         };
         let error = ProxyError::Unattributable(why);
@@ -531,10 +541,11 @@ impl DataPlane {
         &self,
         error: ProxyError,
         resource: ResourceKey,
+        token_header: &HeaderName,
         request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
-        let token = token::from_headers(request.headers()).ok();
+        let token = token::from_header(request.headers(), token_header).ok();
         let highest = match self.gate.highest(&resource).await {
             Ok(highest) => highest,
             Err(e) => {
