@@ -182,11 +182,61 @@ async fn epochs_lists_resources_and_their_highest_tokens() {
     app.stop().await;
 }
 
+/// `history` is the epoch history, as `GET /v1/epochs` serves it: every advance, newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lists_every_advance_newest_first() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    app.put("/wallets/1", 3, "").await;
+    app.put("/wallets/2", 7, "").await;
+    app.put("/wallets/1", 4, "").await;
+    app.put("/wallets/1", 4, "").await; // the same token: no advance
+    let db = db_arg(&app);
+    let json = run(&["history", "--db", &db, "--format", "json"]).await;
+    assert!(json.status.success(), "{}", stderr(&json));
+    let rows: Vec<Value> = serde_json::from_str(&stdout(&json)).unwrap();
+    let advances: Vec<(&str, Option<u64>, u64, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["resource"].as_str().unwrap(),
+                r["from"].as_u64(),
+                r["to"].as_u64().unwrap(),
+                r["via"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        advances,
+        [
+            ("wallet:1", Some(3), 4, "write"),
+            ("wallet:2", None, 7, "write"),
+            ("wallet:1", None, 3, "write"),
+        ]
+    );
+    let one = run(&[
+        "history",
+        "--db",
+        &db,
+        "--resource",
+        "wallet:2",
+        "--format",
+        "csv",
+    ])
+    .await;
+    let text = stdout(&one);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "id,at,resource,from,to,via,reason");
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[1].contains(",wallet:2,,7,write,"), "{text}");
+    app.stop().await;
+}
+
 #[test]
 fn reading_a_missing_database_fails_without_creating_it() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("nothing-here.db");
-    for command in ["audit", "epochs"] {
+    for command in ["audit", "epochs", "history"] {
         let output = fencegate(&[command, "--db", db.to_str().unwrap()])
             .output()
             .unwrap();
@@ -595,4 +645,24 @@ fn the_image_tag_is_the_crate_version_everywhere() {
             assert_eq!(tag, expected, "{file}");
         }
     }
+}
+
+#[test]
+fn completions_are_printed_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "_fencegate()"),
+        ("zsh", "#compdef fencegate"),
+        ("fish", "complete -c fencegate"),
+    ] {
+        let output = fencegate(&["completions", shell]).output().unwrap();
+        assert!(output.status.success(), "{shell}: {}", stderr(&output));
+        let text = stdout(&output);
+        assert!(text.contains(marker), "{shell}: {text}");
+        assert!(
+            text.contains("history") && text.contains("check-config"),
+            "{shell}"
+        );
+    }
+    let unknown = fencegate(&["completions", "tcsh"]).output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
 }

@@ -9,6 +9,7 @@ pub mod check_config;
 pub mod demo;
 pub mod epochs;
 pub mod fence;
+pub mod history;
 pub mod output;
 pub mod serve;
 
@@ -44,12 +45,19 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// Print every resource and its highest token (read-only; safe while serve runs).
     Epochs(epochs::EpochsArgs),
+    /// Print the epoch history, every advance of a highest token, newest first (read-only).
+    History(history::HistoryArgs),
     /// Fence a resource to a token through the admin API, as a new leader does.
     Fence(fence::FenceArgs),
     /// Validate a config file and print the routes it would serve.
     CheckConfig(check_config::CheckConfigArgs),
     /// Play the split-brain wallet story, without and with fencing; exits 0 only if fenced right.
     Demo(demo::DemoArgs),
+    /// Print shell completions for bash, zsh or fish.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 impl Cli {
@@ -69,12 +77,21 @@ impl Cli {
             }
             Command::Audit(args) => audit::run(&args),
             Command::Epochs(args) => epochs::run(&args),
+            Command::History(args) => history::run(&args),
             Command::Fence(args) => {
                 telemetry::init(self.log_format);
                 fence::run(&args)
             }
             Command::CheckConfig(args) => check_config::run(&args),
             Command::Demo(args) => demo::run(&args),
+            Command::Completions { shell } => {
+                let mut command = <Cli as clap::CommandFactory>::command();
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut command, "fencegate", &mut out);
+                // A reader that stops early closes the pipe: not an error.
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &out);
+                ExitCode::SUCCESS
+            }
         }
     }
 }

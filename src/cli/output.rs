@@ -8,7 +8,7 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use crate::store::{Page, RejectionRow, ResourceRow};
+use crate::store::{EpochRow, Page, RejectionRow, ResourceRow};
 
 /// The output formats of `audit` and `epochs`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +72,24 @@ impl Tabular for ResourceRow {
             self.resource.clone(),
             self.highest.to_string(),
             self.updated_at.clone(),
+        ]
+    }
+}
+
+impl Tabular for EpochRow {
+    const COLUMNS: &'static [&'static str] =
+        &["id", "at", "resource", "from", "to", "via", "reason"];
+    const WIDTHS: &'static [usize] = &[8, 24, 32, 20, 20, 6];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.at.clone(),
+            self.resource.clone(),
+            optional(self.from),
+            self.to.to_string(),
+            self.via.clone(),
+            self.reason.clone().unwrap_or_default(),
         ]
     }
 }
