@@ -666,3 +666,70 @@ fn completions_are_printed_for_bash_zsh_and_fish() {
     let unknown = fencegate(&["completions", "tcsh"]).output().unwrap();
     assert_eq!(unknown.status.code(), Some(2));
 }
+
+/// `audit`, `epochs`, `history` and `fence` find the database and the admin plane in the config
+/// file `serve` runs with (`--config` or `FENCEGATE_CONFIG`), unless a flag says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_commands_read_the_database_and_admin_address_from_the_config() {
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    app.put("/wallets/1", 3, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fencegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"{}\"\nadmin_listen = \"{}\"\n{}",
+            db_arg(&app),
+            app.admin_addr,
+            standard_routes(&upstream.url())
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    for command in ["audit", "epochs", "history"] {
+        let output = fencegate(&[command, "--config", &config, "--format", "json"])
+            .env_remove("FENCEGATE_DB")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{command}: {}", stderr(&output));
+    }
+    let epochs = fencegate(&["epochs", "--format", "csv"])
+        .env("FENCEGATE_CONFIG", &config)
+        .env_remove("FENCEGATE_DB")
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&epochs).contains("wallet:1,3,"),
+        "{}",
+        stdout(&epochs)
+    );
+    let fenced = fencegate(&["fence", "--config", &config, "wallet:1", "5"])
+        .env_remove("FENCEGATE_ADMIN_URL")
+        .output()
+        .unwrap();
+    assert!(fenced.status.success(), "{}", stderr(&fenced));
+    assert_eq!(app.put("/wallets/1", 4, "").await.status(), 409);
+    // A flag still wins over the file.
+    let elsewhere = dir.path().join("elsewhere.db");
+    let missing = fencegate(&[
+        "epochs",
+        "--config",
+        &config,
+        "--db",
+        elsewhere.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        stderr(&missing).contains("no database at"),
+        "{}",
+        stderr(&missing)
+    );
+    let broken = fencegate(&["audit", "--config", "/nonexistent.toml"])
+        .env_remove("FENCEGATE_DB")
+        .output()
+        .unwrap();
+    assert_eq!(broken.status.code(), Some(2));
+    app.stop().await;
+}

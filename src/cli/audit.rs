@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use clap::Args;
 
 use super::output::{self, Format};
+use super::sources::ConfigFile;
 use crate::audit::{self, Reason};
-use crate::config::DEFAULT_DATABASE;
 use crate::store::{Reader, RejectionQuery, RejectionRow};
 
 /// Rows read per page; each page is one short read transaction.
@@ -18,9 +18,12 @@ pub const PAGE_ROWS: usize = 1000;
 /// Flags of `fencegate audit`.
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// SQLite database file, opened read-only.
-    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE", default_value = DEFAULT_DATABASE)]
-    pub db: PathBuf,
+    /// SQLite database file, opened read-only [default: the config's `database`, else
+    /// fencegate.db].
+    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigFile,
     /// Only rejections of this resource.
     #[arg(long, value_name = "R")]
     pub resource: Option<String>,
@@ -41,7 +44,14 @@ fn since(text: &str) -> Result<SystemTime, String> {
 
 /// Streams the matching rejections, newest first, to stdout.
 pub fn run(args: &AuditArgs) -> ExitCode {
-    let reader = match Reader::open(&args.db) {
+    let db = match args.config.database(args.db.as_ref()) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("fencegate audit: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reader = match Reader::open(&db) {
         Ok(reader) => reader,
         Err(e) => {
             eprintln!("fencegate audit: {e}");

@@ -8,15 +8,18 @@ use clap::Args;
 
 use super::audit::PAGE_ROWS;
 use super::output::{self, Format};
-use crate::config::DEFAULT_DATABASE;
+use super::sources::ConfigFile;
 use crate::store::{Reader, ResourceQuery, ResourceRow};
 
 /// Flags of `fencegate epochs`.
 #[derive(Debug, Args)]
 pub struct EpochsArgs {
-    /// SQLite database file, opened read-only.
-    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE", default_value = DEFAULT_DATABASE)]
-    pub db: PathBuf,
+    /// SQLite database file, opened read-only [default: the config's `database`, else
+    /// fencegate.db].
+    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigFile,
     /// Only this resource.
     #[arg(long, value_name = "R")]
     pub resource: Option<String>,
@@ -26,7 +29,14 @@ pub struct EpochsArgs {
 
 /// Streams the resources, in name order, to stdout.
 pub fn run(args: &EpochsArgs) -> ExitCode {
-    let reader = match Reader::open(&args.db) {
+    let db = match args.config.database(args.db.as_ref()) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("fencegate epochs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reader = match Reader::open(&db) {
         Ok(reader) => reader,
         Err(e) => {
             eprintln!("fencegate epochs: {e}");

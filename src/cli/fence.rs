@@ -17,7 +17,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
 use super::serve::ADMIN_TOKEN_ENV;
-use crate::config::DEFAULT_ADMIN_LISTEN;
+use super::sources::ConfigFile;
 use crate::token::FencingToken;
 
 /// Flags of `fencegate fence`.
@@ -33,6 +33,8 @@ pub struct FenceArgs {
     /// How long to wait for the answer; a fence waits for older in-flight writes to drain.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub config: ConfigFile,
     /// Fence a resource fencegate has never seen (no write, no fence yet): a new leader may
     /// fence before its first write. Without it such a fence is refused, as a misspelt name
     /// would otherwise fence nothing that any leader writes.
@@ -49,6 +51,8 @@ pub struct FenceArgs {
 enum FenceError {
     #[error("--admin {0:?} is not an http:// URL such as http://127.0.0.1:9090")]
     BadUrl(String),
+    #[error("{0}")]
+    Config(crate::config::ConfigError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot reach the admin plane at {url}: {source}")]
@@ -79,7 +83,7 @@ pub fn run(args: &FenceArgs) -> ExitCode {
             eprintln!("fencegate fence: {e}");
             match e {
                 // An unusable command line, as README's exit statuses say.
-                FenceError::BadUrl(_) => ExitCode::from(2),
+                FenceError::BadUrl(_) | FenceError::Config(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -88,9 +92,9 @@ pub fn run(args: &FenceArgs) -> ExitCode {
 
 fn fence(args: &FenceArgs) -> Result<u64, FenceError> {
     let base = args
-        .admin
-        .clone()
-        .unwrap_or_else(|| format!("http://{DEFAULT_ADMIN_LISTEN}"));
+        .config
+        .admin_url(args.admin.as_ref())
+        .map_err(FenceError::Config)?;
     let url = fence_url(&base, &args.resource)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -9,15 +9,18 @@ use clap::Args;
 
 use super::audit::PAGE_ROWS;
 use super::output::{self, Format};
-use crate::config::DEFAULT_DATABASE;
+use super::sources::ConfigFile;
 use crate::store::{EpochQuery, EpochRow, Reader};
 
 /// Flags of `fencegate history`.
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
-    /// SQLite database file, opened read-only.
-    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE", default_value = DEFAULT_DATABASE)]
-    pub db: PathBuf,
+    /// SQLite database file, opened read-only [default: the config's `database`, else
+    /// fencegate.db].
+    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigFile,
     /// Only this resource's advances.
     #[arg(long, value_name = "R")]
     pub resource: Option<String>,
@@ -27,7 +30,14 @@ pub struct HistoryArgs {
 
 /// Streams the advances, newest first, to stdout.
 pub fn run(args: &HistoryArgs) -> ExitCode {
-    let reader = match Reader::open(&args.db) {
+    let db = match args.config.database(args.db.as_ref()) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("fencegate history: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reader = match Reader::open(&db) {
         Ok(reader) => reader,
         Err(e) => {
             eprintln!("fencegate history: {e}");

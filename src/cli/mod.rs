@@ -12,6 +12,7 @@ pub mod fence;
 pub mod history;
 pub mod output;
 pub mod serve;
+pub mod sources;
 
 use std::process::ExitCode;
 
