@@ -95,6 +95,11 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.kind().0
+    }
+
     /// The status code and the problem `type` slug and `title`.
     fn kind(&self) -> (StatusCode, &'static str, &'static str) {
         use ProxyError::*;

@@ -771,6 +771,21 @@ async fn unreachable_upstream_is_502_problem_with_highest() {
     let started = std::time::Instant::now();
     assert_eq!(app.put("/wallets/1", 4, "").await.status(), 502);
     assert!(started.elapsed() < Duration::from_millis(900));
+    // Counted by route, status and cause, for the operator's dashboards.
+    let metrics = app.admin_get("/metrics", None).await.text().await.unwrap();
+    assert!(
+        metrics.contains(
+            "fencegate_upstream_failures_total{route=\"/wallets/{id}\",status=\"502\",cause=\"refused\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "fencegate_build_info{{version=\"{}\",commit=\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -787,6 +802,13 @@ async fn slow_upstream_is_504_problem() {
     assert_eq!(response.status(), 504);
     assert_eq!(response.headers()["fencing-token-highest"], "1");
     problem(response).await;
+    let metrics = app.admin_get("/metrics", None).await.text().await.unwrap();
+    assert!(
+        metrics.contains(
+            "fencegate_upstream_failures_total{route=\"/wallets/{id}\",status=\"504\",cause=\"timeout\"} 1"
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -435,6 +435,16 @@ async fn sighup_reloads_routes_without_dropping_a_connection_and_a_bad_config_ch
         proxy.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the server"
     );
+    let metrics = reqwest::get(format!("http://{}/metrics", proxy.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fencegate_config_last_reload_success 0"),
+        "{metrics}"
+    );
     assert_eq!(put_to("/orders/2", 1).await.unwrap().status(), 200);
     assert_eq!(put_to("/crash/1", 2).await.unwrap().status(), 200);
 

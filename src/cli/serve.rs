@@ -101,7 +101,10 @@ async fn reload_on_hangup(
                 }
                 tracing::info!(routes = reloaded.routes, "config reloaded");
             }
-            Err(e) => tracing::error!(error = %e, "config reload failed; the running config stays"),
+            Err(e) => {
+                reloader.refused();
+                tracing::error!(error = %e, "config reload failed; the running config stays");
+            }
         }
     }
 }

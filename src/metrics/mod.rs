@@ -20,6 +20,14 @@ use prometheus_client::registry::Registry;
 use crate::audit::Reason;
 use crate::store::Via;
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+        })
+}
+
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -35,7 +43,19 @@ pub struct Metrics {
     advances: [Counter; 3],
     resident: Gauge,
     pruned: Counter,
+    upstream_failures: Family<FailureLabels, Counter>,
+    reload_success: Gauge,
+    reload_time: Gauge,
 }
+
+/// A failed upstream call's route (its path template), status answered and cause.
+type FailureLabels = [(&'static str, String); 3];
+
+/// The commit fencegate was built from (`build.rs`), or `unknown` outside a git checkout.
+const COMMIT: &str = match option_env!("FENCEGATE_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
 
 impl Metrics {
     /// Registers every metric, all at zero.
@@ -81,6 +101,35 @@ impl Metrics {
             "Audit-log rows deleted by retention",
             pruned.clone(),
         );
+        let upstream_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "upstream_failures",
+            "Requests answered 502 or 504 because the upstream failed, by route, status and cause",
+            upstream_failures.clone(),
+        );
+        let build_info = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+        registry.register(
+            "build_info",
+            "1, labelled with the version and the commit fencegate was built from",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION")), ("commit", COMMIT)])
+            .set(1);
+        let reload_success = Gauge::default();
+        registry.register(
+            "config_last_reload_success",
+            "1 if the last config load (the start, or a SIGHUP reload) was applied, 0 if it failed",
+            reload_success.clone(),
+        );
+        reload_success.set(1);
+        let reload_time = Gauge::default();
+        registry.register(
+            "config_last_reload_timestamp_seconds",
+            "When the config was last loaded or a reload attempted, in seconds since the Unix epoch",
+            reload_time.clone(),
+        );
+        reload_time.set(unix_now());
         let label = |family: &Family<Labels, Counter>, key, value| {
             family.get_or_create(&[(key, value)]).clone()
         };
@@ -91,8 +140,28 @@ impl Metrics {
                 .map(|via| label(&advances, "via", via.as_str())),
             resident,
             pruned,
+            upstream_failures,
+            reload_success,
+            reload_time,
             registry,
         })
+    }
+
+    /// A request was answered `status` (502 or 504) because its upstream failed with `cause`.
+    pub fn upstream_failed(&self, route: &str, status: u16, cause: &'static str) {
+        self.upstream_failures
+            .get_or_create(&[
+                ("route", route.to_owned()),
+                ("status", status.to_string()),
+                ("cause", cause.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// A SIGHUP reload was applied (`true`) or refused.
+    pub fn reloaded(&self, applied: bool) {
+        self.reload_success.set(i64::from(applied));
+        self.reload_time.set(unix_now());
     }
 
     /// A request was forwarded upstream.

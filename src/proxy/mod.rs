@@ -192,10 +192,12 @@ impl DataPlane {
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.forwarded(false);
         let _call = self.metrics.upstream_call();
+        // Kept for the log line of a failure (a reference count, not a copy).
+        let id = request.headers().get(X_REQUEST_ID).cloned();
         self.upstream
             .forward(route, request, client, None)
             .await
-            .map_err(|e| self.forward_failure(e).into())
+            .map_err(|e| self.forward_failure(e, route, id.as_ref()).into())
     }
 
     /// The phases of a fenced request: edge checks, collection check, token, gate, upstream.
@@ -500,6 +502,7 @@ impl DataPlane {
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
         let in_flight = InFlight::new(permits);
+        let id = request.headers().get(X_REQUEST_ID).cloned();
         let forwarded = self
             .upstream
             .forward(route, request, client, Some(&in_flight))
@@ -521,7 +524,7 @@ impl DataPlane {
                     _ => in_flight.highest(),
                 };
                 Err(fenced(
-                    self.forward_failure(e),
+                    self.forward_failure(e, route, id.as_ref()),
                     resource,
                     Some(token),
                     highest,
@@ -682,26 +685,40 @@ impl DataPlane {
         }
     }
 
-    fn forward_failure(&self, error: ForwardError) -> ProxyError {
-        match error {
-            ForwardError::Timeout => {
-                tracing::warn!("upstream timed out");
-                ProxyError::UpstreamTimeout(self.upstream.timeout())
+    /// The answer to a failed upstream call; an upstream failure (502 or 504) is logged with the
+    /// upstream, its cause and the request id, and counted by route and cause.
+    fn forward_failure(
+        &self,
+        error: ForwardError,
+        route: &Route,
+        request_id: Option<&HeaderValue>,
+    ) -> ProxyError {
+        let answer = match error {
+            ForwardError::Timeout => ProxyError::UpstreamTimeout(self.upstream.timeout()),
+            ForwardError::BodyTooLarge => {
+                return ProxyError::BodyTooLarge {
+                    limit: self.upstream.max_body(),
+                };
             }
-            ForwardError::BodyTooLarge => ProxyError::BodyTooLarge {
-                limit: self.upstream.max_body(),
-            },
-            ForwardError::SwitchedProtocols => {
-                tracing::warn!("upstream switched protocols; refused");
-                ProxyError::UpstreamSwitchedProtocols
-            }
-            e @ (ForwardError::Connect(_)
-            | ForwardError::NotSent(_)
-            | ForwardError::Exchange(_)) => {
-                tracing::warn!(error = %e, "upstream failed");
+            ForwardError::SwitchedProtocols => ProxyError::UpstreamSwitchedProtocols,
+            ForwardError::Connect(_) | ForwardError::NotSent(_) | ForwardError::Exchange(_) => {
                 ProxyError::UpstreamUnreachable
             }
-        }
+        };
+        let status = answer.status().as_u16();
+        let cause = error.cause();
+        let request_id = request_id.and_then(|id| id.to_str().ok()).unwrap_or("");
+        tracing::warn!(
+            upstream = %route.upstream(),
+            route = route.path(),
+            cause,
+            status,
+            request_id,
+            error = %error,
+            "upstream failed"
+        );
+        self.metrics.upstream_failed(route.path(), status, cause);
+        answer
     }
 }
 

@@ -191,6 +191,11 @@ impl Reloader {
         }
     }
 
+    /// Records a reload that could not be applied (the file did not load or validate).
+    pub fn refused(&self) {
+        self.metrics.reloaded(false);
+    }
+
     /// Swaps in `config`'s routes, limits, upstream timeouts and audit retention. Requests in
     /// flight finish on the routes they started with; new connections get the new limits.
     pub fn apply(&self, config: Config) -> Reloaded {
@@ -222,6 +227,7 @@ impl Reloader {
             interval: config.audit_prune_interval,
         };
         self.live.replace(plane, limits, pruning);
+        self.metrics.reloaded(true);
         Reloaded {
             routes,
             restart_needed,

@@ -116,7 +116,20 @@ impl Upstream {
         let connecting = async {
             match self.address {
                 Some(address) => TcpStream::connect(address).await,
-                None => TcpStream::connect(&*self.pool_key).await,
+                None => {
+                    // Resolved first, so that a name that does not resolve is told apart from
+                    // an address that refuses (the resolver's error has no kind of its own).
+                    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(&*self.pool_key)
+                        .await
+                        .map_err(|e| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                format!("cannot resolve {}: {e}", self.pool_key),
+                            )
+                        })?
+                        .collect();
+                    TcpStream::connect(&addresses[..]).await
+                }
             }
         };
         let stream = tokio::time::timeout(timeout, connecting)
@@ -152,6 +165,45 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
+    /// What went wrong, in one word for logs and metrics: `timeout`, `connect_timeout`,
+    /// `refused`, `dns`, `reset`, `closed`, `bad_response`, `client_body`, `body_too_large`,
+    /// `switched_protocols` or `io`.
+    pub fn cause(&self) -> &'static str {
+        let of_io = |e: &std::io::Error| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => "refused",
+            std::io::ErrorKind::TimedOut => "connect_timeout",
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe => "reset",
+            // What `Upstream::connect` makes of a name that does not resolve.
+            std::io::ErrorKind::NotFound => "dns",
+            std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                "unreachable"
+            }
+            _ => "io",
+        };
+        let of_exchange = |e: &ExchangeError| match e {
+            ExchangeError::Write(io) | ExchangeError::Read(io) => match io.kind() {
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe => "reset",
+                _ => "io",
+            },
+            ExchangeError::ClosedBeforeAnswer => "closed",
+            ExchangeError::Response(_) => "bad_response",
+            ExchangeError::ClientBody(_) | ExchangeError::BodyLength => "client_body",
+            ExchangeError::BodyTooLarge => "body_too_large",
+            ExchangeError::BodyDeadline | ExchangeError::ReadTimeout => "timeout",
+        };
+        match self {
+            ForwardError::Connect(e) => of_io(e),
+            ForwardError::NotSent(e) | ForwardError::Exchange(e) => of_exchange(e),
+            ForwardError::Timeout => "timeout",
+            ForwardError::BodyTooLarge => "body_too_large",
+            ForwardError::SwitchedProtocols => "switched_protocols",
+        }
+    }
+
     /// Whether the upstream certainly never received the request, so it cannot apply it later.
     pub fn never_sent(&self) -> bool {
         matches!(self, ForwardError::Connect(_) | ForwardError::NotSent(_))
