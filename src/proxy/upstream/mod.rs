@@ -89,6 +89,43 @@ impl FromStr for Upstream {
     }
 }
 
+impl Upstream {
+    /// Makes `Location` and `Content-Location` values that name the upstream's own address
+    /// (`http://host:port/prefix/...`) path-absolute (`/...`), as nginx's `proxy_redirect default`
+    /// does: the client resolves them against the address it used, and never learns of, or
+    /// bypasses fencegate for, the upstream behind it.
+    fn rewrite_self_references(&self, headers: &mut http::HeaderMap) {
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            let Some(value) = headers.get(&name) else {
+                continue;
+            };
+            if let Some(path) = self.path_of(value.as_bytes())
+                && let Ok(rewritten) = http::HeaderValue::from_bytes(path)
+            {
+                headers.insert(name, rewritten);
+            }
+        }
+    }
+
+    /// The path below this upstream's prefix that `url` names, if it is an absolute URL of this
+    /// upstream.
+    fn path_of<'u>(&self, url: &'u [u8]) -> Option<&'u [u8]> {
+        let rest = url.strip_prefix(b"http://")?;
+        let authority = self.authority.as_str().as_bytes();
+        let rest = match rest.get(..authority.len()) {
+            Some(host) if host.eq_ignore_ascii_case(authority) => &rest[authority.len()..],
+            _ => return None,
+        };
+        let rest = rest.strip_prefix(self.prefix.as_bytes())?;
+        match rest.first() {
+            None => Some(b"/"),
+            Some(b'/') => Some(rest),
+            Some(b'?') => None, // `/prefix?x` would need a path the client never used
+            Some(_) => None,    // `/prefixed-other`: not below the prefix
+        }
+    }
+}
+
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "http://{}{}", self.authority, self.prefix)
@@ -325,6 +362,7 @@ impl UpstreamClient {
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
+        upstream.rewrite_self_references(response.headers_mut());
         Ok(response)
     }
 
@@ -427,6 +465,35 @@ fn request_framing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn locations_naming_the_upstream_become_paths_the_client_resolves() {
+        let upstream: Upstream = "http://127.0.0.1:5984/api".parse().unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::LOCATION,
+            "http://127.0.0.1:5984/api/db/doc?rev=1".parse().unwrap(),
+        );
+        headers.insert(
+            http::header::CONTENT_LOCATION,
+            "http://elsewhere:80/api/x".parse().unwrap(),
+        );
+        upstream.rewrite_self_references(&mut headers);
+        assert_eq!(headers[http::header::LOCATION], "/db/doc?rev=1");
+        assert_eq!(
+            headers[http::header::CONTENT_LOCATION],
+            "http://elsewhere:80/api/x",
+            "another host is left alone"
+        );
+        for (given, expected) in [
+            ("http://127.0.0.1:5984/api", Some(&b"/"[..])),
+            ("http://127.0.0.1:5984/apix/y", None),
+            ("https://127.0.0.1:5984/api/y", None),
+            ("/api/y", None),
+        ] {
+            assert_eq!(upstream.path_of(given.as_bytes()), expected, "{given}");
+        }
+    }
 
     #[test]
     fn upstream_urls_are_validated() {
