@@ -1605,3 +1605,58 @@ fn run(program: &str, args: &[&str]) {
     let status = Command::new(program).args(args).status().unwrap();
     assert!(status.success(), "{program} {args:?}");
 }
+
+/// docs/tokens.md's etcd recipe, run verbatim (only the fencegate address and the body file
+/// changed): two holders of the lock in turn write through fencegate with `ETCD_LOCK_REV` as
+/// their token, and the second one's token is the higher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd and etcdctl; run with --ignored"]
+async fn the_docs_etcd_lock_recipe_gives_rising_tokens_that_fencegate_accepts() {
+    let Some(etcd) = installed("etcd", "apt-get install etcd-server") else {
+        return;
+    };
+    let Some(etcdctl) = installed("etcdctl", "apt-get install etcd-client") else {
+        return;
+    };
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tokens.md")).unwrap();
+    let start = docs
+        .find("etcdctl lock ")
+        .expect("the recipe is in docs/tokens.md");
+    let end = start + docs[start..].find("\n```").unwrap();
+    let recipe = docs[start..end].to_owned();
+    let etcd = start_etcd(&etcd);
+    let upstream = common::RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n",
+        upstream.url()
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("wallet.json"), "{\"balance\":100}").unwrap();
+    let script = recipe
+        .replace("http://fencegate:8080", &format!("http://{}", app.addr))
+        .replacen("etcdctl", &etcdctl.display().to_string(), 1);
+    let run = || {
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(dir.path())
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", format!("http://{}", etcd.addr))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{script}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run();
+    run();
+    let tokens: Vec<Option<u64>> = upstream.arrivals().iter().map(|a| a.token).collect();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert!(tokens[0].is_some() && tokens[1] > tokens[0], "{tokens:?}");
+    assert_eq!(upstream.arrivals()[1].body, "{\"balance\":100}");
+    app.stop().await;
+}
