@@ -92,6 +92,9 @@ async fn reload_on_hangup(
     while hangups.recv().await.is_some() {
         match args.load_config() {
             Ok(config) => {
+                for warning in super::check_config::warnings(&config) {
+                    tracing::warn!("{warning}");
+                }
                 let reloaded = reloader.apply(config);
                 if !reloaded.restart_needed.is_empty() {
                     tracing::warn!(
