@@ -130,6 +130,8 @@ pub struct Config {
     pub audit_prune_interval: Duration,
     /// Threads of the async runtime that serves both planes; `None` means one per CPU core.
     pub worker_threads: Option<usize>,
+    /// One log line per data-plane request (`access_log`, `--access-log`).
+    pub access_log: bool,
     pub routes: RouteTable,
 }
 
@@ -142,6 +144,8 @@ pub struct Overrides {
     pub upstream: Option<String>,
     pub database: Option<PathBuf>,
     pub admin_token: Option<String>,
+    /// `--access-log`: on, whatever the file says.
+    pub access_log: bool,
 }
 
 /// Why a configuration was refused.
@@ -191,6 +195,7 @@ struct FileConfig {
     audit_max_rows: Option<u64>,
     audit_prune_interval: Option<String>,
     worker_threads: Option<usize>,
+    access_log: Option<bool>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
@@ -366,6 +371,7 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
                 ));
             }
         },
+        access_log: overrides.access_log || file.access_log.unwrap_or(false),
         routes,
     })
 }

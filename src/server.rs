@@ -130,7 +130,8 @@ impl App {
             store.clone(),
             upstream,
             Arc::clone(&metrics),
-        );
+        )
+        .with_access_log(config.access_log);
         let pruning = Pruning {
             retention: config.retention,
             interval: config.audit_prune_interval,

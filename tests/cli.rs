@@ -733,3 +733,90 @@ async fn the_operator_commands_read_the_database_and_admin_address_from_the_conf
     assert_eq!(broken.status.code(), Some(2));
     app.stop().await;
 }
+
+/// `--access-log`: one line per data-plane request with the client, method, target, resource and
+/// token (fenced requests), status, the upstream's status (when the answer is the upstream's),
+/// bytes, duration and request id; as JSON with `--log-format json`. Off by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_line_per_request() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = fencegate(&[
+        "--log-format",
+        "json",
+        "serve",
+        "--access-log",
+        "--upstream",
+        &upstream.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--db",
+        dir.path().join("fg.db").to_str().unwrap(),
+    ])
+    .env("RUST_LOG", "info")
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let serving = json_line_with(&mut lines, "fencegate serving");
+    let data = serving["data"].as_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let put = |token: &str, id: &str| {
+        client
+            .put(format!("http://{data}/w?x=1"))
+            .header("fencing-token", token)
+            .header("x-request-id", id)
+            .body("hello")
+            .send()
+    };
+    assert_eq!(put("5", "leader").await.unwrap().status(), 200);
+    assert_eq!(put("4", "zombie").await.unwrap().status(), 409);
+    let read = client.get(format!("http://{data}/w")).send().await.unwrap();
+    assert_eq!(read.status(), 200);
+    let access = tokio::task::spawn_blocking(move || {
+        (0..3)
+            .map(|_| json_line_with(&mut lines, "access"))
+            .collect::<Vec<Value>>()
+    });
+    let access = tokio::time::timeout(Duration::from_secs(10), access)
+        .await
+        .expect("three access lines within 10 s")
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let leader = &access[0];
+    assert_eq!(leader["method"], "PUT");
+    assert_eq!(leader["path"], "/w?x=1");
+    assert_eq!(leader["resource"], "default");
+    assert_eq!(leader["token"], 5);
+    assert_eq!(
+        (
+            leader["status"].as_u64(),
+            leader["upstream_status"].as_u64()
+        ),
+        (Some(200), Some(200))
+    );
+    assert_eq!(leader["request_id"], "leader");
+    assert!(leader["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(leader["duration_us"].as_u64().is_some());
+    let zombie = &access[1];
+    assert_eq!(
+        (zombie["status"].as_u64(), zombie["token"].as_u64()),
+        (Some(409), Some(4))
+    );
+    assert!(
+        zombie["upstream_status"].is_null(),
+        "fencegate's own answer: {zombie}"
+    );
+    assert!(zombie["bytes"].as_u64().is_some(), "{zombie}");
+    let read = &access[2];
+    assert_eq!(read["method"], "GET");
+    assert!(
+        read["resource"].is_null() && read["token"].is_null(),
+        "{read}"
+    );
+}

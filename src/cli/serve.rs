@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// SQLite database file [default: fencegate.db].
     #[arg(long, env = "FENCEGATE_DB", value_name = "FILE")]
     pub db: Option<PathBuf>,
+    /// Log one line per data-plane request (also `access_log = true` in the file).
+    #[arg(long, env = "FENCEGATE_ACCESS_LOG")]
+    pub access_log: bool,
 }
 
 impl ServeArgs {
@@ -42,6 +45,7 @@ impl ServeArgs {
             upstream: self.upstream.clone(),
             database: self.db.clone(),
             admin_token: std::env::var(ADMIN_TOKEN_ENV).ok(),
+            access_log: self.access_log,
         };
         Config::load(self.config.as_deref(), overrides)
     }

@@ -63,6 +63,16 @@ pub struct DataPlane {
     store: Store,
     upstream: UpstreamClient,
     metrics: Arc<Metrics>,
+    /// Whether every request gets a line in the access log.
+    access_log: bool,
+}
+
+/// What the access log says of a forwarded fenced request, carried in its response's extensions
+/// (only while the access log is on).
+#[derive(Debug, Clone)]
+struct Fenced {
+    resource: ResourceKey,
+    token: FencingToken,
 }
 
 impl DataPlane {
@@ -84,7 +94,14 @@ impl DataPlane {
             store,
             upstream,
             metrics,
+            access_log: false,
         }
+    }
+
+    /// The same data plane, logging one line per request if `on`.
+    pub fn with_access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
+        self
     }
 
     /// The same data plane for another thread: routes, gate and store shared. Upstream
@@ -99,6 +116,7 @@ impl DataPlane {
             store: self.store.clone(),
             upstream: self.upstream.clone(),
             metrics: Arc::clone(&self.metrics),
+            access_log: self.access_log,
         }
     }
 
@@ -110,9 +128,17 @@ impl DataPlane {
     ) -> Response<ProxyBody> {
         let body_may_be_unread = has_body(&request) && request.version() <= Version::HTTP_11;
         let method = request.method().clone();
+        let access = self.access_log.then(|| AccessStart::of(&request));
+        let mut fencing = None;
         let response = match self.serve(request, client).await {
             Ok(response) => response.map(Either::Left),
             Err(rejected) => {
+                if access.is_some() {
+                    fencing = rejected
+                        .fencing
+                        .as_ref()
+                        .map(|context| (context.resource.clone(), context.token));
+                }
                 let mut response = rejected.into_response();
                 // fencegate answers its own errors without reading the request body, and HTTP/1
                 // cannot reuse a connection whose body was left unread: hyper would close it
@@ -127,6 +153,9 @@ impl DataPlane {
             }
         };
         tracing::debug!(%method, status = response.status().as_u16(), %client, "answered");
+        if let Some(access) = access {
+            access.log(&response, fencing, client);
+        }
         response
     }
 
@@ -514,6 +543,9 @@ impl DataPlane {
                 response
                     .headers_mut()
                     .insert(FENCING_TOKEN_HIGHEST, problem::highest_header(highest));
+                if self.access_log {
+                    response.extensions_mut().insert(Fenced { resource, token });
+                }
                 Ok(response)
             }
             Err(e) => {
@@ -719,6 +751,69 @@ impl DataPlane {
         );
         self.metrics.upstream_failed(route.path(), status, cause);
         answer
+    }
+}
+
+/// What the access log needs from a request before it is handed to the proxy.
+struct AccessStart {
+    started: std::time::Instant,
+    method: http::Method,
+    target: String,
+    request_id: Option<HeaderValue>,
+}
+
+impl AccessStart {
+    fn of(request: &Request<ClientBody>) -> AccessStart {
+        AccessStart {
+            started: std::time::Instant::now(),
+            method: request.method().clone(),
+            target: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| request.uri().to_string(), ToString::to_string),
+            request_id: request.headers().get(X_REQUEST_ID).cloned(),
+        }
+    }
+
+    /// One line: client, method, target, resource and token (for a fenced request), status, the
+    /// upstream's status (if the answer is the upstream's), body bytes (if known from the head),
+    /// duration to the response head, request id. Text or JSON, as the other log lines.
+    fn log(
+        self,
+        response: &Response<ProxyBody>,
+        fencing: Option<(ResourceKey, Option<FencingToken>)>,
+        client: SocketAddr,
+    ) {
+        let fencing = fencing.or_else(|| {
+            response
+                .extensions()
+                .get::<Fenced>()
+                .map(|fenced| (fenced.resource.clone(), Some(fenced.token)))
+        });
+        let upstream_status = match response.body() {
+            Either::Left(_) => Some(response.status().as_u16()),
+            Either::Right(_) => None,
+        };
+        let bytes = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+            .or_else(|| hyper::body::Body::size_hint(response.body()).exact());
+        tracing::info!(
+            target: "fencegate::access",
+            %client,
+            method = %self.method,
+            path = %self.target,
+            resource = fencing.as_ref().map(|(resource, _)| resource.as_str()),
+            token = fencing.as_ref().and_then(|(_, token)| *token).map(FencingToken::get),
+            status = response.status().as_u16(),
+            upstream_status,
+            bytes,
+            duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            request_id = self.request_id.as_ref().and_then(|id| id.to_str().ok()),
+            "access"
+        );
     }
 }
 

@@ -196,8 +196,9 @@ impl Reloader {
         self.metrics.reloaded(false);
     }
 
-    /// Swaps in `config`'s routes, limits, upstream timeouts and audit retention. Requests in
-    /// flight finish on the routes they started with; new connections get the new limits.
+    /// Swaps in `config`'s routes, limits, upstream timeouts, access log and audit retention.
+    /// Requests in flight finish on the routes they started with; new connections get the new
+    /// limits.
     pub fn apply(&self, config: Config) -> Reloaded {
         let restart_needed = self.running.differences(&Fixed::of(&config));
         let routes = config.routes.len();
@@ -216,7 +217,8 @@ impl Reloader {
                 config.max_body,
             ),
             Arc::clone(&self.metrics),
-        );
+        )
+        .with_access_log(config.access_log);
         // The connection cap stays (it is the semaphore every thread shares).
         let limits = Limits {
             max_connections: self.running.max_connections,
