@@ -820,3 +820,28 @@ async fn the_access_log_has_one_line_per_request() {
         "{read}"
     );
 }
+
+#[test]
+fn the_manual_page_is_roff_naming_every_subcommand() {
+    let output = fencegate(&["man"]).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.starts_with(".ie") || text.contains(".TH fencegate"),
+        "{text}"
+    );
+    for subcommand in [
+        "serve",
+        "audit",
+        "epochs",
+        "history",
+        "fence",
+        "check\\-config",
+        "demo",
+    ] {
+        assert!(
+            text.contains(subcommand),
+            "{subcommand} missing from the man page"
+        );
+    }
+}

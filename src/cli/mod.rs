@@ -59,6 +59,8 @@ pub enum Command {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff), for `man -l -` or /usr/share/man/man1/fencegate.1.
+    Man,
 }
 
 impl Cli {
@@ -90,6 +92,16 @@ impl Cli {
                 let mut out = Vec::new();
                 clap_complete::generate(shell, &mut command, "fencegate", &mut out);
                 // A reader that stops early closes the pipe: not an error.
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &out);
+                ExitCode::SUCCESS
+            }
+            Command::Man => {
+                let command = <Cli as clap::CommandFactory>::command();
+                let mut out = Vec::new();
+                if let Err(e) = clap_mangen::Man::new(command).render(&mut out) {
+                    eprintln!("fencegate man: {e}");
+                    return ExitCode::FAILURE;
+                }
                 let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &out);
                 ExitCode::SUCCESS
             }
