@@ -495,6 +495,41 @@ fn check_config_into_a_closed_pipe_does_not_panic() {
     }
 }
 
+/// `fencegate --log-format json serve` with `extra` flags on free ports in front of `upstream`,
+/// its database in `dir`: the child, its log lines, and the data plane's address once it serves.
+fn serve_with_json_logs(
+    upstream: &RecordingUpstream,
+    dir: &Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    impl Iterator<Item = String> + Send + 'static,
+    String,
+) {
+    let db = dir.join("fg.db");
+    let mut args = vec!["--log-format", "json", "serve"];
+    args.extend_from_slice(extra);
+    let url = upstream.url();
+    args.extend_from_slice(&["--upstream", &url, "--listen", "127.0.0.1:0"]);
+    args.extend_from_slice(&[
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    let mut child = fencegate(&args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let serving = json_line_with(&mut lines, "fencegate serving");
+    let data = serving["data"].as_str().unwrap().to_owned();
+    (child, lines, data)
+}
+
 /// Reads JSON log lines from `lines` until one has `message`; returns it.
 fn json_line_with(lines: &mut impl Iterator<Item = String>, message: &str) -> Value {
     for line in lines {
@@ -511,28 +546,7 @@ fn json_line_with(lines: &mut impl Iterator<Item = String>, message: &str) -> Va
 async fn json_logs_have_one_line_per_rejection_and_advance_with_the_request_id() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = fencegate(&[
-        "--log-format",
-        "json",
-        "serve",
-        "--upstream",
-        &upstream.url(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--db",
-        dir.path().join("fg.db").to_str().unwrap(),
-    ])
-    .env("RUST_LOG", "info")
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    let serving = json_line_with(&mut lines, "fencegate serving");
-    let data = serving["data"].as_str().unwrap().to_owned();
+    let (mut child, mut lines, data) = serve_with_json_logs(&upstream, dir.path(), &[]);
     let client = reqwest::Client::new();
     let put = |token: &str, id: &str| {
         client
@@ -741,29 +755,8 @@ async fn the_operator_commands_read_the_database_and_admin_address_from_the_conf
 async fn the_access_log_has_one_line_per_request() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = fencegate(&[
-        "--log-format",
-        "json",
-        "serve",
-        "--access-log",
-        "--upstream",
-        &upstream.url(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--db",
-        dir.path().join("fg.db").to_str().unwrap(),
-    ])
-    .env("RUST_LOG", "info")
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    let serving = json_line_with(&mut lines, "fencegate serving");
-    let data = serving["data"].as_str().unwrap().to_owned();
+    let (mut child, mut lines, data) =
+        serve_with_json_logs(&upstream, dir.path(), &["--access-log"]);
     let client = reqwest::Client::new();
     let put = |token: &str, id: &str| {
         client

@@ -10,7 +10,7 @@ use clap::Args;
 use super::output::{self, Format};
 use super::sources::ConfigFile;
 use crate::audit::{self, Reason};
-use crate::store::{Reader, RejectionQuery, RejectionRow};
+use crate::store::{RejectionQuery, RejectionRow};
 
 /// Rows read per page; each page is one short read transaction.
 pub const PAGE_ROWS: usize = 1000;
@@ -44,19 +44,9 @@ fn since(text: &str) -> Result<SystemTime, String> {
 
 /// Streams the matching rejections, newest first, to stdout.
 pub fn run(args: &AuditArgs) -> ExitCode {
-    let db = match args.config.database(args.db.as_ref()) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("fencegate audit: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let reader = match Reader::open(&db) {
+    let reader = match args.config.open_reader("audit", args.db.as_ref()) {
         Ok(reader) => reader,
-        Err(e) => {
-            eprintln!("fencegate audit: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(status) => return status,
     };
     let mut query = RejectionQuery {
         resource: args.resource.clone(),

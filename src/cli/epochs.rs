@@ -9,7 +9,7 @@ use clap::Args;
 use super::audit::PAGE_ROWS;
 use super::output::{self, Format};
 use super::sources::ConfigFile;
-use crate::store::{Reader, ResourceQuery, ResourceRow};
+use crate::store::{ResourceQuery, ResourceRow};
 
 /// Flags of `fencegate epochs`.
 #[derive(Debug, Args)]
@@ -29,19 +29,9 @@ pub struct EpochsArgs {
 
 /// Streams the resources, in name order, to stdout.
 pub fn run(args: &EpochsArgs) -> ExitCode {
-    let db = match args.config.database(args.db.as_ref()) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("fencegate epochs: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let reader = match Reader::open(&db) {
+    let reader = match args.config.open_reader("epochs", args.db.as_ref()) {
         Ok(reader) => reader,
-        Err(e) => {
-            eprintln!("fencegate epochs: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(status) => return status,
     };
     let mut query = ResourceQuery {
         exact: args.resource.clone(),

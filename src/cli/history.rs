@@ -10,7 +10,7 @@ use clap::Args;
 use super::audit::PAGE_ROWS;
 use super::output::{self, Format};
 use super::sources::ConfigFile;
-use crate::store::{EpochQuery, EpochRow, Reader};
+use crate::store::{EpochQuery, EpochRow};
 
 /// Flags of `fencegate history`.
 #[derive(Debug, Args)]
@@ -30,19 +30,9 @@ pub struct HistoryArgs {
 
 /// Streams the advances, newest first, to stdout.
 pub fn run(args: &HistoryArgs) -> ExitCode {
-    let db = match args.config.database(args.db.as_ref()) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("fencegate history: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let reader = match Reader::open(&db) {
+    let reader = match args.config.open_reader("history", args.db.as_ref()) {
         Ok(reader) => reader,
-        Err(e) => {
-            eprintln!("fencegate history: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(status) => return status,
     };
     let mut query = EpochQuery {
         resource: args.resource.clone(),

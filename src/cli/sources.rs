@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::serve::ADMIN_TOKEN_ENV;
 use crate::config::{Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_DATABASE, Overrides};
+use crate::store::Reader;
 
 /// `--config`, for commands that read only some settings from it.
 #[derive(Debug, Clone, Default, Args)]
@@ -42,6 +43,24 @@ impl ConfigFile {
         Ok(self
             .load()?
             .map_or_else(|| PathBuf::from(DEFAULT_DATABASE), |config| config.database))
+    }
+
+    /// Opens the database `db` or the config names, read-only, for `command`; on failure says why
+    /// and gives the exit status: 2 for a config that does not load, 1 for a database that cannot
+    /// be read.
+    pub fn open_reader(
+        &self,
+        command: &str,
+        db: Option<&PathBuf>,
+    ) -> Result<Reader, std::process::ExitCode> {
+        let db = self.database(db).map_err(|e| {
+            eprintln!("fencegate {command}: {e}");
+            std::process::ExitCode::from(2)
+        })?;
+        Reader::open(&db).map_err(|e| {
+            eprintln!("fencegate {command}: {e}");
+            std::process::ExitCode::FAILURE
+        })
     }
 
     /// The admin plane's base URL: `admin` (the flag or `FENCEGATE_ADMIN_URL`), else the config's
