@@ -18,6 +18,7 @@ use crate::proxy::Upstream;
 use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
 use crate::route::{Route, RoutePolicy, RouteTable};
 use crate::store::Retention;
+use crate::telemetry::LogLevel;
 
 /// Where the data plane listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -132,6 +133,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// One log line per data-plane request (`access_log`, `--access-log`).
     pub access_log: bool,
+    /// What is logged (`log_level`); `RUST_LOG`, when set, wins.
+    pub log_level: Option<LogLevel>,
     pub routes: RouteTable,
 }
 
@@ -196,6 +199,7 @@ struct FileConfig {
     audit_prune_interval: Option<String>,
     worker_threads: Option<usize>,
     access_log: Option<bool>,
+    log_level: Option<String>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
@@ -372,6 +376,12 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             }
         },
         access_log: overrides.access_log || file.access_log.unwrap_or(false),
+        log_level: file
+            .log_level
+            .as_deref()
+            .map(LogLevel::parse)
+            .transpose()
+            .map_err(|problem| invalid("log_level", problem))?,
         routes,
     })
 }
@@ -853,6 +863,8 @@ resource = "default"
                 format!("{ROUTE}max_token_jump = 0"),
                 "routes[0].max_token_jump",
             ),
+            (format!("log_level = \"loud\"\n{ROUTE}"), "log_level"),
+            (format!("log_level = \"\"\n{ROUTE}"), "log_level"),
         ];
         for (text, key) in cases {
             let message = error(&text);

@@ -397,16 +397,6 @@ async fn sighup_reloads_routes_without_dropping_a_connection_and_a_bad_config_ch
         upstream.url()
     );
     std::fs::write(&config, grown).unwrap();
-    let hup = |proxy: &common::binary::Proxy| {
-        let pid = proxy.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
     hup(&proxy);
     eventually("the new route serves", async || {
         put_to("/orders/1", 3).await.unwrap().status() == 200
@@ -465,6 +455,79 @@ async fn sighup_reloads_routes_without_dropping_a_connection_and_a_bad_config_ch
     assert_eq!(
         arrived,
         ["/crash/1", "/crash/2", "/orders/1", "/orders/2", "/crash/1"]
+    );
+}
+
+/// The config's `log_level` is reloaded with the rest: at `warn` the access log (INFO) goes
+/// quiet, back at `info` it speaks again; `RUST_LOG` is not set, so the file decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_log_level() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fencegate.db");
+    let at = |level: &str, grace: &str| {
+        common::binary::write_config(
+            &upstream.url(),
+            &db,
+            &format!("access_log = true\nlog_level = \"{level}\"\nin_doubt_grace = \"{grace}\""),
+        )
+    };
+    let config = at("info", "5s");
+    let mut serve = serve_command(&config, &db);
+    serve.env_remove("RUST_LOG");
+    let proxy = common::binary::start(serve).await;
+    let client = reqwest::Client::new();
+    let put_and_wait = async |id: u32| {
+        let response = client
+            .put(format!("http://{}/crash/{id}", proxy.addr))
+            .header("fencing-token", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    };
+    let access_line = |id: u32| format!("/crash/{id}");
+    put_and_wait(1).await;
+    eventually("the access log speaks at info", async || {
+        proxy.logged(&access_line(1))
+    })
+    .await;
+
+    // A restart-only key changes too, so that the reload leaves a WARN line to wait for.
+    at("warn", "6s");
+    hup(&proxy);
+    eventually("the reload at warn is logged", async || {
+        proxy.logged("only change at a restart")
+    })
+    .await;
+    put_and_wait(2).await;
+    at("info", "7s");
+    hup(&proxy);
+    eventually("the reload at info is logged", async || {
+        proxy.logged("config reloaded routes=")
+    })
+    .await;
+    put_and_wait(3).await;
+    eventually("the access log speaks at info again", async || {
+        proxy.logged(&access_line(3))
+    })
+    .await;
+    assert!(
+        !proxy.logged(&access_line(2)),
+        "an INFO line was logged at warn: {:?}",
+        proxy.log.lock().unwrap()
+    );
+}
+
+/// Sends SIGHUP to the server.
+fn hup(proxy: &common::binary::Proxy) {
+    let pid = proxy.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
     );
 }
 

@@ -114,6 +114,17 @@ pub fn describe(config: &Config) -> String {
                 .worker_threads
                 .map_or_else(|| "one per CPU core".to_owned(), |n| n.to_string()),
         ),
+        (
+            "access_log",
+            if config.access_log { "on" } else { "off" }.to_owned(),
+        ),
+        (
+            "log_level",
+            config.log_level.as_ref().map_or_else(
+                || "info (RUST_LOG, when set, wins)".to_owned(),
+                |level| format!("{} (RUST_LOG, when set, wins)", level.as_str()),
+            ),
+        ),
     ];
     let mut text = String::new();
     for (key, value) in settings {

@@ -75,14 +75,14 @@ impl Cli {
                         return ExitCode::from(2);
                     }
                 };
-                telemetry::init(self.log_format);
+                telemetry::init(self.log_format, config.log_level.as_ref());
                 serve::run(config, args)
             }
             Command::Audit(args) => audit::run(&args),
             Command::Epochs(args) => epochs::run(&args),
             Command::History(args) => history::run(&args),
             Command::Fence(args) => {
-                telemetry::init(self.log_format);
+                telemetry::init(self.log_format, None);
                 fence::run(&args)
             }
             Command::CheckConfig(args) => check_config::run(&args),

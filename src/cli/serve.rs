@@ -8,6 +8,7 @@ use clap::Args;
 use crate::config::{Config, ConfigError, Overrides};
 use crate::server::{App, Reloader};
 use crate::shutdown;
+use crate::telemetry::{self, LevelChange, LogLevel};
 
 /// The environment variable that holds the admin token (kept out of flags, so it is not visible in
 /// the process list).
@@ -96,6 +97,8 @@ async fn reload_on_hangup(
     while hangups.recv().await.is_some() {
         match args.load_config() {
             Ok(config) => {
+                // First, so that what this reload logs already follows the new level.
+                apply_log_level(config.log_level.as_ref());
                 for warning in super::check_config::warnings(&config) {
                     tracing::warn!("{warning}");
                 }
@@ -113,5 +116,16 @@ async fn reload_on_hangup(
                 tracing::error!(error = %e, "config reload failed; the running config stays");
             }
         }
+    }
+}
+
+/// Puts a reloaded `log_level` in force, or says why it is not.
+fn apply_log_level(level: Option<&LogLevel>) {
+    match telemetry::set_level(level) {
+        LevelChange::Applied | LevelChange::NotInstalled => {}
+        LevelChange::RustLogWins if level.is_some() => tracing::warn!(
+            "log_level is not applied: RUST_LOG is set and decides what is logged until a restart without it"
+        ),
+        LevelChange::RustLogWins => {}
     }
 }

@@ -73,10 +73,13 @@ pub fn write_config(upstream: &str, db: &Path, settings: &str) -> std::path::Pat
     config
 }
 
-/// Starts `command` (a `fencegate serve`, possibly wrapped) and waits until it is ready.
+/// Starts `command` (a `fencegate serve`, possibly wrapped) and waits until it is ready. Logs at
+/// INFO (`RUST_LOG=info`) unless `command` sets or removes `RUST_LOG` itself.
 pub async fn start(mut command: Command) -> Proxy {
+    if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+        command.env("RUST_LOG", "info");
+    }
     let child = command
-        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .expect("the fencegate binary starts");
