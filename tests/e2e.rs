@@ -1,10 +1,12 @@
 //! End to end against real storage that nobody here wrote: nginx's WebDAV module, etcd's JSON
-//! gateway, PouchDB Server (the CouchDB API) and s3s-fs (S3, checking SigV4, driven by boto3).
+//! gateway, PouchDB Server (the CouchDB API) and s3s-fs (S3, checking SigV4, driven by boto3);
+//! and the docs' token recipes against the lock services they name (etcd, ZooKeeper).
 //! All are opt-in: `cargo test` skips them (they are `#[ignore]`), and
 //! `cargo test --test e2e -- --ignored` runs them. A server that is not installed is skipped with a
 //! loud message on stderr, unless `FENCEGATE_E2E_REQUIRED` is set (as in CI), when it fails.
 //! `.ci/run` installs them all (`apt-get install nginx etcd-server`, `npm install -g
-//! pouchdb-server`, `cargo install s3s-fs@0.14.1 --features binary --locked`, `pip install boto3`).
+//! pouchdb-server`, `cargo install s3s-fs@0.14.1 --features binary --locked`, `pip install boto3`,
+//! `apt-get install zookeeper`, `pip install kazoo requests`).
 
 mod common;
 
@@ -1656,6 +1658,143 @@ async fn the_docs_etcd_lock_recipe_gives_rising_tokens_that_fencegate_accepts() 
     run();
     let tokens: Vec<Option<u64>> = upstream.arrivals().iter().map(|a| a.token).collect();
     assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert!(tokens[0].is_some() && tokens[1] > tokens[0], "{tokens:?}");
+    assert_eq!(upstream.arrivals()[1].body, "{\"balance\":100}");
+    app.stop().await;
+}
+
+/// ZooKeeper standalone on a free loopback port, from Debian's `zookeeper` package (its jar
+/// names its own dependencies), with a temporary data directory.
+fn start_zookeeper(jar: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("zoo.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "tickTime=500\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n",
+            dir.path().join("data").display(),
+            addr.port()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("java")
+        .arg("-cp")
+        .arg(jar)
+        .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_listening(addr, &mut child, "zookeeper");
+    Server {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// Whether Python can import `modules`, or `false` after saying loudly that the test is skipped.
+fn python_modules_installed(modules: &str, install: &str) -> bool {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        let message =
+            format!("SKIPPED: python3 cannot import {modules}; install them with `{install}`.");
+        assert!(
+            std::env::var_os("FENCEGATE_E2E_REQUIRED").is_none(),
+            "{message} (FENCEGATE_E2E_REQUIRED is set)"
+        );
+        let _ = writeln!(std::io::stderr(), "\n{message}\n");
+    }
+    found
+}
+
+/// docs/tokens.md's ZooKeeper recipe, run verbatim (only the ZooKeeper and fencegate addresses
+/// changed) by two candidates: the second waits, watching the first's znode, while the first
+/// leads; once the first steps down (its session closed), the second leads and writes with a
+/// higher `czxid`, which fencegate forwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ZooKeeper (Debian's zookeeper package), java and python3 with kazoo and requests; run with --ignored"]
+async fn the_docs_zookeeper_election_recipe_gives_rising_tokens_that_fencegate_accepts() {
+    let jar = Path::new("/usr/share/java/zookeeper.jar");
+    if !jar.is_file() {
+        let _ = installed("zookeeper.jar", "apt-get install zookeeper");
+        return;
+    }
+    if !python_modules_installed("kazoo, requests", "pip install kazoo requests") {
+        return;
+    }
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tokens.md")).unwrap();
+    let start = docs
+        .find("# kazoo")
+        .expect("the recipe is in docs/tokens.md");
+    let end = start + docs[start..].find("\n```").unwrap();
+    let recipe = docs[start..end].to_owned();
+    let zookeeper = start_zookeeper(jar);
+    let upstream = common::RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n",
+        upstream.url()
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("wallet.json"), "{\"balance\":100}").unwrap();
+    // After the recipe: lead until the test says to step down, then close the session (which
+    // removes the ephemeral znode at once, as a crash would after the session timeout).
+    let script = format!(
+        "{}\nimport os, time\nwhile not os.path.exists(\"step-down\"):\n    time.sleep(0.02)\nzk.stop()\nzk.close()\n",
+        recipe
+            .replace("zk:2181", &zookeeper.addr.to_string())
+            .replace("http://fencegate:8080", &format!("http://{}", app.addr))
+    );
+    let candidate = |name: &str| {
+        let workdir = dir.path().join(name);
+        std::fs::create_dir(&workdir).unwrap();
+        std::fs::copy(dir.path().join("wallet.json"), workdir.join("wallet.json")).unwrap();
+        let child = Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(&workdir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (workdir, child)
+    };
+    let arrivals = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while upstream.arrivals().len() < count {
+            assert!(Instant::now() < deadline, "no write {count} arrived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (first_dir, mut first) = candidate("first");
+    arrivals(1);
+    let (second_dir, second) = candidate("second");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        upstream.arrivals().len(),
+        1,
+        "the second candidate wrote while the first still led"
+    );
+    std::fs::write(first_dir.join("step-down"), "").unwrap();
+    assert!(first.wait().unwrap().success());
+    arrivals(2);
+    std::fs::write(second_dir.join("step-down"), "").unwrap();
+    let output = second.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tokens: Vec<Option<u64>> = upstream.arrivals().iter().map(|a| a.token).collect();
     assert!(tokens[0].is_some() && tokens[1] > tokens[0], "{tokens:?}");
     assert_eq!(upstream.arrivals()[1].body, "{\"balance\":100}");
     app.stop().await;
