@@ -5,6 +5,8 @@
 //! Everything here is pure: bytes in, bytes or a typed error out. The connection that moves the
 //! bytes is in [`super::exchange`].
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -76,7 +78,7 @@ pub enum Framing {
 }
 
 /// Where a header sits in the head: offsets of its name and value.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Span {
     name: (usize, usize),
     value: (usize, usize),
@@ -85,14 +87,19 @@ struct Span {
 /// Parses a response head at the start of `buf` and takes it off; `None` (and `buf` untouched)
 /// if more bytes are needed.
 pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut spans = [Span::default(); MAX_RESPONSE_HEADERS];
+    // Uninitialised: initialising 128 slots (4 KiB) on every response cost more than parsing.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
     let mut hop = HopByHop::default();
     // Header names `Connection` lists beyond close and keep-alive: rare, so allocated only then.
     let mut named: Vec<(usize, usize)> = Vec::new();
-    let (length, status, version, count) = {
-        let mut response = httparse::Response::new(&mut slots);
-        let length = match response.parse(buf) {
+    let (length, status, version, spans) = {
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        );
+        let length = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
                 return Err(WireError::HeadTooLarge);
@@ -116,18 +123,19 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError>
             let start = part.as_ptr() as usize - base;
             (start, start + part.len())
         };
-        for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
-            *span = Span {
+        let mut spans = Vec::with_capacity(response.headers.len());
+        for header in response.headers.iter() {
+            spans.push(Span {
                 name: offsets(header.name.as_bytes()),
                 value: offsets(header.value),
-            };
+            });
             note_hop_by_hop(&mut hop, &mut named, header, &offsets);
         }
-        (length, status, version, response.headers.len())
+        (length, status, version, spans)
     };
     let head = buf.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for span in &spans[..count] {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for span in &spans {
         let name = &head[span.name.0..span.name.1];
         let listed = named
             .iter()

@@ -186,8 +186,8 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
     let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| HeadError::Target)?;
     let mut headers = HeaderMap::with_capacity(spans.len());
     for span in &spans {
-        let name =
-            HeaderName::from_bytes(&slice(span.name)).map_err(|_| HeadError::InvalidHeader)?;
+        let name = &head[span.name.start as usize..span.name.end as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::InvalidHeader)?;
         let value = HeaderValue::from_maybe_shared(slice(span.value))
             .map_err(|_| HeadError::InvalidHeader)?;
         headers.append(name, value);
