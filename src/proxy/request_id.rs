@@ -14,9 +14,11 @@ pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
     }
     let mut text = uuid::Uuid::encode_buffer();
     let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-    let id = HeaderValue::from_str(text).expect("a UUID is a valid header value");
-    headers.insert(X_REQUEST_ID, id.clone());
-    id
+    // Two values made from the text, not one cloned: a clone would turn the value's buffer into
+    // a shared one (an allocation and reference counting) on every request.
+    let value = || HeaderValue::from_str(text).expect("a UUID is a valid header value");
+    headers.insert(X_REQUEST_ID, value());
+    value()
 }
 
 /// Echoes the request's id in its answer, unless the answer already carries one.

@@ -109,21 +109,10 @@ impl Sender {
         }
     }
 
-    /// A copy that can be sent again on another connection: only for a request with no body that
-    /// nobody waits to hear about, before any of it is written.
-    pub(super) fn replayable(&self) -> Option<Sender> {
-        (self.body.is_none() && self.sent.is_none() && self.written == 0).then(|| Sender {
-            pending: self.pending.clone(),
-            body: None,
-            framing: self.framing,
-            taken: 0,
-            max_body: self.max_body,
-            written: 0,
-            sent: None,
-            held_until: None,
-            deadline: self.deadline,
-            timer: None,
-        })
+    /// Whether this request could be sent again on another connection, written anew: it has no
+    /// body, nobody waits to hear it was sent, and none of it is written yet.
+    pub(super) fn replayable(&self) -> bool {
+        self.body.is_none() && self.sent.is_none() && self.written == 0
     }
 
     /// Whether any byte of the request has left fencegate.

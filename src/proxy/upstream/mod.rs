@@ -319,17 +319,20 @@ impl UpstreamClient {
             Some(authority) if keep_host => Some(authority.as_str()),
             _ => Some(upstream.authority.as_str()),
         };
-        let mut head = Vec::with_capacity(512);
-        wire::write_request_head(
-            &mut head,
-            &parts.method,
-            &upstream.target_for(&parts.uri),
-            host,
-            framing,
-            |out| headers::write_upstream_headers(out, &parts.headers, client, keep_host),
-        );
+        let write_head = || {
+            let mut head = Vec::with_capacity(512);
+            wire::write_request_head(
+                &mut head,
+                &parts.method,
+                &upstream.target_for(&parts.uri),
+                host,
+                framing,
+                |out| headers::write_upstream_headers(out, &parts.headers, client, keep_host),
+            );
+            head
+        };
         let sender = Sender::new(
-            head,
+            write_head(),
             Some(body),
             framing,
             self.max_body,
@@ -337,10 +340,14 @@ impl UpstreamClient {
             expects_continue,
             deadline,
         );
+        // Written again only if the request has to go again (see `exchange_head`), so that the
+        // common case keeps no copy of it.
+        let again = || Sender::new(write_head(), None, framing, self.max_body, None, false, deadline);
         let (exchange, head) = self
             .exchange_head(
                 upstream,
                 sender,
+                again,
                 &parts.method,
                 in_flight.is_none(),
                 deadline,
@@ -374,16 +381,13 @@ impl UpstreamClient {
         &self,
         upstream: &Upstream,
         mut sender: Sender,
+        again: impl Fn() -> Sender,
         method: &Method,
         unfenced: bool,
         deadline: Instant,
     ) -> Result<(Exchange, wire::ResponseHead), ForwardError> {
         // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
-        let mut replay = if unfenced && method.is_safe() {
-            sender.replayable()
-        } else {
-            None
-        };
+        let mut may_replay = unfenced && method.is_safe() && sender.replayable();
         loop {
             let connection = match pool::take(&upstream.pool_key) {
                 Some(connection) => connection,
@@ -419,7 +423,10 @@ impl UpstreamClient {
             let stale = connection_failed && exchange.reused() && !answered_anything;
             sender = match unsent {
                 Some(unsent) if stale => unsent,
-                None if stale && replay.is_some() => replay.take().expect("checked"),
+                None if stale && may_replay => {
+                    may_replay = false;
+                    again()
+                }
                 // Not one byte left fencegate: the upstream cannot apply any of it.
                 Some(_) => return Err(ForwardError::unsent(error)),
                 None => return Err(ForwardError::from_exchange(error)),
