@@ -86,6 +86,27 @@ fn wait_until_listening(addr: SocketAddr, child: &mut Child, name: &str) {
     }
 }
 
+/// Starts `command` (its output dropped) as the server `name`, and waits until it listens on
+/// `addr`; the server owns `dir` for as long as it runs.
+fn spawn_server(
+    mut command: Command,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    name: &str,
+) -> Server {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_listening(addr, &mut child, name);
+    Server {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
 /// nginx with WebDAV PUT on a temporary root; its access log records each request's token.
 fn start_nginx(binary: &Path) -> Server {
     let dir = tempfile::tempdir().unwrap();
@@ -122,23 +143,15 @@ http {{
     );
     let conf = dir.path().join("nginx.conf");
     std::fs::write(&conf, config).unwrap();
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .arg("-p")
         .arg(dir.path())
         .arg("-e")
         .arg(dir.path().join("error.log"))
         .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until_listening(addr, &mut child, "nginx");
-    Server {
-        child,
-        addr,
-        _dir: dir,
-    }
+        .arg(&conf);
+    spawn_server(command, addr, dir, "nginx")
 }
 
 /// A one-member etcd cluster on free ports with a temporary data directory.
@@ -146,24 +159,16 @@ fn start_etcd(binary: &Path) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let peer = format!("http://127.0.0.1:{}", free_port());
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .args(["--name", "e2e", "--data-dir"])
         .arg(dir.path().join("data"))
         .args(["--listen-client-urls", &format!("http://{client}")])
         .args(["--advertise-client-urls", &format!("http://{client}")])
         .args(["--listen-peer-urls", &peer])
         .args(["--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("e2e={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until_listening(client, &mut child, "etcd");
-    Server {
-        child,
-        addr: client,
-        _dir: dir,
-    }
+        .args(["--initial-cluster", &format!("e2e={peer}")]);
+    spawn_server(command, client, dir, "etcd")
 }
 
 /// One line of nginx's access log: (method, uri, token, status).
@@ -849,20 +854,12 @@ async fn etcd_profile_leaders_write_transactions_and_member_deletes() {
 async fn start_couchdb(binary: &Path) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .args(["--in-memory", "--host", "127.0.0.1", "--port"])
         .arg(addr.port().to_string())
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until_listening(addr, &mut child, "pouchdb-server");
-    let server = Server {
-        child,
-        addr,
-        _dir: dir,
-    };
+        .current_dir(dir.path());
+    let server = spawn_server(command, addr, dir, "pouchdb-server");
     let created = couch_direct(&server, "PUT", "/bank", None).await;
     assert_eq!(created.0, 201, "{:?}", created.1);
     server
@@ -1234,41 +1231,18 @@ fn start_s3(binary: &Path) -> Server {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("bank")).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .args(["--host", "127.0.0.1", "--port"])
         .arg(addr.port().to_string())
         .args(["--access-key", "AK", "--secret-key", "SK"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until_listening(addr, &mut child, "s3s-fs");
-    Server {
-        child,
-        addr,
-        _dir: dir,
-    }
+        .arg(dir.path());
+    spawn_server(command, addr, dir, "s3s-fs")
 }
 
 /// Whether boto3 can be imported, or `false` after saying loudly that the test is skipped.
 fn boto3_installed() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import boto3"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !found {
-        let message = "SKIPPED: boto3 is not installed, so the S3 end-to-end test did not run. \
-                       Install it with `pip install boto3`.";
-        assert!(
-            std::env::var_os("FENCEGATE_E2E_REQUIRED").is_none(),
-            "{message} (FENCEGATE_E2E_REQUIRED is set)"
-        );
-        let _ = writeln!(std::io::stderr(), "\n{message}\n");
-    }
-    found
+    python_modules_installed("boto3", "pip install boto3")
 }
 
 /// Runs `calls` with boto3 (tests/support/s3_client.py): through fencegate, or straight to the
@@ -1564,24 +1538,16 @@ async fn the_compose_storage_config_writes_once_its_volume_belongs_to_the_worker
         body_temp.display()
     );
     std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
-    let mut child = Command::new(&binary)
+    let mut command = Command::new(&binary);
+    command
         .arg("-p")
         .arg(dir.path())
         .arg("-e")
         .arg(dir.path().join("error.log"))
         .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .arg(dir.path().join("nginx.conf"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_until_listening(addr, &mut child, "nginx");
-    let nginx = Server {
-        child,
-        addr,
-        _dir: dir,
-    };
+    let nginx = spawn_server(command, addr, dir, "nginx");
     let app = TestApp::spawn(&webdav_routes(&nginx)).await;
 
     let root_owned = app.put("/files/wallets/1", 1, "100").await;
@@ -1678,21 +1644,13 @@ fn start_zookeeper(jar: &Path) -> Server {
         ),
     )
     .unwrap();
-    let mut child = Command::new("java")
+    let mut command = Command::new("java");
+    command
         .arg("-cp")
         .arg(jar)
         .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until_listening(addr, &mut child, "zookeeper");
-    Server {
-        child,
-        addr,
-        _dir: dir,
-    }
+        .arg(&config);
+    spawn_server(command, addr, dir, "zookeeper")
 }
 
 /// Whether Python can import `modules`, or `false` after saying loudly that the test is skipped.

@@ -342,7 +342,17 @@ impl UpstreamClient {
         );
         // Written again only if the request has to go again (see `exchange_head`), so that the
         // common case keeps no copy of it.
-        let again = || Sender::new(write_head(), None, framing, self.max_body, None, false, deadline);
+        let again = || {
+            Sender::new(
+                write_head(),
+                None,
+                framing,
+                self.max_body,
+                None,
+                false,
+                deadline,
+            )
+        };
         let (exchange, head) = self
             .exchange_head(
                 upstream,
