@@ -267,8 +267,7 @@ impl DataPlane {
             ))
             .await);
         }
-        // Moved out, not cloned: a reference count touched on every request costs more than it
-        // looks (a locked instruction right after the future's state was written).
+        // From here on only the route and the resource are needed: moved out, not cloned.
         let Resolved {
             route, resource, ..
         } = resolved;
