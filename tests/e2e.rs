@@ -1574,6 +1574,27 @@ fn run(program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?}");
 }
 
+/// The code block of docs/tokens.md that begins with `opening`, up to its closing fence.
+fn docs_recipe(opening: &str) -> String {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tokens.md")).unwrap();
+    let start = docs.find(opening).expect("the recipe is in docs/tokens.md");
+    let end = start + docs[start..].find("\n```").unwrap();
+    docs[start..end].to_owned()
+}
+
+/// fencegate with one route, `/wallets/{id}` to `wallet:{id}`, before an upstream that records
+/// what arrives.
+async fn fencegate_before_a_recording_upstream() -> (common::RecordingUpstream, TestApp) {
+    let upstream = common::RecordingUpstream::start().await;
+    let app = TestApp::spawn(&format!(
+        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n",
+        upstream.url()
+    ))
+    .await;
+    (upstream, app)
+}
+
 /// docs/tokens.md's etcd recipe, run verbatim (only the fencegate address and the body file
 /// changed): two holders of the lock in turn write through fencegate with `ETCD_LOCK_REV` as
 /// their token, and the second one's token is the higher.
@@ -1586,20 +1607,9 @@ async fn the_docs_etcd_lock_recipe_gives_rising_tokens_that_fencegate_accepts() 
     let Some(etcdctl) = installed("etcdctl", "apt-get install etcd-client") else {
         return;
     };
-    let docs =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tokens.md")).unwrap();
-    let start = docs
-        .find("etcdctl lock ")
-        .expect("the recipe is in docs/tokens.md");
-    let end = start + docs[start..].find("\n```").unwrap();
-    let recipe = docs[start..end].to_owned();
+    let recipe = docs_recipe("etcdctl lock ");
     let etcd = start_etcd(&etcd);
-    let upstream = common::RecordingUpstream::start().await;
-    let app = TestApp::spawn(&format!(
-        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n",
-        upstream.url()
-    ))
-    .await;
+    let (upstream, app) = fencegate_before_a_recording_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("wallet.json"), "{\"balance\":100}").unwrap();
     let script = recipe
@@ -1688,20 +1698,9 @@ async fn the_docs_zookeeper_election_recipe_gives_rising_tokens_that_fencegate_a
     if !python_modules_installed("kazoo, requests", "pip install kazoo requests") {
         return;
     }
-    let docs =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tokens.md")).unwrap();
-    let start = docs
-        .find("# kazoo")
-        .expect("the recipe is in docs/tokens.md");
-    let end = start + docs[start..].find("\n```").unwrap();
-    let recipe = docs[start..end].to_owned();
+    let recipe = docs_recipe("# kazoo");
     let zookeeper = start_zookeeper(jar);
-    let upstream = common::RecordingUpstream::start().await;
-    let app = TestApp::spawn(&format!(
-        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n",
-        upstream.url()
-    ))
-    .await;
+    let (upstream, app) = fencegate_before_a_recording_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("wallet.json"), "{\"balance\":100}").unwrap();
     // After the recipe: lead until the test says to step down, then close the session (which
