@@ -24,25 +24,33 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLevel(String);
 
+/// Why a `log_level` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("must not be empty (try \"info\")")]
+    Empty,
+    #[error(
+        "`{0}` is not a level (trace, debug, info, warn, error, off); a target takes one, as in `{0}=debug`"
+    )]
+    NotALevel(String),
+    #[error("{0}")]
+    Directive(#[from] tracing_subscriber::filter::ParseError),
+}
+
 impl LogLevel {
     /// Checks `directives` the way the filter will read them.
-    pub fn parse(directives: &str) -> Result<LogLevel, String> {
+    pub fn parse(directives: &str) -> Result<LogLevel, LogLevelError> {
         if directives.trim().is_empty() {
-            return Err("must not be empty (try \"info\")".to_owned());
+            return Err(LogLevelError::Empty);
         }
         // A bare word is a target at every level to `EnvFilter`, so a misspelt level (`wran`)
         // would silence everything else; a bare word must be a level.
         if let Some(word) = directives.split(',').map(str::trim).find(|directive| {
             !directive.is_empty() && !directive.contains(['=', '[', ':']) && !is_level(directive)
         }) {
-            return Err(format!(
-                "`{word}` is not a level (trace, debug, info, warn, error, off); \
-                 a target takes one, as in `{word}=debug`"
-            ));
+            return Err(LogLevelError::NotALevel(word.to_owned()));
         }
-        EnvFilter::builder()
-            .parse(directives)
-            .map_err(|e| e.to_string())?;
+        EnvFilter::builder().parse(directives)?;
         Ok(LogLevel(directives.to_owned()))
     }
 
@@ -180,12 +188,15 @@ mod tests {
     #[test]
     fn a_log_level_that_is_not_a_filter_is_refused_with_the_reason() {
         assert!(LogLevel::parse("info,fencegate::proxy=debug").is_ok());
-        assert!(LogLevel::parse("").unwrap_err().contains("empty"));
-        assert!(LogLevel::parse("fencegate=loud").is_err());
+        assert!(matches!(LogLevel::parse(""), Err(LogLevelError::Empty)));
+        assert!(matches!(
+            LogLevel::parse("fencegate=loud"),
+            Err(LogLevelError::Directive(_))
+        ));
+        let refused = LogLevel::parse("wran").unwrap_err();
         assert!(
-            LogLevel::parse("wran")
-                .unwrap_err()
-                .contains("`wran` is not a level")
+            refused.to_string().contains("`wran` is not a level"),
+            "{refused}"
         );
         assert!(LogLevel::parse("WARN,fencegate::access=off").is_ok());
     }
