@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::{BufMut, BytesMut};
 use http::HeaderMap;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
@@ -92,7 +93,7 @@ pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// is appended to `Forwarded` and `X-Forwarded-For`. The framing headers are the head's own.
 /// Written straight from the client's map, with no copy of it: this runs on every request.
 pub(super) fn write_upstream_headers(
-    out: &mut Vec<u8>,
+    out: &mut BytesMut,
     headers: &HeaderMap,
     client: SocketAddr,
     keep_host: bool,
@@ -121,7 +122,7 @@ pub(super) fn write_upstream_headers(
 }
 
 /// `Forwarded: for=…;proto=http;host="…"`, as a line of its own after any the client sent.
-fn write_forwarded(out: &mut Vec<u8>, client: IpAddr, host: Option<&HeaderValue>) {
+fn write_forwarded(out: &mut BytesMut, client: IpAddr, host: Option<&HeaderValue>) {
     out.extend_from_slice(b"forwarded: for=");
     with_ip_text(client, |ip| match client {
         IpAddr::V4(_) => out.extend_from_slice(ip.as_bytes()),
@@ -139,13 +140,13 @@ fn write_forwarded(out: &mut Vec<u8>, client: IpAddr, host: Option<&HeaderValue>
     {
         out.extend_from_slice(b";host=\"");
         out.extend_from_slice(host.as_bytes());
-        out.push(b'"');
+        out.put_u8(b'"');
     }
     out.extend_from_slice(b"\r\n");
 }
 
 /// `X-Forwarded-For`: the client's chain, if it sent one, then the client's address, in one line.
-fn write_x_forwarded_for(out: &mut Vec<u8>, headers: &HeaderMap, client: IpAddr) {
+fn write_x_forwarded_for(out: &mut BytesMut, headers: &HeaderMap, client: IpAddr) {
     out.extend_from_slice(b"x-forwarded-for: ");
     for earlier in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(earlier) = earlier.to_str() {
@@ -193,9 +194,9 @@ mod tests {
 
     /// The header lines the upstream gets, in order, names lower-cased.
     fn upstream_lines(map: &HeaderMap, client: &str, keep_host: bool) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         write_upstream_headers(&mut out, map, client.parse().unwrap(), keep_host);
-        String::from_utf8(out)
+        String::from_utf8(out.to_vec())
             .unwrap()
             .lines()
             .map(|line| {

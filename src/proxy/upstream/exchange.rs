@@ -85,7 +85,7 @@ pub(super) struct Sender {
 
 impl Sender {
     pub(super) fn new(
-        head: Vec<u8>,
+        head: BytesMut,
         body: Option<UpstreamBody>,
         framing: RequestFraming,
         max_body: u64,
@@ -95,7 +95,7 @@ impl Sender {
     ) -> Self {
         let body = body.filter(|_| framing != RequestFraming::None);
         Sender {
-            pending: BytesMut::from(head.as_slice()),
+            pending: head,
             held_until: (expects_continue && body.is_some())
                 .then(|| Instant::now() + CONTINUE_WAIT),
             body,

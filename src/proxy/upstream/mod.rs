@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, EXPECT, HOST};
 use http::uri::Authority;
 use http::{Method, Request, Response, Uri};
@@ -320,7 +321,7 @@ impl UpstreamClient {
             _ => Some(upstream.authority.as_str()),
         };
         let write_head = || {
-            let mut head = Vec::with_capacity(512);
+            let mut head = BytesMut::with_capacity(512);
             wire::write_request_head(
                 &mut head,
                 &parts.method,

@@ -7,7 +7,7 @@
 
 use std::mem::MaybeUninit;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
@@ -254,15 +254,15 @@ pub enum RequestFraming {
 /// `None` when the client's own `Host` is among the header lines), the header lines that
 /// `write_headers` writes, and the framing headers for `framing`.
 pub fn write_request_head(
-    out: &mut Vec<u8>,
+    out: &mut BytesMut,
     method: &Method,
     target: &str,
     host: Option<&str>,
     framing: RequestFraming,
-    write_headers: impl FnOnce(&mut Vec<u8>),
+    write_headers: impl FnOnce(&mut BytesMut),
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
+    out.put_u8(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = host {
@@ -281,7 +281,7 @@ pub fn write_request_head(
 }
 
 /// One header line.
-pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn write_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -783,8 +783,8 @@ mod tests {
 
     #[test]
     fn the_request_head_states_fencegates_own_framing() {
-        let mut out = Vec::new();
-        let token = |out: &mut Vec<u8>| write_header(out, b"fencing-token", b"7");
+        let mut out = BytesMut::new();
+        let token = |out: &mut BytesMut| write_header(out, b"fencing-token", b"7");
         write_request_head(
             &mut out,
             &Method::PUT,
@@ -794,11 +794,11 @@ mod tests {
             token,
         );
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             "PUT /db/wallets/1?x=2 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nfencing-token: 7\r\n\
              content-length: 5\r\n\r\n"
         );
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         write_request_head(
             &mut out,
             &Method::POST,
@@ -807,7 +807,7 @@ mod tests {
             RequestFraming::Chunked,
             |_| {},
         );
-        let text = String::from_utf8(out).unwrap();
+        let text = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(
             text,
             "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
