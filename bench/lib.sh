@@ -8,7 +8,8 @@ cleanup() {
     # TERM, not KILL: an nginx master killed outright leaves its workers running.
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    # KEEP_WORK keeps the scratch directory (bench/profile.sh leaves its perf.data there).
+    [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 
 wait_for_port() {

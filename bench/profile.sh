@@ -5,8 +5,9 @@
 #   bench/profile.sh [BINARY|nginx] [put|get] [SECONDS]
 #
 # `nginx` profiles the baseline instead: nginx proxy_pass with one worker, in the same place.
-# Prints syscalls and user/system CPU per request (perf stat), then the top symbols of a perf
-# profile (self time) and writes perf.data into the scratch directory it names. BINARY defaults
+# Prints system calls and CPU time per request (perf stat), then the top symbols of a perf
+# profile (self time) and the share of each object, and leaves perf.data in the scratch directory
+# it names. BINARY defaults
 # to a build with frame pointers and line tables in /tmp/fp-target, made if missing:
 #   CARGO_TARGET_DIR=/tmp/fp-target RUSTFLAGS="-C force-frame-pointers=yes" \
 #     CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release
@@ -30,10 +31,10 @@ for tool in perf wrk nginx taskset curl python3; do
     command -v "$tool" >/dev/null || { echo "bench/profile.sh: $tool is missing" >&2; exit 2; }
 done
 WORK=$(mktemp -d /tmp/fencegate-profile.XXXXXX)
+KEEP_WORK=1
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-keep_perf_data() { PIDS_=("${PIDS[@]}"); for pid in "${PIDS_[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap keep_perf_data EXIT
+trap cleanup EXIT
 
 start_nginx upstream bench/nginx/upstream.conf "$UPSTREAM_PORT" "$LOAD_CPUS"
 if [ "$BINARY" = nginx ]; then
