@@ -35,7 +35,7 @@ use crate::metrics::{self, Metrics};
 use crate::problem::{self, FencingContext, ProxyError, Rejected};
 use crate::route::ResourceKey;
 use crate::store::{
-    EpochQuery, Page, ReadError, Reader, RejectionQuery, ResourceQuery, ResourceRow, Store,
+    EpochQuery, Page, ReadError, Reader, RejectionQuery, ResourceQuery, ResourceRow, SharedStore,
 };
 use crate::token::{FENCING_TOKEN_HIGHEST, FencingToken};
 
@@ -64,7 +64,7 @@ impl Readiness {
 /// What the admin handlers share.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    pub store: Store,
+    pub store: SharedStore,
     pub reader: Reader,
     pub gate: Gate,
     pub metrics: Arc<Metrics>,

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::route::ResourceKey;
-use crate::store::{Advance, AllAdvanced, Durable, LastStop, Reset, Store, StoreError, Via};
+use crate::store::{Advance, AllAdvanced, Durable, LastStop, Reset, SharedStore, StoreError, Via};
 use crate::token::FencingToken;
 
 /// How a token compares with a resource's highest: the pure check at the heart of fencing.
@@ -102,7 +102,7 @@ pub struct Gate {
 #[derive(Debug)]
 struct Inner {
     slots: DashMap<ResourceKey, Arc<Slot>>,
-    store: Store,
+    store: SharedStore,
     in_doubt_grace: Duration,
     metrics: Arc<Metrics>,
     /// Slots keep their times as milliseconds since this instant (see [`EpochState`]).
@@ -119,7 +119,7 @@ impl Gate {
     /// exactly like a torn-down request of this process; so every resource starts in doubt, and
     /// no token opens before the grace has passed since start-up.
     pub fn new(
-        store: Store,
+        store: SharedStore,
         in_doubt_grace: Duration,
         metrics: Arc<Metrics>,
         last_stop: LastStop,

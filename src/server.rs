@@ -35,7 +35,7 @@ use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, ProxyBody, RequestLimits, UpstreamClient, request_id};
-use crate::store::{LastStop, PrunePlan, Reader, Store, WriterGuard};
+use crate::store::{LastStop, PrunePlan, Reader, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
 use live::{Fixed, Live, Pruning};
 pub use live::{Reloaded, Reloader};
@@ -88,7 +88,7 @@ impl App {
             .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
         let data_addr = data_listeners[0].local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let (store, writer) = Store::open(&config.database)?;
+        let (store, writer) = crate::store::sqlite::SqliteStore::open(&config.database)?;
         let reader = match Reader::open(&config.database) {
             Ok(reader) => reader,
             Err(e) => {

@@ -1,6 +1,7 @@
 use super::*;
 use crate::metrics::Metrics;
 use crate::store::WriterGuard;
+use crate::store::sqlite::SqliteStore;
 use tokio::task::JoinHandle;
 
 fn t(value: u64) -> FencingToken {
@@ -35,7 +36,7 @@ async fn within<F: std::future::Future>(body: F) -> F::Output {
 
 fn fixture(in_doubt_grace: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let (store, guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+    let (store, guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
     Fixture {
         gate: Gate::new(store, in_doubt_grace, Metrics::new(), LastStop::Clean),
         _guard: guard,
@@ -217,7 +218,7 @@ async fn torn_down_request_holds_back_the_next_token_for_the_grace() {
 async fn after_an_unclean_stop_no_token_opens_before_the_grace_has_passed() {
     within(async {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+        let (store, _guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
         let grace = Duration::from_secs(10);
         let gate = Gate::new(store, grace, Metrics::new(), LastStop::Unclean);
         let first = admit_later(&gate, "w", 1);
@@ -789,7 +790,7 @@ async fn eviction_keeps_every_slot_in_use_in_flight_or_in_doubt_and_drops_the_re
 async fn a_resource_not_in_memory_is_read_from_the_store_on_first_use() {
     within(async {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _guard) = Store::open(&dir.path().join("gate.db")).unwrap();
+        let (store, _guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
         let first = Gate::new(
             store.clone(),
             Duration::from_secs(1),

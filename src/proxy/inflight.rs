@@ -123,12 +123,13 @@ mod tests {
     use crate::gate::Gate;
     use crate::metrics::Metrics;
     use crate::route::ResourceKey;
-    use crate::store::{LastStop, Store};
+    use crate::store::LastStop;
+    use crate::store::sqlite::SqliteStore;
 
     /// A gate on a fresh database, and a resource already at token 1.
     async fn gate() -> (Gate, ResourceKey, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let (store, guard) = Store::open(&dir.path().join("fg.db")).unwrap();
+        let (store, guard) = SqliteStore::open(&dir.path().join("fg.db")).unwrap();
         std::mem::forget(guard); // the writer lives as long as the test
         let gate = Gate::new(
             store,

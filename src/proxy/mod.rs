@@ -28,7 +28,7 @@ use crate::profile::{Changes, KeyApi, Profile, ProfileError, RequestHead};
 use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::server::ClientBody;
-use crate::store::Store;
+use crate::store::SharedStore;
 use crate::token::{self, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
 use request_id::X_REQUEST_ID;
@@ -60,7 +60,7 @@ pub struct DataPlane {
     /// The most resources one request may change (`max_resources_per_request`).
     max_resources_per_request: usize,
     gate: Gate,
-    store: Store,
+    store: SharedStore,
     upstream: UpstreamClient,
     metrics: Arc<Metrics>,
     /// Whether every request gets a line in the access log.
@@ -81,7 +81,7 @@ impl DataPlane {
         routes: RouteTable,
         limits: RequestLimits,
         gate: Gate,
-        store: Store,
+        store: SharedStore,
         upstream: UpstreamClient,
         metrics: Arc<Metrics>,
     ) -> Self {

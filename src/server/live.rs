@@ -18,7 +18,7 @@ use crate::config::{AdminToken, Config, Limits};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::proxy::{DataPlane, RequestLimits, UpstreamClient};
-use crate::store::{Retention, Store};
+use crate::store::{Retention, SharedStore};
 
 /// How often, and by which rule, the audit log is pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +161,7 @@ pub struct Reloader {
     live: Arc<Live>,
     running: Arc<Fixed>,
     gate: Gate,
-    store: Store,
+    store: SharedStore,
     metrics: Arc<Metrics>,
 }
 
@@ -179,7 +179,7 @@ impl Reloader {
         live: Arc<Live>,
         running: Fixed,
         gate: Gate,
-        store: Store,
+        store: SharedStore,
         metrics: Arc<Metrics>,
     ) -> Reloader {
         Reloader {

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::schema::CURRENT_VERSION;
 use super::token_from_sql;
 use super::writer::timestamp;
-use super::{PrunePlan, Retention};
+use crate::store::{PrunePlan, Retention};
 use crate::audit::Reason;
 
 /// Connections kept open between reads; more are opened when reads overlap.
@@ -419,7 +419,8 @@ mod tests {
     use super::*;
     use crate::audit::Rejection;
     use crate::route::ResourceKey;
-    use crate::store::{Retention, Store, Via};
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Retention, SharedStore, Via};
     use crate::token::FencingToken;
 
     fn rejection(resource: &str, reason: Reason, at: SystemTime) -> Rejection {
@@ -438,7 +439,7 @@ mod tests {
 
     /// A database holding `rows`, its store (still writable) and a reader.
     struct Fixture {
-        store: Store,
+        store: SharedStore,
         reader: Reader,
         _guard: crate::store::WriterGuard,
         _dir: tempfile::TempDir,
@@ -447,7 +448,7 @@ mod tests {
     async fn store_with(rows: &[(&str, Reason)]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fg.db");
-        let (store, guard) = Store::open(&path).unwrap();
+        let (store, guard) = SqliteStore::open(&path).unwrap();
         for (resource, reason) in rows {
             store
                 .record_rejection(rejection(resource, *reason, SystemTime::now()))
@@ -552,7 +553,7 @@ mod tests {
     }
 
     /// What the server's retention task does: plan on a reader, delete through the writer.
-    async fn prune(store: &Store, reader: &Reader, retention: Retention, batch: usize) -> usize {
+    async fn prune(store: &SharedStore, reader: &Reader, retention: Retention, batch: usize) -> usize {
         let plan = reader.prune_plan(retention).unwrap();
         store.prune(plan, batch).await.unwrap()
     }

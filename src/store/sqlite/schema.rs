@@ -15,11 +15,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema history, oldest first. Append only: a released migration is never edited.
 const MIGRATIONS: [&str; 5] = [
-    include_str!("../../migrations/0001_resources.sql"),
-    include_str!("../../migrations/0002_rejections.sql"),
-    include_str!("../../migrations/0003_epochs.sql"),
-    include_str!("../../migrations/0004_rejections_by_time.sql"),
-    include_str!("../../migrations/0005_rejections_reasons.sql"),
+    include_str!("../../../migrations/0001_resources.sql"),
+    include_str!("../../../migrations/0002_rejections.sql"),
+    include_str!("../../../migrations/0003_epochs.sql"),
+    include_str!("../../../migrations/0004_rejections_by_time.sql"),
+    include_str!("../../../migrations/0005_rejections_reasons.sql"),
 ];
 
 fn migrations() -> Migrations<'static> {

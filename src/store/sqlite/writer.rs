@@ -7,8 +7,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Advance, AllAdvanced, Command, Durable, LastStop, LockFile, PrunePlan, Reply, Reset,
-    StoreError, Via, Write, token_from_sql, token_to_sql,
+    StoreError, Via, Write, WriterGuard, token_from_sql, token_to_sql,
 };
+use crate::store::CloseWriter;
 use crate::audit::Rejection;
 use crate::route::ResourceKey;
 use crate::token::FencingToken;
@@ -17,24 +18,16 @@ use crate::token::FencingToken;
 /// shares fsyncs; small enough that one batch does not hold the write lock for long.
 const MAX_BATCH: usize = 1024;
 
-/// Owns the writer thread. [`WriterGuard::close`] lets it finish every queued command, commit, and
-/// stop; dropping the guard without closing asks the same, without waiting.
-#[derive(Debug)]
-pub struct WriterGuard {
+/// Stops the writer thread (see [`WriterGuard`]): a close lets it finish every queued command,
+/// commit, and stop; a drop without a close asks the same, as an unclean stop, without waiting.
+struct Closer {
     commands: mpsc::Sender<Command>,
     closed: bool,
-    last_stop: LastStop,
 }
 
-impl WriterGuard {
-    /// How the previous server on this database stopped.
-    pub fn last_stop(&self) -> LastStop {
-        self.last_stop
-    }
-
-    /// Flushes every command queued so far, records how this server stopped (`Clean` only if
-    /// nothing it forwarded can still be applied upstream), stops the writer, and waits for it.
-    pub async fn close(mut self, this_stop: LastStop) {
+#[async_trait::async_trait]
+impl CloseWriter for Closer {
+    async fn close(mut self: Box<Self>, this_stop: LastStop) {
         self.closed = true;
         let (done, finished) = oneshot::channel();
         let close = Command::Close { done, this_stop };
@@ -45,7 +38,7 @@ impl WriterGuard {
     }
 }
 
-impl Drop for WriterGuard {
+impl Drop for Closer {
     fn drop(&mut self) {
         if !self.closed {
             let (done, _) = oneshot::channel();
@@ -66,11 +59,11 @@ pub(super) fn spawn(
         .name("fencegate-store".into())
         .spawn(move || run(conn, lock, receiver))
         .map_err(|e| StoreError::Spawn(std::sync::Arc::new(e)))?;
-    Ok(WriterGuard {
+    let closer = Closer {
         commands,
         closed: false,
-        last_stop,
-    })
+    };
+    Ok(WriterGuard::new(last_stop, Box::new(closer)))
 }
 
 /// The writer's connection and the number of the last write it applied (see [`Durable`]).
