@@ -23,6 +23,7 @@
 pub mod admin;
 pub mod audit;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod gate;
 pub mod metrics;

@@ -12,6 +12,8 @@
 //!
 //! The request hot path (a write with the current token of a resident resource) never comes here.
 
+pub mod postgres;
+mod queue;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -285,6 +287,30 @@ pub enum StoreError {
     Sqlite(Arc<rusqlite::Error>),
     #[error("the database writer has stopped")]
     Closed,
+    #[error("cannot read the PostgreSQL URL in `database`: {cause}")]
+    PostgresUrl { cause: String },
+    #[error("PostgreSQL is unreachable: {cause}")]
+    Unavailable { cause: String },
+    #[error("PostgreSQL error: {}", postgres::with_causes(.0.as_ref()))]
+    Postgres(Arc<tokio_postgres::Error>),
+    #[error(
+        "this replica no longer holds the lease of shard {shard}; the write was not made (its new owner serves it)"
+    )]
+    NotOwner { shard: u32 },
+    #[error(
+        "the PostgreSQL database is at schema version {found}, this fencegate knows versions up to {known}; run a newer fencegate"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error(
+        "the cluster in this PostgreSQL database was created with {database} shards, the config says {config}; the shard count is fixed when a cluster is created (set `[cluster] shards = {database}`)"
+    )]
+    ShardCount { database: i32, config: i32 },
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(Arc::new(e))
+    }
 }
 
 /// How the previous server on a database stopped, as its lock file tells.

@@ -14,23 +14,14 @@ use std::io::{Read, Seek, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
-
-use super::{
-    Advance, AllAdvanced, Durable, LastStop, PrunePlan, Reset, Store, StoreError, Via, WriterGuard,
-};
-use crate::audit::Rejection;
-use crate::route::ResourceKey;
+use super::queue::QueuedStore;
+use super::{LastStop, StoreError, WriterGuard};
 use crate::token::FencingToken;
 
 pub use reader::{
     EpochQuery, EpochRow, Page, ReadError, Reader, RejectionQuery, RejectionRow, ResourceQuery,
     ResourceRow,
 };
-
-/// How many commands may wait for the writer before senders are slowed down. It bounds the memory a
-/// flood of rejections can take while the disk is slow.
-const COMMAND_QUEUE: usize = 8192;
 
 /// What the lock file holds while a server runs, and after one stopped cleanly. Anything else
 /// (an older version's empty file, a torn write) counts as an unclean stop: the safe side.
@@ -119,63 +110,9 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-/// A request to the writer thread.
+/// The embedded store's handle: commands queued for its writer thread.
 #[derive(Debug)]
-enum Command {
-    Load {
-        resource: ResourceKey,
-        reply: Reply<Durable>,
-    },
-    Write(Write),
-    /// Deletes up to `batch` expired audit rows, in a transaction of its own.
-    Prune {
-        plan: PrunePlan,
-        batch: usize,
-        reply: Reply<usize>,
-    },
-    Ping {
-        reply: Reply<()>,
-    },
-    Close {
-        done: oneshot::Sender<()>,
-        this_stop: LastStop,
-    },
-}
-
-/// A command that changes the database; it is answered only after its batch has committed.
-#[derive(Debug)]
-enum Write {
-    Advance {
-        resource: ResourceKey,
-        token: FencingToken,
-        via: Via,
-        reply: Reply<Advance>,
-    },
-    AdvanceAll {
-        resources: Vec<ResourceKey>,
-        token: FencingToken,
-        via: Via,
-        reply: Reply<AllAdvanced>,
-    },
-    Reset {
-        resource: ResourceKey,
-        token: FencingToken,
-        reason: String,
-        reply: Reply<Reset>,
-    },
-    Reject {
-        rejection: Box<Rejection>,
-        reply: Reply<()>,
-    },
-}
-
-/// A cheap, cloneable handle to the writer thread.
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    commands: mpsc::Sender<Command>,
-}
+pub struct SqliteStore;
 
 impl SqliteStore {
     /// Opens (or creates) the database, applies pending migrations and starts the writer thread.
@@ -196,99 +133,9 @@ impl SqliteStore {
         }
         let (lock, last_stop) = LockFile::take(path)?;
         let conn = schema::open(path)?;
-        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-        let guard = writer::spawn(conn, lock, last_stop, receiver, commands.clone())?;
-        Ok((Arc::new(SqliteStore { commands }), guard))
-    }
-
-    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for SqliteStore {
-    #[tracing::instrument(skip(self), level = "debug")]
-    async fn load(&self, resource: &ResourceKey) -> Result<Durable, StoreError> {
-        let resource = resource.clone();
-        self.call(|reply| Command::Load { resource, reply }).await
-    }
-
-    #[tracing::instrument(skip(self), level = "debug")]
-    async fn advance(
-        &self,
-        resource: &ResourceKey,
-        token: FencingToken,
-        via: Via,
-    ) -> Result<Advance, StoreError> {
-        let resource = resource.clone();
-        self.call(|reply| {
-            Command::Write(Write::Advance {
-                resource,
-                token,
-                via,
-                reply,
-            })
-        })
-        .await
-    }
-
-    #[tracing::instrument(skip(self), level = "debug")]
-    async fn reset(
-        &self,
-        resource: &ResourceKey,
-        token: FencingToken,
-        reason: String,
-    ) -> Result<Reset, StoreError> {
-        let resource = resource.clone();
-        self.call(|reply| {
-            Command::Write(Write::Reset {
-                resource,
-                token,
-                reason,
-                reply,
-            })
-        })
-        .await
-    }
-
-    #[tracing::instrument(skip(self), level = "debug")]
-    async fn advance_all(
-        &self,
-        resources: Vec<ResourceKey>,
-        token: FencingToken,
-        via: Via,
-    ) -> Result<AllAdvanced, StoreError> {
-        self.call(|reply| {
-            Command::Write(Write::AdvanceAll {
-                resources,
-                token,
-                via,
-                reply,
-            })
-        })
-        .await
-    }
-
-    async fn prune(&self, plan: PrunePlan, batch: usize) -> Result<usize, StoreError> {
-        self.call(|reply| Command::Prune { plan, batch, reply })
-            .await
-    }
-
-    #[tracing::instrument(skip_all, level = "debug")]
-    async fn record_rejection(&self, rejection: Rejection) -> Result<(), StoreError> {
-        let rejection = Box::new(rejection);
-        self.call(|reply| Command::Write(Write::Reject { rejection, reply }))
-            .await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|reply| Command::Ping { reply }).await
+        let (store, commands, receiver) = QueuedStore::new();
+        let guard = writer::spawn(conn, lock, last_stop, receiver, commands)?;
+        Ok((Arc::new(store), guard))
     }
 }
 
@@ -305,6 +152,9 @@ fn token_from_sql(value: i64) -> FencingToken {
 mod tests {
     use super::*;
     use crate::audit::Reason;
+    use crate::audit::Rejection;
+    use crate::route::ResourceKey;
+    use crate::store::{Advance, Via};
     use std::time::SystemTime;
 
     fn key(name: &str) -> ResourceKey {

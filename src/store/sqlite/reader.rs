@@ -17,8 +17,8 @@ use serde::Serialize;
 use super::schema::CURRENT_VERSION;
 use super::token_from_sql;
 use super::writer::timestamp;
-use crate::store::{PrunePlan, Retention};
 use crate::audit::Reason;
+use crate::store::{PrunePlan, Retention};
 
 /// Connections kept open between reads; more are opened when reads overlap.
 const MAX_IDLE_CONNECTIONS: usize = 4;
@@ -553,7 +553,12 @@ mod tests {
     }
 
     /// What the server's retention task does: plan on a reader, delete through the writer.
-    async fn prune(store: &SharedStore, reader: &Reader, retention: Retention, batch: usize) -> usize {
+    async fn prune(
+        store: &SharedStore,
+        reader: &Reader,
+        retention: Retention,
+        batch: usize,
+    ) -> usize {
         let plan = reader.prune_plan(retention).unwrap();
         store.prune(plan, batch).await.unwrap()
     }

@@ -5,18 +5,15 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Advance, AllAdvanced, Command, Durable, LastStop, LockFile, PrunePlan, Reply, Reset,
-    StoreError, Via, Write, WriterGuard, token_from_sql, token_to_sql,
-};
-use crate::store::CloseWriter;
+use super::{LockFile, token_from_sql, token_to_sql};
 use crate::audit::Rejection;
 use crate::route::ResourceKey;
+use crate::store::CloseWriter;
+use crate::store::queue::{Command, MAX_BATCH, Reply, Write};
+use crate::store::{
+    Advance, AllAdvanced, Durable, LastStop, PrunePlan, Reset, StoreError, Via, WriterGuard,
+};
 use crate::token::FencingToken;
-
-/// The most commands one transaction takes. Large enough that a storm of advances or rejections
-/// shares fsyncs; small enough that one batch does not hold the write lock for long.
-const MAX_BATCH: usize = 1024;
 
 /// Stops the writer thread (see [`WriterGuard`]): a close lets it finish every queued command,
 /// commit, and stop; a drop without a close asks the same, as an unclean stop, without waiting.
@@ -213,17 +210,6 @@ impl Applied {
             Applied::AdvanceAll(reply, _) => drop(reply.send(Err(error))),
             Applied::Reset(reply, _) => drop(reply.send(Err(error))),
             Applied::Recorded(reply) => drop(reply.send(Err(error))),
-        }
-    }
-}
-
-impl Write {
-    fn fail(self, error: StoreError) {
-        match self {
-            Write::Advance { reply, .. } => drop(reply.send(Err(error))),
-            Write::AdvanceAll { reply, .. } => drop(reply.send(Err(error))),
-            Write::Reset { reply, .. } => drop(reply.send(Err(error))),
-            Write::Reject { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }

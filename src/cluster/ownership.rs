@@ -1,0 +1,325 @@
+//! Which shards this replica holds, under which lease epoch, and until when.
+//!
+//! The lease loop grants and renews terms here; the proxy asks [`Ownership::admit`] before it
+//! gates a request, and the PostgreSQL store asks [`Ownership::epoch_for_write`] before every
+//! write. A term ends at its deadline even if nothing else runs: [`Ownership::watch_deadlines`]
+//! cancels it, which tears down the term's in-flight upstream requests.
+//!
+//! Timing: a renewal sent at `t` (boot-time clock) makes the deadline `t + lease_ttl × (1 −
+//! max_clock_drift)`. PostgreSQL sets the lease's expiry to its own `now() + lease_ttl` when it
+//! runs the renewal, which is after `t`; another replica takes the lease over only once that
+//! expiry plus a drift margin has passed on the database's clock. So with clock rates within
+//! `max_clock_drift`, this replica's deadline comes first. No request is admitted within
+//! `safety_margin` of the deadline, so that one admitted just before it has time to leave the host.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::clock::BootInstant;
+use super::{Shard, ShardMap};
+
+/// This replica's hold on one shard: one lease epoch, from its grant until it ends.
+#[derive(Debug, Clone)]
+pub struct Term {
+    pub epoch: i64,
+    /// Requests are admitted only before this.
+    admit_until: BootInstant,
+    /// The lease runs out here, on this replica's clock.
+    deadline: BootInstant,
+    /// Stopping: no new requests, the ones in flight finish (a handoff).
+    draining: bool,
+    /// Cancelled when the term ends: every request admitted under it is torn down.
+    ended: CancellationToken,
+    in_flight: Arc<InFlight>,
+}
+
+/// A request admitted under a term. Dropping it tells the term that the request is over.
+#[derive(Debug)]
+pub struct Admission {
+    pub shard: Shard,
+    pub epoch: i64,
+    /// Cancelled when the term ends before the request does: tear it down.
+    pub ended: CancellationToken,
+    in_flight: Arc<InFlight>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.in_flight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.in_flight.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// Why a request cannot be gated here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotAdmitted {
+    /// Another replica holds the shard, or nobody does yet.
+    NotHeld,
+    /// This replica holds it, but is handing it over or its lease is about to run out.
+    Ending,
+}
+
+/// This replica's shards. Shared by the lease loop, the proxy and the store.
+#[derive(Debug)]
+pub struct Ownership {
+    replica: String,
+    map: ShardMap,
+    safety_margin: Duration,
+    terms: Box<[Mutex<Option<Term>>]>,
+    /// Wakes [`Ownership::watch_deadlines`] when a deadline moves.
+    changed: Notify,
+}
+
+impl Ownership {
+    pub fn new(replica: String, map: ShardMap, safety_margin: Duration) -> Self {
+        Self {
+            replica,
+            map,
+            safety_margin,
+            terms: (0..map.shards()).map(|_| Mutex::new(None)).collect(),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub fn map(&self) -> ShardMap {
+        self.map
+    }
+
+    /// Admits a request for `shard` if this replica holds it and may still start requests
+    /// under it. The admission must live until the request is over.
+    pub fn admit(&self, shard: Shard) -> Result<Admission, NotAdmitted> {
+        let terms = self.term(shard);
+        let term = terms.as_ref().ok_or(NotAdmitted::NotHeld)?;
+        if term.draining || BootInstant::now() >= term.admit_until {
+            return Err(NotAdmitted::Ending);
+        }
+        term.in_flight.count.fetch_add(1, Ordering::AcqRel);
+        Ok(Admission {
+            shard,
+            epoch: term.epoch,
+            ended: term.ended.clone(),
+            in_flight: Arc::clone(&term.in_flight),
+        })
+    }
+
+    /// The lease epoch a write for `shard` must be conditional on, if this replica still holds
+    /// the shard on its own clock. The database checks the epoch again in the write's
+    /// transaction: this only saves a round trip for a write that is bound to fail.
+    pub fn epoch_for_write(&self, shard: Shard) -> Option<i64> {
+        self.term(shard)
+            .as_ref()
+            .filter(|term| BootInstant::now() < term.deadline)
+            .map(|term| term.epoch)
+    }
+
+    /// The shards this replica holds, with their epochs.
+    pub fn held(&self) -> Vec<(Shard, i64)> {
+        (0..self.map.shards())
+            .filter_map(|shard| self.term(shard).as_ref().map(|term| (shard, term.epoch)))
+            .collect()
+    }
+
+    /// Starts a term: this replica now holds `shard` under `epoch`, until `deadline` unless
+    /// renewed. A term it still had under another epoch ends first.
+    pub fn grant(&self, shard: Shard, epoch: i64, deadline: BootInstant) {
+        let mut term = self.term(shard);
+        if let Some(old) = term.take() {
+            old.ended.cancel();
+        }
+        *term = Some(Term {
+            epoch,
+            admit_until: self.admit_until(deadline),
+            deadline,
+            draining: false,
+            ended: CancellationToken::new(),
+            in_flight: Arc::new(InFlight::default()),
+        });
+        drop(term);
+        self.changed.notify_one();
+    }
+
+    /// Moves the deadline of `shard`'s term, if it is still under `epoch`.
+    pub fn renew(&self, shard: Shard, epoch: i64, deadline: BootInstant) {
+        let mut term = self.term(shard);
+        if let Some(term) = term.as_mut().filter(|term| term.epoch == epoch) {
+            term.deadline = term.deadline.max(deadline);
+            term.admit_until = self.admit_until(term.deadline);
+        }
+        drop(term);
+        self.changed.notify_one();
+    }
+
+    /// Ends `shard`'s term now: its in-flight requests are torn down. Returns the epoch it had.
+    pub fn end(&self, shard: Shard) -> Option<i64> {
+        let ended = self.term(shard).take();
+        ended.map(|term| {
+            term.ended.cancel();
+            term.epoch
+        })
+    }
+
+    /// Stops admitting requests for `shard` and waits until those in flight are over, or the
+    /// term ends. Returns whether the shard drained with the term still held under `epoch`.
+    pub async fn drain(&self, shard: Shard, epoch: i64) -> bool {
+        let (in_flight, ended) = {
+            let mut term = self.term(shard);
+            let Some(term) = term.as_mut().filter(|term| term.epoch == epoch) else {
+                return false;
+            };
+            term.draining = true;
+            (Arc::clone(&term.in_flight), term.ended.clone())
+        };
+        loop {
+            let idle = in_flight.idle.notified();
+            if in_flight.count.load(Ordering::Acquire) == 0 {
+                return !ended.is_cancelled();
+            }
+            tokio::select! {
+                () = idle => {}
+                () = ended.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Ends every term whose deadline has passed, as they pass, for as long as it runs.
+    pub async fn watch_deadlines(&self) {
+        loop {
+            let changed = self.changed.notified();
+            let now = BootInstant::now();
+            let mut next = None;
+            for shard in 0..self.map.shards() {
+                let mut term = self.term(shard);
+                match term.as_ref().map(|term| term.deadline) {
+                    Some(deadline) if deadline <= now => {
+                        let ended = term.take().map(|term| {
+                            term.ended.cancel();
+                            term.epoch
+                        });
+                        drop(term);
+                        tracing::warn!(shard, epoch = ?ended, replica = %self.replica, "lease deadline passed without a renewal: the shard's requests are torn down and it is no longer served here");
+                    }
+                    Some(deadline) => {
+                        next = Some(next.map_or(deadline, |next: BootInstant| next.min(deadline)));
+                    }
+                    None => {}
+                }
+            }
+            let wait = next.map_or(Duration::from_secs(3600), |deadline| {
+                deadline.saturating_duration_since(now)
+            });
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = changed => {}
+            }
+        }
+    }
+
+    fn admit_until(&self, deadline: BootInstant) -> BootInstant {
+        deadline.checked_sub(self.safety_margin).unwrap_or(deadline)
+    }
+
+    fn term(&self, shard: Shard) -> MutexGuard<'_, Option<Term>> {
+        self.terms[shard as usize]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ownership() -> Ownership {
+        Ownership::new("fg-1".into(), ShardMap::new(4), Duration::from_millis(50))
+    }
+
+    fn in_ms(ms: u64) -> BootInstant {
+        BootInstant::now() + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn only_a_held_shard_admits_and_only_before_its_safety_margin() {
+        let ownership = ownership();
+        assert_eq!(ownership.admit(0).unwrap_err(), NotAdmitted::NotHeld);
+        ownership.grant(0, 7, in_ms(10_000));
+        let admission = ownership.admit(0).unwrap();
+        assert_eq!((admission.shard, admission.epoch), (0, 7));
+        assert_eq!(ownership.epoch_for_write(0), Some(7));
+        assert_eq!(ownership.epoch_for_write(1), None);
+        // Inside the margin: writes may still commit, new requests may not start.
+        ownership.grant(1, 3, in_ms(30));
+        assert_eq!(ownership.admit(1).unwrap_err(), NotAdmitted::Ending);
+        assert_eq!(ownership.epoch_for_write(1), Some(3));
+        assert_eq!(ownership.held(), vec![(0, 7), (1, 3)]);
+    }
+
+    #[test]
+    fn a_renewal_under_another_epoch_changes_nothing() {
+        let ownership = ownership();
+        ownership.grant(0, 7, in_ms(30));
+        ownership.renew(0, 6, in_ms(10_000));
+        assert_eq!(ownership.admit(0).unwrap_err(), NotAdmitted::Ending);
+        ownership.renew(0, 7, in_ms(10_000));
+        assert!(ownership.admit(0).is_ok());
+    }
+
+    #[test]
+    fn ending_a_term_tears_down_its_requests() {
+        let ownership = ownership();
+        ownership.grant(2, 1, in_ms(10_000));
+        let admission = ownership.admit(2).unwrap();
+        assert_eq!(ownership.end(2), Some(1));
+        assert!(admission.ended.is_cancelled());
+        assert_eq!(ownership.admit(2).unwrap_err(), NotAdmitted::NotHeld);
+        assert_eq!(ownership.epoch_for_write(2), None);
+    }
+
+    #[tokio::test]
+    async fn a_deadline_without_renewal_ends_the_term_by_itself() {
+        let ownership = Arc::new(ownership());
+        let watcher = tokio::spawn({
+            let ownership = Arc::clone(&ownership);
+            async move { ownership.watch_deadlines().await }
+        });
+        ownership.grant(0, 1, in_ms(100));
+        ownership.grant(1, 1, in_ms(10_000));
+        let admission = ownership.admit(0).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), admission.ended.cancelled())
+            .await
+            .expect("the term ended at its deadline");
+        assert_eq!(ownership.held(), vec![(1, 1)]);
+        watcher.abort();
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_the_requests_in_flight_and_admits_no_more() {
+        let ownership = Arc::new(ownership());
+        ownership.grant(0, 4, in_ms(10_000));
+        let admission = ownership.admit(0).unwrap();
+        let drain = tokio::spawn({
+            let ownership = Arc::clone(&ownership);
+            async move { ownership.drain(0, 4).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!drain.is_finished(), "a request is still in flight");
+        assert_eq!(ownership.admit(0).unwrap_err(), NotAdmitted::Ending);
+        drop(admission);
+        assert!(drain.await.unwrap(), "drained under its own term");
+        assert!(!ownership.drain(0, 5).await, "another epoch");
+    }
+}
