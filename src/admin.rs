@@ -73,6 +73,8 @@ pub struct AdminState {
     pub token: Option<AdminToken>,
     /// The longest resource name accepted, as on the data plane (`max_resource_len`).
     pub max_resource_len: usize,
+    /// Cluster mode: this replica's view of the cluster; `None` on a single node.
+    pub cluster: Option<Arc<crate::cluster::Ownership>>,
 }
 
 /// The admin router, with request ids and tracing like the data plane.
@@ -85,6 +87,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/resources/{resource}/reset", post(reset))
         .route("/v1/rejections", get(rejections))
         .route("/v1/epochs", get(epochs))
+        .route("/v1/cluster", get(cluster))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer_token,
@@ -362,6 +365,21 @@ async fn epochs(
     };
     let page = read(move || state.reader.epochs(&query)).await?;
     Ok(listing("epochs", page))
+}
+
+/// `GET /v1/cluster`: the replicas and who owns each shard, as this replica's lease loop last read
+/// them from PostgreSQL; 404 on a single node.
+async fn cluster(State(state): State<AdminState>) -> Response {
+    match &state.cluster {
+        Some(ownership) => axum::Json(&*ownership.view()).into_response(),
+        None => problem::response(
+            StatusCode::NOT_FOUND,
+            "not-a-cluster",
+            "Not a cluster",
+            "this fencegate runs on a single node (its database is a file); cluster mode needs a postgres:// database".to_owned(),
+        )
+        .map(Body::new),
+    }
 }
 
 async fn unknown_path() -> Response {

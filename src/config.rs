@@ -135,7 +135,59 @@ pub struct Config {
     pub access_log: bool,
     /// What is logged (`log_level`); `RUST_LOG`, when set, wins.
     pub log_level: Option<LogLevel>,
+    /// Cluster mode: `Some` when `database` is a `postgres://` URL.
+    pub cluster: Option<ClusterConfig>,
     pub routes: RouteTable,
+}
+
+/// The default number of shards a new cluster is created with.
+pub const DEFAULT_SHARDS: u32 = 64;
+/// The default lease time: a crashed replica's shards move after about this plus `in_doubt_grace`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(6);
+/// The default clock-rate error the lease timing tolerates: 1%.
+pub const DEFAULT_MAX_CLOCK_DRIFT: f64 = 0.01;
+/// The default peer-plane address.
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:8181";
+/// The environment variable that holds the cluster secret (never a file or a flag).
+pub const CLUSTER_SECRET_ENV: &str = "FENCEGATE_CLUSTER_SECRET";
+
+/// Cluster mode's settings (`[cluster]`, `--replica`, `--peer-listen`, `--peer-advertise`).
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The shared PostgreSQL (`database`).
+    pub url: String,
+    /// This replica's name: unique and stable.
+    pub replica: String,
+    pub peer_listen: SocketAddr,
+    /// How the other replicas reach this one's peer plane.
+    pub peer_advertise: String,
+    pub shards: u32,
+    pub lease_ttl: Duration,
+    /// As a fraction: 0.01 for `1%`.
+    pub max_clock_drift: f64,
+    /// Authenticates the peer plane (`FENCEGATE_CLUSTER_SECRET`).
+    pub secret: Option<String>,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("replica", &self.replica)
+            .field("peer_listen", &self.peer_listen)
+            .field("peer_advertise", &self.peer_advertise)
+            .field("shards", &self.shards)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("max_clock_drift", &self.max_clock_drift)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The PostgreSQL URL `database` names, if it names one (cluster mode).
+pub fn postgres_url(database: &Path) -> Option<&str> {
+    database
+        .to_str()
+        .filter(|text| text.starts_with("postgres://") || text.starts_with("postgresql://"))
 }
 
 /// Values from flags and the environment; each one, when present, wins over the file.
@@ -149,6 +201,11 @@ pub struct Overrides {
     pub admin_token: Option<String>,
     /// `--access-log`: on, whatever the file says.
     pub access_log: bool,
+    pub replica: Option<String>,
+    pub peer_listen: Option<String>,
+    pub peer_advertise: Option<String>,
+    /// `FENCEGATE_CLUSTER_SECRET`.
+    pub cluster_secret: Option<String>,
 }
 
 /// Why a configuration was refused.
@@ -200,8 +257,21 @@ struct FileConfig {
     worker_threads: Option<usize>,
     access_log: Option<bool>,
     log_level: Option<String>,
+    cluster: Option<FileCluster>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    replica: Option<String>,
+    peer_listen: Option<String>,
+    peer_advertise: Option<String>,
+    shards: Option<u32>,
+    lease_ttl: Option<String>,
+    max_clock_drift: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,7 +346,22 @@ fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Config, ConfigError> {
+fn build(
+    mut file: FileConfig,
+    from_file: bool,
+    overrides: Overrides,
+) -> Result<Config, ConfigError> {
+    let database = overrides
+        .database
+        .clone()
+        .or(file.database.take())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE));
+    let in_doubt_grace = duration(
+        "in_doubt_grace",
+        file.in_doubt_grace.clone(),
+        DEFAULT_IN_DOUBT_GRACE,
+    )?;
+    let cluster = cluster(&database, file.cluster.take(), &overrides)?;
     let limits = limits(&file)?;
     let listen = address("listen", overrides.listen.or(file.listen), DEFAULT_LISTEN)?;
     let admin_listen = address(
@@ -284,7 +369,7 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
         overrides.admin_listen.or(file.admin_listen),
         DEFAULT_ADMIN_LISTEN,
     )?;
-    let admin_token = match overrides.admin_token.or(file.admin_token) {
+    let admin_token = match overrides.admin_token.clone().or(file.admin_token) {
         Some(token) if token.trim().is_empty() => {
             return Err(invalid("admin_token", "must not be empty"));
         }
@@ -304,10 +389,7 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
     Ok(Config {
         listen,
         admin_listen,
-        database: overrides
-            .database
-            .or(file.database)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE)),
+        database,
         admin_token,
         upstream_timeout: duration(
             "upstream_timeout",
@@ -320,11 +402,7 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
         )?,
         limits,
-        in_doubt_grace: duration(
-            "in_doubt_grace",
-            file.in_doubt_grace,
-            DEFAULT_IN_DOUBT_GRACE,
-        )?,
+        in_doubt_grace,
         max_body: size("max_body", file.max_body, DEFAULT_MAX_BODY)?,
         max_resource_len: count(
             "max_resource_len",
@@ -382,8 +460,133 @@ fn build(file: FileConfig, from_file: bool, overrides: Overrides) -> Result<Conf
             .map(LogLevel::parse)
             .transpose()
             .map_err(|problem| invalid("log_level", problem))?,
+        cluster,
         routes,
     })
+}
+
+/// Cluster mode's settings, when `database` is a PostgreSQL URL; `[cluster]` or a cluster flag
+/// without one is a mistake worth stopping for.
+fn cluster(
+    database: &Path,
+    file: Option<FileCluster>,
+    overrides: &Overrides,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(url) = postgres_url(database) else {
+        if file.is_some() {
+            return Err(invalid(
+                "cluster",
+                "[cluster] applies only when `database` is a postgres:// URL (cluster mode)",
+            ));
+        }
+        if overrides.replica.is_some()
+            || overrides.peer_listen.is_some()
+            || overrides.peer_advertise.is_some()
+        {
+            return Err(invalid(
+                "replica",
+                "--replica, --peer-listen and --peer-advertise apply only when `database` is a postgres:// URL",
+            ));
+        }
+        return Ok(None);
+    };
+    let file = file.unwrap_or_default();
+    let replica = match overrides.replica.clone().or(file.replica) {
+        Some(name) => name,
+        None => host_name().ok_or_else(|| {
+            invalid(
+                "cluster.replica",
+                "not set, and the host name cannot be read; set it",
+            )
+        })?,
+    };
+    if replica.is_empty()
+        || replica.len() > 128
+        || !replica
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            "cluster.replica",
+            format!("{replica:?} is not 1 to 128 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    let peer_listen = address(
+        "cluster.peer_listen",
+        overrides.peer_listen.clone().or(file.peer_listen),
+        DEFAULT_PEER_LISTEN,
+    )?;
+    let peer_advertise = overrides
+        .peer_advertise
+        .clone()
+        .or(file.peer_advertise)
+        .unwrap_or_else(|| format!("http://{peer_listen}"));
+    match peer_advertise.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {}
+        _ => {
+            return Err(invalid(
+                "cluster.peer_advertise",
+                format!("{peer_advertise:?} is not an http://host:port URL"),
+            ));
+        }
+    }
+    let shards = match file.shards.unwrap_or(DEFAULT_SHARDS) {
+        shards @ 1..=65_536 => shards,
+        shards => {
+            return Err(invalid(
+                "cluster.shards",
+                format!("{shards} is not from 1 to 65536"),
+            ));
+        }
+    };
+    let lease_ttl = positive_duration("cluster.lease_ttl", file.lease_ttl, DEFAULT_LEASE_TTL)?;
+    if lease_ttl < Duration::from_millis(300) {
+        return Err(invalid("cluster.lease_ttl", "must be at least 300ms"));
+    }
+    let max_clock_drift = match file.max_clock_drift {
+        None => DEFAULT_MAX_CLOCK_DRIFT,
+        Some(text) => percent(&text)
+            .filter(|drift| (0.0..=0.2).contains(drift))
+            .ok_or_else(|| {
+                invalid(
+                    "cluster.max_clock_drift",
+                    format!("{text:?} is not a percentage from 0% to 20%, such as \"1%\""),
+                )
+            })?,
+    };
+    let secret = overrides.cluster_secret.clone().filter(|s| !s.is_empty());
+    if secret.is_none() && !peer_listen.ip().is_loopback() {
+        return Err(invalid(
+            "cluster.peer_listen",
+            format!(
+                "{peer_listen} is not a loopback address, and {CLUSTER_SECRET_ENV} is not set; \
+                 set the cluster secret before exposing the peer plane"
+            ),
+        ));
+    }
+    Ok(Some(ClusterConfig {
+        url: url.to_owned(),
+        replica,
+        peer_listen,
+        peer_advertise,
+        shards,
+        lease_ttl,
+        max_clock_drift,
+        secret,
+    }))
+}
+
+/// `"1%"` or `"0.5 %"` as a fraction.
+fn percent(text: &str) -> Option<f64> {
+    let number = text.trim().strip_suffix('%')?.trim();
+    let value: f64 = number.parse().ok()?;
+    value.is_finite().then_some(value / 100.0)
+}
+
+fn host_name() -> Option<String> {
+    let name = rustix::system::uname();
+    let name = name.nodename().to_str().ok()?.trim();
+    (!name.is_empty()).then(|| name.to_owned())
 }
 
 fn limits(file: &FileConfig) -> Result<Limits, ConfigError> {

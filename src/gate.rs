@@ -109,6 +109,17 @@ struct Inner {
     base: Instant,
     /// After an unclean stop: the end of the start-up in-doubt period, in those milliseconds.
     in_doubt_from_start: Option<NonZeroU64>,
+    /// Another process's requests that may still reach the upstream for some resources (cluster
+    /// mode: the previous owner of a shard this replica took over).
+    others_in_doubt: Option<Arc<dyn OthersInDoubt>>,
+}
+
+/// Tells the gate until when requests that *another* process forwarded for a resource may still
+/// reach the upstream, so that a slot created before then starts in doubt. Cluster mode's
+/// ownership implements it per shard: after taking over a shard whose owner did not hand it over
+/// cleanly, until `in_doubt_grace` after the takeover.
+pub trait OthersInDoubt: std::fmt::Debug + Send + Sync {
+    fn in_doubt_until(&self, resource: &ResourceKey) -> Option<Instant>;
 }
 
 impl Gate {
@@ -136,8 +147,41 @@ impl Gate {
                 metrics,
                 base: Instant::now(),
                 in_doubt_from_start,
+                others_in_doubt: None,
             }),
         }
+    }
+
+    /// The same gate, also asking `others` whether a new slot must start in doubt. Only before
+    /// the gate is first cloned.
+    ///
+    /// # Panics
+    /// If the gate has been cloned already.
+    pub fn with_others_in_doubt(mut self, others: Arc<dyn OthersInDoubt>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the gate is shared")
+            .others_in_doubt = Some(others);
+        self
+    }
+
+    /// Drops the slots of every resource `forget` picks, whatever they hold: cluster mode's
+    /// replica forgets a shard it lost or newly took over, whose durable state another replica
+    /// may have changed meanwhile. Requests still holding such a slot are those of the ended term,
+    /// which are torn down; every later request loads the resource afresh.
+    pub fn forget_where(&self, forget: impl Fn(&ResourceKey) -> bool) {
+        self.inner.slots.retain(|resource, _| !forget(resource));
+    }
+
+    /// Whether a request that this gate forwarded for one of the resources `of` picks may still
+    /// be applied upstream: one in flight, or torn down less than `in_doubt_grace` ago.
+    pub fn in_doubt_where(&self, of: impl Fn(&ResourceKey) -> bool) -> bool {
+        let now = millis_since(self.inner.base, Instant::now());
+        self.inner.slots.iter().any(|slot| {
+            of(slot.key()) && {
+                let state = slot.lock();
+                state.in_flight > 0 || state.in_doubt_until.is_some_and(|until| until.get() > now)
+            }
+        })
     }
 
     /// Whether a request forwarded by this gate may still be applied upstream: one in flight, or
@@ -362,7 +406,7 @@ impl Gate {
                     .inner
                     .slots
                     .entry(resource.clone())
-                    .or_insert_with(|| Arc::new(self.new_slot())),
+                    .or_insert_with(|| Arc::new(self.new_slot(resource))),
             ),
         };
         // The hot path: loaded long ago, one uncontended lock.
@@ -511,11 +555,22 @@ impl Gate {
         }
     }
 
-    /// A slot created now; during the start-up in-doubt period it starts in doubt.
-    fn new_slot(&self) -> Slot {
+    /// A slot created now; during the start-up in-doubt period, or while another process's
+    /// requests for the resource may still arrive upstream, it starts in doubt.
+    fn new_slot(&self, resource: &ResourceKey) -> Slot {
         let now = millis_since(self.inner.base, Instant::now());
         let slot = Slot::new(now);
-        let start_in_doubt = self.inner.in_doubt_from_start;
+        let others = self
+            .inner
+            .others_in_doubt
+            .as_ref()
+            .and_then(|others| others.in_doubt_until(resource))
+            .and_then(|until| {
+                NonZeroU64::new(ceil_millis(
+                    until.saturating_duration_since(self.inner.base),
+                ))
+            });
+        let start_in_doubt = self.inner.in_doubt_from_start.max(others);
         slot.lock().in_doubt_until = start_in_doubt.filter(|until| until.get() > now);
         slot
     }

@@ -92,7 +92,24 @@ pub enum ProxyError {
         "the upstream switched protocols (101), and fencegate does not tunnel other protocols: their writes could not be fenced"
     )]
     UpstreamSwitchedProtocols,
+    #[error(
+        "no replica serves shard {shard} of this resource right now (its owner is gone and its lease has not run out, or it is being handed over); retry"
+    )]
+    NoOwner { shard: u32 },
+    #[error(
+        "the resources of this request are in shards owned by different replicas ({shards}); cluster mode gates a request on one replica, so put them in one shard (fewer shards) or send them apart"
+    )]
+    SpansReplicas { shards: String },
+    #[error(
+        "this replica's lease of shard {shard} ran out (or was taken over) while the request was in flight; it was torn down, and may or may not have reached the upstream"
+    )]
+    LeaseEnded { shard: u32 },
+    #[error("the peer plane requires the cluster secret (Fencegate-Cluster-Secret)")]
+    PeerUnauthenticated,
 }
+
+/// How long a client should wait before retrying a request that found no owner for its shard.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
 
 impl ProxyError {
     /// The status this error is answered with.
@@ -201,6 +218,26 @@ impl ProxyError {
                 "upstream-switched-protocols",
                 "Upstream switched protocols",
             ),
+            NoOwner { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-owner",
+                "No replica serves this shard right now",
+            ),
+            SpansReplicas { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "spans-replicas",
+                "Request spans shards of different replicas",
+            ),
+            LeaseEnded { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "lease-ended",
+                "Shard lease ended mid-request",
+            ),
+            PeerUnauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "peer-unauthenticated",
+                "Cluster secret required",
+            ),
         }
     }
 }
@@ -291,14 +328,21 @@ impl Rejected {
     /// The error as a problem+json response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let (status, slug, title) = self.error.kind();
-        render(
+        let mut response = render(
             status,
             slug,
             title,
             self.error.to_string(),
             self.fencing.as_ref(),
             None,
-        )
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 

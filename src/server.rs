@@ -31,10 +31,14 @@ mod rewound;
 pub use http1::{ClientBody, ClientBodyError};
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::cluster::lease::{LeaseLoop, LeaseSettings};
+use crate::cluster::{Ownership, ShardMap};
+use crate::config::ClusterConfig;
 use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
-use crate::proxy::{DataPlane, ProxyBody, RequestLimits, UpstreamClient, request_id};
+use crate::proxy::placement::ClusterPlane;
+use crate::proxy::{DataPlane, Origin, ProxyBody, RequestLimits, UpstreamClient, request_id};
 use crate::store::{LastStop, PrunePlan, Reader, WriterGuard};
 use limits::{HeadDeadline, RequestPhase};
 use live::{Fixed, Live, Pruning};
@@ -67,9 +71,89 @@ pub struct App {
     reloader: Reloader,
     gate: Gate,
     admin: AdminState,
+    /// Cluster mode's parts; `None` on a single node.
+    cluster: Option<RunningCluster>,
     writer: WriterGuard,
     shutdown_grace: Duration,
     limits: Limits,
+}
+
+/// What cluster mode runs beside the planes: the lease loop, the deadline watch and the peer
+/// plane.
+#[derive(Debug)]
+struct RunningCluster {
+    ownership: Arc<Ownership>,
+    lease: LeaseLoop,
+    peer_listener: TcpListener,
+}
+
+/// Cluster mode's parts, before the gate exists.
+struct Joined {
+    ownership: Arc<Ownership>,
+    connection: crate::store::postgres::Connection,
+    settings: LeaseSettings,
+    secret: Option<String>,
+    peer_listener: TcpListener,
+}
+
+/// Joins the cluster in `cluster.url`: binds the peer plane first (a start that fails on a port in
+/// use changes nothing), then opens the shared store and a reader of it.
+async fn join_cluster(
+    cluster: &ClusterConfig,
+    in_doubt_grace: Duration,
+) -> anyhow::Result<(crate::store::SharedStore, WriterGuard, Reader, Joined)> {
+    let peer_listener = TcpListener::bind(cluster.peer_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (cluster.peer_listen)",
+                cluster.peer_listen
+            )
+        })?;
+    let map = ShardMap::new(cluster.shards);
+    let ownership = Arc::new(Ownership::new(
+        cluster.replica.clone(),
+        map,
+        safety_margin(cluster.lease_ttl),
+    ));
+    // One exchange with PostgreSQL may take a third of a lease: a renewal that takes longer
+    // would leave too little of the lease to matter.
+    let connection = crate::store::postgres::Connection::new(
+        &cluster.url,
+        &cluster.replica,
+        cluster.lease_ttl / 3,
+    )?;
+    let (store, writer) =
+        crate::store::postgres::open(connection.clone(), map, Arc::clone(&ownership)).await?;
+    let url = cluster.url.clone();
+    // The reader's client is blocking: opened off the async threads.
+    let reader = tokio::task::spawn_blocking(move || Reader::open(std::path::Path::new(&url)))
+        .await
+        .context("opening the PostgreSQL reader failed")??;
+    tracing::info!(
+        replica = %cluster.replica, shards = cluster.shards, lease_ttl = ?cluster.lease_ttl,
+        peer = %cluster.peer_advertise, "joined the cluster"
+    );
+    let joined = Joined {
+        ownership,
+        connection,
+        settings: LeaseSettings {
+            peer: cluster.peer_advertise.clone(),
+            lease_ttl: cluster.lease_ttl,
+            max_clock_drift: cluster.max_clock_drift,
+            in_doubt_grace,
+        },
+        secret: cluster.secret.clone(),
+        peer_listener,
+    };
+    Ok((store, writer, reader, joined))
+}
+
+/// No request is admitted this close to a lease's deadline: a sixth of the lease (1 s of the
+/// default 6 s), the longest a replica may stall between its lease check and the last byte of a
+/// request leaving the host.
+fn safety_margin(lease_ttl: Duration) -> Duration {
+    lease_ttl / 6
 }
 
 impl App {
@@ -88,17 +172,27 @@ impl App {
             .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
         let data_addr = data_listeners[0].local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let (store, writer) = crate::store::sqlite::SqliteStore::open(&config.database)?;
-        let reader = match Reader::open(&config.database) {
-            Ok(reader) => reader,
-            Err(e) => {
-                // Nothing was served: the database stops as it was found.
-                let previous = writer.last_stop();
-                writer.close(previous).await;
-                return Err(e.into());
+        let metrics = Metrics::new();
+        let (store, writer, reader, cluster) = match &config.cluster {
+            None => {
+                let (store, writer) = crate::store::sqlite::SqliteStore::open(&config.database)?;
+                let reader = match Reader::open(&config.database) {
+                    Ok(reader) => reader,
+                    Err(e) => {
+                        // Nothing was served: the database stops as it was found.
+                        let previous = writer.last_stop();
+                        writer.close(previous).await;
+                        return Err(e.into());
+                    }
+                };
+                (store, writer, reader, None)
+            }
+            Some(cluster) => {
+                let (store, writer, reader, joined) =
+                    join_cluster(cluster, config.in_doubt_grace).await?;
+                (store, writer, reader, Some(joined))
             }
         };
-        let metrics = Metrics::new();
         let last_stop = writer.last_stop();
         if last_stop == LastStop::Unclean {
             tracing::warn!(
@@ -106,12 +200,15 @@ impl App {
                 "the previous server on this database did not stop cleanly; requests it forwarded may still reach the upstream, so new tokens wait in_doubt_grace after start-up"
             );
         }
-        let gate = Gate::new(
+        let mut gate = Gate::new(
             store.clone(),
             config.in_doubt_grace,
             Arc::clone(&metrics),
             last_stop,
         );
+        if let Some(joined) = &cluster {
+            gate = gate.with_others_in_doubt(Arc::clone(&joined.ownership) as _);
+        }
         let upstream = UpstreamClient::new(
             config.upstream_timeout,
             config.upstream_connect_timeout,
@@ -123,7 +220,13 @@ impl App {
             max_resources_per_request: config.max_resources_per_request,
         };
         let running = Fixed::of(&config);
-        let plane = DataPlane::new(
+        let cluster_plane = cluster.as_ref().map(|joined| {
+            Arc::new(ClusterPlane::new(
+                Arc::clone(&joined.ownership),
+                joined.secret.clone(),
+            ))
+        });
+        let mut plane = DataPlane::new(
             config.routes,
             limits,
             gate.clone(),
@@ -132,6 +235,9 @@ impl App {
             Arc::clone(&metrics),
         )
         .with_access_log(config.access_log);
+        if let Some(cluster_plane) = &cluster_plane {
+            plane = plane.with_cluster(Arc::clone(cluster_plane));
+        }
         let pruning = Pruning {
             retention: config.retention,
             interval: config.audit_prune_interval,
@@ -143,7 +249,22 @@ impl App {
             gate.clone(),
             store.clone(),
             Arc::clone(&metrics),
+            cluster_plane,
         );
+        let cluster = cluster.map(|joined| {
+            let lease = LeaseLoop::new(
+                joined.connection,
+                Arc::clone(&joined.ownership),
+                gate.clone(),
+                joined.settings,
+                Arc::clone(&metrics),
+            );
+            RunningCluster {
+                ownership: joined.ownership,
+                lease,
+                peer_listener: joined.peer_listener,
+            }
+        });
         Ok(App {
             data_addr,
             data_listeners,
@@ -161,7 +282,9 @@ impl App {
                 readiness: Arc::new(Readiness::default()),
                 token: config.admin_token,
                 max_resource_len: config.max_resource_len,
+                cluster: cluster.as_ref().map(|c| Arc::clone(&c.ownership)),
             },
+            cluster,
             writer,
             shutdown_grace: config.shutdown_grace,
             limits: config.limits,
@@ -212,10 +335,27 @@ impl App {
             &stop,
             self.shutdown_grace,
         )?;
+        let mut cluster = self.cluster.map(|cluster| {
+            start_cluster(
+                cluster,
+                &self.live,
+                self.limits.max_connections,
+                &stop,
+                self.shutdown_grace,
+            )
+        });
         self.admin.readiness.set_data_plane(true);
         shutdown.await;
+        if let Some(cluster) = &mut cluster {
+            // Shards first, while the planes still serve: each is drained and released, so its
+            // next owner opens it at once, and requests for it are forwarded there meanwhile.
+            cluster.leave().await;
+        }
         self.admin.readiness.set_data_plane(false);
         stop.cancel();
+        if let Some(cluster) = cluster {
+            cluster.stopped().await;
+        }
         for thread in data {
             thread
                 .await
@@ -235,6 +375,57 @@ impl App {
         self.writer.close(this_stop).await;
         tracing::info!("fencegate stopped");
         Ok(())
+    }
+}
+
+/// Cluster mode while the server runs: the lease loop, the deadline watch and the peer plane.
+struct ClusterTasks {
+    leave: CancellationToken,
+    lease: tokio::task::JoinHandle<()>,
+    deadlines: tokio::task::JoinHandle<()>,
+    peer: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterTasks {
+    /// Hands every shard over (the lease loop returns once none is held, or the shutdown grace
+    /// has passed), then stops the deadline watch. The peer plane goes on serving until `stop`,
+    /// with the data plane: [`ClusterTasks::stopped`] waits for it.
+    async fn leave(&mut self) {
+        self.leave.cancel();
+        let _ = (&mut self.lease).await;
+        self.deadlines.abort();
+    }
+
+    /// Waits for the peer plane to drain, after `stop`.
+    async fn stopped(self) {
+        let _ = self.peer.await;
+    }
+}
+
+fn start_cluster(
+    cluster: RunningCluster,
+    live: &Arc<Live>,
+    max_connections: usize,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> ClusterTasks {
+    let leave = CancellationToken::new();
+    let lease = tokio::spawn(cluster.lease.run(leave.clone(), grace));
+    let ownership = Arc::clone(&cluster.ownership);
+    let deadlines = tokio::spawn(async move { ownership.watch_deadlines().await });
+    let peer = tokio::spawn(serve_data_connections(
+        cluster.peer_listener,
+        Arc::clone(live),
+        Arc::new(Semaphore::new(max_connections)),
+        stop.clone(),
+        grace,
+        Origin::Peer,
+    ));
+    ClusterTasks {
+        leave,
+        lease,
+        deadlines,
+        peer,
     }
 }
 
@@ -346,7 +537,7 @@ fn serve_data_thread(
         .context("cannot start a data-plane runtime")?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        serve_data_connections(listener, live, open, stop, grace).await;
+        serve_data_connections(listener, live, open, stop, grace, Origin::Client).await;
         Ok(())
     })
 }
@@ -361,6 +552,7 @@ async fn serve_data_connections(
     open: Arc<Semaphore>,
     stop: CancellationToken,
     grace: Duration,
+    origin: Origin,
 ) {
     let connections = TaskTracker::new();
     while let Some((stream, client, permit)) = next_connection(&listener, &open, &stop).await {
@@ -370,7 +562,7 @@ async fn serve_data_connections(
         let live = Arc::clone(&live);
         let stop = stop.clone();
         connections.spawn(async move {
-            serve_data_connection(stream, client, live, limits, stop).await;
+            serve_data_connection(stream, client, live, limits, stop, origin).await;
             drop(permit);
         });
     }
@@ -415,6 +607,7 @@ async fn serve_data_connection(
     live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
+    origin: Origin,
 ) {
     let settings = http1::Settings {
         head: http1::HeadLimits {
@@ -424,11 +617,19 @@ async fn serve_data_connection(
         header_read_timeout: limits.header_read_timeout,
         idle_timeout: limits.idle_timeout,
     };
-    let handle = |request| answer(live.plane(), request, client);
+    let handle = |request| answer(live.plane(), request, client, origin);
     match http1::serve(stream, settings, stop.clone(), handle).await {
         http1::Ended::Closed => {}
         http1::Ended::Http2 { stream, read } => {
-            serve_http2(Rewound::new(read, stream), client, live, limits, stop).await;
+            serve_http2(
+                Rewound::new(read, stream),
+                client,
+                live,
+                limits,
+                stop,
+                origin,
+            )
+            .await;
         }
     }
 }
@@ -441,9 +642,10 @@ async fn answer(
     plane: Arc<DataPlane>,
     mut request: http::Request<ClientBody>,
     client: SocketAddr,
+    origin: Origin,
 ) -> http::Response<ProxyBody> {
     let id = request_id::ensure(request.headers_mut());
-    let mut response = plane.handle(request, client).await;
+    let mut response = plane.handle(request, client, origin).await;
     request_id::echo(response.headers_mut(), id);
     response
 }
@@ -455,6 +657,7 @@ async fn serve_http2(
     live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
+    origin: Origin,
 ) {
     let phase = Arc::new(RequestPhase::default());
     let io = HeadDeadline::new(io, limits.header_read_timeout, Arc::clone(&phase));
@@ -463,7 +666,7 @@ async fn serve_http2(
         let request = request.map(ClientBody::Http2);
         let plane = live.plane();
         async move {
-            let response = answer(plane, request, client).await;
+            let response = answer(plane, request, client, origin).await;
             drop(in_request);
             Ok::<_, Infallible>(response)
         }

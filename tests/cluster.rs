@@ -16,7 +16,7 @@ use fencegate::store::postgres::{self, Connection};
 use fencegate::store::{Advance, SharedStore, StoreError, Via, WriterGuard};
 use fencegate::token::FencingToken;
 
-const SHARDS: u32 = 8;
+use common::cluster::SHARDS;
 
 fn token(value: u64) -> FencingToken {
     FencingToken::new(value)
@@ -51,7 +51,12 @@ async fn replica(
             .trim()
             .parse()
             .unwrap();
-        ownership.grant(shard, epoch, BootInstant::now() + Duration::from_secs(3600));
+        ownership.grant(
+            shard,
+            epoch,
+            BootInstant::now() + Duration::from_secs(3600),
+            None,
+        );
     }
     (store, guard, ownership)
 }
@@ -189,7 +194,12 @@ async fn a_shard_held_only_in_memory_writes_nothing() {
         "not held at all: {advance:?}"
     );
     // Granted in memory under an epoch the database never gave it.
-    ownership.grant(shard, 42, BootInstant::now() + Duration::from_secs(60));
+    ownership.grant(
+        shard,
+        42,
+        BootInstant::now() + Duration::from_secs(60),
+        None,
+    );
     let advance = store.advance(&key("w"), token(1), Via::Write).await;
     assert!(
         matches!(advance, Err(StoreError::NotOwner { .. })),
@@ -255,3 +265,157 @@ async fn an_unreachable_postgres_fails_calls_at_once_and_the_store_heals_when_it
         "2"
     );
 }
+
+use common::cluster::{put, start_replica, wait_for_owners, write_config};
+
+#[tokio::test]
+async fn any_replica_serves_any_resource_and_the_owner_answers() {
+    let Some(pg) = Postgres::start() else { return };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &upstream.url());
+    let one = start_replica(&config, "fg-1").await;
+    let two = start_replica(&config, "fg-2").await;
+    let view = wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    assert_eq!(view["replicas"].as_array().unwrap().len(), 2, "{view}");
+    let client = reqwest::Client::new();
+    let mut answered_by = std::collections::BTreeSet::new();
+    for id in 0..20 {
+        let id = id.to_string();
+        // Through either replica, in turn: each token rises, and a zombie is refused everywhere.
+        for (token, replica) in [(1, &one), (2, &two), (3, &one)] {
+            let response = put(&client, replica, &id, token).await;
+            assert_eq!(
+                response.status(),
+                200,
+                "wallet {id} token {token} via {}",
+                replica.name
+            );
+            let owner = response.headers()["fencegate-replica"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            answered_by.insert(owner);
+        }
+        for replica in [&one, &two] {
+            let zombie = put(&client, replica, &id, 2).await;
+            assert_eq!(zombie.status(), 409, "wallet {id} via {}", replica.name);
+            assert_eq!(zombie.headers()["fencing-token-highest"], "3");
+        }
+    }
+    assert_eq!(
+        answered_by.len(),
+        2,
+        "both replicas own shards: {answered_by:?}"
+    );
+    assert!(
+        upstream.violations().is_empty(),
+        "{:?}",
+        upstream.violations()
+    );
+    assert_eq!(upstream.arrivals().len(), 60);
+    assert_eq!(pg.query("SELECT count(*) FROM rejections").trim(), "40");
+    assert_eq!(
+        pg.query("SELECT count(DISTINCT replica) FROM rejections")
+            .trim(),
+        "2",
+        "each zombie was audited by its resource's owner"
+    );
+    assert_eq!(
+        pg.query("SELECT min(highest), max(highest), count(*) FROM resources")
+            .trim(),
+        "3|3|20"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_replicas_shards_move_to_the_survivor_after_its_lease_and_the_grace() {
+    let Some(pg) = Postgres::start() else { return };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &upstream.url());
+    let one = start_replica(&config, "fg-1").await;
+    let mut two = start_replica(&config, "fg-2").await;
+    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let client = reqwest::Client::new();
+    for id in 0..16 {
+        assert_eq!(put(&client, &one, &id.to_string(), 5).await.status(), 200);
+    }
+    two.proxy.child.kill().unwrap();
+    let killed = std::time::Instant::now();
+    two.proxy.child.wait().unwrap();
+    wait_for_owners(&one, &["fg-1"]).await;
+    let moved = killed.elapsed();
+    // Every wallet is served again, with its highest token intact.
+    for id in 0..16 {
+        let id = id.to_string();
+        let response = put(&client, &one, &id, 6).await;
+        assert_eq!(response.status(), 200, "wallet {id}");
+        assert_eq!(
+            put(&client, &one, &id, 5).await.status(),
+            409,
+            "wallet {id}"
+        );
+    }
+    assert!(
+        moved >= Duration::from_millis(900),
+        "not before the lease ran out: {moved:?}"
+    );
+    assert!(moved < Duration::from_secs(10), "{moved:?}");
+    assert_eq!(
+        pg.query("SELECT count(*) > 0 FROM lease_history WHERE kind = 'takeover' AND owner = 'fg-1' AND previous = 'fg-2'").trim(),
+        "t"
+    );
+    assert!(
+        upstream.violations().is_empty(),
+        "{:?}",
+        upstream.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_stops_hands_its_shards_over_cleanly() {
+    let Some(pg) = Postgres::start() else { return };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &upstream.url());
+    let one = start_replica(&config, "fg-1").await;
+    let mut two = start_replica(&config, "fg-2").await;
+    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let client = reqwest::Client::new();
+    for id in 0..16 {
+        assert_eq!(put(&client, &two, &id.to_string(), 5).await.status(), 200);
+    }
+    let pid = two.proxy.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = two.proxy.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {:#?}",
+        two.proxy.log.lock().unwrap()
+    );
+    wait_for_owners(&one, &["fg-1"]).await;
+    assert_eq!(
+        pg.query("SELECT count(*) FROM lease_history WHERE kind = 'takeover'")
+            .trim(),
+        "0",
+        "every shard was released, none taken over"
+    );
+    assert!(
+        pg.query("SELECT count(*) FROM lease_history WHERE kind = 'release' AND previous = 'fg-2'")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+            > 0
+    );
+    for id in 0..16 {
+        assert_eq!(put(&client, &one, &id.to_string(), 6).await.status(), 200);
+    }
+    assert!(
+        upstream.violations().is_empty(),
+        "{:?}",
+        upstream.violations()
+    );
+}
+
+use std::process::Command;

@@ -45,8 +45,10 @@ CREATE TABLE lease_history (
 CREATE INDEX lease_history_by_shard ON lease_history (shard, id);
 
 -- The highest fencing token per resource.
+-- Names compare byte by byte (COLLATE "C"), as in SQLite, whatever the database's locale: the
+-- keyset pages of operators' reads walk them in that order.
 CREATE TABLE resources (
-    resource   text PRIMARY KEY,
+    resource   text COLLATE "C" PRIMARY KEY,
     highest    bigint NOT NULL,
     updated_at timestamptz NOT NULL
 );
@@ -55,7 +57,7 @@ CREATE TABLE resources (
 CREATE TABLE rejections (
     id         bigserial PRIMARY KEY,
     at         timestamptz NOT NULL,
-    resource   text NOT NULL,
+    resource   text COLLATE "C" NOT NULL,
     reason     text NOT NULL CHECK (reason IN
                    ('stale', 'missing', 'invalid', 'jump', 'collection', 'forbidden', 'unattributable')),
     token      bigint,
@@ -74,7 +76,7 @@ CREATE INDEX rejections_by_reason ON rejections (reason, id);
 CREATE TABLE epochs (
     id         bigserial PRIMARY KEY,
     at         timestamptz NOT NULL,
-    resource   text NOT NULL,
+    resource   text COLLATE "C" NOT NULL,
     from_token bigint,
     to_token   bigint NOT NULL,
     via        text NOT NULL CHECK (via IN ('write', 'fence', 'reset')),

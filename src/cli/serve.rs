@@ -29,9 +29,18 @@ pub struct ServeArgs {
     /// Without --config: one catch-all route to URL, resource `default`. With it: every route's upstream.
     #[arg(long, env = "FENCEGATE_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
-    /// SQLite database file [default: fencegate.db].
-    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE")]
+    /// SQLite database file [default: fencegate.db], or a postgres:// URL: cluster mode.
+    #[arg(long, env = "FENCEGATE_DB", value_name = "FILE|URL")]
     pub db: Option<PathBuf>,
+    /// Cluster mode: this replica's name, unique and stable [default: the host name].
+    #[arg(long, env = "FENCEGATE_REPLICA", value_name = "NAME")]
+    pub replica: Option<String>,
+    /// Cluster mode: the peer plane's address [default: 127.0.0.1:8181].
+    #[arg(long, env = "FENCEGATE_PEER_LISTEN", value_name = "ADDR")]
+    pub peer_listen: Option<String>,
+    /// Cluster mode: how the other replicas reach the peer plane [default: http:// + peer listen].
+    #[arg(long, env = "FENCEGATE_PEER_ADVERTISE", value_name = "URL")]
+    pub peer_advertise: Option<String>,
     /// Log one line per data-plane request (also `access_log = true` in the file).
     #[arg(long, env = "FENCEGATE_ACCESS_LOG")]
     pub access_log: bool,
@@ -47,6 +56,10 @@ impl ServeArgs {
             database: self.db.clone(),
             admin_token: std::env::var(ADMIN_TOKEN_ENV).ok(),
             access_log: self.access_log,
+            replica: self.replica.clone(),
+            peer_listen: self.peer_listen.clone(),
+            peer_advertise: self.peer_advertise.clone(),
+            cluster_secret: std::env::var(crate::config::CLUSTER_SECRET_ENV).ok(),
         };
         Config::load(self.config.as_deref(), overrides)
     }

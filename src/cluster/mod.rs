@@ -8,6 +8,7 @@
 //! clock that keeps counting through SIGSTOP and suspend ([`clock`]).
 
 pub mod clock;
+pub mod lease;
 pub mod ownership;
 
 pub use ownership::{Ownership, Term};
@@ -44,7 +45,7 @@ impl ShardMap {
 
 /// 64-bit FNV-1a (http://www.isthe.com/chongo/tech/comp/fnv/): small, fast on short keys, and
 /// fully specified, so anyone can compute a resource's shard by hand.
-fn fnv1a_64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a_64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes.iter().fold(OFFSET_BASIS, |hash, byte| {

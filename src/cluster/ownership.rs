@@ -17,10 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::BootInstant;
 use super::{Shard, ShardMap};
+use crate::gate::OthersInDoubt;
+use crate::route::ResourceKey;
 
 /// This replica's hold on one shard: one lease epoch, from its grant until it ends.
 #[derive(Debug, Clone)]
@@ -35,6 +38,8 @@ pub struct Term {
     /// Cancelled when the term ends: every request admitted under it is torn down.
     ended: CancellationToken,
     in_flight: Arc<InFlight>,
+    /// After a takeover: until then the previous owner's requests may still reach the upstream.
+    others_in_doubt_until: Option<Instant>,
 }
 
 /// A request admitted under a term. Dropping it tells the term that the request is over.
@@ -79,6 +84,33 @@ pub struct Ownership {
     terms: Box<[Mutex<Option<Term>>]>,
     /// Wakes [`Ownership::watch_deadlines`] when a deadline moves.
     changed: Notify,
+    /// The whole cluster as the lease loop last read it.
+    view: std::sync::RwLock<Arc<ClusterView>>,
+    /// Wakes requests waiting for a shard to get an owner.
+    view_changed: Notify,
+}
+
+/// The cluster as the lease loop last read it from PostgreSQL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterView {
+    pub replicas: Vec<ReplicaInfo>,
+    pub shards: Vec<ShardInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaInfo {
+    pub replica: String,
+    pub peer: String,
+    pub alive: bool,
+    /// How many shards it holds.
+    pub shards: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardInfo {
+    pub shard: Shard,
+    pub owner: Option<String>,
+    pub epoch: i64,
 }
 
 impl Ownership {
@@ -89,7 +121,47 @@ impl Ownership {
             safety_margin,
             terms: (0..map.shards()).map(|_| Mutex::new(None)).collect(),
             changed: Notify::new(),
+            view: std::sync::RwLock::new(Arc::default()),
+            view_changed: Notify::new(),
         }
+    }
+
+    /// The cluster as last read.
+    pub fn view(&self) -> Arc<ClusterView> {
+        Arc::clone(
+            &self
+                .view
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Replaces the view and wakes whoever waits for a shard's owner.
+    pub fn set_view(&self, view: ClusterView) {
+        *self
+            .view
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(view);
+        self.view_changed.notify_waiters();
+    }
+
+    /// The replica that holds `shard` by the last view, and its peer URL, if it is not this one
+    /// and is alive.
+    pub fn owner_elsewhere(&self, shard: Shard) -> Option<(String, String)> {
+        let view = self.view();
+        let owner = view.shards.get(shard as usize)?.owner.as_deref()?;
+        if owner == self.replica {
+            return None;
+        }
+        view.replicas
+            .iter()
+            .find(|replica| replica.replica == owner && replica.alive)
+            .map(|replica| (replica.replica.clone(), replica.peer.clone()))
+    }
+
+    /// Resolves when the view or a term changes: a waiting request looks again.
+    pub async fn changed(&self) {
+        self.view_changed.notified().await;
     }
 
     pub fn replica(&self) -> &str {
@@ -136,7 +208,13 @@ impl Ownership {
 
     /// Starts a term: this replica now holds `shard` under `epoch`, until `deadline` unless
     /// renewed. A term it still had under another epoch ends first.
-    pub fn grant(&self, shard: Shard, epoch: i64, deadline: BootInstant) {
+    pub fn grant(
+        &self,
+        shard: Shard,
+        epoch: i64,
+        deadline: BootInstant,
+        others_in_doubt_until: Option<Instant>,
+    ) {
         let mut term = self.term(shard);
         if let Some(old) = term.take() {
             old.ended.cancel();
@@ -148,9 +226,11 @@ impl Ownership {
             draining: false,
             ended: CancellationToken::new(),
             in_flight: Arc::new(InFlight::default()),
+            others_in_doubt_until,
         });
         drop(term);
         self.changed.notify_one();
+        self.view_changed.notify_waiters();
     }
 
     /// Moves the deadline of `shard`'s term, if it is still under `epoch`.
@@ -167,6 +247,7 @@ impl Ownership {
     /// Ends `shard`'s term now: its in-flight requests are torn down. Returns the epoch it had.
     pub fn end(&self, shard: Shard) -> Option<i64> {
         let ended = self.term(shard).take();
+        self.view_changed.notify_waiters();
         ended.map(|term| {
             term.ended.cancel();
             term.epoch
@@ -229,6 +310,11 @@ impl Ownership {
         }
     }
 
+    /// Whether `shard` is held here and handing over (draining).
+    pub fn is_draining(&self, shard: Shard) -> bool {
+        self.term(shard).as_ref().is_some_and(|term| term.draining)
+    }
+
     fn admit_until(&self, deadline: BootInstant) -> BootInstant {
         deadline.checked_sub(self.safety_margin).unwrap_or(deadline)
     }
@@ -237,6 +323,14 @@ impl Ownership {
         self.terms[shard as usize]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl OthersInDoubt for Ownership {
+    fn in_doubt_until(&self, resource: &ResourceKey) -> Option<Instant> {
+        self.term(self.map.shard_of(resource.as_str()))
+            .as_ref()
+            .and_then(|term| term.others_in_doubt_until)
     }
 }
 
@@ -256,13 +350,13 @@ mod tests {
     fn only_a_held_shard_admits_and_only_before_its_safety_margin() {
         let ownership = ownership();
         assert_eq!(ownership.admit(0).unwrap_err(), NotAdmitted::NotHeld);
-        ownership.grant(0, 7, in_ms(10_000));
+        ownership.grant(0, 7, in_ms(10_000), None);
         let admission = ownership.admit(0).unwrap();
         assert_eq!((admission.shard, admission.epoch), (0, 7));
         assert_eq!(ownership.epoch_for_write(0), Some(7));
         assert_eq!(ownership.epoch_for_write(1), None);
         // Inside the margin: writes may still commit, new requests may not start.
-        ownership.grant(1, 3, in_ms(30));
+        ownership.grant(1, 3, in_ms(30), None);
         assert_eq!(ownership.admit(1).unwrap_err(), NotAdmitted::Ending);
         assert_eq!(ownership.epoch_for_write(1), Some(3));
         assert_eq!(ownership.held(), vec![(0, 7), (1, 3)]);
@@ -271,7 +365,7 @@ mod tests {
     #[test]
     fn a_renewal_under_another_epoch_changes_nothing() {
         let ownership = ownership();
-        ownership.grant(0, 7, in_ms(30));
+        ownership.grant(0, 7, in_ms(30), None);
         ownership.renew(0, 6, in_ms(10_000));
         assert_eq!(ownership.admit(0).unwrap_err(), NotAdmitted::Ending);
         ownership.renew(0, 7, in_ms(10_000));
@@ -281,7 +375,7 @@ mod tests {
     #[test]
     fn ending_a_term_tears_down_its_requests() {
         let ownership = ownership();
-        ownership.grant(2, 1, in_ms(10_000));
+        ownership.grant(2, 1, in_ms(10_000), None);
         let admission = ownership.admit(2).unwrap();
         assert_eq!(ownership.end(2), Some(1));
         assert!(admission.ended.is_cancelled());
@@ -296,8 +390,8 @@ mod tests {
             let ownership = Arc::clone(&ownership);
             async move { ownership.watch_deadlines().await }
         });
-        ownership.grant(0, 1, in_ms(100));
-        ownership.grant(1, 1, in_ms(10_000));
+        ownership.grant(0, 1, in_ms(100), None);
+        ownership.grant(1, 1, in_ms(10_000), None);
         let admission = ownership.admit(0).unwrap();
         tokio::time::timeout(Duration::from_secs(5), admission.ended.cancelled())
             .await
@@ -309,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn a_drain_waits_for_the_requests_in_flight_and_admits_no_more() {
         let ownership = Arc::new(ownership());
-        ownership.grant(0, 4, in_ms(10_000));
+        ownership.grant(0, 4, in_ms(10_000), None);
         let admission = ownership.admit(0).unwrap();
         let drain = tokio::spawn({
             let ownership = Arc::clone(&ownership);

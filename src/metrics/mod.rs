@@ -15,6 +15,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::audit::Reason;
@@ -46,6 +47,19 @@ pub struct Metrics {
     upstream_failures: Family<FailureLabels, Counter>,
     reload_success: Gauge,
     reload_time: Gauge,
+    cluster: ClusterMetrics,
+}
+
+/// Cluster mode's metrics; they stay at zero on a single node.
+#[derive(Debug)]
+struct ClusterMetrics {
+    shards_owned: Gauge,
+    acquired: Counter,
+    failovers: Counter,
+    handoffs: Counter,
+    lost: Counter,
+    peer_forwarded: Counter,
+    renewal: Histogram,
 }
 
 /// A failed upstream call's route (its path template), status answered and cause.
@@ -130,6 +144,16 @@ impl Metrics {
             reload_time.clone(),
         );
         reload_time.set(unix_now());
+        let cluster = ClusterMetrics {
+            shards_owned: Gauge::default(),
+            acquired: Counter::default(),
+            failovers: Counter::default(),
+            handoffs: Counter::default(),
+            lost: Counter::default(),
+            peer_forwarded: Counter::default(),
+            renewal: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        };
+        cluster.register(&mut registry);
         let label = |family: &Family<Labels, Counter>, key, value| {
             family.get_or_create(&[(key, value)]).clone()
         };
@@ -143,8 +167,47 @@ impl Metrics {
             upstream_failures,
             reload_success,
             reload_time,
+            cluster,
             registry,
         })
+    }
+
+    /// This replica now holds `count` shards.
+    pub fn shards_owned(&self, count: usize) {
+        self.cluster
+            .shards_owned
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A free shard was acquired.
+    pub fn shard_acquired(&self) {
+        self.cluster.acquired.inc();
+    }
+
+    /// A shard whose owner's lease had run out was taken over: a failover.
+    pub fn shard_taken_over(&self) {
+        self.cluster.acquired.inc();
+        self.cluster.failovers.inc();
+    }
+
+    /// This replica drained a shard and released it for its next owner.
+    pub fn shard_handed_over(&self) {
+        self.cluster.handoffs.inc();
+    }
+
+    /// A lease this replica held was taken over by another before it could renew it.
+    pub fn lease_lost(&self) {
+        self.cluster.lost.inc();
+    }
+
+    /// A lease renewal round trip took `elapsed`.
+    pub fn lease_renewed(&self, elapsed: Duration) {
+        self.cluster.renewal.observe(elapsed.as_secs_f64());
+    }
+
+    /// A request was forwarded to the owner of its shard over the peer plane.
+    pub fn peer_forwarded(&self) {
+        self.cluster.peer_forwarded.inc();
     }
 
     /// A request was answered `status` (502 or 504) because its upstream failed with `cause`.
@@ -202,6 +265,46 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
+    }
+}
+
+impl ClusterMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cluster_shards_owned",
+            "Shards whose lease this replica holds",
+            self.shards_owned.clone(),
+        );
+        registry.register(
+            "cluster_lease_acquisitions",
+            "Shard leases this replica acquired (free, handed over, or taken over)",
+            self.acquired.clone(),
+        );
+        registry.register(
+            "cluster_failovers",
+            "Shards this replica took over after their owner's lease ran out",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "cluster_handoffs",
+            "Shards this replica drained and released for their next owner",
+            self.handoffs.clone(),
+        );
+        registry.register(
+            "cluster_leases_lost",
+            "Leases taken over by another replica before this one renewed them",
+            self.lost.clone(),
+        );
+        registry.register(
+            "cluster_peer_forwarded",
+            "Requests forwarded to their shard's owner over the peer plane",
+            self.peer_forwarded.clone(),
+        );
+        registry.register(
+            "cluster_lease_renewal_seconds",
+            "Round trip of one lease renewal to PostgreSQL",
+            self.renewal.clone(),
+        );
     }
 }
 

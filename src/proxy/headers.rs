@@ -121,6 +121,57 @@ pub(super) fn write_upstream_headers(
     write_x_forwarded_for(out, headers, client.ip());
 }
 
+/// The header that carries the client's address over the peer plane (cluster mode).
+pub(super) const FENCEGATE_CLIENT: HeaderName = HeaderName::from_static("fencegate-client");
+/// The header that carries the cluster secret over the peer plane.
+pub(super) const FENCEGATE_CLUSTER_SECRET: HeaderName =
+    HeaderName::from_static("fencegate-cluster-secret");
+/// The replica that answered a fenced request (cluster mode).
+pub(super) const FENCEGATE_REPLICA: HeaderName = HeaderName::from_static("fencegate-replica");
+
+/// Writes a client's request headers for the owner of its shard: every end-to-end header as
+/// sent (`Host`, `Forwarded` and `X-Forwarded-For` included: the owner writes the upstream's), and
+/// the client's address and the cluster secret in headers of fencegate's own, replacing any a
+/// client sent.
+pub(super) fn write_peer_headers(
+    out: &mut BytesMut,
+    headers: &HeaderMap,
+    client: SocketAddr,
+    secret: Option<&str>,
+) {
+    let named_by_connection = |name: &HeaderName| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let has_connection = headers.contains_key(CONNECTION);
+    for (name, value) in headers {
+        let left_out = is_hop_by_hop(name)
+            || *name == CONTENT_LENGTH
+            || *name == FENCEGATE_CLIENT
+            || *name == FENCEGATE_CLUSTER_SECRET
+            || (has_connection && named_by_connection(name));
+        if !left_out {
+            wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    wire::write_header(
+        out,
+        FENCEGATE_CLIENT.as_str().as_bytes(),
+        client.to_string().as_bytes(),
+    );
+    if let Some(secret) = secret {
+        wire::write_header(
+            out,
+            FENCEGATE_CLUSTER_SECRET.as_str().as_bytes(),
+            secret.as_bytes(),
+        );
+    }
+}
+
 /// `Forwarded: for=…;proto=http;host="…"`, as a line of its own after any the client sent.
 fn write_forwarded(out: &mut BytesMut, client: IpAddr, host: Option<&HeaderValue>) {
     out.extend_from_slice(b"forwarded: for=");

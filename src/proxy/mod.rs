@@ -7,6 +7,7 @@
 
 mod headers;
 mod inflight;
+pub mod placement;
 pub mod request_id;
 mod upstream;
 
@@ -31,6 +32,7 @@ use crate::server::ClientBody;
 use crate::store::SharedStore;
 use crate::token::{self, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
+use placement::{ClusterPlane, Placed, until_term_ends};
 use request_id::X_REQUEST_ID;
 
 pub use upstream::{
@@ -65,7 +67,23 @@ pub struct DataPlane {
     metrics: Arc<Metrics>,
     /// Whether every request gets a line in the access log.
     access_log: bool,
+    /// Cluster mode: which replica serves each shard.
+    cluster: Option<Arc<ClusterPlane>>,
 }
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A client, on the data plane.
+    Client,
+    /// Another replica, on the peer plane (cluster mode): authenticated by the cluster secret,
+    /// and served here or refused, never forwarded again.
+    Peer,
+}
+
+/// Marks a request that came over the peer plane (in its extensions).
+#[derive(Debug, Clone, Copy)]
+struct FromPeer;
 
 /// What the access log says of a forwarded fenced request, carried in its response's extensions
 /// (only while the access log is on).
@@ -95,7 +113,15 @@ impl DataPlane {
             upstream,
             metrics,
             access_log: false,
+            cluster: None,
         }
+    }
+
+    /// The same data plane in cluster mode: fenced requests are served on the replica that
+    /// holds their shard's lease.
+    pub fn with_cluster(mut self, cluster: Arc<ClusterPlane>) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// The same data plane, logging one line per request if `on`.
@@ -117,20 +143,31 @@ impl DataPlane {
             upstream: self.upstream.clone(),
             metrics: Arc::clone(&self.metrics),
             access_log: self.access_log,
+            cluster: self.cluster.clone(),
         }
     }
 
     /// Serves one request from `client`. Never fails: every error becomes a problem+json answer.
     pub async fn handle(
         &self,
-        request: Request<ClientBody>,
-        client: SocketAddr,
+        mut request: Request<ClientBody>,
+        mut client: SocketAddr,
+        origin: Origin,
     ) -> Response<ProxyBody> {
         let body_may_be_unread = has_body(&request) && request.version() <= Version::HTTP_11;
         let method = request.method().clone();
         let access = self.access_log.then(|| AccessStart::of(&request));
         let mut fencing = None;
-        let response = match self.serve(request, client).await {
+        let from_peer = origin == Origin::Peer;
+        let served = match from_peer.then(|| self.accept_from_peer(&mut request)) {
+            Some(Err(unauthenticated)) => Err(unauthenticated),
+            Some(Ok(original)) => {
+                client = original.unwrap_or(client);
+                self.serve(request, client).await
+            }
+            None => self.serve(request, client).await,
+        };
+        let mut response = match served {
             Ok(response) => response.map(Either::Left),
             Err(rejected) => {
                 if access.is_some() {
@@ -152,11 +189,74 @@ impl DataPlane {
                 response.map(Either::Right)
             }
         };
+        if let Some(cluster) = &self.cluster {
+            // An answer relayed from the owner already names it.
+            response
+                .headers_mut()
+                .entry(headers::FENCEGATE_REPLICA)
+                .or_insert_with(|| cluster.replica().clone());
+        }
         tracing::debug!(%method, status = response.status().as_u16(), %client, "answered");
         if let Some(access) = access {
             access.log(&response, fencing, client);
         }
         response
+    }
+
+    /// Checks a request that came over the peer plane: the cluster secret, then the client's
+    /// own address, which the forwarding replica sent. The peer headers go no further.
+    fn accept_from_peer(
+        &self,
+        request: &mut Request<ClientBody>,
+    ) -> Result<Option<SocketAddr>, Rejected> {
+        let headers = request.headers_mut();
+        let secret = headers.remove(headers::FENCEGATE_CLUSTER_SECRET);
+        let original = placement::peer_client(headers.get(headers::FENCEGATE_CLIENT));
+        headers.remove(headers::FENCEGATE_CLIENT);
+        match &self.cluster {
+            Some(cluster) if cluster.authenticates(secret.as_ref()) => {
+                request.extensions_mut().insert(FromPeer);
+                Ok(original)
+            }
+            _ => Err(ProxyError::PeerUnauthenticated.into()),
+        }
+    }
+
+    /// Cluster mode: where a fenced request changing `resources` is served. On a single node,
+    /// always here, with nothing to hold.
+    async fn place<B>(
+        &self,
+        resources: &[&ResourceKey],
+        request: &Request<B>,
+    ) -> Result<Placed, Rejected> {
+        match &self.cluster {
+            None => Ok(Placed::Here(Vec::new())),
+            Some(cluster) => cluster
+                .place(
+                    resources,
+                    request.extensions().get::<FromPeer>().is_some(),
+                    self.upstream.timeout(),
+                )
+                .await
+                .map_err(Rejected::from),
+        }
+    }
+
+    /// Relays a request to the replica that owns its shard, and its answer back.
+    async fn forward_to_owner(
+        &self,
+        owner: &Upstream,
+        route: &Route,
+        request: Request<UpstreamBody>,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, Rejected> {
+        self.metrics.peer_forwarded();
+        let secret = self.cluster.as_ref().and_then(|cluster| cluster.secret());
+        let id = request.headers().get(X_REQUEST_ID).cloned();
+        self.upstream
+            .forward_to_peer(owner, secret, request, client)
+            .await
+            .map_err(|e| self.forward_failure(e, route, id.as_ref()).into())
     }
 
     async fn serve(
@@ -246,6 +346,26 @@ impl DataPlane {
                 return Err(Box::pin(self.refuse_malformed(error, resource)).await);
             }
         };
+        // Cluster mode only: a single node serves everything here, and the hot path allocates
+        // nothing for it.
+        let admissions = if self.cluster.is_some() {
+            let mut resources = vec![&resolved.resource];
+            resources.extend(destination.as_ref().map(|d| &d.resolved.resource));
+            match Box::pin(self.place(&resources, &request)).await? {
+                Placed::Here(admissions) => admissions,
+                Placed::Owner(owner) => {
+                    return Box::pin(self.forward_to_owner(
+                        &owner,
+                        resolved.route,
+                        request,
+                        client,
+                    ))
+                    .await;
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let conflict = webdav::collection_conflict(
             &self.routes,
             request.method(),
@@ -300,8 +420,8 @@ impl DataPlane {
                 return Err(Box::pin(self.refuse(refused, token, &request, client)).await);
             }
         };
-        self.forward_with(permits, route, resource, token, request, client)
-            .await
+        let forwarded = self.forward_with(permits, route, resource, token, request, client);
+        until_term_ends(&admissions, forwarded).await
     }
 
     /// A request on a route with a storage profile: the profile says what it changes, reading the
@@ -338,6 +458,12 @@ impl DataPlane {
                 return self.forward_unfenced(resolved.route, request, client).await;
             }
             Changes::Unattributable(why) => {
+                // Audited under the route's resource, by the replica that holds its shard.
+                if let Placed::Owner(owner) = self.place(&[&resolved.resource], &request).await? {
+                    return self
+                        .forward_to_owner(&owner, resolved.route, request, client)
+                        .await;
+                }
                 let header = resolved.route.token_header();
                 return Err(self
                     .refuse_unattributable(why, resolved.resource, header, &request, client)
@@ -361,6 +487,17 @@ impl DataPlane {
         let Some((primary, also)) = resources.split_first() else {
             let why = "the storage profile named no resource".to_owned();
             return Err(ProxyError::Unattributable(why).into());
+        };
+        let admissions = match self
+            .place(&resources.iter().collect::<Vec<_>>(), &request)
+            .await?
+        {
+            Placed::Here(admissions) => admissions,
+            Placed::Owner(owner) => {
+                return self
+                    .forward_to_owner(&owner, resolved.route, request, client)
+                    .await;
+            }
         };
         let token = match token::from_header(request.headers(), resolved.route.token_header()) {
             Ok(token) => token,
@@ -388,15 +525,15 @@ impl DataPlane {
             Ok(permits) => permits,
             Err(refused) => return Err(self.refuse(refused, token, &request, client).await),
         };
-        self.forward_with(
+        let forwarded = self.forward_with(
             permits,
             resolved.route,
             primary.clone(),
             token,
             request,
             client,
-        )
-        .await
+        );
+        until_term_ends(&admissions, forwarded).await
     }
 
     /// The resource of a fenced request on a route whose template reads the query, a header or

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::config::{AdminToken, Config, Limits};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
+use crate::proxy::placement::ClusterPlane;
 use crate::proxy::{DataPlane, RequestLimits, UpstreamClient};
 use crate::store::{Retention, SharedStore};
 
@@ -163,6 +164,8 @@ pub struct Reloader {
     gate: Gate,
     store: SharedStore,
     metrics: Arc<Metrics>,
+    /// Cluster mode's part of the data plane, kept across reloads.
+    cluster: Option<Arc<ClusterPlane>>,
 }
 
 /// What a reload did.
@@ -181,6 +184,7 @@ impl Reloader {
         gate: Gate,
         store: SharedStore,
         metrics: Arc<Metrics>,
+        cluster: Option<Arc<ClusterPlane>>,
     ) -> Reloader {
         Reloader {
             live,
@@ -188,6 +192,7 @@ impl Reloader {
             gate,
             store,
             metrics,
+            cluster,
         }
     }
 
@@ -202,7 +207,7 @@ impl Reloader {
     pub fn apply(&self, config: Config) -> Reloaded {
         let restart_needed = self.running.differences(&Fixed::of(&config));
         let routes = config.routes.len();
-        let plane = DataPlane::new(
+        let mut plane = DataPlane::new(
             config.routes,
             RequestLimits {
                 max_resource_len: config.max_resource_len,
@@ -219,6 +224,9 @@ impl Reloader {
             Arc::clone(&self.metrics),
         )
         .with_access_log(config.access_log);
+        if let Some(cluster) = &self.cluster {
+            plane = plane.with_cluster(Arc::clone(cluster));
+        }
         // The connection cap stays (it is the semaphore every thread shares).
         let limits = Limits {
             max_connections: self.running.max_connections,

@@ -14,6 +14,7 @@
 
 pub mod postgres;
 mod queue;
+pub mod reader;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use crate::audit::Rejection;
 use crate::route::ResourceKey;
 use crate::token::FencingToken;
 
-pub use sqlite::{
+pub use reader::{
     EpochQuery, EpochRow, Page, ReadError, Reader, RejectionQuery, RejectionRow, ResourceQuery,
     ResourceRow,
 };

@@ -30,6 +30,15 @@ pub use exchange::{ExchangeError, ResponseBody};
 use pool::Connection;
 use wire::RequestFraming;
 
+/// Where a request goes next, and so how its head is written.
+#[derive(Debug, Clone, Copy)]
+enum Hop<'a> {
+    /// To the storage: hop-by-hop headers stripped, `Forwarded` appended.
+    Upstream { keep_host: bool },
+    /// To the replica that owns the request's shard (cluster mode).
+    Peer { secret: Option<&'a str> },
+}
+
 /// A route's upstream: an `http://host:port` base, optionally with a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -305,15 +314,46 @@ impl UpstreamClient {
         client: SocketAddr,
         in_flight: Option<&InFlight>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
+        let hop = Hop::Upstream {
+            keep_host: route.preserves_host(),
+        };
+        self.forward_to(route.upstream(), hop, request, client, in_flight)
+            .await
+    }
+
+    /// Sends `request` to the replica that owns its shard, over the peer plane: every
+    /// end-to-end header as the client sent it (`Host` too, so that the owner routes it exactly
+    /// as this replica would have), the client's address and the cluster secret.
+    pub(super) async fn forward_to_peer(
+        &self,
+        peer: &Upstream,
+        secret: Option<&str>,
+        request: Request<super::UpstreamBody>,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        self.forward_to(peer, Hop::Peer { secret }, request, client, None)
+            .await
+    }
+
+    async fn forward_to(
+        &self,
+        upstream: &Upstream,
+        hop: Hop<'_>,
+        request: Request<super::UpstreamBody>,
+        client: SocketAddr,
+        in_flight: Option<&InFlight>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
         let deadline = Instant::now() + self.timeout;
-        let upstream = route.upstream();
         let (parts, body) = request.into_parts();
         let framing = request_framing(&parts.method, &parts.headers, &body);
         let expects_continue = parts
             .headers
             .get(EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let keep_host = route.preserves_host();
+        let keep_host = match hop {
+            Hop::Upstream { keep_host } => keep_host,
+            Hop::Peer { .. } => true,
+        };
         let host = match parts.uri.authority() {
             _ if keep_host && parts.headers.contains_key(HOST) => None,
             // An HTTP/2 client's authority is in the URI, not in a Host header.
@@ -328,7 +368,14 @@ impl UpstreamClient {
                 &upstream.target_for(&parts.uri),
                 host,
                 framing,
-                |out| headers::write_upstream_headers(out, &parts.headers, client, keep_host),
+                |out| match hop {
+                    Hop::Upstream { keep_host } => {
+                        headers::write_upstream_headers(out, &parts.headers, client, keep_host);
+                    }
+                    Hop::Peer { secret } => {
+                        headers::write_peer_headers(out, &parts.headers, client, secret);
+                    }
+                },
             );
             head
         };
@@ -380,7 +427,10 @@ impl UpstreamClient {
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
-        upstream.rewrite_self_references(response.headers_mut());
+        if let Hop::Upstream { .. } = hop {
+            // The owner has done so for a request that went over the peer plane.
+            upstream.rewrite_self_references(response.headers_mut());
+        }
         Ok(response)
     }
 

@@ -10,6 +10,7 @@
 //! answers 503: fail closed) and the writer reconnects on a later call.
 
 mod batch;
+mod reader;
 mod schema;
 mod writer;
 
@@ -21,6 +22,7 @@ use super::queue::QueuedStore;
 use super::{LastStop, SharedStore, StoreError, WriterGuard};
 use crate::cluster::{Ownership, ShardMap};
 
+pub use reader::PostgresReader;
 pub use schema::CURRENT_VERSION;
 
 /// How a replica reaches PostgreSQL.

@@ -18,10 +18,8 @@ use super::queue::QueuedStore;
 use super::{LastStop, StoreError, WriterGuard};
 use crate::token::FencingToken;
 
-pub use reader::{
-    EpochQuery, EpochRow, Page, ReadError, Reader, RejectionQuery, RejectionRow, ResourceQuery,
-    ResourceRow,
-};
+pub use reader::SqliteReader;
+pub use schema::CURRENT_VERSION;
 
 /// What the lock file holds while a server runs, and after one stopped cleanly. Anything else
 /// (an older version's empty file, a torn write) counts as an unclean stop: the safe side.

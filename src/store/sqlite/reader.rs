@@ -8,16 +8,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
-use serde::Serialize;
 
 use super::schema::CURRENT_VERSION;
 use super::token_from_sql;
-use super::writer::timestamp;
 use crate::audit::Reason;
+use crate::store::reader::{
+    EpochQuery, EpochRow, Page, ReadError, RejectionQuery, RejectionRow, ResourceQuery,
+    ResourceRow, timestamp,
+};
 use crate::store::{PrunePlan, Retention};
 
 /// Connections kept open between reads; more are opened when reads overlap.
@@ -26,108 +28,9 @@ const MAX_IDLE_CONNECTIONS: usize = 4;
 /// How long a read waits if the database is locked (only during WAL recovery, in practice).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why a read failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(
-        "no database at {0} (fencegate serve creates it on first start; name another with --db or FENCEGATE_DB)"
-    )]
-    Missing(PathBuf),
-    #[error("cannot open database {path} read-only: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
-    #[error(
-        "{path} is at schema version {found}, this fencegate reads version {CURRENT_VERSION}; \
-         {hint}"
-    )]
-    Schema {
-        path: PathBuf,
-        found: i64,
-        hint: &'static str,
-    },
-    #[error("database query failed: {0}")]
-    Query(#[from] rusqlite::Error),
-}
-
-/// One page of results. `next`, when present, is the cursor to pass as `after` for the next page.
-#[derive(Debug, Clone, Serialize)]
-pub struct Page<T> {
-    pub rows: Vec<T>,
-    pub next: Option<String>,
-}
-
-/// A resource and its durable highest token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ResourceRow {
-    pub resource: String,
-    pub highest: u64,
-    pub updated_at: String,
-}
-
-/// One row of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RejectionRow {
-    pub id: i64,
-    pub at: String,
-    pub resource: String,
-    pub reason: String,
-    pub token: Option<u64>,
-    pub highest: Option<u64>,
-    pub method: String,
-    pub path: String,
-    pub client: String,
-    pub request_id: Option<String>,
-}
-
-/// One epoch advance: a resource's highest token changed from `from` to `to`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EpochRow {
-    pub id: i64,
-    pub at: String,
-    pub resource: String,
-    pub from: Option<u64>,
-    pub to: u64,
-    pub via: String,
-    /// The operator's reason, for resets.
-    pub reason: Option<String>,
-}
-
-/// Which resources to list, in name order.
-#[derive(Debug, Clone, Default)]
-pub struct ResourceQuery {
-    pub prefix: Option<String>,
-    /// Only this one resource.
-    pub exact: Option<String>,
-    /// The cursor: list resources whose names sort after this one.
-    pub after: Option<String>,
-    pub limit: usize,
-}
-
-/// Which rejections to list, newest first.
-#[derive(Debug, Clone, Default)]
-pub struct RejectionQuery {
-    pub resource: Option<String>,
-    pub reason: Option<Reason>,
-    pub since: Option<SystemTime>,
-    /// The cursor: list rows older than this id.
-    pub after: Option<i64>,
-    pub limit: usize,
-}
-
-/// Which epoch advances to list, newest first.
-#[derive(Debug, Clone, Default)]
-pub struct EpochQuery {
-    pub resource: Option<String>,
-    /// The cursor: list rows older than this id.
-    pub after: Option<i64>,
-    pub limit: usize,
-}
-
 /// Read-only access to the database. Cheap to clone; blocking (call it from `spawn_blocking`).
 #[derive(Debug, Clone)]
-pub struct Reader {
+pub struct SqliteReader {
     inner: Arc<Pool>,
 }
 
@@ -137,11 +40,11 @@ struct Pool {
     idle: Mutex<Vec<Connection>>,
 }
 
-impl Reader {
+impl SqliteReader {
     /// Opens `path` read-only, checking that it is a fencegate database this version can read.
     /// Never creates or changes the file.
-    pub fn open(path: &Path) -> Result<Reader, ReadError> {
-        let reader = Reader {
+    pub fn open(path: &Path) -> Result<SqliteReader, ReadError> {
+        let reader = SqliteReader {
             inner: Arc::new(Pool {
                 path: path.to_owned(),
                 idle: Mutex::new(Vec::new()),
@@ -419,9 +322,11 @@ mod tests {
     use super::*;
     use crate::audit::Rejection;
     use crate::route::ResourceKey;
+    use crate::store::Reader;
     use crate::store::sqlite::SqliteStore;
     use crate::store::{Retention, SharedStore, Via};
     use crate::token::FencingToken;
+    use std::time::SystemTime;
 
     fn rejection(resource: &str, reason: Reason, at: SystemTime) -> Rejection {
         Rejection {

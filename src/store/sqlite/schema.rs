@@ -28,7 +28,7 @@ fn migrations() -> Migrations<'static> {
 
 /// The schema version (SQLite's `user_version`, which the migrations keep) of a database that is
 /// fully migrated.
-pub(super) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
+pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Opens the database for writing: WAL journaling with `synchronous=FULL`, so a commit is on disk
 /// (and survives power loss) before it returns, then migrates it to the current schema.

@@ -10,6 +10,7 @@ use crate::audit::Rejection;
 use crate::route::ResourceKey;
 use crate::store::CloseWriter;
 use crate::store::queue::{Command, MAX_BATCH, Reply, Write};
+use crate::store::reader::timestamp;
 use crate::store::{
     Advance, AllAdvanced, Durable, LastStop, PrunePlan, Reset, StoreError, Via, WriterGuard,
 };
@@ -433,10 +434,4 @@ fn insert_rejection(tx: &Transaction<'_>, r: &Rejection) -> rusqlite::Result<()>
         r.request_id,
     ])?;
     Ok(())
-}
-
-/// RFC 3339 UTC with milliseconds: fixed width, so the text order of stored timestamps is their
-/// time order.
-pub(super) fn timestamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
 }
