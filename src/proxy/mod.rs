@@ -158,14 +158,15 @@ impl DataPlane {
         let method = request.method().clone();
         let access = self.access_log.then(|| AccessStart::of(&request));
         let mut fencing = None;
-        let from_peer = origin == Origin::Peer;
-        let served = match from_peer.then(|| self.accept_from_peer(&mut request)) {
-            Some(Err(unauthenticated)) => Err(unauthenticated),
-            Some(Ok(original)) => {
+        let accepted = match origin {
+            Origin::Client => Ok(()),
+            Origin::Peer => self.accept_from_peer(&mut request).map(|original| {
                 client = original.unwrap_or(client);
-                self.serve(request, client).await
-            }
-            None => self.serve(request, client).await,
+            }),
+        };
+        let served = match accepted {
+            Ok(()) => self.serve(request, client).await,
+            Err(unauthenticated) => Err(unauthenticated),
         };
         let mut response = match served {
             Ok(response) => response.map(Either::Left),
@@ -421,7 +422,12 @@ impl DataPlane {
             }
         };
         let forwarded = self.forward_with(permits, route, resource, token, request, client);
-        until_term_ends(&admissions, forwarded).await
+        if admissions.is_empty() {
+            forwarded.await
+        } else {
+            // Boxed: cluster mode's race would make the single node's hot-path future larger.
+            Box::pin(until_term_ends(&admissions, forwarded)).await
+        }
     }
 
     /// A request on a route with a storage profile: the profile says what it changes, reading the

@@ -307,18 +307,18 @@ impl UpstreamClient {
     /// The request must be written and the head received within the upstream timeout; the body
     /// then may pause for at most as long between two reads. A fenced request's `in_flight`
     /// learns when the last byte of the request has been written.
-    pub(super) async fn forward(
-        &self,
-        route: &Route,
+    pub(super) fn forward<'a>(
+        &'a self,
+        route: &'a Route,
         request: Request<super::UpstreamBody>,
         client: SocketAddr,
-        in_flight: Option<&InFlight>,
-    ) -> Result<Response<ResponseBody>, ForwardError> {
+        in_flight: Option<&'a InFlight>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, ForwardError>> + 'a {
+        // Not an `async fn`: the hot path's future is `forward_to`'s own, with no layer around it.
         let hop = Hop::Upstream {
             keep_host: route.preserves_host(),
         };
         self.forward_to(route.upstream(), hop, request, client, in_flight)
-            .await
     }
 
     /// Sends `request` to the replica that owns its shard, over the peer plane: every
