@@ -106,6 +106,13 @@ pub enum ProxyError {
     LeaseEnded { shard: u32 },
     #[error("the peer plane requires the cluster secret (Fencegate-Cluster-Secret)")]
     PeerUnauthenticated,
+    #[error(
+        "replica {replica}, which owns this resource's shard, did not answer over the peer plane ({cause}); retry"
+    )]
+    OwnerUnreachable {
+        replica: String,
+        cause: &'static str,
+    },
 }
 
 /// How long a client should wait before retrying a request that found no owner for its shard.
@@ -232,6 +239,11 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "lease-ended",
                 "Shard lease ended mid-request",
+            ),
+            OwnerUnreachable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "owner-unreachable",
+                "Shard owner unreachable",
             ),
             PeerUnauthenticated => (
                 StatusCode::UNAUTHORIZED,

@@ -419,3 +419,160 @@ async fn a_replica_that_stops_hands_its_shards_over_cleanly() {
 }
 
 use std::process::Command;
+
+// ---------------------------------------------------------------------------------------------
+// The fault test: a seeded schedule of crashes, pauses, partitions and restarts under load
+// (`tests/common/faults.rs`).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a minute of faults against real PostgreSQL; CI runs it (`cargo test --test cluster -- --ignored`)"]
+async fn faults_on_a_seeded_schedule_never_break_the_ordering_guarantee() {
+    use common::faults::{self, Cluster, LEASE_TTL, Rng};
+    use common::tcp_fault::Mode;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let seconds: u64 = std::env::var("FENCEGATE_CLUSTER_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let seed: u64 = std::env::var("FENCEGATE_CLUSTER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_202);
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(&pg, &upstream, dir.path(), 4).await;
+    for slot in 0..3 {
+        cluster.start(slot, &pg).await;
+    }
+    wait_for_owners(
+        cluster.replicas[0].as_ref().unwrap(),
+        &["fg-1", "fg-2", "fg-3"],
+    )
+    .await;
+
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let running = Arc::new(AtomicBool::new(true));
+    let workload = faults::spawn_workload(
+        Arc::clone(&cluster.addresses),
+        Arc::clone(&answers),
+        Arc::clone(&running),
+        seed,
+    );
+    let mut rng = Rng::new(seed);
+    let started = std::time::Instant::now();
+    let end = Duration::from_secs(seconds);
+    let mut log = Vec::new();
+    let mut added_fourth = false;
+    let mut round = 0_u64;
+    while started.elapsed() + Duration::from_secs(6) < end {
+        tokio::time::sleep(rng.millis(1000, 2500)).await;
+        let running_slots = cluster.running();
+        let slot = running_slots[rng.below(running_slots.len() as u64) as usize];
+        let at = started.elapsed();
+        // Every kind in turn (a cut from PostgreSQL three times a cycle: it is the fault whose
+        // owner tears its requests down just before the takeover), the replica and the timing
+        // drawn from the seed.
+        match round % 9 {
+            0 => {
+                cluster.stop(slot, "-KILL");
+                tokio::time::sleep(rng.millis(200, 1500)).await;
+                cluster.start(slot, &pg).await;
+                log.push(format!("{at:?}: kill -9 fg-{} and restart", slot + 1));
+            }
+            1 => {
+                let pause = LEASE_TTL.mul_f64(2.0 + rng.below(100) as f64 / 100.0);
+                cluster.signal(slot, "-STOP");
+                tokio::time::sleep(pause).await;
+                cluster.signal(slot, "-CONT");
+                log.push(format!("{at:?}: SIGSTOP fg-{} for {pause:?}", slot + 1));
+            }
+            2 => {
+                let pause = LEASE_TTL / 5;
+                cluster.signal(slot, "-STOP");
+                tokio::time::sleep(pause).await;
+                cluster.signal(slot, "-CONT");
+                log.push(format!(
+                    "{at:?}: SIGSTOP fg-{} for {pause:?} (its leases survive)",
+                    slot + 1
+                ));
+            }
+            3 | 7 | 8 => {
+                let mode = if rng.below(2) == 0 {
+                    Mode::BlackHole
+                } else {
+                    Mode::Reset
+                };
+                cluster.set_link(slot, mode);
+                tokio::time::sleep(LEASE_TTL * 2).await;
+                cluster.set_link(slot, Mode::Pass);
+                log.push(format!(
+                    "{at:?}: fg-{} cut from PostgreSQL ({mode:?}) for {:?}",
+                    slot + 1,
+                    LEASE_TTL * 2
+                ));
+            }
+            4 => {
+                tokio::task::block_in_place(|| pg.restart());
+                log.push(format!("{at:?}: PostgreSQL restarted (immediate shutdown)"));
+            }
+            5 => {
+                let status = cluster.stop(slot, "-TERM");
+                log.push(format!(
+                    "{at:?}: SIGTERM fg-{} (exit {status:?}) and restart",
+                    slot + 1
+                ));
+                cluster.start(slot, &pg).await;
+            }
+            _ if !added_fourth => {
+                cluster.start(3, &pg).await;
+                added_fourth = true;
+                log.push(format!("{at:?}: fg-4 joined"));
+            }
+            _ => {
+                cluster.stop(3, "-TERM");
+                added_fourth = false;
+                log.push(format!("{at:?}: fg-4 left (SIGTERM)"));
+            }
+        }
+        round += 1;
+    }
+    tokio::time::sleep(end.saturating_sub(started.elapsed())).await;
+    running.store(false, Ordering::Relaxed);
+    for task in workload {
+        let _ = task.await;
+    }
+    // Answers still on their way settle before the books are closed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let durable: std::collections::HashMap<usize, u64> = pg
+        .query("SELECT resource, highest FROM resources")
+        .lines()
+        .filter_map(|line| {
+            let (name, highest) = line.split_once('|')?;
+            Some((
+                name.strip_prefix("wallet:")?.parse().ok()?,
+                highest.parse().ok()?,
+            ))
+        })
+        .collect();
+    let answers = answers.lock().unwrap().clone();
+    let report = faults::check(&upstream, &answers, &durable);
+    let history = pg.query("SELECT kind, count(*) FROM lease_history GROUP BY kind ORDER BY kind");
+    eprintln!(
+        "fault test, seed {seed}, {seconds} s:\n  faults:\n    {}\n  lease history: {}\n  {report:#?}",
+        log.join("\n    "),
+        history.replace('\n', ", ")
+    );
+    assert!(
+        report.violations.is_empty(),
+        "{} violations: {:#?}",
+        report.violations.len(),
+        &report.violations[..report.violations.len().min(20)]
+    );
+    assert!(report.acknowledged > 1000, "the cluster served: {report:?}");
+    assert!(round >= 9, "every kind of fault ran: {log:?}");
+}

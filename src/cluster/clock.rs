@@ -22,6 +22,11 @@ impl BootInstant {
         ))
     }
 
+    /// Nanoseconds since boot, for keeping an instant in an atomic.
+    pub fn as_nanos(self) -> u64 {
+        u64::try_from(self.0.as_nanos()).unwrap_or(u64::MAX)
+    }
+
     pub fn checked_sub(self, duration: Duration) -> Option<Self> {
         self.0.checked_sub(duration).map(Self)
     }

@@ -336,7 +336,9 @@ impl LeaseLoop {
         };
         let epoch: i64 = row.get(0);
         let handed_over_cleanly = lease.free && lease.clean;
-        let others_in_doubt_until = (!handed_over_cleanly)
+        let no_wait = cfg!(feature = "negative-controls")
+            && super::ownership::negative_control("no-takeover-wait");
+        let others_in_doubt_until = (!handed_over_cleanly && !no_wait)
             .then(|| tokio::time::Instant::now() + self.settings.in_doubt_grace);
         self.forget(lease.shard);
         self.ownership.grant(

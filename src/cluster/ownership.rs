@@ -12,7 +12,7 @@
 //! `max_clock_drift`, this replica's deadline comes first. No request is admitted within
 //! `safety_margin` of the deadline, so that one admitted just before it has time to leave the host.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -52,6 +52,17 @@ pub struct Admission {
     in_flight: Arc<InFlight>,
 }
 
+impl Admission {
+    /// Whether the term may still start this request: held, and not within the safety margin of
+    /// its deadline. Asked again right before the request goes upstream, because the request may
+    /// have waited (in the gate, or stopped with the whole process by SIGSTOP) since it was
+    /// admitted: a replica that wakes past its deadline sends nothing.
+    pub fn in_time(&self) -> bool {
+        !self.ended.is_cancelled()
+            && BootInstant::now().as_nanos() < self.in_flight.admit_until.load(Ordering::Acquire)
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
         if self.in_flight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -60,10 +71,13 @@ impl Drop for Admission {
     }
 }
 
+/// What a term shares with the requests admitted under it.
 #[derive(Debug, Default)]
 struct InFlight {
     count: AtomicUsize,
     idle: Notify,
+    /// The term's `admit_until`, as boot-time nanoseconds, moved by every renewal.
+    admit_until: AtomicU64,
 }
 
 /// Why a request cannot be gated here.
@@ -180,6 +194,12 @@ impl Ownership {
         if term.draining || BootInstant::now() >= term.admit_until {
             return Err(NotAdmitted::Ending);
         }
+        if cfg!(feature = "negative-controls") && negative_control("forward-past-deadline") {
+            // Negative control: admissions never run out (see Cargo.toml).
+            term.in_flight
+                .admit_until
+                .store(u64::MAX, Ordering::Release);
+        }
         term.in_flight.count.fetch_add(1, Ordering::AcqRel);
         Ok(Admission {
             shard,
@@ -219,13 +239,18 @@ impl Ownership {
         if let Some(old) = term.take() {
             old.ended.cancel();
         }
+        let admit_until = self.admit_until(deadline);
+        let in_flight = InFlight {
+            admit_until: AtomicU64::new(admit_until.as_nanos()),
+            ..InFlight::default()
+        };
         *term = Some(Term {
             epoch,
-            admit_until: self.admit_until(deadline),
+            admit_until,
             deadline,
             draining: false,
             ended: CancellationToken::new(),
-            in_flight: Arc::new(InFlight::default()),
+            in_flight: Arc::new(in_flight),
             others_in_doubt_until,
         });
         drop(term);
@@ -239,6 +264,9 @@ impl Ownership {
         if let Some(term) = term.as_mut().filter(|term| term.epoch == epoch) {
             term.deadline = term.deadline.max(deadline);
             term.admit_until = self.admit_until(term.deadline);
+            term.in_flight
+                .admit_until
+                .store(term.admit_until.as_nanos(), Ordering::Release);
         }
         drop(term);
         self.changed.notify_one();
@@ -285,8 +313,10 @@ impl Ownership {
             let mut next = None;
             for shard in 0..self.map.shards() {
                 let mut term = self.term(shard);
+                let overdue_ends = !(cfg!(feature = "negative-controls")
+                    && negative_control("forward-past-deadline"));
                 match term.as_ref().map(|term| term.deadline) {
-                    Some(deadline) if deadline <= now => {
+                    Some(deadline) if deadline <= now && overdue_ends => {
                         let ended = term.take().map(|term| {
                             term.ended.cancel();
                             term.epoch
@@ -324,6 +354,12 @@ impl Ownership {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Whether the negative control `name` is on (`FENCEGATE_NEGATIVE_CONTROL`); only in a build with
+/// the `negative-controls` feature, which exists to prove that the fault test catches each bug.
+pub(crate) fn negative_control(name: &str) -> bool {
+    std::env::var("FENCEGATE_NEGATIVE_CONTROL").is_ok_and(|control| control == name)
 }
 
 impl OthersInDoubt for Ownership {

@@ -243,21 +243,27 @@ impl DataPlane {
         }
     }
 
-    /// Relays a request to the replica that owns its shard, and its answer back.
+    /// Relays a request to the replica that owns its shard, and its answer back. An owner that
+    /// does not answer (gone, paused, cut off) is a 503 to retry, not a failure of the storage.
     async fn forward_to_owner(
         &self,
-        owner: &Upstream,
-        route: &Route,
+        (replica, peer): (String, Arc<Upstream>),
         request: Request<UpstreamBody>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.peer_forwarded();
         let secret = self.cluster.as_ref().and_then(|cluster| cluster.secret());
-        let id = request.headers().get(X_REQUEST_ID).cloned();
         self.upstream
-            .forward_to_peer(owner, secret, request, client)
+            .forward_to_peer(&peer, secret, request, client)
             .await
-            .map_err(|e| self.forward_failure(e, route, id.as_ref()).into())
+            .map_err(|e| {
+                tracing::warn!(owner = %replica, peer = %peer, cause = e.cause(), error = %e, "the shard's owner did not answer over the peer plane");
+                ProxyError::OwnerUnreachable {
+                    replica,
+                    cause: e.cause(),
+                }
+                .into()
+            })
     }
 
     async fn serve(
@@ -354,14 +360,8 @@ impl DataPlane {
             resources.extend(destination.as_ref().map(|d| &d.resolved.resource));
             match Box::pin(self.place(&resources, &request)).await? {
                 Placed::Here(admissions) => admissions,
-                Placed::Owner(owner) => {
-                    return Box::pin(self.forward_to_owner(
-                        &owner,
-                        resolved.route,
-                        request,
-                        client,
-                    ))
-                    .await;
+                Placed::Owner(replica, peer) => {
+                    return Box::pin(self.forward_to_owner((replica, peer), request, client)).await;
                 }
             }
         } else {
@@ -421,13 +421,45 @@ impl DataPlane {
                 return Err(Box::pin(self.refuse(refused, token, &request, client)).await);
             }
         };
-        let forwarded = self.forward_with(permits, route, resource, token, request, client);
         if admissions.is_empty() {
-            forwarded.await
+            self.forward_with(permits, route, resource, token, request, client)
+                .await
         } else {
             // Boxed: cluster mode's race would make the single node's hot-path future larger.
-            Box::pin(until_term_ends(&admissions, forwarded)).await
+            Box::pin(self.forward_in_term(
+                &admissions,
+                permits,
+                route,
+                resource,
+                token,
+                request,
+                client,
+            ))
+            .await
         }
+    }
+
+    /// Cluster mode's forward: only if every term the request was admitted under may still
+    /// start it (it may have waited in the gate since, or the process may have been stopped), and
+    /// torn down if one of them ends before the upstream has answered.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_in_term(
+        &self,
+        admissions: &[placement::Admission],
+        permits: Permits,
+        route: &Route,
+        resource: ResourceKey,
+        token: FencingToken,
+        request: Request<UpstreamBody>,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, Rejected> {
+        if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {
+            // Nothing was sent: the permits go back settled.
+            permits.settle();
+            return Err(ProxyError::LeaseEnded { shard: late.shard }.into());
+        }
+        let forwarded = self.forward_with(permits, route, resource, token, request, client);
+        until_term_ends(admissions, forwarded).await
     }
 
     /// A request on a route with a storage profile: the profile says what it changes, reading the
@@ -465,9 +497,11 @@ impl DataPlane {
             }
             Changes::Unattributable(why) => {
                 // Audited under the route's resource, by the replica that holds its shard.
-                if let Placed::Owner(owner) = self.place(&[&resolved.resource], &request).await? {
+                if let Placed::Owner(replica, peer) =
+                    self.place(&[&resolved.resource], &request).await?
+                {
                     return self
-                        .forward_to_owner(&owner, resolved.route, request, client)
+                        .forward_to_owner((replica, peer), request, client)
                         .await;
                 }
                 let header = resolved.route.token_header();
@@ -499,9 +533,9 @@ impl DataPlane {
             .await?
         {
             Placed::Here(admissions) => admissions,
-            Placed::Owner(owner) => {
+            Placed::Owner(replica, peer) => {
                 return self
-                    .forward_to_owner(&owner, resolved.route, request, client)
+                    .forward_to_owner((replica, peer), request, client)
                     .await;
             }
         };
@@ -531,15 +565,16 @@ impl DataPlane {
             Ok(permits) => permits,
             Err(refused) => return Err(self.refuse(refused, token, &request, client).await),
         };
-        let forwarded = self.forward_with(
+        self.forward_in_term(
+            &admissions,
             permits,
             resolved.route,
             primary.clone(),
             token,
             request,
             client,
-        );
-        until_term_ends(&admissions, forwarded).await
+        )
+        .await
     }
 
     /// The resource of a fenced request on a route whose template reads the query, a header or

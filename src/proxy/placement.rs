@@ -15,7 +15,8 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::upstream::Upstream;
-use crate::cluster::ownership::{Admission, NotAdmitted};
+pub(super) use crate::cluster::ownership::Admission;
+use crate::cluster::ownership::NotAdmitted;
 use crate::cluster::{Ownership, Shard};
 use crate::problem::ProxyError;
 use crate::route::ResourceKey;
@@ -37,8 +38,8 @@ pub struct ClusterPlane {
 pub(super) enum Placed {
     /// Here: the admissions hold this replica's terms for the request's shards.
     Here(Vec<Admission>),
-    /// At the replica that owns the shard.
-    Owner(Arc<Upstream>),
+    /// At the replica that owns the shard: its name and peer plane.
+    Owner(String, Arc<Upstream>),
 }
 
 /// Why a request cannot be placed yet, or at all.
@@ -153,9 +154,9 @@ impl ClusterPlane {
             }
         }
         match owner {
-            Some((_, peer)) => self
+            Some((replica, peer)) => self
                 .peer(&peer)
-                .map(Placed::Owner)
+                .map(|peer| Placed::Owner(replica, peer))
                 .ok_or(Unplaced::Wait(shard)),
             None => Err(Unplaced::Wait(shard)),
         }
@@ -286,7 +287,7 @@ mod tests {
         ownership.set_view(view_with("fg-2", 1));
         let placed = plane.place(&[&resource], false, Duration::ZERO).await;
         assert!(
-            matches!(&placed, Ok(Placed::Owner(peer)) if peer.to_string() == "http://127.0.0.2:8181"),
+            matches!(&placed, Ok(Placed::Owner(name, peer)) if name == "fg-2" && peer.to_string() == "http://127.0.0.2:8181"),
             "{placed:?}"
         );
         hold(&ownership, 0);

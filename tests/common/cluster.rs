@@ -22,22 +22,25 @@ pub struct Replica {
     pub peer_port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The config every replica of a test cluster shares: 8 shards, short leases, one route.
 pub fn write_config(dir: &std::path::Path, pg: &Postgres, upstream: &str) -> std::path::PathBuf {
+    write_config_with(dir, pg, upstream, LEASE_TTL, IN_DOUBT_GRACE)
+}
+
+/// As [`write_config`], with this `lease_ttl` and `in_doubt_grace`.
+pub fn write_config_with(
+    dir: &std::path::Path,
+    pg: &Postgres,
+    upstream: &str,
+    lease_ttl: &str,
+    in_doubt_grace: &str,
+) -> std::path::PathBuf {
     let path = dir.join("cluster.toml");
     std::fs::write(
         &path,
         format!(
-            "database = \"{}\"\nin_doubt_grace = \"{IN_DOUBT_GRACE}\"\nupstream_timeout = \"5s\"\n\
-             [cluster]\nshards = {SHARDS}\nlease_ttl = \"{LEASE_TTL}\"\n\
+            "database = \"{}\"\nin_doubt_grace = \"{in_doubt_grace}\"\nupstream_timeout = \"5s\"\n\
+             [cluster]\nshards = {SHARDS}\nlease_ttl = \"{lease_ttl}\"\n\
              [[routes]]\npath = \"/w/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"wallet:{{id}}\"\n",
             pg.url()
         ),
@@ -47,7 +50,18 @@ pub fn write_config(dir: &std::path::Path, pg: &Postgres, upstream: &str) -> std
 }
 
 pub async fn start_replica(config: &std::path::Path, name: &str) -> Replica {
-    let peer_port = free_port();
+    start_replica_with(config, name, free_port(), None).await
+}
+
+/// Starts replica `name` with its peer plane on `peer_port` (a restarted replica keeps its own),
+/// reaching PostgreSQL at `database` if given (through a fault proxy, say) instead of the
+/// config's.
+pub async fn start_replica_with(
+    config: &std::path::Path,
+    name: &str,
+    peer_port: u16,
+    database: Option<&str>,
+) -> Replica {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fencegate"));
     command
         .args([
@@ -61,11 +75,23 @@ pub async fn start_replica(config: &std::path::Path, name: &str) -> Replica {
         .arg(config)
         .args(["--replica", name])
         .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")]);
+    if let Some(database) = database {
+        command.args(["--db", database]);
+    }
     Replica {
         name: name.to_owned(),
         proxy: start(command).await,
         peer_port,
     }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub async fn cluster_view(replica: &Replica) -> serde_json::Value {

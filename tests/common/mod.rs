@@ -5,8 +5,10 @@
 
 pub mod binary;
 pub mod cluster;
+pub mod faults;
 pub mod postgres;
 pub mod scripted;
+pub mod tcp_fault;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -41,6 +43,8 @@ pub struct Arrival {
     pub body: Bytes,
     pub arrived: Instant,
     pub answered: Option<Instant>,
+    /// When the request's handler was dropped unanswered (its proxy tore the connection down).
+    pub torn_down: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +124,7 @@ impl RecordingUpstream {
             body: Bytes::new(),
             arrived: Instant::now(),
             answered: None,
+            torn_down: None,
         };
         let index = self.arrive(&path, &arrival);
         // If the caller goes away first (fencegate killed mid-request), hyper drops this future:
@@ -128,6 +133,7 @@ impl RecordingUpstream {
             upstream: self,
             path: &path,
             token,
+            index,
             armed: true,
         };
         arrival.body = body
@@ -212,6 +218,7 @@ struct Abandoned<'a> {
     upstream: &'a RecordingUpstream,
     path: &'a str,
     token: Option<u64>,
+    index: usize,
     armed: bool,
 }
 
@@ -220,6 +227,7 @@ impl Drop for Abandoned<'_> {
         if self.armed {
             let mut log = self.upstream.log.lock().unwrap();
             RecordingUpstream::no_longer_in_flight(&mut log, self.path, self.token);
+            log.arrivals[self.index].torn_down = Some(Instant::now());
         }
     }
 }

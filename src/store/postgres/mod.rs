@@ -51,7 +51,13 @@ impl Connection {
             .keepalives_idle(timeout.max(second))
             .keepalives_interval((timeout / 3).max(second))
             .keepalives_retries(3)
-            .tcp_user_timeout(timeout);
+            .tcp_user_timeout(timeout)
+            // A replica stopped mid-transaction (SIGSTOP, a long pause) must not keep the lease
+            // rows it locked FOR SHARE from being taken over: PostgreSQL ends such a transaction.
+            .options(format!(
+                "-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+                ms = timeout.as_millis().max(1)
+            ));
         Ok(Self { config, timeout })
     }
 

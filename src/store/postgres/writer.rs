@@ -292,15 +292,20 @@ async fn transaction(
     // commit between this check and our writes.
     let shards: Vec<i32> = epochs.keys().map(|s| *s as i32).collect();
     let epoch_values: Vec<i64> = epochs.values().copied().collect();
+    let unconditional = cfg!(feature = "negative-controls")
+        && crate::cluster::ownership::negative_control("no-lease-condition");
+    let lease_check = if unconditional {
+        // Negative control: every shard counts as held.
+        "SELECT shard FROM unnest($2::int[], $3::bigint[]) AS held(shard, epoch) WHERE $1 <> ''"
+    } else {
+        "SELECT l.shard FROM leases l
+         JOIN unnest($2::int[], $3::bigint[]) AS held(shard, epoch)
+           ON l.shard = held.shard AND l.epoch = held.epoch
+         WHERE l.owner = $1
+         FOR SHARE OF l"
+    };
     let still_held: BTreeSet<Shard> = match tx
-        .query(
-            "SELECT l.shard FROM leases l
-             JOIN unnest($2::int[], $3::bigint[]) AS held(shard, epoch)
-               ON l.shard = held.shard AND l.epoch = held.epoch
-             WHERE l.owner = $1
-             FOR SHARE OF l",
-            &[&replica, &shards, &epoch_values],
-        )
+        .query(lease_check, &[&replica, &shards, &epoch_values])
         .await
     {
         Ok(rows) => rows
