@@ -8,6 +8,7 @@
 //! it; unknown and repeated parameters count as bad, because a misspelt filter that is silently
 //! ignored would show an operator the wrong rows.
 
+mod owner;
 mod params;
 
 use std::sync::Arc;
@@ -75,7 +76,11 @@ pub struct AdminState {
     pub max_resource_len: usize,
     /// Cluster mode: this replica's view of the cluster; `None` on a single node.
     pub cluster: Option<Arc<crate::cluster::Ownership>>,
+    /// Cluster mode: the secret that relayed calls carry to the owner's peer plane.
+    pub cluster_secret: Option<String>,
 }
+
+pub use owner::{PEER_ADMIN_PREFIX, peer_authenticated};
 
 /// The admin router, with request ids and tracing like the data plane.
 pub fn router(state: AdminState) -> Router {
@@ -293,6 +298,11 @@ async fn fence(
     body: Bytes,
 ) -> Result<Response, AdminError> {
     let resource = ResourceKey::new(resource_name(resource, state.max_resource_len)?.as_str());
+    if let Some(answer) =
+        owner::relay_if_elsewhere(&state, &resource, "fence", &headers, &body).await
+    {
+        return Ok(answer);
+    }
     let mut body = JsonBody::parse(&body, &["token"])?;
     let token = body.token()?;
     match state
@@ -317,6 +327,11 @@ async fn reset(
         return Err(AdminError::ResetDisabled);
     }
     let resource = ResourceKey::new(resource_name(resource, state.max_resource_len)?.as_str());
+    if let Some(answer) =
+        owner::relay_if_elsewhere(&state, &resource, "reset", &headers, &body).await
+    {
+        return Ok(answer);
+    }
     let mut body = JsonBody::parse(&body, &["token", "reason"])?;
     let token = body.token()?;
     let reason = body.reason()?;

@@ -283,6 +283,7 @@ impl App {
                 token: config.admin_token,
                 max_resource_len: config.max_resource_len,
                 cluster: cluster.as_ref().map(|c| Arc::clone(&c.ownership)),
+                cluster_secret: config.cluster.as_ref().and_then(|c| c.secret.clone()),
             },
             cluster,
             writer,
@@ -335,6 +336,12 @@ impl App {
             &stop,
             self.shutdown_grace,
         )?;
+        if self.cluster.is_some() {
+            self.live.set_peer_admin(live::PeerAdmin {
+                router: admin::router(self.admin.clone()),
+                secret: self.admin.cluster_secret.clone(),
+            });
+        }
         let mut cluster = self.cluster.map(|cluster| {
             start_cluster(
                 cluster,
@@ -617,7 +624,19 @@ async fn serve_data_connection(
         header_read_timeout: limits.header_read_timeout,
         idle_timeout: limits.idle_timeout,
     };
-    let handle = |request| answer(live.plane(), request, client, origin);
+    let handle = |request: http::Request<ClientBody>| {
+        let admin = (origin == Origin::Peer)
+            .then(|| live.peer_admin().cloned())
+            .flatten()
+            .filter(|_| request.uri().path().starts_with(admin::PEER_ADMIN_PREFIX));
+        let plane = live.plane();
+        async move {
+            match admin {
+                Some(admin) => answer_peer_admin(admin, request).await,
+                None => answer(plane, request, client, origin).await,
+            }
+        }
+    };
     match http1::serve(stream, settings, stop.clone(), handle).await {
         http1::Ended::Closed => {}
         http1::Ended::Http2 { stream, read } => {
@@ -648,6 +667,66 @@ async fn answer(
     let mut response = plane.handle(request, client, origin).await;
     request_id::echo(response.headers_mut(), id);
     response
+}
+
+/// An admin call another replica relayed to this one, the owner of its resource's shard: checked
+/// for the cluster secret, then served by the admin router (whose own bearer check applies too).
+async fn answer_peer_admin(
+    admin: live::PeerAdmin,
+    request: http::Request<ClientBody>,
+) -> http::Response<ProxyBody> {
+    use http_body_util::{BodyExt, Either, Full, Limited};
+    use tower::ServiceExt as _;
+    /// A fence or reset body is a few bytes of JSON.
+    const MAX_RELAYED_BODY: usize = 64 * 1024;
+    let refuse = |status, slug, title, detail: &str| {
+        crate::problem::response(status, slug, title, detail.to_owned()).map(Either::Right)
+    };
+    if !admin::peer_authenticated(admin.secret.as_deref(), request.headers()) {
+        return refuse(
+            http::StatusCode::UNAUTHORIZED,
+            "peer-unauthenticated",
+            "Cluster secret required",
+            "the peer plane requires the cluster secret (Fencegate-Cluster-Secret)",
+        );
+    }
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .strip_prefix(admin::PEER_ADMIN_PREFIX)
+        .unwrap_or("/")
+        .to_owned();
+    let Ok(uri) = path_and_query.parse() else {
+        return refuse(
+            http::StatusCode::BAD_REQUEST,
+            "bad-path",
+            "Bad path",
+            "unreadable relayed path",
+        );
+    };
+    parts.uri = uri;
+    let Ok(body) = Limited::new(body, MAX_RELAYED_BODY).collect().await else {
+        return refuse(
+            http::StatusCode::BAD_REQUEST,
+            "body-unreadable",
+            "Request body unreadable",
+            "the relayed body could not be read",
+        );
+    };
+    let request = http::Request::from_parts(parts, axum::body::Body::from(body.to_bytes()));
+    let Ok(response) = admin.router.oneshot(request).await;
+    let (parts, body) = response.into_parts();
+    match body.collect().await {
+        Ok(body) => http::Response::from_parts(parts, Either::Right(Full::new(body.to_bytes()))),
+        Err(_) => refuse(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the admin answer could not be read",
+        ),
+    }
 }
 
 /// An HTTP/2 connection, served by hyper, with the same head deadline as the admin plane's.

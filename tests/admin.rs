@@ -661,3 +661,17 @@ async fn requests_without_a_token_cannot_prune_the_record_of_a_zombie_write() {
     assert_eq!(missing["rejections"].as_array().unwrap().len(), 50);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_single_node_answers_the_cluster_call_with_404() {
+    let upstream = RecordingUpstream::start().await;
+    let app = app_with_token(&upstream).await;
+    assert_eq!(app.admin_get("/v1/cluster", None).await.status(), 401);
+    let response = app.admin_get("/v1/cluster", Some(TOKEN)).await;
+    assert_eq!(response.status(), 404);
+    let body = problem(response).await;
+    assert_eq!(
+        body["type"], "urn:fencegate:problem:not-a-cluster",
+        "{body}"
+    );
+}

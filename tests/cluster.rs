@@ -576,3 +576,167 @@ async fn faults_on_a_seeded_schedule_never_break_the_ordering_guarantee() {
     assert!(report.acknowledged > 1000, "the cluster served: {report:?}");
     assert!(round >= 9, "every kind of fault ran: {log:?}");
 }
+
+#[tokio::test]
+async fn operators_read_the_cluster_from_any_replica_and_from_the_command_line() {
+    let Some(pg) = Postgres::start() else { return };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &upstream.url());
+    let one = start_replica(&config, "fg-1").await;
+    let two = start_replica(&config, "fg-2").await;
+    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let client = reqwest::Client::new();
+    assert_eq!(put(&client, &one, "7", 4).await.status(), 200);
+    assert_eq!(put(&client, &two, "7", 3).await.status(), 409);
+    // Every replica's admin plane reads the shared tables.
+    for replica in [&one, &two] {
+        let rejections: serde_json::Value =
+            reqwest::get(format!("http://{}/v1/rejections", replica.proxy.admin))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        assert_eq!(
+            rejections["rejections"][0]["resource"], "wallet:7",
+            "{rejections}"
+        );
+        let resource: serde_json::Value = reqwest::get(format!(
+            "http://{}/v1/resources/wallet:7",
+            replica.proxy.admin
+        ))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(resource["highest"], 4, "{resource}");
+    }
+    // The command line reads a postgres:// database as it reads a file.
+    let url = pg.url();
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_fencegate"))
+                .args(&args)
+                .env_remove("FENCEGATE_DB")
+                .output()
+                .unwrap()
+        })
+    };
+    let audit = cli(vec![
+        "audit".into(),
+        "--db".into(),
+        url.clone(),
+        "--format".into(),
+        "json".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let audit = String::from_utf8(audit.stdout).unwrap();
+    assert!(
+        audit.contains("\"wallet:7\"") && audit.contains("\"stale\""),
+        "{audit}"
+    );
+    let epochs = cli(vec![
+        "epochs".into(),
+        "--db".into(),
+        url.clone(),
+        "--format".into(),
+        "csv".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        epochs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&epochs.stderr)
+    );
+    assert!(
+        String::from_utf8(epochs.stdout)
+            .unwrap()
+            .contains("wallet:7,4,")
+    );
+    let history = cli(vec!["history".into(), "--db".into(), url.clone()])
+        .await
+        .unwrap();
+    assert!(
+        history.status.success(),
+        "{}",
+        String::from_utf8_lossy(&history.stderr)
+    );
+    // A database that is not a cluster is refused with a reason.
+    let other = cli(vec![
+        "audit".into(),
+        "--db".into(),
+        format!("postgres://fencegate@{}/template1", pg.addr),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("not a fencegate cluster"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    // Single-node fencegate has no cluster to show.
+    let cluster = reqwest::get(format!("http://{}/v1/cluster", one.proxy.admin))
+        .await
+        .unwrap();
+    assert_eq!(cluster.status(), 200);
+}
+
+#[tokio::test]
+async fn a_fence_sent_to_any_replica_goes_through_the_owners_gate() {
+    let Some(pg) = Postgres::start() else { return };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &upstream.url());
+    let one = start_replica(&config, "fg-1").await;
+    let two = start_replica(&config, "fg-2").await;
+    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let client = reqwest::Client::new();
+    for (id, replica) in (0..8).flat_map(|id| [(id, &one), (id + 100, &two)]) {
+        let fenced = client
+            .post(format!(
+                "http://{}/v1/resources/wallet:{id}/fence",
+                replica.proxy.admin
+            ))
+            .json(&serde_json::json!({ "token": 9 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fenced.status(), 200, "wallet:{id} via {}", replica.name);
+        // The fence holds on every replica: the old leader is refused wherever it writes.
+        for other in [&one, &two] {
+            assert_eq!(put(&client, other, &id.to_string(), 8).await.status(), 409);
+        }
+        assert_eq!(
+            put(&client, replica, &id.to_string(), 9).await.status(),
+            200
+        );
+    }
+    // Each fence was made by the replica that owns the resource's shard, whoever received it.
+    let fences = pg.query("SELECT resource, replica FROM epochs WHERE via = 'fence'");
+    let owners: std::collections::BTreeSet<&str> = fences
+        .lines()
+        .filter_map(|line| line.split_once('|'))
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(fences.lines().count(), 16, "{fences}");
+    assert_eq!(owners.len(), 2, "{fences}");
+    let view = common::cluster::cluster_view(&one).await;
+    for line in fences.lines() {
+        let (resource, replica) = line.split_once('|').unwrap();
+        let shard = fencegate::cluster::ShardMap::new(SHARDS).shard_of(resource);
+        assert_eq!(
+            view["shards"][shard as usize]["owner"], replica,
+            "{resource}"
+        );
+    }
+}

@@ -37,6 +37,21 @@ pub(super) struct Live {
     /// The limits new data-plane connections get.
     limits: Mutex<Limits>,
     pruning: watch::Sender<Pruning>,
+    /// Cluster mode: the admin calls other replicas relay to this one, served on the peer plane.
+    peer_admin: std::sync::OnceLock<PeerAdmin>,
+}
+
+/// The admin router as the peer plane serves it, behind the cluster secret.
+#[derive(Clone)]
+pub(super) struct PeerAdmin {
+    pub(super) router: axum::Router,
+    pub(super) secret: Option<String>,
+}
+
+impl std::fmt::Debug for PeerAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerAdmin").finish_non_exhaustive()
+    }
 }
 
 thread_local! {
@@ -51,7 +66,17 @@ impl Live {
             version: AtomicU64::new(0),
             limits: Mutex::new(limits),
             pruning: watch::Sender::new(pruning),
+            peer_admin: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the admin router the peer plane serves (once, at start-up).
+    pub(super) fn set_peer_admin(&self, admin: PeerAdmin) {
+        let _ = self.peer_admin.set(admin);
+    }
+
+    pub(super) fn peer_admin(&self) -> Option<&PeerAdmin> {
+        self.peer_admin.get()
     }
 
     /// The current data plane, as this thread's own copy (its upstream pool is thread-local).
