@@ -82,14 +82,7 @@ pub(super) async fn relay_if_elsewhere(
 /// Whether `headers` carry the cluster secret (constant-time); without a configured secret (a
 /// loopback-only peer plane) anything passes.
 pub fn peer_authenticated(secret: Option<&str>, headers: &HeaderMap) -> bool {
-    match (secret, headers.get(CLUSTER_SECRET)) {
-        (None, _) => true,
-        (Some(secret), Some(sent)) => {
-            let (a, b) = (secret.as_bytes(), sent.as_bytes());
-            a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        }
-        (Some(_), None) => false,
-    }
+    crate::cluster::secret_matches(secret, headers.get(CLUSTER_SECRET).map(|v| v.as_bytes()))
 }
 
 fn unreachable(owner: &str, cause: &str) -> Response {

@@ -43,6 +43,20 @@ impl ShardMap {
     }
 }
 
+/// Whether `sent` (a `Fencegate-Cluster-Secret` header value) is the cluster `secret`, compared in
+/// constant time. Without a secret (a loopback-only peer plane) anything passes.
+pub fn secret_matches(secret: Option<&str>, sent: Option<&[u8]>) -> bool {
+    match (secret, sent) {
+        (None, _) => true,
+        (Some(secret), Some(sent)) => {
+            let secret = secret.as_bytes();
+            secret.len() == sent.len()
+                && secret.iter().zip(sent).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        }
+        (Some(_), None) => false,
+    }
+}
+
 /// 64-bit FNV-1a (http://www.isthe.com/chongo/tech/comp/fnv/): small, fast on short keys, and
 /// fully specified, so anyone can compute a resource's shard by hand.
 pub(crate) fn fnv1a_64(bytes: &[u8]) -> u64 {

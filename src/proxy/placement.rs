@@ -72,11 +72,7 @@ impl ClusterPlane {
     /// Whether `sent` is the cluster secret (compared in constant time). Without a secret (a
     /// loopback-only peer plane) anything passes.
     pub fn authenticates(&self, sent: Option<&HeaderValue>) -> bool {
-        match (&self.secret, sent) {
-            (None, _) => true,
-            (Some(secret), Some(sent)) => constant_time_eq(secret.as_bytes(), sent.as_bytes()),
-            (Some(_), None) => false,
-        }
+        crate::cluster::secret_matches(self.secret.as_deref(), sent.map(HeaderValue::as_bytes))
     }
 
     /// Where a request that changes `resources` is served, waiting up to `wait` for a shard
@@ -229,10 +225,6 @@ fn describe(shards: &[Shard]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

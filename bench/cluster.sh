@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Cluster mode's costs, in one run on this machine, on a release build (issue 17):
+#
+#   1. same-token PUTs through the owner (a one-replica cluster, which owns every shard) against
+#      single-node fencegate (SQLite), both pinned alone on BENCH_PROXY_CPUS;
+#   2. the same PUTs sent to a replica that does not own the resource (one peer hop to the owner):
+#      req/s as a ratio to (1), and CPU time per request of both replicas together;
+#   3. durable epoch advances per second against PostgreSQL (group commit, fsync on);
+#   4. unavailability after kill -9 of a replica: from the kill until a resource of one of its
+#      shards is served again by the survivor, against lease_ttl + in_doubt_grace.
+#
+# Needs PostgreSQL (`apt-get install postgresql`; as root it runs as the `postgres` user), wrk,
+# nginx, taskset, curl and python3. Writes bench/results/cluster.md. Knobs: BENCH_DURATION (seconds
+# per measurement, default 10), BENCH_CONNECTIONS (default 64), BENCH_OUT (default bench/results).
+#
+# Not measured here: scaling over replicas each capped to a fraction of a core (cgroup CPU quota).
+# On a 2-core machine the load generator, the upstream, PostgreSQL and every replica share the
+# same two cores, so more replicas only divide the same CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+OUT=${BENCH_OUT:-bench/results}
+LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
+PROXY_CPUS=${BENCH_PROXY_CPUS:-1}
+[ "$(nproc)" -ge 2 ] || PROXY_CPUS=${BENCH_PROXY_CPUS:-0}
+PROXY_WORKERS=1
+UPSTREAM_PORT=18381
+FENCEGATE_PORT=18383
+ADMIN_PORT=18384
+PG_PORT=18385
+LEASE_TTL_MS=3000
+GRACE_MS=1000
+
+for tool in wrk nginx taskset curl python3; do
+    command -v "$tool" >/dev/null || { echo "bench/cluster.sh: $tool is missing" >&2; exit 2; }
+done
+PG_BIN=${FENCEGATE_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+[ -x "$PG_BIN/postgres" ] || { echo "bench/cluster.sh: PostgreSQL is missing (apt-get install postgresql)" >&2; exit 2; }
+
+cargo build --release --locked --quiet --bin fencegate
+BIN=$PWD/target/release/fencegate
+WORK=$(mktemp -d /tmp/fencegate-cluster-bench.XXXXXX)
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+trap cleanup EXIT
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+
+# initdb and postgres refuse to run as root: as root they run as the postgres user (setpriv execs,
+# so the pid kept is the server's own).
+AS_PG=()
+if [ "$(id -u)" -eq 0 ]; then
+    AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+    chown postgres:postgres "$WORK"
+fi
+"${AS_PG[@]}" "$PG_BIN/initdb" --auth=trust --username=fencegate -D "$WORK/pg" >/dev/null
+# fsync and synchronous_commit on (the defaults): advances are measured as durable as they are run.
+taskset -c "$LOAD_CPUS" "${AS_PG[@]}" "$PG_BIN/postgres" -D "$WORK/pg" -p "$PG_PORT" \
+    -c listen_addresses=127.0.0.1 -c unix_socket_directories="$WORK" 2>"$WORK/pg.log" &
+PIDS+=($!)
+wait_for_port "$PG_PORT"
+sleep 1
+PG_URL="postgres://fencegate@127.0.0.1:$PG_PORT/postgres"
+
+start_nginx upstream bench/nginx/upstream.conf "$UPSTREAM_PORT" "$LOAD_CPUS"
+
+run_wrk() { # script url
+    taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s -s "$1" "$2" |
+        sed -n 's/^WRK_JSON //p'
+}
+cpu_seconds() { # pid...
+    python3 - "$@" <<'EOF'
+import os, sys
+total = 0
+for pid in sys.argv[1:]:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total += int(fields[11]) + int(fields[12])
+print(total / os.sysconf("SC_CLK_TCK"))
+EOF
+}
+metric() { # admin_port name
+    curl -fsS "http://127.0.0.1:$1/metrics" |
+        awk -v name="$2" '$1 == name || index($1, name "{") == 1 { sum += $2 } END { print sum + 0 }'
+}
+
+REPLICA_PIDS=()
+start_replica() { # name data_port admin_port peer_port cpus
+    cat >"$WORK/$1.toml" <<EOF
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+database = "$PG_URL"
+worker_threads = 1
+in_doubt_grace = "${GRACE_MS}ms"
+
+[cluster]
+replica = "$1"
+peer_listen = "127.0.0.1:$4"
+lease_ttl = "${LEASE_TTL_MS}ms"
+
+[[routes]]
+path = "/r/{id}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+resource = "r:{id}"
+EOF
+    taskset -c "$5" "$BIN" serve --config "$WORK/$1.toml" 2>>"$WORK/$1.log" &
+    REPLICA_PIDS+=($!)
+    PIDS+=($!)
+    wait_for_port "$2"
+}
+owned_by() { # admin_port replica: waits until every shard has an owner, prints a resource id of `replica`
+    python3 - "$1" "$2" <<'EOF'
+import json, sys, time, urllib.request
+admin, replica = sys.argv[1], sys.argv[2]
+def fnv(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) % 2**64
+    return h
+for _ in range(300):
+    view = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/cluster"))
+    owners = [s["owner"] for s in view["shards"]]
+    if all(owners) and replica in owners and len({r["replica"] for r in view["replicas"] if r["alive"]}) == len(view["replicas"]):
+        for i in range(100000):
+            if owners[fnv(f"r:k{i}".encode()) % len(owners)] == replica:
+                print(f"k{i}")
+                sys.exit(0)
+    time.sleep(0.1)
+sys.exit("shards never settled")
+EOF
+}
+put_script() { # id: a wrk script of same-token PUTs to /r/<id>
+    sed "s|/r/hot|/r/$1|" bench/wrk/put.lua >"$WORK/put-$1.lua"
+    echo "$WORK/put-$1.lua"
+}
+
+# 1. Single node, SQLite.
+log "single node (SQLite): same-token PUTs"
+start_fencegate_binary "$BIN" "$WORK/single.db" hot-only
+curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
+run_wrk bench/wrk/put.lua "http://127.0.0.1:$FENCEGATE_PORT/r/hot" >"$WORK/single.json"
+kill -TERM "$FENCEGATE_PID"; wait "$FENCEGATE_PID" || true
+
+# 2. A one-replica cluster owns every shard: the same hot path, on PostgreSQL.
+log "cluster of one: same-token PUTs through the owner"
+start_replica fg-a 18391 18392 18393 "$PROXY_CPUS"
+A_PID=${REPLICA_PIDS[0]}
+OWN_A=$(owned_by 18392 fg-a)
+curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18391/r/$OWN_A"
+run_wrk "$(put_script "$OWN_A")" "http://127.0.0.1:18391/r/$OWN_A" >"$WORK/owner.json"
+
+log "durable advances against PostgreSQL"
+before=$(metric 18392 fencegate_epoch_advances_total)
+run_wrk bench/wrk/advance.lua "http://127.0.0.1:18391/" >"$WORK/advances.json"
+after=$(metric 18392 fencegate_epoch_advances_total)
+ADVANCES=$((after - before))
+
+# 3. A second replica: requests for its shards sent to the first go one peer hop.
+log "two replicas: same-token PUTs through a non-owner (one peer hop)"
+start_replica fg-b 18394 18395 18396 "$PROXY_CPUS"
+B_PID=${REPLICA_PIDS[1]}
+OWN_B=$(owned_by 18392 fg-b)
+curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18391/r/$OWN_B"
+cpu_before=$(cpu_seconds "$A_PID" "$B_PID")
+run_wrk "$(put_script "$OWN_B")" "http://127.0.0.1:18391/r/$OWN_B" >"$WORK/hop.json"
+cpu_after=$(cpu_seconds "$A_PID" "$B_PID")
+cpu_owner_before=$(cpu_seconds "$B_PID")
+run_wrk "$(put_script "$OWN_B")" "http://127.0.0.1:18394/r/$OWN_B" >"$WORK/direct.json"
+cpu_owner_after=$(cpu_seconds "$B_PID")
+
+# 4. kill -9 of the owner: how long until its resource is served again.
+log "kill -9 of a replica: time until its shards serve again"
+kill -KILL "$B_PID"
+UNAVAILABLE_MS=$(python3 - "$OWN_B" <<'EOF'
+import sys, time, urllib.request
+start = time.monotonic()
+while True:
+    request = urllib.request.Request(f"http://127.0.0.1:18391/r/{sys.argv[1]}", method="PUT",
+                                     headers={"Fencing-Token": "2"}, data=b"x")
+    try:
+        if urllib.request.urlopen(request, timeout=10).status == 200:
+            break
+    except Exception:
+        pass
+    time.sleep(0.01)
+print(round((time.monotonic() - start) * 1000))
+EOF
+)
+
+python3 - "$WORK" "$OUT" "$ADVANCES" "$cpu_before" "$cpu_after" "$cpu_owner_before" "$cpu_owner_after" "$UNAVAILABLE_MS" "$LEASE_TTL_MS" "$GRACE_MS" <<'EOF'
+import json, os, subprocess, sys, time
+work, out = sys.argv[1], sys.argv[2]
+advances, cb, ca, ob, oa, unavailable, ttl, grace = sys.argv[3:11]
+def load(name):
+    return json.load(open(os.path.join(work, name + ".json")))
+def seconds(run):
+    return run["duration_us"] / 1e6
+def rate(run):
+    # Only answered 2xx requests count: a benchmark of errors measures nothing.
+    return (run["requests"] - run["non_2xx"]) / seconds(run)
+single, owner, hop, direct, adv = (load(n) for n in ["single", "owner", "hop", "direct", "advances"])
+hop_cpu_us = (float(ca) - float(cb)) / hop["requests"] * 1e6
+direct_cpu_us = (float(oa) - float(ob)) / direct["requests"] * 1e6
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+lines = [
+    "# fencegate cluster benchmark",
+    "",
+    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `{os.uname().nodename}`, {os.cpu_count()} cores, commit `{commit}`; reproduce with `bench/cluster.sh` (release build).",
+    "Each fencegate pinned alone on the proxy core with one data-plane thread; wrk (-t1 -c64), the nginx `return 200` upstream and PostgreSQL 15 (fsync on) on the other.",
+    "",
+    "| measurement | figure |",
+    "|---|---:|",
+    f"| same-token PUT, single node (SQLite) | {rate(single):,.0f} req/s |",
+    f"| same-token PUT through the owner (cluster of one, PostgreSQL) | {rate(owner):,.0f} req/s, {rate(owner)/rate(single):.2f} x single node |",
+    f"| same-token PUT through a non-owner (one peer hop) | {rate(hop):,.0f} req/s, {rate(hop)/rate(direct):.2f} x the same PUTs sent to the owner in this setup ({rate(direct):,.0f} req/s) |",
+    f"| CPU per request, non-owner + owner together, one hop | {hop_cpu_us:.1f} us (owner alone, sent directly: {direct_cpu_us:.1f} us; the hop costs {hop_cpu_us - direct_cpu_us:.1f} us) |",
+    f"| durable epoch advances against PostgreSQL (group commit) | {int(advances)/seconds(adv):,.0f}/s (p99 {adv.get('p99_us', 0):,} us) |",
+    f"| unavailability after kill -9 of a replica | {int(unavailable):,} ms until its resource was served again (lease_ttl {int(ttl):,} ms + in_doubt_grace {int(grace):,} ms = {int(ttl) + int(grace):,} ms) |",
+]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "cluster.md"), "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
