@@ -740,3 +740,30 @@ async fn a_fence_sent_to_any_replica_goes_through_the_owners_gate() {
         );
     }
 }
+
+#[tokio::test]
+async fn retention_prunes_the_shared_audit_log_in_batches() {
+    let Some(pg) = Postgres::start() else { return };
+    let (store, _guard, _) = replica(&pg, "fg-1", &all_shards()).await;
+    for _ in 0..5 {
+        store.record_rejection(rejection("w")).await.unwrap();
+    }
+    let url = pg.url();
+    let plan = tokio::task::spawn_blocking(move || {
+        let reader = fencegate::store::Reader::open(std::path::Path::new(&url)).unwrap();
+        reader.prune_plan(fencegate::store::Retention {
+            max_age: Duration::from_secs(86_400),
+            max_rows: 2,
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        store.prune(plan.clone(), 2).await.unwrap(),
+        2,
+        "a batch at most"
+    );
+    assert_eq!(store.prune(plan, 2).await.unwrap(), 1);
+    assert_eq!(pg.query("SELECT count(*) FROM rejections").trim(), "2");
+}

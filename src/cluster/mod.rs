@@ -51,7 +51,11 @@ pub fn secret_matches(secret: Option<&str>, sent: Option<&[u8]>) -> bool {
         (Some(secret), Some(sent)) => {
             let secret = secret.as_bytes();
             secret.len() == sent.len()
-                && secret.iter().zip(sent).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+                && secret
+                    .iter()
+                    .zip(sent)
+                    .fold(0_u8, |acc, (x, y)| acc | (x ^ y))
+                    == 0
         }
         (Some(_), None) => false,
     }
