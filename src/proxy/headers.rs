@@ -86,6 +86,29 @@ pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == TRAILER || HOP_BY_HOP.contains(name)
 }
 
+/// The headers of `headers` that go on to the next hop: not hop-by-hop, not named by
+/// `Connection`, not `Content-Length` (the head writes its own framing), and not `also_left_out`.
+fn end_to_end(
+    headers: &HeaderMap,
+    also_left_out: impl Fn(&HeaderName) -> bool,
+) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    let named_by_connection = |name: &HeaderName| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let has_connection = headers.contains_key(CONNECTION);
+    headers.iter().filter(move |(name, _)| {
+        !(is_hop_by_hop(name)
+            || **name == CONTENT_LENGTH
+            || also_left_out(name)
+            || (has_connection && named_by_connection(name)))
+    })
+}
+
 /// Writes a client's request headers into the upstream request head, as header lines: hop-by-hop
 /// headers (and those `Connection` names) are left out, the client's `Host` too unless
 /// `keep_host` (the upstream gets its own authority, and the original host travels in
@@ -98,24 +121,9 @@ pub(super) fn write_upstream_headers(
     client: SocketAddr,
     keep_host: bool,
 ) {
-    let named_by_connection = |name: &HeaderName| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
-    };
-    let has_connection = headers.contains_key(CONNECTION);
-    for (name, value) in headers {
-        let left_out = is_hop_by_hop(name)
-            || *name == CONTENT_LENGTH
-            || *name == X_FORWARDED_FOR
-            || (*name == HOST && !keep_host)
-            || (has_connection && named_by_connection(name));
-        if !left_out {
-            wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
+    let left_out = |name: &HeaderName| *name == X_FORWARDED_FOR || (*name == HOST && !keep_host);
+    for (name, value) in end_to_end(headers, left_out) {
+        wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     write_forwarded(out, client.ip(), headers.get(HOST));
     write_x_forwarded_for(out, headers, client.ip());
@@ -139,24 +147,10 @@ pub(super) fn write_peer_headers(
     client: SocketAddr,
     secret: Option<&str>,
 ) {
-    let named_by_connection = |name: &HeaderName| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
-    };
-    let has_connection = headers.contains_key(CONNECTION);
-    for (name, value) in headers {
-        let left_out = is_hop_by_hop(name)
-            || *name == CONTENT_LENGTH
-            || *name == FENCEGATE_CLIENT
-            || *name == FENCEGATE_CLUSTER_SECRET
-            || (has_connection && named_by_connection(name));
-        if !left_out {
-            wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
+    let left_out =
+        |name: &HeaderName| *name == FENCEGATE_CLIENT || *name == FENCEGATE_CLUSTER_SECRET;
+    for (name, value) in end_to_end(headers, left_out) {
+        wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     wire::write_header(
         out,

@@ -96,6 +96,46 @@ impl Command {
     }
 }
 
+/// Stops a backend's writer through its queue (see [`super::WriterGuard`]): a close lets it finish
+/// every queued command, commit and stop; a drop without a close asks the same, as an unclean
+/// stop, without waiting.
+pub(crate) struct QueueCloser {
+    commands: mpsc::Sender<Command>,
+    closed: bool,
+}
+
+impl QueueCloser {
+    pub(crate) fn new(commands: mpsc::Sender<Command>) -> Self {
+        Self {
+            commands,
+            closed: false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::CloseWriter for QueueCloser {
+    async fn close(mut self: Box<Self>, this_stop: LastStop) {
+        self.closed = true;
+        let (done, finished) = oneshot::channel();
+        let close = Command::Close { done, this_stop };
+        if self.commands.send(close).await.is_ok() {
+            // An error here means the writer is already gone, which is what we wanted.
+            let _ = finished.await;
+        }
+    }
+}
+
+impl Drop for QueueCloser {
+    fn drop(&mut self) {
+        if !self.closed {
+            let (done, _) = oneshot::channel();
+            let this_stop = LastStop::Unclean;
+            let _ = self.commands.try_send(Command::Close { done, this_stop });
+        }
+    }
+}
+
 /// A cheap, cloneable handle to a backend's writer.
 #[derive(Debug, Clone)]
 pub(crate) struct QueuedStore {

@@ -12,45 +12,13 @@ use super::batch::{Batch, Outcome, resources_of};
 use super::{Connection, token_from_sql, token_to_sql};
 use crate::cluster::{Ownership, Shard};
 use crate::route::ResourceKey;
-use crate::store::queue::{Command, MAX_BATCH, Write};
-use crate::store::{CloseWriter, Durable, LastStop, PrunePlan, StoreError};
+use crate::store::queue::{Command, MAX_BATCH, QueueCloser, Write};
+use crate::store::{CloseWriter, Durable, PrunePlan, StoreError};
 use crate::token::FencingToken;
 
 /// After PostgreSQL failed, calls fail at once for this long before the writer tries again, so
 /// that an outage costs each request a 503, not a connect timeout.
 const RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Stops the writer task: a close flushes what is queued; a drop asks the same without waiting.
-struct Closer {
-    commands: mpsc::Sender<Command>,
-    closed: bool,
-}
-
-#[async_trait::async_trait]
-impl CloseWriter for Closer {
-    async fn close(mut self: Box<Self>, this_stop: LastStop) {
-        self.closed = true;
-        let (done, finished) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Close { done, this_stop })
-            .await
-            .is_ok()
-        {
-            let _ = finished.await;
-        }
-    }
-}
-
-impl Drop for Closer {
-    fn drop(&mut self) {
-        if !self.closed {
-            let (done, _) = oneshot::channel();
-            let this_stop = LastStop::Unclean;
-            let _ = self.commands.try_send(Command::Close { done, this_stop });
-        }
-    }
-}
 
 pub(super) fn spawn(
     connection: Connection,
@@ -66,10 +34,7 @@ pub(super) fn spawn(
         seq: 0,
     };
     tokio::spawn(writer.run(receiver));
-    Box::new(Closer {
-        commands,
-        closed: false,
-    })
+    Box::new(QueueCloser::new(commands))
 }
 
 struct Writer {

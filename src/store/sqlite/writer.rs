@@ -8,43 +8,12 @@ use tokio::sync::{mpsc, oneshot};
 use super::{LockFile, token_from_sql, token_to_sql};
 use crate::audit::Rejection;
 use crate::route::ResourceKey;
-use crate::store::CloseWriter;
-use crate::store::queue::{Command, MAX_BATCH, Reply, Write};
+use crate::store::queue::{Command, MAX_BATCH, QueueCloser, Reply, Write};
 use crate::store::reader::timestamp;
 use crate::store::{
     Advance, AllAdvanced, Durable, LastStop, PrunePlan, Reset, StoreError, Via, WriterGuard,
 };
 use crate::token::FencingToken;
-
-/// Stops the writer thread (see [`WriterGuard`]): a close lets it finish every queued command,
-/// commit, and stop; a drop without a close asks the same, as an unclean stop, without waiting.
-struct Closer {
-    commands: mpsc::Sender<Command>,
-    closed: bool,
-}
-
-#[async_trait::async_trait]
-impl CloseWriter for Closer {
-    async fn close(mut self: Box<Self>, this_stop: LastStop) {
-        self.closed = true;
-        let (done, finished) = oneshot::channel();
-        let close = Command::Close { done, this_stop };
-        if self.commands.send(close).await.is_ok() {
-            // An error here means the thread is already gone, which is what we wanted.
-            let _ = finished.await;
-        }
-    }
-}
-
-impl Drop for Closer {
-    fn drop(&mut self) {
-        if !self.closed {
-            let (done, _) = oneshot::channel();
-            let this_stop = LastStop::Unclean;
-            let _ = self.commands.try_send(Command::Close { done, this_stop });
-        }
-    }
-}
 
 pub(super) fn spawn(
     conn: Connection,
@@ -57,11 +26,10 @@ pub(super) fn spawn(
         .name("fencegate-store".into())
         .spawn(move || run(conn, lock, receiver))
         .map_err(|e| StoreError::Spawn(std::sync::Arc::new(e)))?;
-    let closer = Closer {
-        commands,
-        closed: false,
-    };
-    Ok(WriterGuard::new(last_stop, Box::new(closer)))
+    Ok(WriterGuard::new(
+        last_stop,
+        Box::new(QueueCloser::new(commands)),
+    ))
 }
 
 /// The writer's connection and the number of the last write it applied (see [`Durable`]).
