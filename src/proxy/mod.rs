@@ -356,9 +356,16 @@ impl DataPlane {
         // Cluster mode only: a single node serves everything here, and the hot path allocates
         // nothing for it.
         let admissions = if self.cluster.is_some() {
-            let mut resources = vec![&resolved.resource];
-            resources.extend(destination.as_ref().map(|d| &d.resolved.resource));
-            match Box::pin(self.place(&resources, &request)).await? {
+            let primary = &resolved.resource;
+            let both;
+            let resources: &[&ResourceKey] = match &destination {
+                None => std::slice::from_ref(&primary),
+                Some(d) => {
+                    both = [primary, &d.resolved.resource];
+                    &both
+                }
+            };
+            match Box::pin(self.place(resources, &request)).await? {
                 Placed::Here(admissions) => admissions,
                 Placed::Owner(replica, peer) => {
                     return Box::pin(self.forward_to_owner((replica, peer), request, client)).await;

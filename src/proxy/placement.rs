@@ -109,6 +109,13 @@ impl ClusterPlane {
 
     fn try_place(&self, resources: &[&ResourceKey], from_peer: bool) -> Result<Placed, Unplaced> {
         let map = self.ownership.map();
+        if let [resource] = resources {
+            // One resource, one shard: the common case, without collecting shards.
+            let shard = map.shard_of(resource.as_str());
+            if let Ok(admission) = self.ownership.admit(shard) {
+                return Ok(Placed::Here(vec![admission]));
+            }
+        }
         let mut shards: Vec<Shard> = resources
             .iter()
             .map(|resource| map.shard_of(resource.as_str()))
@@ -186,10 +193,19 @@ pub(super) async fn until_term_ends<T>(
     admissions: &[Admission],
     work: impl Future<Output = Result<T, crate::problem::Rejected>>,
 ) -> Result<T, crate::problem::Rejected> {
-    if admissions.is_empty() {
-        return work.await;
-    }
-    let mut ended: Vec<_> = admissions
+    let many = match admissions {
+        [] => return work.await,
+        // The common case, without the allocations of the general one.
+        [one] => {
+            return tokio::select! {
+                biased;
+                () = one.ended.cancelled() => Err(ProxyError::LeaseEnded { shard: one.shard }.into()),
+                done = work => done,
+            };
+        }
+        many => many,
+    };
+    let mut ended: Vec<_> = many
         .iter()
         .map(|admission| {
             (
