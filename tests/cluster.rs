@@ -266,17 +266,51 @@ async fn an_unreachable_postgres_fails_calls_at_once_and_the_store_heals_when_it
     );
 }
 
-use common::cluster::{put, start_replica, wait_for_owners, write_config};
+use common::cluster::{Replica, put, start_replica, wait_for_owners, write_config};
 
-#[tokio::test]
-async fn any_replica_serves_any_resource_and_the_owner_answers() {
-    let Some(pg) = Postgres::start() else { return };
+/// Two replicas, fg-1 and fg-2, on a fresh PostgreSQL in front of a recording upstream, with every
+/// shard owned by one of them; `None` (after saying so) without PostgreSQL.
+struct TwoReplicas {
+    pg: Postgres,
+    upstream: common::RecordingUpstream,
+    one: Replica,
+    two: Replica,
+    /// `/v1/cluster` once the shards settled.
+    view: serde_json::Value,
+    _dir: tempfile::TempDir,
+}
+
+async fn two_replicas() -> Option<TwoReplicas> {
+    let pg = Postgres::start()?;
     let upstream = common::RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &pg, &upstream.url());
     let one = start_replica(&config, "fg-1").await;
     let two = start_replica(&config, "fg-2").await;
     let view = wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    Some(TwoReplicas {
+        pg,
+        upstream,
+        one,
+        two,
+        view,
+        _dir: dir,
+    })
+}
+
+#[tokio::test]
+async fn any_replica_serves_any_resource_and_the_owner_answers() {
+    let Some(TwoReplicas {
+        pg,
+        upstream,
+        one,
+        two,
+        view,
+        _dir,
+    }) = two_replicas().await
+    else {
+        return;
+    };
     assert_eq!(view["replicas"].as_array().unwrap().len(), 2, "{view}");
     let client = reqwest::Client::new();
     let mut answered_by = std::collections::BTreeSet::new();
@@ -330,13 +364,17 @@ async fn any_replica_serves_any_resource_and_the_owner_answers() {
 
 #[tokio::test]
 async fn a_killed_replicas_shards_move_to_the_survivor_after_its_lease_and_the_grace() {
-    let Some(pg) = Postgres::start() else { return };
-    let upstream = common::RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &pg, &upstream.url());
-    let one = start_replica(&config, "fg-1").await;
-    let mut two = start_replica(&config, "fg-2").await;
-    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let Some(TwoReplicas {
+        pg,
+        upstream,
+        one,
+        mut two,
+        view: _,
+        _dir,
+    }) = two_replicas().await
+    else {
+        return;
+    };
     let client = reqwest::Client::new();
     for id in 0..16 {
         assert_eq!(put(&client, &one, &id.to_string(), 5).await.status(), 200);
@@ -375,13 +413,17 @@ async fn a_killed_replicas_shards_move_to_the_survivor_after_its_lease_and_the_g
 
 #[tokio::test]
 async fn a_replica_that_stops_hands_its_shards_over_cleanly() {
-    let Some(pg) = Postgres::start() else { return };
-    let upstream = common::RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &pg, &upstream.url());
-    let one = start_replica(&config, "fg-1").await;
-    let mut two = start_replica(&config, "fg-2").await;
-    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let Some(TwoReplicas {
+        pg,
+        upstream,
+        one,
+        mut two,
+        view: _,
+        _dir,
+    }) = two_replicas().await
+    else {
+        return;
+    };
     let client = reqwest::Client::new();
     for id in 0..16 {
         assert_eq!(put(&client, &two, &id.to_string(), 5).await.status(), 200);
@@ -579,13 +621,17 @@ async fn faults_on_a_seeded_schedule_never_break_the_ordering_guarantee() {
 
 #[tokio::test]
 async fn operators_read_the_cluster_from_any_replica_and_from_the_command_line() {
-    let Some(pg) = Postgres::start() else { return };
-    let upstream = common::RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &pg, &upstream.url());
-    let one = start_replica(&config, "fg-1").await;
-    let two = start_replica(&config, "fg-2").await;
-    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let Some(TwoReplicas {
+        pg,
+        upstream: _upstream,
+        one,
+        two,
+        view: _,
+        _dir,
+    }) = two_replicas().await
+    else {
+        return;
+    };
     let client = reqwest::Client::new();
     assert_eq!(put(&client, &one, "7", 4).await.status(), 200);
     assert_eq!(put(&client, &two, "7", 3).await.status(), 409);
@@ -693,13 +739,17 @@ async fn operators_read_the_cluster_from_any_replica_and_from_the_command_line()
 
 #[tokio::test]
 async fn a_fence_sent_to_any_replica_goes_through_the_owners_gate() {
-    let Some(pg) = Postgres::start() else { return };
-    let upstream = common::RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &pg, &upstream.url());
-    let one = start_replica(&config, "fg-1").await;
-    let two = start_replica(&config, "fg-2").await;
-    wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let Some(TwoReplicas {
+        pg,
+        upstream: _upstream,
+        one,
+        two,
+        view: _,
+        _dir,
+    }) = two_replicas().await
+    else {
+        return;
+    };
     let client = reqwest::Client::new();
     for (id, replica) in (0..8).flat_map(|id| [(id, &one), (id + 100, &two)]) {
         let fenced = client

@@ -51,17 +51,8 @@ impl TcpFault {
 async fn relay(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<Mode>) {
     let _ = client.set_nodelay(true);
     // A black hole accepts and then says nothing; a reset closes at once.
-    loop {
-        let now = *mode.borrow_and_update();
-        match now {
-            Mode::Pass => break,
-            Mode::Reset => return,
-            Mode::BlackHole => {
-                if mode.changed().await.is_err() {
-                    return;
-                }
-            }
-        }
+    if !until_passing(&mut mode).await {
+        return;
     }
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -97,20 +88,27 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        loop {
-            let now = *mode.borrow_and_update();
-            match now {
-                Mode::Pass => break,
-                Mode::Reset => return,
-                Mode::BlackHole => {
-                    if mode.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
+        if !until_passing(&mut mode).await {
+            return;
         }
         if to.write_all(&buffer[..n]).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Waits while the mode black-holes; `true` once it passes, `false` on a reset.
+async fn until_passing(mode: &mut watch::Receiver<Mode>) -> bool {
+    loop {
+        let now = *mode.borrow_and_update();
+        match now {
+            Mode::Pass => return true,
+            Mode::Reset => return false,
+            Mode::BlackHole => {
+                if mode.changed().await.is_err() {
+                    return false;
+                }
+            }
         }
     }
 }
