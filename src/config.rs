@@ -152,7 +152,7 @@ pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:8181";
 pub const CLUSTER_SECRET_ENV: &str = "FENCEGATE_CLUSTER_SECRET";
 
 /// Cluster mode's settings (`[cluster]`, `--replica`, `--peer-listen`, `--peer-advertise`).
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct ClusterConfig {
     /// The shared PostgreSQL (`database`).
     pub url: String,

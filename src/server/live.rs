@@ -133,6 +133,9 @@ pub(super) struct Fixed {
     in_doubt_grace: Duration,
     shutdown_grace: Duration,
     admin_token: Option<AdminToken>,
+    /// Cluster mode's settings (`[cluster]`, the peer plane, the secret): its leases and peers
+    /// are set up once.
+    cluster: Option<crate::config::ClusterConfig>,
 }
 
 impl Fixed {
@@ -146,6 +149,7 @@ impl Fixed {
             in_doubt_grace: config.in_doubt_grace,
             shutdown_grace: config.shutdown_grace,
             admin_token: config.admin_token.clone(),
+            cluster: config.cluster.clone(),
         }
     }
 
@@ -177,6 +181,7 @@ impl Fixed {
             self.shutdown_grace != other.shutdown_grace,
         );
         differ("admin_token", self.admin_token != other.admin_token);
+        differ("cluster", self.cluster != other.cluster);
         keys
     }
 }
@@ -267,5 +272,33 @@ impl Reloader {
             routes,
             restart_needed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    fn config(cluster: &str) -> Config {
+        let text = format!(
+            "database = \"postgres://fencegate@127.0.0.1:5432/fg\"\n[cluster]\nreplica = \"fg-1\"\n{cluster}\n\
+             [[routes]]\npath = \"/{{*rest}}\"\nupstream = \"http://127.0.0.1:1\"\nresource = \"r\"\n"
+        );
+        Config::from_toml(&text, std::path::Path::new("fg.toml"), Overrides::default()).unwrap()
+    }
+
+    #[test]
+    fn a_reload_that_changes_the_cluster_settings_says_they_wait_for_a_restart() {
+        let running = Fixed::of(&config("lease_ttl = \"6s\""));
+        assert!(
+            running
+                .differences(&Fixed::of(&config("lease_ttl = \"6s\"")))
+                .is_empty()
+        );
+        assert_eq!(
+            running.differences(&Fixed::of(&config("lease_ttl = \"9s\""))),
+            vec!["cluster"]
+        );
     }
 }
