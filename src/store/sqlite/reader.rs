@@ -18,7 +18,7 @@ use super::token_from_sql;
 use crate::audit::Reason;
 use crate::store::reader::{
     EpochQuery, EpochRow, Page, ReadError, RejectionQuery, RejectionRow, ResourceQuery,
-    ResourceRow, timestamp,
+    ResourceRow, into_page, timestamp,
 };
 use crate::store::{PrunePlan, Retention};
 
@@ -76,16 +76,6 @@ impl SqliteReader {
             max_age: retention.max_age,
             cutoffs,
         })
-    }
-
-    /// One resource, or `None` if it was never seen.
-    pub fn resource(&self, name: &str) -> Result<Option<ResourceRow>, ReadError> {
-        let query = ResourceQuery {
-            exact: Some(name.to_owned()),
-            limit: 1,
-            ..ResourceQuery::default()
-        };
-        Ok(self.resources(&query)?.rows.pop())
     }
 
     /// A page of resources in name order.
@@ -179,14 +169,7 @@ impl SqliteReader {
             .query_map(params_from_iter(values), read)?
             .collect::<rusqlite::Result<Vec<T>>>();
         self.give_back(conn);
-        let mut rows = rows?;
-        let next = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(cursor)
-        } else {
-            None
-        };
-        Ok(Page { rows, next })
+        Ok(into_page(rows?, limit, cursor))
     }
 
     fn connect(&self) -> Result<Connection, ReadError> {
