@@ -11,11 +11,13 @@
 #
 # Needs PostgreSQL (`apt-get install postgresql`; as root it runs as the `postgres` user), wrk,
 # nginx, taskset, curl and python3. Writes bench/results/cluster.md. Knobs: BENCH_DURATION (seconds
-# per measurement, default 10), BENCH_CONNECTIONS (default 64), BENCH_OUT (default bench/results).
+# per measurement, default 10), BENCH_CONNECTIONS (default 64), BENCH_OUT (default bench/results),
+# BENCH_REPLICA_CPU (each replica's CPU cap in step 5, default 0.2).
 #
-# Not measured here: scaling over replicas each capped to a fraction of a core (cgroup CPU quota).
-# On a 2-core machine the load generator, the upstream, PostgreSQL and every replica share the
-# same two cores, so more replicas only divide the same CPU.
+#   5. scaling: 1 vs 3 replicas, each capped to BENCH_REPLICA_CPU of a core (cgroup CPU quota, so
+#      that this 2-core machine can show what more replicas add), with same-token PUTs sent to each
+#      resource's owner and sent to a replica at random (two in three then take a peer hop).
+#      Needs root and a cgroup `cpu` controller (v1 or v2); skipped, and said so, without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,7 +87,7 @@ metric() { # admin_port name
 }
 
 REPLICA_PIDS=()
-start_replica() { # name data_port admin_port peer_port cpus
+start_replica() { # name data_port admin_port peer_port cpus [cgroup.procs of a cgroup to run in]
     cat >"$WORK/$1.toml" <<EOF
 listen = "127.0.0.1:$2"
 admin_listen = "127.0.0.1:$3"
@@ -103,7 +105,10 @@ path = "/r/{id}"
 upstream = "http://127.0.0.1:$UPSTREAM_PORT"
 resource = "r:{id}"
 EOF
-    taskset -c "$5" "$BIN" serve --config "$WORK/$1.toml" 2>>"$WORK/$1.log" &
+    # In a cgroup: the shell enters it, then execs, so that every thread of the replica is in it.
+    local enter=()
+    [ -z "${6:-}" ] || enter=(sh -c 'echo $$ >"$0" && exec "$@"' "$6")
+    taskset -c "$5" "${enter[@]}" "$BIN" serve --config "$WORK/$1.toml" 2>>"$WORK/$1.log" &
     REPLICA_PIDS+=($!)
     PIDS+=($!)
     wait_for_port "$2"
@@ -161,9 +166,9 @@ start_replica fg-b 18394 18395 18396 "$PROXY_CPUS"
 B_PID=${REPLICA_PIDS[1]}
 OWN_B=$(owned_by 18392 fg-b)
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18391/r/$OWN_B"
-cpu_before=$(cpu_seconds "$A_PID" "$B_PID")
+HOP_CPU_BEFORE=$(cpu_seconds "$A_PID" "$B_PID")
 run_wrk "$(put_script "$OWN_B")" "http://127.0.0.1:18391/r/$OWN_B" >"$WORK/hop.json"
-cpu_after=$(cpu_seconds "$A_PID" "$B_PID")
+HOP_CPU_AFTER=$(cpu_seconds "$A_PID" "$B_PID")
 cpu_owner_before=$(cpu_seconds "$B_PID")
 run_wrk "$(put_script "$OWN_B")" "http://127.0.0.1:18394/r/$OWN_B" >"$WORK/direct.json"
 cpu_owner_after=$(cpu_seconds "$B_PID")
@@ -187,10 +192,108 @@ print(round((time.monotonic() - start) * 1000))
 EOF
 )
 
-python3 - "$WORK" "$OUT" "$ADVANCES" "$cpu_before" "$cpu_after" "$cpu_owner_before" "$cpu_owner_after" "$UNAVAILABLE_MS" "$LEASE_TTL_MS" "$GRACE_MS" <<'EOF'
+# 5. Scaling over replicas, each capped to a fraction of a core.
+kill -TERM "$A_PID" 2>/dev/null; wait "$A_PID" 2>/dev/null || true
+SCALING=none
+CGROUPS=()
+CGROUP_PROCS=
+cpu_cgroup() { # name fraction: sets CGROUP_PROCS to a new capped cgroup's procs file, or to nothing
+    local dir period=100000 quota
+    quota=$(python3 -c "print(int($2 * 100000))")
+    CGROUP_PROCS=
+    if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+        dir=/sys/fs/cgroup/cpu/fencegate-bench-$1
+        mkdir -p "$dir" && echo "$period" >"$dir/cpu.cfs_period_us" &&
+            echo "$quota" >"$dir/cpu.cfs_quota_us" || return 0
+    elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+        echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+        dir=/sys/fs/cgroup/fencegate-bench-$1
+        mkdir -p "$dir" && echo "$quota $period" >"$dir/cpu.max" || return 0
+    else
+        return 0
+    fi
+    CGROUPS+=("$dir")
+    CGROUP_PROCS=$dir/cgroup.procs
+}
+remove_cgroups() {
+    for dir in "${CGROUPS[@]}"; do rmdir "$dir" 2>/dev/null || true; done
+}
+capped_replica() { # name data_port admin_port peer_port
+    cpu_cgroup "$1" "$REPLICA_CPU"
+    start_replica "$@" "$PROXY_CPUS" "$CGROUP_PROCS"
+}
+load_three() { # label url1 ids1 url2 ids2 url3 ids3: three wrk, -c CONNECTIONS/3 each, at once
+    local label=$1 i=0 loads=()
+    shift
+    while [ $# -gt 0 ]; do
+        BENCH_IDS=$2 taskset -c "$LOAD_CPUS" wrk -t1 -c$((CONNECTIONS / 3)) -d"${DURATION}s" \
+            --timeout 5s -s bench/wrk/put_ids.lua "$1" | sed -n 's/^WRK_JSON //p' >"$WORK/$label-$i.json" &
+        loads+=($!)
+        i=$((i + 1))
+        shift 2
+    done
+    wait "${loads[@]}"
+}
+owners_of() { # admin_port replicas ids...: prints "owner id" per id, once `replicas` live replicas own every shard
+    python3 - "$@" <<'PY'
+import json, sys, time, urllib.request
+admin, replicas, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def fnv(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) % 2**64
+    return h
+for _ in range(300):
+    view = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/cluster"))
+    owners = [s["owner"] for s in view["shards"]]
+    live = {r["replica"] for r in view["replicas"] if r["alive"]}
+    if all(owners) and set(owners) == live and len(live) == replicas:
+        for i in ids:
+            print(owners[fnv(f"r:{i}".encode()) % len(owners)], i)
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit("shards never settled")
+PY
+}
+[ "$(id -u)" -ne 0 ] || cpu_cgroup probe 0.5
+if [ -n "$CGROUP_PROCS" ]; then
+    REPLICA_CPU=${BENCH_REPLICA_CPU:-0.2}
+    IDS=$(seq -s, -f 's%g' 0 149)
+    log "scaling: one replica capped to $REPLICA_CPU of a core"
+    REPLICA_PIDS=()
+    capped_replica fg-s1 18401 18402 18403
+    owners_of 18402 1 s0 >/dev/null
+    for id in ${IDS//,/ }; do
+        curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18401/r/$id"
+    done
+    cpu_before=$(cpu_seconds "${REPLICA_PIDS[@]}")
+    load_three one http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18401/ "$IDS"
+    cpu_after=$(cpu_seconds "${REPLICA_PIDS[@]}")
+    echo "$cpu_before $cpu_after" >"$WORK/one.cpu"
+    log "scaling: three replicas capped to $REPLICA_CPU of a core each"
+    capped_replica fg-s2 18411 18412 18413
+    capped_replica fg-s3 18421 18422 18423
+    owners_of 18402 3 ${IDS//,/ } >"$WORK/owners.txt"
+    own() { awk -v r="$1" '$1 == r { print $2 }' "$WORK/owners.txt" | paste -sd,; }
+    cpu_before=$(cpu_seconds "${REPLICA_PIDS[@]}")
+    load_three owner http://127.0.0.1:18401/ "$(own fg-s1)" http://127.0.0.1:18411/ "$(own fg-s2)" \
+        http://127.0.0.1:18421/ "$(own fg-s3)"
+    cpu_after=$(cpu_seconds "${REPLICA_PIDS[@]}")
+    echo "$cpu_before $cpu_after" >"$WORK/owner3.cpu"
+    cpu_before=$(cpu_seconds "${REPLICA_PIDS[@]}")
+    load_three random http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18411/ "$IDS" http://127.0.0.1:18421/ "$IDS"
+    cpu_after=$(cpu_seconds "${REPLICA_PIDS[@]}")
+    echo "$cpu_before $cpu_after" >"$WORK/random3.cpu"
+    SCALING=$REPLICA_CPU
+fi
+for pid in "${REPLICA_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+wait "${REPLICA_PIDS[@]}" 2>/dev/null || true
+remove_cgroups
+
+python3 - "$WORK" "$OUT" "$ADVANCES" "$HOP_CPU_BEFORE" "$HOP_CPU_AFTER" "$cpu_owner_before" "$cpu_owner_after" "$UNAVAILABLE_MS" "$LEASE_TTL_MS" "$GRACE_MS" "$SCALING" <<'EOF'
 import json, os, subprocess, sys, time
 work, out = sys.argv[1], sys.argv[2]
-advances, cb, ca, ob, oa, unavailable, ttl, grace = sys.argv[3:11]
+advances, cb, ca, ob, oa, unavailable, ttl, grace, scaling = sys.argv[3:12]
 def load(name):
     return json.load(open(os.path.join(work, name + ".json")))
 def seconds(run):
@@ -217,6 +320,21 @@ lines = [
     f"| durable epoch advances against PostgreSQL (group commit) | {int(advances)/seconds(adv):,.0f}/s (p99 {adv.get('p99_us', 0):,} us) |",
     f"| unavailability after kill -9 of a replica | {int(unavailable):,} ms until its resource was served again (lease_ttl {int(ttl):,} ms + in_doubt_grace {int(grace):,} ms = {int(ttl) + int(grace):,} ms) |",
 ]
+if scaling == "none":
+    lines.append("| scaling over replicas capped by cgroup | not measured: needs root and a cgroup `cpu` controller |")
+else:
+    def combined(label):
+        runs = [load(f"{label}-{i}") for i in range(3)]
+        ok = sum(r["requests"] - r["non_2xx"] for r in runs)
+        rate = sum((r["requests"] - r["non_2xx"]) / seconds(r) for r in runs)
+        before, after = map(float, open(os.path.join(work, label + ("3" if label != "one" else "") + ".cpu")).read().split())
+        return rate, (after - before) / max(ok, 1) * 1e6
+    one, owner3, random3 = combined("one"), combined("owner"), combined("random")
+    lines += [
+        f"| 1 replica capped to {scaling} of a core, same-token PUTs over 150 resources | {one[0]:,.0f} req/s, {one[1]:.1f} us CPU per request |",
+        f"| 3 replicas capped to {scaling} each, every request sent to its owner | {owner3[0]:,.0f} req/s, {owner3[0]/one[0]:.2f} x one replica, {owner3[1]:.1f} us CPU per request |",
+        f"| 3 replicas capped to {scaling} each, requests sent to a replica at random | {random3[0]:,.0f} req/s, {random3[0]/one[0]:.2f} x one replica, {random3[1]:.1f} us CPU per request (2 in 3 take a hop) |",
+    ]
 os.makedirs(out, exist_ok=True)
 open(os.path.join(out, "cluster.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
