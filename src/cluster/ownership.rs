@@ -12,13 +12,12 @@
 //! `max_clock_drift`, this replica's deadline comes first. No request is admitted within
 //! `safety_margin` of the deadline, so that one admitted just before it has time to leave the host.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::clock::BootInstant;
 use super::{Shard, ShardMap};
@@ -35,8 +34,7 @@ pub struct Term {
     deadline: BootInstant,
     /// Stopping: no new requests, the ones in flight finish (a handoff).
     draining: bool,
-    /// Cancelled when the term ends: every request admitted under it is torn down.
-    ended: CancellationToken,
+    /// The requests admitted under it, and the signal that tears them down when it ends.
     in_flight: Arc<InFlight>,
     /// After a takeover: until then the previous owner's requests may still reach the upstream.
     others_in_doubt_until: Option<Instant>,
@@ -47,8 +45,6 @@ pub struct Term {
 pub struct Admission {
     pub shard: Shard,
     pub epoch: i64,
-    /// Cancelled when the term ends before the request does: tear it down.
-    pub ended: CancellationToken,
     in_flight: Arc<InFlight>,
 }
 
@@ -58,8 +54,13 @@ impl Admission {
     /// have waited (in the gate, or stopped with the whole process by SIGSTOP) since it was
     /// admitted: a replica that wakes past its deadline sends nothing.
     pub fn in_time(&self) -> bool {
-        !self.ended.is_cancelled()
+        !self.in_flight.has_ended()
             && BootInstant::now().as_nanos() < self.in_flight.admit_until.load(Ordering::Acquire)
+    }
+
+    /// Completes when the term ends (at once if it has): the request must then be torn down.
+    pub async fn term_ended(&self) {
+        self.in_flight.ended().await;
     }
 }
 
@@ -71,13 +72,42 @@ impl Drop for Admission {
     }
 }
 
-/// What a term shares with the requests admitted under it.
+/// What a term shares with the requests admitted under it. A flag and a `Notify` rather than a
+/// `CancellationToken`: each request would clone, poll and drop a token, a lock each time, and a
+/// flag is all the hot path reads.
 #[derive(Debug, Default)]
 struct InFlight {
     count: AtomicUsize,
     idle: Notify,
     /// The term's `admit_until`, as boot-time nanoseconds, moved by every renewal.
     admit_until: AtomicU64,
+    /// Set once, when the term ends; `end` then wakes every request waiting on it.
+    ended: AtomicBool,
+    end: Notify,
+}
+
+impl InFlight {
+    fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Ends the term for the requests admitted under it.
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.end.notify_waiters();
+    }
+
+    async fn ended(&self) {
+        loop {
+            // Made before the flag is read: a `Notified` sees every `notify_waiters` from its
+            // creation on, so an end between the read and the wait is not missed.
+            let notified = self.end.notified();
+            if self.has_ended() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Why a request cannot be gated here.
@@ -204,7 +234,6 @@ impl Ownership {
         Ok(Admission {
             shard,
             epoch: term.epoch,
-            ended: term.ended.clone(),
             in_flight: Arc::clone(&term.in_flight),
         })
     }
@@ -237,7 +266,7 @@ impl Ownership {
     ) {
         let mut term = self.term(shard);
         if let Some(old) = term.take() {
-            old.ended.cancel();
+            old.in_flight.end();
         }
         let admit_until = self.admit_until(deadline);
         let in_flight = InFlight {
@@ -249,7 +278,6 @@ impl Ownership {
             admit_until,
             deadline,
             draining: false,
-            ended: CancellationToken::new(),
             in_flight: Arc::new(in_flight),
             others_in_doubt_until,
         });
@@ -277,7 +305,7 @@ impl Ownership {
         let ended = self.term(shard).take();
         self.view_changed.notify_waiters();
         ended.map(|term| {
-            term.ended.cancel();
+            term.in_flight.end();
             term.epoch
         })
     }
@@ -285,22 +313,22 @@ impl Ownership {
     /// Stops admitting requests for `shard` and waits until those in flight are over, or the
     /// term ends. Returns whether the shard drained with the term still held under `epoch`.
     pub async fn drain(&self, shard: Shard, epoch: i64) -> bool {
-        let (in_flight, ended) = {
+        let in_flight = {
             let mut term = self.term(shard);
             let Some(term) = term.as_mut().filter(|term| term.epoch == epoch) else {
                 return false;
             };
             term.draining = true;
-            (Arc::clone(&term.in_flight), term.ended.clone())
+            Arc::clone(&term.in_flight)
         };
         loop {
             let idle = in_flight.idle.notified();
             if in_flight.count.load(Ordering::Acquire) == 0 {
-                return !ended.is_cancelled();
+                return !in_flight.has_ended();
             }
             tokio::select! {
                 () = idle => {}
-                () = ended.cancelled() => return false,
+                () = in_flight.ended() => return false,
             }
         }
     }
@@ -318,7 +346,7 @@ impl Ownership {
                 match term.as_ref().map(|term| term.deadline) {
                     Some(deadline) if deadline <= now && overdue_ends => {
                         let ended = term.take().map(|term| {
-                            term.ended.cancel();
+                            term.in_flight.end();
                             term.epoch
                         });
                         drop(term);
@@ -414,7 +442,7 @@ mod tests {
         ownership.grant(2, 1, in_ms(10_000), None);
         let admission = ownership.admit(2).unwrap();
         assert_eq!(ownership.end(2), Some(1));
-        assert!(admission.ended.is_cancelled());
+        assert!(admission.in_flight.has_ended());
         assert_eq!(ownership.admit(2).unwrap_err(), NotAdmitted::NotHeld);
         assert_eq!(ownership.epoch_for_write(2), None);
     }
@@ -429,7 +457,7 @@ mod tests {
         ownership.grant(0, 1, in_ms(100), None);
         ownership.grant(1, 1, in_ms(10_000), None);
         let admission = ownership.admit(0).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), admission.ended.cancelled())
+        tokio::time::timeout(Duration::from_secs(5), admission.term_ended())
             .await
             .expect("the term ended at its deadline");
         assert_eq!(ownership.held(), vec![(1, 1)]);

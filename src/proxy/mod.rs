@@ -32,7 +32,7 @@ use crate::server::ClientBody;
 use crate::store::SharedStore;
 use crate::token::{self, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
-use placement::{ClusterPlane, Placed, until_term_ends};
+use placement::{Admissions, ClusterPlane, Placed, until_term_ends};
 use request_id::X_REQUEST_ID;
 
 pub use upstream::{
@@ -230,17 +230,16 @@ impl DataPlane {
         resources: &[&ResourceKey],
         request: &Request<B>,
     ) -> Result<Placed, Rejected> {
-        match &self.cluster {
-            None => Ok(Placed::Here(Vec::new())),
-            Some(cluster) => cluster
-                .place(
-                    resources,
-                    request.extensions().get::<FromPeer>().is_some(),
-                    self.upstream.timeout(),
-                )
-                .await
-                .map_err(Rejected::from),
+        let Some(cluster) = &self.cluster else {
+            return Ok(Placed::Here(Admissions::new()));
+        };
+        let from_peer = request.extensions().get::<FromPeer>().is_some();
+        if let Some(placed) = cluster.place_now(resources, from_peer) {
+            return placed.map_err(Rejected::from);
         }
+        Box::pin(cluster.place(resources, from_peer, self.upstream.timeout()))
+            .await
+            .map_err(Rejected::from)
     }
 
     /// Relays a request to the replica that owns its shard, and its answer back. An owner that
@@ -365,14 +364,14 @@ impl DataPlane {
                     &both
                 }
             };
-            match Box::pin(self.place(resources, &request)).await? {
+            match self.place(resources, &request).await? {
                 Placed::Here(admissions) => admissions,
                 Placed::Owner(replica, peer) => {
                     return Box::pin(self.forward_to_owner((replica, peer), request, client)).await;
                 }
             }
         } else {
-            Vec::new()
+            Admissions::new()
         };
         let conflict = webdav::collection_conflict(
             &self.routes,

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
+use smallvec::{SmallVec, smallvec};
 use tokio::time::Instant;
 
 use super::upstream::Upstream;
@@ -33,11 +34,15 @@ pub struct ClusterPlane {
     peers: Mutex<HashMap<String, Arc<Upstream>>>,
 }
 
+/// The terms a request is served under: one for almost every request (one resource, or two in
+/// one shard), kept inline so that placing it allocates nothing.
+pub(super) type Admissions = SmallVec<[Admission; 1]>;
+
 /// Where a fenced request is served.
 #[derive(Debug)]
 pub(super) enum Placed {
     /// Here: the admissions hold this replica's terms for the request's shards.
-    Here(Vec<Admission>),
+    Here(Admissions),
     /// At the replica that owns the shard: its name and peer plane.
     Owner(String, Arc<Upstream>),
 }
@@ -107,13 +112,27 @@ impl ClusterPlane {
         }
     }
 
+    /// [`ClusterPlane::place`] when it needs no wait, as almost every request does: then the
+    /// answer comes without the waiting future (and its allocation) on the hot path.
+    pub(super) fn place_now(
+        &self,
+        resources: &[&ResourceKey],
+        from_peer: bool,
+    ) -> Option<Result<Placed, ProxyError>> {
+        match self.try_place(resources, from_peer) {
+            Ok(placed) => Some(Ok(placed)),
+            Err(Unplaced::Refused(error)) => Some(Err(error)),
+            Err(Unplaced::Wait(_)) => None,
+        }
+    }
+
     fn try_place(&self, resources: &[&ResourceKey], from_peer: bool) -> Result<Placed, Unplaced> {
         let map = self.ownership.map();
         if let [resource] = resources {
             // One resource, one shard: the common case, without collecting shards.
             let shard = map.shard_of(resource.as_str());
             if let Ok(admission) = self.ownership.admit(shard) {
-                return Ok(Placed::Here(vec![admission]));
+                return Ok(Placed::Here(smallvec![admission]));
             }
         }
         let mut shards: Vec<Shard> = resources
@@ -122,7 +141,7 @@ impl ClusterPlane {
             .collect();
         shards.sort_unstable();
         shards.dedup();
-        let mut admissions = Vec::with_capacity(shards.len());
+        let mut admissions = Admissions::with_capacity(shards.len());
         let mut missing = None;
         for &shard in &shards {
             match self.ownership.admit(shard) {
@@ -199,7 +218,7 @@ pub(super) async fn until_term_ends<T>(
         [one] => {
             return tokio::select! {
                 biased;
-                () = one.ended.cancelled() => Err(ProxyError::LeaseEnded { shard: one.shard }.into()),
+                () = one.term_ended() => Err(ProxyError::LeaseEnded { shard: one.shard }.into()),
                 done = work => done,
             };
         }
@@ -207,12 +226,7 @@ pub(super) async fn until_term_ends<T>(
     };
     let mut ended: Vec<_> = many
         .iter()
-        .map(|admission| {
-            (
-                admission.shard,
-                Box::pin(admission.ended.clone().cancelled_owned()),
-            )
-        })
+        .map(|admission| (admission.shard, Box::pin(admission.term_ended())))
         .collect();
     let any_ended = std::future::poll_fn(|cx| {
         for (shard, ended) in &mut ended {
