@@ -12,6 +12,7 @@ pub mod request_id;
 mod upstream;
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -427,45 +428,16 @@ impl DataPlane {
                 return Err(Box::pin(self.refuse(refused, token, &request, client)).await);
             }
         };
-        if admissions.is_empty() {
-            self.forward_with(permits, route, resource, token, request, client)
-                .await
-        } else {
-            // Boxed: cluster mode's race would make the single node's hot-path future larger.
-            Box::pin(self.forward_in_term(
-                &admissions,
-                permits,
-                route,
-                resource,
-                token,
-                request,
-                client,
-            ))
-            .await
-        }
-    }
-
-    /// Cluster mode's forward: only if every term the request was admitted under may still
-    /// start it (it may have waited in the gate since, or the process may have been stopped), and
-    /// torn down if one of them ends before the upstream has answered.
-    #[allow(clippy::too_many_arguments)]
-    async fn forward_in_term(
-        &self,
-        admissions: &[placement::Admission],
-        permits: Permits,
-        route: &Route,
-        resource: ResourceKey,
-        token: FencingToken,
-        request: Request<UpstreamBody>,
-        client: SocketAddr,
-    ) -> Result<Response<ResponseBody>, Rejected> {
-        if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {
-            // Nothing was sent: the permits go back settled.
-            permits.settle();
-            return Err(ProxyError::LeaseEnded { shard: late.shard }.into());
-        }
-        let forwarded = self.forward_with(permits, route, resource, token, request, client);
-        until_term_ends(admissions, forwarded).await
+        self.forward_with(
+            &admissions,
+            permits,
+            route,
+            resource,
+            token,
+            request,
+            client,
+        )
+        .await
     }
 
     /// A request on a route with a storage profile: the profile says what it changes, reading the
@@ -571,7 +543,7 @@ impl DataPlane {
             Ok(permits) => permits,
             Err(refused) => return Err(self.refuse(refused, token, &request, client).await),
         };
-        self.forward_in_term(
+        self.forward_with(
             &admissions,
             permits,
             resolved.route,
@@ -709,8 +681,17 @@ impl DataPlane {
     /// request body has been sent in full (see [`inflight`]); a failure after the request may have
     /// reached the upstream leaves them unsettled, which keeps newer tokens back for the in-doubt
     /// grace.
+    ///
+    /// In cluster mode, `admissions` are the terms the request was admitted under: it is sent only
+    /// if each may still start it (it may have waited in the gate since, or the whole process may
+    /// have been stopped), and torn down if one ends before the upstream has answered. The race
+    /// is here, around the upstream call, rather than a layer of its own around this future: that
+    /// layer had to be boxed to keep a single node's future small, and it cost the owner an
+    /// allocation and a copy of the whole future per request.
+    #[allow(clippy::too_many_arguments)]
     async fn forward_with(
         &self,
+        admissions: &[placement::Admission],
         permits: Permits,
         route: &Route,
         resource: ResourceKey,
@@ -718,14 +699,24 @@ impl DataPlane {
         request: Request<UpstreamBody>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
+        if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {
+            // Nothing was sent: the permits go back settled.
+            permits.settle();
+            return Err(ProxyError::LeaseEnded { shard: late.shard }.into());
+        }
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
         let in_flight = InFlight::new(permits);
         let id = request.headers().get(X_REQUEST_ID).cloned();
-        let forwarded = self
-            .upstream
-            .forward(route, request, client, Some(&in_flight))
-            .await;
+        let upstream = pin!(
+            self.upstream
+                .forward(route, request, client, Some(&in_flight))
+        );
+        let forwarded = match until_term_ends(admissions, upstream).await {
+            Ok(forwarded) => forwarded,
+            // Torn down: the permits stay in doubt.
+            Err(shard) => return Err(ProxyError::LeaseEnded { shard }.into()),
+        };
         drop(call);
         match forwarded {
             Ok(mut response) => {

@@ -204,22 +204,22 @@ impl ClusterPlane {
     }
 }
 
-/// Runs `work` (the gate and the upstream exchange of a request served here) unless one of the
-/// terms it was admitted under ends first: then it is dropped (its upstream connection torn down,
-/// its permits left in doubt) and the client gets 503. On a single node there are no admissions
+/// Runs `work` (the upstream exchange of a request served here) unless one of the terms it was
+/// admitted under ends first: then it is dropped (its upstream connection torn down, its permits
+/// left in doubt) and the shard is returned, for a 503. On a single node there are no admissions
 /// and `work` simply runs.
 pub(super) async fn until_term_ends<T>(
     admissions: &[Admission],
-    work: impl Future<Output = Result<T, crate::problem::Rejected>>,
-) -> Result<T, crate::problem::Rejected> {
+    work: impl Future<Output = T>,
+) -> Result<T, Shard> {
     let many = match admissions {
-        [] => return work.await,
+        [] => return Ok(work.await),
         // The common case, without the allocations of the general one.
         [one] => {
             return tokio::select! {
                 biased;
-                () = one.term_ended() => Err(ProxyError::LeaseEnded { shard: one.shard }.into()),
-                done = work => done,
+                () = one.term_ended() => Err(one.shard),
+                done = work => Ok(done),
             };
         }
         many => many,
@@ -239,8 +239,8 @@ pub(super) async fn until_term_ends<T>(
     tokio::select! {
         // Checked first: a term that ended while the request waited in the gate sends nothing.
         biased;
-        shard = any_ended => Err(ProxyError::LeaseEnded { shard }.into()),
-        done = work => done,
+        shard = any_ended => Err(shard),
+        done = work => Ok(done),
     }
 }
 

@@ -134,7 +134,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError>
         (length, status, version, spans)
     };
     let head = buf.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the proxy adds to an answer (`X-Request-Id`, `Fencing-Token-Highest`,
+    // `Fencegate-Replica`): a map that grows on the hot path rehashes every header it holds.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 3);
     for span in &spans {
         let name = &head[span.name.0..span.name.1];
         let listed = named
