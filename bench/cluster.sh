@@ -2,7 +2,7 @@
 # Cluster mode's costs, in one run on this machine, on a release build (issue 17):
 #
 #   1. same-token PUTs through the owner (a one-replica cluster, which owns every shard) against
-#      single-node fencegate (SQLite), both pinned alone on BENCH_PROXY_CPUS;
+#      single-node fencegate (SQLite), both pinned on BENCH_PROXY_CPUS, in alternating rounds;
 #   2. the same PUTs sent to a replica that does not own the resource (one peer hop to the owner):
 #      req/s as a ratio to (1), and CPU time per request of both replicas together;
 #   3. durable epoch advances per second against PostgreSQL (group commit, fsync on);
@@ -11,7 +11,8 @@
 #
 # Needs PostgreSQL (`apt-get install postgresql`; as root it runs as the `postgres` user), wrk,
 # nginx, taskset, curl and python3. Writes bench/results/cluster.md. Knobs: BENCH_DURATION (seconds
-# per measurement, default 10), BENCH_CONNECTIONS (default 64), BENCH_OUT (default bench/results),
+# per measurement, default 10), BENCH_ROUNDS (rounds of steps 1 and 2, default 3), BENCH_CONNECTIONS
+# (default 64), BENCH_OUT (default bench/results),
 # BENCH_REPLICA_CPU (each replica's CPU cap in step 5, default 0.2).
 #
 #   5. scaling: 1 vs 3 replicas, each capped to BENCH_REPLICA_CPU of a core (cgroup CPU quota, so
@@ -22,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${BENCH_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 OUT=${BENCH_OUT:-bench/results}
 LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
@@ -139,20 +141,21 @@ put_script() { # id: a wrk script of same-token PUTs to /r/<id>
     echo "$WORK/put-$1.lua"
 }
 
-# 1. Single node, SQLite.
-log "single node (SQLite): same-token PUTs"
+# 1 and 2. Same-token PUTs through a single node (SQLite) and through the owner of a one-replica
+# cluster (PostgreSQL; it owns every shard: the same hot path plus cluster mode's bookkeeping), in
+# alternating rounds, both running throughout so that each round measures them side by side.
 start_fencegate_binary "$BIN" "$WORK/single.db" hot-only
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
-run_wrk bench/wrk/put.lua "http://127.0.0.1:$FENCEGATE_PORT/r/hot" >"$WORK/single.json"
-kill -TERM "$FENCEGATE_PID"; wait "$FENCEGATE_PID" || true
-
-# 2. A one-replica cluster owns every shard: the same hot path, on PostgreSQL.
-log "cluster of one: same-token PUTs through the owner"
 start_replica fg-a 18391 18392 18393 "$PROXY_CPUS"
 A_PID=${REPLICA_PIDS[0]}
 OWN_A=$(owned_by 18392 fg-a)
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18391/r/$OWN_A"
-run_wrk "$(put_script "$OWN_A")" "http://127.0.0.1:18391/r/$OWN_A" >"$WORK/owner.json"
+for round in $(seq 1 "$ROUNDS"); do
+    log "round $round of $ROUNDS: same-token PUTs, single node (SQLite), then the cluster's owner"
+    run_wrk bench/wrk/put.lua "http://127.0.0.1:$FENCEGATE_PORT/r/hot" >"$WORK/single-$round.json"
+    run_wrk "$(put_script "$OWN_A")" "http://127.0.0.1:18391/r/$OWN_A" >"$WORK/owner-$round.json"
+done
+kill -TERM "$FENCEGATE_PID"; wait "$FENCEGATE_PID" || true
 
 log "durable advances against PostgreSQL"
 before=$(metric 18392 fencegate_epoch_advances_total)
@@ -198,8 +201,9 @@ SCALING=none
 CGROUPS=()
 CGROUP_PROCS=
 cpu_cgroup() { # name fraction: sets CGROUP_PROCS to a new capped cgroup's procs file, or to nothing
-    local dir period=100000 quota
-    quota=$(python3 -c "print(int($2 * 100000))")
+    # A 10 ms period: a capped replica waits at most that long for its next share of the core.
+    local dir period=10000 quota
+    quota=$(python3 -c "print(int($2 * $period))")
     CGROUP_PROCS=
     if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && [ -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
         dir=/sys/fs/cgroup/cpu/fencegate-bench-$1
@@ -267,23 +271,23 @@ if [ -n "$CGROUP_PROCS" ]; then
         curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18401/r/$id"
     done
     cpu_before=$(cpu_seconds "${REPLICA_PIDS[@]}")
-    load_three one http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18401/ "$IDS"
+    load_three scale-one http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18401/ "$IDS"
     cpu_after=$(cpu_seconds "${REPLICA_PIDS[@]}")
-    echo "$cpu_before $cpu_after" >"$WORK/one.cpu"
+    echo "$cpu_before $cpu_after" >"$WORK/scale-one.cpu"
     log "scaling: three replicas capped to $REPLICA_CPU of a core each"
     capped_replica fg-s2 18411 18412 18413
     capped_replica fg-s3 18421 18422 18423
     owners_of 18402 3 ${IDS//,/ } >"$WORK/owners.txt"
     own() { awk -v r="$1" '$1 == r { print $2 }' "$WORK/owners.txt" | paste -sd,; }
     cpu_before=$(cpu_seconds "${REPLICA_PIDS[@]}")
-    load_three owner http://127.0.0.1:18401/ "$(own fg-s1)" http://127.0.0.1:18411/ "$(own fg-s2)" \
+    load_three scale-owner http://127.0.0.1:18401/ "$(own fg-s1)" http://127.0.0.1:18411/ "$(own fg-s2)" \
         http://127.0.0.1:18421/ "$(own fg-s3)"
     cpu_after=$(cpu_seconds "${REPLICA_PIDS[@]}")
-    echo "$cpu_before $cpu_after" >"$WORK/owner3.cpu"
+    echo "$cpu_before $cpu_after" >"$WORK/scale-owner.cpu"
     cpu_before=$(cpu_seconds "${REPLICA_PIDS[@]}")
-    load_three random http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18411/ "$IDS" http://127.0.0.1:18421/ "$IDS"
+    load_three scale-random http://127.0.0.1:18401/ "$IDS" http://127.0.0.1:18411/ "$IDS" http://127.0.0.1:18421/ "$IDS"
     cpu_after=$(cpu_seconds "${REPLICA_PIDS[@]}")
-    echo "$cpu_before $cpu_after" >"$WORK/random3.cpu"
+    echo "$cpu_before $cpu_after" >"$WORK/scale-random.cpu"
     SCALING=$REPLICA_CPU
 fi
 for pid in "${REPLICA_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -291,7 +295,7 @@ wait "${REPLICA_PIDS[@]}" 2>/dev/null || true
 remove_cgroups
 
 python3 - "$WORK" "$OUT" "$ADVANCES" "$HOP_CPU_BEFORE" "$HOP_CPU_AFTER" "$cpu_owner_before" "$cpu_owner_after" "$UNAVAILABLE_MS" "$LEASE_TTL_MS" "$GRACE_MS" "$SCALING" <<'EOF'
-import json, os, subprocess, sys, time
+import json, os, statistics, subprocess, sys, time
 work, out = sys.argv[1], sys.argv[2]
 advances, cb, ca, ob, oa, unavailable, ttl, grace, scaling = sys.argv[3:12]
 def load(name):
@@ -301,7 +305,11 @@ def seconds(run):
 def rate(run):
     # Only answered 2xx requests count: a benchmark of errors measures nothing.
     return (run["requests"] - run["non_2xx"]) / seconds(run)
-single, owner, hop, direct, adv = (load(n) for n in ["single", "owner", "hop", "direct", "advances"])
+hop, direct, adv = (load(n) for n in ["hop", "direct", "advances"])
+rounds = sorted(int(f[len("single-"):-len(".json")]) for f in os.listdir(work) if f.startswith("single-"))
+singles = [rate(load(f"single-{r}")) for r in rounds]
+owners = [rate(load(f"owner-{r}")) for r in rounds]
+ratios = [o / s for s, o in zip(singles, owners)]
 hop_cpu_us = (float(ca) - float(cb)) / hop["requests"] * 1e6
 direct_cpu_us = (float(oa) - float(ob)) / direct["requests"] * 1e6
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -313,8 +321,8 @@ lines = [
     "",
     "| measurement | figure |",
     "|---|---:|",
-    f"| same-token PUT, single node (SQLite) | {rate(single):,.0f} req/s |",
-    f"| same-token PUT through the owner (cluster of one, PostgreSQL) | {rate(owner):,.0f} req/s, {rate(owner)/rate(single):.2f} x single node |",
+    f"| same-token PUT, single node (SQLite), median of {len(rounds)} rounds | {statistics.median(singles):,.0f} req/s |",
+    f"| same-token PUT through the owner (cluster of one, PostgreSQL), median of {len(rounds)} rounds | {statistics.median(owners):,.0f} req/s, {statistics.median(ratios):.2f} x single node (rounds: {', '.join(f'{r:.2f}' for r in ratios)}) |",
     f"| same-token PUT through a non-owner (one peer hop) | {rate(hop):,.0f} req/s, {rate(hop)/rate(direct):.2f} x the same PUTs sent to the owner in this setup ({rate(direct):,.0f} req/s) |",
     f"| CPU per request, non-owner + owner together, one hop | {hop_cpu_us:.1f} us (owner alone, sent directly: {direct_cpu_us:.1f} us; the hop costs {hop_cpu_us - direct_cpu_us:.1f} us) |",
     f"| durable epoch advances against PostgreSQL (group commit) | {int(advances)/seconds(adv):,.0f}/s (p99 {adv.get('p99_us', 0):,} us) |",
@@ -327,9 +335,9 @@ else:
         runs = [load(f"{label}-{i}") for i in range(3)]
         ok = sum(r["requests"] - r["non_2xx"] for r in runs)
         rate = sum((r["requests"] - r["non_2xx"]) / seconds(r) for r in runs)
-        before, after = map(float, open(os.path.join(work, label + ("3" if label != "one" else "") + ".cpu")).read().split())
+        before, after = map(float, open(os.path.join(work, label + ".cpu")).read().split())
         return rate, (after - before) / max(ok, 1) * 1e6
-    one, owner3, random3 = combined("one"), combined("owner"), combined("random")
+    one, owner3, random3 = (combined(f"scale-{label}") for label in ["one", "owner", "random"])
     lines += [
         f"| 1 replica capped to {scaling} of a core, same-token PUTs over 150 resources | {one[0]:,.0f} req/s, {one[1]:.1f} us CPU per request |",
         f"| 3 replicas capped to {scaling} each, every request sent to its owner | {owner3[0]:,.0f} req/s, {owner3[0]/one[0]:.2f} x one replica, {owner3[1]:.1f} us CPU per request |",
