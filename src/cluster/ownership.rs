@@ -427,6 +427,26 @@ mod tests {
     }
 
     #[test]
+    fn an_admission_may_start_its_request_only_while_its_term_holds_outside_the_margin() {
+        let ownership = ownership();
+        ownership.grant(0, 7, in_ms(10_000), None);
+        let admission = ownership.admit(0).unwrap();
+        assert!(admission.in_time());
+        ownership.end(0);
+        assert!(!admission.in_time(), "the term has ended");
+
+        // Admitted with 150 ms to go and a 50 ms margin: in time now, not 120 ms later.
+        ownership.grant(1, 3, in_ms(150), None);
+        let late = ownership.admit(1).unwrap();
+        assert!(late.in_time());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(!late.in_time(), "inside the safety margin");
+        // A renewal moves the margin of the admissions already made too.
+        ownership.renew(1, 3, in_ms(10_000));
+        assert!(late.in_time());
+    }
+
+    #[test]
     fn a_renewal_under_another_epoch_changes_nothing() {
         let ownership = ownership();
         ownership.grant(0, 7, in_ms(30), None);
