@@ -19,6 +19,7 @@ use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
 use crate::route::{Route, RoutePolicy, RouteTable};
 use crate::store::Retention;
 use crate::telemetry::LogLevel;
+use crate::tls::TlsFiles;
 
 /// Where the data plane listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -137,6 +138,9 @@ pub struct Config {
     pub log_level: Option<LogLevel>,
     /// Cluster mode: `Some` when `database` is a `postgres://` URL.
     pub cluster: Option<ClusterConfig>,
+    /// `[admin_tls]`: the admin plane serves HTTPS only (and, with `client_ca`, requires client
+    /// certificates). The files were loaded once to check them.
+    pub admin_tls: Option<TlsFiles>,
     pub routes: RouteTable,
 }
 
@@ -258,8 +262,18 @@ struct FileConfig {
     access_log: Option<bool>,
     log_level: Option<String>,
     cluster: Option<FileCluster>,
+    admin_tls: Option<FileTls>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+}
+
+/// `[admin_tls]` (and, later, the other planes' TLS tables).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
 }
 
 /// `[cluster]`.
@@ -461,8 +475,24 @@ fn build(
             .transpose()
             .map_err(|problem| invalid("log_level", problem))?,
         cluster,
+        admin_tls: tls_files("admin_tls", file.admin_tls)?,
         routes,
     })
+}
+
+/// A plane's TLS table, checked by loading it: a file that is missing, unreadable or not the
+/// pair it claims to be stops the start (or the reload) with the reason.
+fn tls_files(key: &str, table: Option<FileTls>) -> Result<Option<TlsFiles>, ConfigError> {
+    let Some(table) = table else {
+        return Ok(None);
+    };
+    let files = TlsFiles {
+        cert: table.cert,
+        key: table.key,
+        client_ca: table.client_ca,
+    };
+    crate::tls::ServerTls::load(files.clone()).map_err(|error| invalid(key, error))?;
+    Ok(Some(files))
 }
 
 /// Cluster mode's settings, when `database` is a PostgreSQL URL; `[cluster]` or a cluster flag

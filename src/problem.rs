@@ -388,6 +388,19 @@ fn render(
     response
 }
 
+/// `error` and its sources: clients' own messages (tokio-postgres's "error connecting to server",
+/// hyper's "client error (Connect)") leave the reason to their sources.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

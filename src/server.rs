@@ -19,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -40,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::proxy::placement::ClusterPlane;
 use crate::proxy::{DataPlane, Origin, ProxyBody, RequestLimits, UpstreamClient, request_id};
 use crate::store::{LastStop, PrunePlan, Reader, WriterGuard};
+use crate::tls::ServerTls;
 use limits::{HeadDeadline, RequestPhase};
 use live::{Fixed, Live, Pruning};
 pub use live::{Reloaded, Reloader};
@@ -66,6 +68,8 @@ pub struct App {
     data_addr: SocketAddr,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
+    /// `[admin_tls]`: the admin plane serves HTTPS only.
+    admin_tls: Option<Arc<ServerTls>>,
     /// The data plane, routes, limits and retention, as reloads change them.
     live: Arc<Live>,
     reloader: Reloader,
@@ -243,6 +247,12 @@ impl App {
             interval: config.audit_prune_interval,
         };
         let live = Live::new(plane, config.limits, pruning);
+        let admin_tls = match &config.admin_tls {
+            Some(files) => Some(Arc::new(
+                ServerTls::load(files.clone()).context("admin_tls")?,
+            )),
+            None => None,
+        };
         let reloader = Reloader::new(
             Arc::clone(&live),
             running,
@@ -250,6 +260,7 @@ impl App {
             store.clone(),
             Arc::clone(&metrics),
             cluster_plane,
+            admin_tls.clone(),
         );
         let cluster = cluster.map(|joined| {
             let lease = LeaseLoop::new(
@@ -271,6 +282,7 @@ impl App {
             _port_claim: port_claim,
             admin_addr,
             admin_listener,
+            admin_tls,
             live,
             reloader,
             gate: gate.clone(),
@@ -321,8 +333,13 @@ impl App {
             stop.clone(),
         ));
         let router = admin::router(self.admin.clone());
+        let certificates = self
+            .admin_tls
+            .clone()
+            .map(|tls| tokio::spawn(tls.watch("admin", CERTIFICATE_CHECK_INTERVAL)));
         let admin = tokio::spawn(serve_plane(
             self.admin_listener,
+            self.admin_tls.clone(),
             self.limits,
             Arc::new(Semaphore::new(self.limits.max_connections)),
             move |_client, phase| admin_service(router.clone(), phase),
@@ -370,6 +387,9 @@ impl App {
                 .context("a data-plane thread failed")?;
         }
         admin.await.context("the admin plane task failed")?;
+        if let Some(certificates) = certificates {
+            certificates.abort();
+        }
         evictor.await.context("the eviction task failed")?;
         pruner.await.context("the audit pruning task failed")?;
         // Clean only if nothing this server forwarded can still be applied upstream: then the
@@ -773,6 +793,7 @@ async fn serve_http2(
 /// thread is accepted and waiting; the rest wait in the listen backlog.
 async fn serve_plane<S, B>(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     limits: Limits,
     open: Arc<Semaphore>,
     service_for: impl Fn(SocketAddr, Arc<RequestPhase>) -> S,
@@ -813,14 +834,21 @@ async fn serve_plane<S, B>(
         // one back, waiting for an acknowledgement.
         let _ = stream.set_nodelay(true);
         let phase = Arc::new(RequestPhase::default());
-        let io = HeadDeadline::new(stream, limits.header_read_timeout, Arc::clone(&phase));
-        let service = service_for(client, phase);
-        let connection = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let service = service_for(client, Arc::clone(&phase));
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let Some(io) = handshake(stream, acceptor, limits.header_read_timeout, client).await
+            else {
+                drop(permit);
+                return;
+            };
+            let io = HeadDeadline::new(io, limits.header_read_timeout, phase);
+            let connection = builder
+                .serve_connection(TokioIo::new(io), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, %client, "connection ended with an error");
             }
             drop(permit);
@@ -830,6 +858,34 @@ async fn serve_plane<S, B>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("in-flight requests drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight"),
+    }
+}
+
+/// How often a plane's certificate files are checked for a change on disk.
+const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The connection as it is served: the TCP stream itself, or TLS over it once the handshake has
+/// finished within `limit` (the head deadline: a client that never finishes its handshake holds
+/// a connection slot no longer than one that never finishes its request head).
+async fn handshake(
+    stream: TcpStream,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    limit: Duration,
+    client: SocketAddr,
+) -> Option<Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>> {
+    let Some(acceptor) = acceptor else {
+        return Some(Either::Left(stream));
+    };
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(Either::Right(tls)),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, %client, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%client, ?limit, "TLS handshake not finished within header_read_timeout");
+            None
+        }
     }
 }
 

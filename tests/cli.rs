@@ -378,9 +378,15 @@ resource = "default"
                     .join(" ")
             })
     };
+    // What each plane serves: plain HTTP without a TLS table.
     assert_eq!(
         setting("listen").as_deref(),
-        Some("127.0.0.1:8080"),
+        Some("127.0.0.1:8080 (plain HTTP)"),
+        "{text}"
+    );
+    assert_eq!(
+        setting("admin_listen").as_deref(),
+        Some("127.0.0.1:9090 (plain HTTP; admin token not set)"),
         "{text}"
     );
     assert_eq!(

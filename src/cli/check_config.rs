@@ -58,11 +58,25 @@ pub fn describe(config: &Config) -> String {
     } else {
         "not set"
     };
+    let admin_serves = match &config.admin_tls {
+        None => "plain HTTP".to_owned(),
+        Some(tls) => match &tls.client_ca {
+            None => format!("HTTPS with {}", tls.cert.display()),
+            Some(ca) => format!(
+                "HTTPS with {}, client certificates from {} required",
+                tls.cert.display(),
+                ca.display()
+            ),
+        },
+    };
     let settings = [
-        ("listen", config.listen.to_string()),
+        ("listen", format!("{} (plain HTTP)", config.listen)),
         (
             "admin_listen",
-            format!("{} (admin token {token})", config.admin_listen),
+            format!(
+                "{} ({admin_serves}; admin token {token})",
+                config.admin_listen
+            ),
         ),
         ("database", config.database.display().to_string()),
         ("upstream_timeout", duration(config.upstream_timeout)),

@@ -26,6 +26,15 @@ pub struct FenceArgs {
     /// The admin plane's base URL [default: http://127.0.0.1:9090].
     #[arg(long, env = "FENCEGATE_ADMIN_URL", value_name = "URL")]
     pub admin: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// admin plane, besides the system's roots.
+    #[arg(long, env = "FENCEGATE_ADMIN_CA", value_name = "FILE")]
+    pub admin_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for an admin plane that requires one (with --admin-key).
+    #[arg(long, value_name = "FILE", requires = "admin_key")]
+    pub admin_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "admin_cert")]
+    pub admin_key: Option<std::path::PathBuf>,
     /// The admin bearer token; prefer the environment variable, which the process list does not
     /// show.
     #[arg(long, env = ADMIN_TOKEN_ENV, value_name = "T", hide_env_values = true)]
@@ -49,13 +58,15 @@ pub struct FenceArgs {
 /// Why a fence did not complete.
 #[derive(Debug, thiserror::Error)]
 enum FenceError {
-    #[error("--admin {0:?} is not an http:// URL such as http://127.0.0.1:9090")]
+    #[error("--admin {0:?} is not an http:// or https:// URL such as http://127.0.0.1:9090")]
     BadUrl(String),
+    #[error("{0}")]
+    Tls(crate::tls::TlsError),
     #[error("{0}")]
     Config(crate::config::ConfigError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("cannot reach the admin plane at {url}: {source}")]
+    #[error("cannot reach the admin plane at {url}: {}", crate::problem::with_causes(.source))]
     Unreachable {
         url: String,
         source: hyper_util::client::legacy::Error,
@@ -83,7 +94,9 @@ pub fn run(args: &FenceArgs) -> ExitCode {
             eprintln!("fencegate fence: {e}");
             match e {
                 // An unusable command line, as README's exit statuses say.
-                FenceError::BadUrl(_) | FenceError::Config(_) => ExitCode::from(2),
+                FenceError::BadUrl(_) | FenceError::Config(_) | FenceError::Tls(_) => {
+                    ExitCode::from(2)
+                }
                 _ => ExitCode::FAILURE,
             }
         }
@@ -139,9 +152,9 @@ fn fence_url(base: &str, resource: &str) -> Result<Uri, FenceError> {
 
 /// The admin URL of `resource`, one percent-encoded path segment.
 fn resource_url(base: &str, resource: &str) -> Result<Uri, FenceError> {
-    let base_ok = base
-        .parse::<Uri>()
-        .is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
+    let base_ok = base.parse::<Uri>().is_ok_and(|uri| {
+        matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+    });
     if !base_ok {
         return Err(FenceError::BadUrl(base.to_owned()));
     }
@@ -156,7 +169,15 @@ async fn call(
     method: Method,
     url: &Uri,
 ) -> Result<(StatusCode, Bytes), FenceError> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let identity = args.admin_cert.as_deref().zip(args.admin_key.as_deref());
+    let tls =
+        crate::tls::client_config(args.admin_ca.as_deref(), identity).map_err(FenceError::Tls)?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
     let body = match method {
         Method::POST => json!({ "token": args.token.get() }).to_string(),
         _ => String::new(),
@@ -210,8 +231,9 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls_are_taken() {
-        for bad in ["https://x:9090", "127.0.0.1:9090", "not a url", ""] {
+    fn only_http_and_https_urls_are_taken() {
+        assert!(fence_url("https://127.0.0.1:9090", "r").is_ok());
+        for bad in ["ftp://x:9090", "127.0.0.1:9090", "not a url", ""] {
             assert!(
                 matches!(fence_url(bad, "r"), Err(FenceError::BadUrl(_))),
                 "{bad}"

@@ -122,6 +122,9 @@ async fn reload_on_hangup(
                         "config reloaded, but these keys only change at a restart; their running values stay"
                     );
                 }
+                for (plane, error) in &reloaded.tls_failed {
+                    tracing::error!(plane, %error, "TLS files do not load; the previous certificate stays");
+                }
                 tracing::info!(routes = reloaded.routes, "config reloaded");
             }
             Err(e) => {

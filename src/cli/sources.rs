@@ -69,13 +69,23 @@ impl ConfigFile {
         if let Some(admin) = admin {
             return Ok(admin.clone());
         }
-        let listen = match self.load()? {
-            Some(config) => config.admin_listen,
-            None => DEFAULT_ADMIN_LISTEN
-                .parse()
-                .expect("the default admin address is valid"),
+        let (scheme, listen) = match self.load()? {
+            Some(config) => (
+                if config.admin_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                config.admin_listen,
+            ),
+            None => (
+                "http",
+                DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("the default admin address is valid"),
+            ),
         };
-        Ok(format!("http://{}", reachable(listen)))
+        Ok(format!("{scheme}://{}", reachable(listen)))
     }
 }
 

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::proxy::placement::ClusterPlane;
 use crate::proxy::{DataPlane, RequestLimits, UpstreamClient};
 use crate::store::{Retention, SharedStore};
+use crate::tls::ServerTls;
 
 /// How often, and by which rule, the audit log is pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +137,9 @@ pub(super) struct Fixed {
     /// Cluster mode's settings (`[cluster]`, the peer plane, the secret): its leases and peers
     /// are set up once.
     cluster: Option<crate::config::ClusterConfig>,
+    /// Which files the admin plane's TLS reads (their contents reload; the paths, and turning TLS
+    /// on or off, wait for a restart).
+    admin_tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Fixed {
@@ -150,6 +154,7 @@ impl Fixed {
             shutdown_grace: config.shutdown_grace,
             admin_token: config.admin_token.clone(),
             cluster: config.cluster.clone(),
+            admin_tls: config.admin_tls.clone(),
         }
     }
 
@@ -182,6 +187,7 @@ impl Fixed {
         );
         differ("admin_token", self.admin_token != other.admin_token);
         differ("cluster", self.cluster != other.cluster);
+        differ("admin_tls", self.admin_tls != other.admin_tls);
         keys
     }
 }
@@ -196,6 +202,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// Cluster mode's part of the data plane, kept across reloads.
     cluster: Option<Arc<ClusterPlane>>,
+    /// The admin plane's TLS, whose files every reload reads again.
+    admin_tls: Option<Arc<ServerTls>>,
 }
 
 /// What a reload did.
@@ -205,6 +213,8 @@ pub struct Reloaded {
     pub routes: usize,
     /// Keys that changed but wait for a restart (the running values stay).
     pub restart_needed: Vec<&'static str>,
+    /// Certificates that did not load again: the plane and why (its old certificate stays).
+    pub tls_failed: Vec<(&'static str, String)>,
 }
 
 impl Reloader {
@@ -215,6 +225,7 @@ impl Reloader {
         store: SharedStore,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<ClusterPlane>>,
+        admin_tls: Option<Arc<ServerTls>>,
     ) -> Reloader {
         Reloader {
             live,
@@ -223,6 +234,7 @@ impl Reloader {
             store,
             metrics,
             cluster,
+            admin_tls,
         }
     }
 
@@ -267,10 +279,16 @@ impl Reloader {
             interval: config.audit_prune_interval,
         };
         self.live.replace(plane, limits, pruning);
+        let tls_failed = self
+            .admin_tls
+            .iter()
+            .filter_map(|tls| tls.reload().err().map(|error| ("admin", error.to_string())))
+            .collect();
         self.metrics.reloaded(true);
         Reloaded {
             routes,
             restart_needed,
+            tls_failed,
         }
     }
 }

@@ -292,7 +292,7 @@ pub enum StoreError {
     PostgresUrl { cause: String },
     #[error("PostgreSQL is unreachable: {cause}")]
     Unavailable { cause: String },
-    #[error("PostgreSQL error: {}", postgres::with_causes(.0.as_ref()))]
+    #[error("PostgreSQL error: {}", crate::problem::with_causes(.0.as_ref()))]
     Postgres(Arc<tokio_postgres::Error>),
     #[error(
         "this replica no longer holds the lease of shard {shard}; the write was not made (its new owner serves it)"

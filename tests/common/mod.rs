@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset.
 
 pub mod binary;
+pub mod certs;
 pub mod cluster;
 pub mod faults;
 pub mod postgres;

@@ -70,7 +70,7 @@ impl Connection {
                 cause: format!("no connection within {:?}", self.timeout),
             })?
             .map_err(|e| StoreError::Unavailable {
-                cause: with_causes(&e),
+                cause: crate::problem::with_causes(&e),
             })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -79,19 +79,6 @@ impl Connection {
         });
         Ok(client)
     }
-}
-
-/// `error` and its sources: tokio-postgres's own message ("error connecting to server") leaves the
-/// reason to its source.
-pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Opens the cluster's store: brings the schema to this version (once, under an advisory lock,

@@ -205,7 +205,7 @@ impl PostgresReader {
                 .inner
                 .config
                 .connect(NoTls)
-                .map_err(|e| ReadError::Postgres(super::with_causes(&e))),
+                .map_err(|e| ReadError::Postgres(crate::problem::with_causes(&e))),
         }
     }
 
@@ -222,7 +222,7 @@ impl PostgresReader {
 }
 
 fn query_error(error: postgres::Error) -> ReadError {
-    ReadError::Postgres(super::with_causes(&error))
+    ReadError::Postgres(crate::problem::with_causes(&error))
 }
 
 /// A WHERE clause under construction: each condition's `$` becomes its parameter's number.
