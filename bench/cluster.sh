@@ -115,26 +115,8 @@ EOF
     PIDS+=($!)
     wait_for_port "$2"
 }
-owned_by() { # admin_port replica: waits until every shard has an owner, prints a resource id of `replica`
-    python3 - "$1" "$2" <<'EOF'
-import json, sys, time, urllib.request
-admin, replica = sys.argv[1], sys.argv[2]
-def fnv(data):
-    h = 0xcbf29ce484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001b3) % 2**64
-    return h
-for _ in range(300):
-    view = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/cluster"))
-    owners = [s["owner"] for s in view["shards"]]
-    if all(owners) and replica in owners and len({r["replica"] for r in view["replicas"] if r["alive"]}) == len(view["replicas"]):
-        for i in range(100000):
-            if owners[fnv(f"r:k{i}".encode()) % len(owners)] == replica:
-                print(f"k{i}")
-                sys.exit(0)
-    time.sleep(0.1)
-sys.exit("shards never settled")
-EOF
+owned_by() { # admin_port replicas replica: once `replicas` live replicas own every shard, a resource id of `replica`
+    python3 bench/shard_owners.py "$1" "$2" --find "$3"
 }
 put_script() { # id: a wrk script of same-token PUTs to /r/<id>
     sed "s|/r/hot|/r/$1|" bench/wrk/put.lua >"$WORK/put-$1.lua"
@@ -148,7 +130,7 @@ start_fencegate_binary "$BIN" "$WORK/single.db" hot-only
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
 start_replica fg-a 18391 18392 18393 "$PROXY_CPUS"
 A_PID=${REPLICA_PIDS[0]}
-OWN_A=$(owned_by 18392 fg-a)
+OWN_A=$(owned_by 18392 1 fg-a)
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18391/r/$OWN_A"
 for round in $(seq 1 "$ROUNDS"); do
     log "round $round of $ROUNDS: same-token PUTs, single node (SQLite), then the cluster's owner"
@@ -167,7 +149,7 @@ ADVANCES=$((after - before))
 log "two replicas: same-token PUTs through a non-owner (one peer hop)"
 start_replica fg-b 18394 18395 18396 "$PROXY_CPUS"
 B_PID=${REPLICA_PIDS[1]}
-OWN_B=$(owned_by 18392 fg-b)
+OWN_B=$(owned_by 18392 2 fg-b)
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:18391/r/$OWN_B"
 HOP_CPU_BEFORE=$(cpu_seconds "$A_PID" "$B_PID")
 run_wrk "$(put_script "$OWN_B")" "http://127.0.0.1:18391/r/$OWN_B" >"$WORK/hop.json"
@@ -238,26 +220,8 @@ load_three() { # label url1 ids1 url2 ids2 url3 ids3: three wrk, -c CONNECTIONS/
     done
     wait "${loads[@]}"
 }
-owners_of() { # admin_port replicas ids...: prints "owner id" per id, once `replicas` live replicas own every shard
-    python3 - "$@" <<'PY'
-import json, sys, time, urllib.request
-admin, replicas, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-def fnv(data):
-    h = 0xcbf29ce484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001b3) % 2**64
-    return h
-for _ in range(300):
-    view = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/cluster"))
-    owners = [s["owner"] for s in view["shards"]]
-    live = {r["replica"] for r in view["replicas"] if r["alive"]}
-    if all(owners) and set(owners) == live and len(live) == replicas:
-        for i in ids:
-            print(owners[fnv(f"r:{i}".encode()) % len(owners)], i)
-        sys.exit(0)
-    time.sleep(0.1)
-sys.exit("shards never settled")
-PY
+owners_of() { # admin_port replicas ids...: "owner id" per id, once `replicas` live replicas own every shard
+    python3 bench/shard_owners.py "$@"
 }
 [ "$(id -u)" -ne 0 ] || cpu_cgroup probe 0.5
 if [ -n "$CGROUP_PROCS" ]; then
