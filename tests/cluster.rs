@@ -33,12 +33,22 @@ async fn replica(
     name: &str,
     shards: &[u32],
 ) -> (SharedStore, WriterGuard, Arc<Ownership>) {
+    replica_at(pg, &pg.url(), name, shards).await
+}
+
+/// As [`replica`], reaching the server at `url`.
+async fn replica_at(
+    pg: &Postgres,
+    url: &str,
+    name: &str,
+    shards: &[u32],
+) -> (SharedStore, WriterGuard, Arc<Ownership>) {
     let ownership = Arc::new(Ownership::new(
         name.into(),
         ShardMap::new(SHARDS),
         Duration::from_millis(100),
     ));
-    let connection = Connection::new(&pg.url(), name, Duration::from_secs(2)).unwrap();
+    let connection = Connection::new(url, name, Duration::from_secs(2)).unwrap();
     let (store, guard) = postgres::open(connection, ShardMap::new(SHARDS), Arc::clone(&ownership))
         .await
         .unwrap();
@@ -206,6 +216,51 @@ async fn a_shard_held_only_in_memory_writes_nothing() {
         "{advance:?}"
     );
     assert_eq!(pg.query("SELECT count(*) FROM resources").trim(), "0");
+}
+
+#[tokio::test]
+async fn postgres_over_tls_is_verified_and_a_plain_or_unverified_connection_is_refused() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new(dir.path(), "pg-ca");
+    let server = ca.server(dir.path(), "postgres");
+    pg.require_tls(&server.cert, &server.key);
+    let connect = |url: String| async move {
+        Connection::new(&url, "fg-1", Duration::from_secs(2))
+            .unwrap()
+            .connect()
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+
+    let plain = connect(pg.url()).await.expect_err("plain TCP is refused");
+    assert!(plain.contains("pg_hba.conf"), "{plain}");
+    let unverified = connect(format!("{}?sslmode=verify-full", pg.url()))
+        .await
+        .expect_err("a server certificate no trusted CA signed is refused");
+    assert!(unverified.contains("UnknownIssuer"), "{unverified}");
+
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        ca.pem.display()
+    );
+    let (store, guard, _) = replica_at(&pg, &verified, "fg-1", &all_shards()).await;
+    store
+        .advance(&key("w"), token(5), Via::Write)
+        .await
+        .unwrap();
+    guard.close(fencegate::store::LastStop::Clean).await;
+    let highest = tokio::task::spawn_blocking(move || {
+        let reader = fencegate::store::Reader::open(std::path::Path::new(&verified)).unwrap();
+        reader.resource("w").unwrap().map(|row| row.highest)
+    })
+    .await
+    .unwrap();
+    assert_eq!(highest, Some(5), "operators read over TLS too");
 }
 
 #[tokio::test]

@@ -23,6 +23,8 @@ pub struct Postgres {
     data: PathBuf,
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
+    /// Set by [`Postgres::require_tls`]: the server's certificate and key files.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Postgres {
@@ -68,6 +70,7 @@ impl Postgres {
             data,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
+            tls: None,
         };
         postgres.run();
         Some(postgres)
@@ -89,6 +92,35 @@ impl Postgres {
     pub fn restart(&mut self) {
         self.stop_immediately();
         self.run();
+    }
+
+    /// From now on (it restarts) the server speaks TLS with `cert` and `key`, and refuses plain
+    /// TCP connections (`hostssl` only in pg_hba.conf).
+    pub fn require_tls(&mut self, cert: &Path, key: &Path) {
+        let (server_cert, server_key) = (
+            self.dir.path().join("server.crt"),
+            self.dir.path().join("server.key"),
+        );
+        std::fs::copy(cert, &server_cert).unwrap();
+        std::fs::copy(key, &server_key).unwrap();
+        // PostgreSQL refuses a key that others may read.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if running_as_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .args([&server_cert, &server_key])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        self.tls = Some((server_cert, server_key));
+        self.restart();
     }
 
     /// Stops the server without a checkpoint, as a crash would.
@@ -124,6 +156,16 @@ impl Postgres {
             // The tests crash and restart the server, never the machine: fsync would only make
             // them slower (the page cache outlives a crashed server).
             .args(["-c", "fsync=off"])
+            .args(self.tls.iter().flat_map(|(cert, key)| {
+                [
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!("ssl_cert_file={}", cert.display()),
+                    "-c".to_owned(),
+                    format!("ssl_key_file={}", key.display()),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -12,6 +12,7 @@
 mod batch;
 mod reader;
 mod schema;
+mod tls;
 mod writer;
 
 use std::str::FromStr as _;
@@ -26,9 +27,11 @@ pub use reader::PostgresReader;
 pub use schema::CURRENT_VERSION;
 
 /// How a replica reaches PostgreSQL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Connection {
     config: tokio_postgres::Config,
+    /// TLS, verified, when the URL's `sslmode` asks for it (see [`tls`]).
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// The longest any one exchange with PostgreSQL may take before it counts as unreachable.
     pub timeout: Duration,
 }
@@ -38,8 +41,9 @@ impl Connection {
     /// TCP keepalives and `tcp_user_timeout`, so that a black-holed connection is noticed within
     /// `timeout` instead of the kernel's minutes.
     pub fn new(url: &str, replica: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let url = tls::parse(url)?;
         let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| StoreError::PostgresUrl {
+            tokio_postgres::Config::from_str(&url.url).map_err(|e| StoreError::PostgresUrl {
                 cause: e.to_string(),
             })?;
         // The kernel counts keepalive times in whole seconds; zero is refused.
@@ -58,12 +62,27 @@ impl Connection {
                 "-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
                 ms = timeout.as_millis().max(1)
             ));
-        Ok(Self { config, timeout })
+        Ok(Self {
+            config,
+            tls: url.tls,
+            timeout,
+        })
     }
 
     /// A new connection, its driver spawned on the current runtime.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, StoreError> {
-        let connecting = self.config.connect(tokio_postgres::NoTls);
+        match &self.tls {
+            None => self.connect_with(tokio_postgres::NoTls).await,
+            Some(tls) => self.connect_with(tls.clone()).await,
+        }
+    }
+
+    async fn connect_with<T>(&self, tls: T) -> Result<tokio_postgres::Client, StoreError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+        T::Stream: Send + 'static,
+    {
+        let connecting = self.config.connect(tls);
         let (client, connection) = tokio::time::timeout(self.timeout, connecting)
             .await
             .map_err(|_| StoreError::Unavailable {
@@ -78,6 +97,16 @@ impl Connection {
             }
         });
         Ok(client)
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 

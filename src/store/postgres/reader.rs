@@ -32,6 +32,7 @@ pub struct PostgresReader {
 
 struct Pool {
     config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     idle: Mutex<Vec<Client>>,
 }
 
@@ -62,7 +63,9 @@ impl std::fmt::Debug for Pool {
 impl PostgresReader {
     /// Connects to `url` and checks that it holds a fencegate cluster this version reads.
     pub fn open(url: &str) -> Result<PostgresReader, ReadError> {
+        let url = super::tls::parse(url).map_err(|e| ReadError::Postgres(e.to_string()))?;
         let mut config: postgres::Config = url
+            .url
             .parse()
             .map_err(|e: postgres::Error| ReadError::Postgres(e.to_string()))?;
         config
@@ -75,6 +78,7 @@ impl PostgresReader {
         let reader = PostgresReader {
             inner: Arc::new(Pool {
                 config,
+                tls: url.tls,
                 idle: Mutex::new(Vec::new()),
             }),
         };
@@ -201,11 +205,11 @@ impl PostgresReader {
             .pop();
         match idle.filter(|client| !client.is_closed()) {
             Some(client) => Ok(client),
-            None => self
-                .inner
-                .config
-                .connect(NoTls)
-                .map_err(|e| ReadError::Postgres(crate::problem::with_causes(&e))),
+            None => match &self.inner.tls {
+                None => self.inner.config.connect(NoTls),
+                Some(tls) => self.inner.config.connect(tls.clone()),
+            }
+            .map_err(|e| ReadError::Postgres(crate::problem::with_causes(&e))),
         }
     }
 
