@@ -138,8 +138,10 @@ pub struct Config {
     pub log_level: Option<LogLevel>,
     /// Cluster mode: `Some` when `database` is a `postgres://` URL.
     pub cluster: Option<ClusterConfig>,
-    /// `[admin_tls]`: the admin plane serves HTTPS only (and, with `client_ca`, requires client
+    /// `[tls]`: the data plane serves HTTPS only (and, with `client_ca`, requires client
     /// certificates). The files were loaded once to check them.
+    pub tls: Option<TlsFiles>,
+    /// `[admin_tls]`: the same for the admin plane.
     pub admin_tls: Option<TlsFiles>,
     pub routes: RouteTable,
 }
@@ -262,12 +264,13 @@ struct FileConfig {
     access_log: Option<bool>,
     log_level: Option<String>,
     cluster: Option<FileCluster>,
+    tls: Option<FileTls>,
     admin_tls: Option<FileTls>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
 
-/// `[admin_tls]` (and, later, the other planes' TLS tables).
+/// `[tls]`, `[admin_tls]`: one plane's TLS.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileTls {
@@ -475,6 +478,7 @@ fn build(
             .transpose()
             .map_err(|problem| invalid("log_level", problem))?,
         cluster,
+        tls: tls_files("tls", file.tls)?,
         admin_tls: tls_files("admin_tls", file.admin_tls)?,
         routes,
     })

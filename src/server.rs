@@ -68,6 +68,8 @@ pub struct App {
     data_addr: SocketAddr,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
+    /// `[tls]`: the data plane serves HTTPS only.
+    data_tls: Option<Arc<ServerTls>>,
     /// `[admin_tls]`: the admin plane serves HTTPS only.
     admin_tls: Option<Arc<ServerTls>>,
     /// The data plane, routes, limits and retention, as reloads change them.
@@ -247,12 +249,18 @@ impl App {
             interval: config.audit_prune_interval,
         };
         let live = Live::new(plane, config.limits, pruning);
-        let admin_tls = match &config.admin_tls {
-            Some(files) => Some(Arc::new(
-                ServerTls::load(files.clone()).context("admin_tls")?,
-            )),
-            None => None,
+        let load_tls = |key: &str, files: &Option<crate::tls::TlsFiles>| match files {
+            Some(files) => ServerTls::load(files.clone())
+                .map(|tls| Some(Arc::new(tls)))
+                .context(key.to_owned()),
+            None => Ok(None),
         };
+        let data_tls = load_tls("tls", &config.tls)?;
+        let admin_tls = load_tls("admin_tls", &config.admin_tls)?;
+        let planes_tls = [("data", &data_tls), ("admin", &admin_tls)]
+            .into_iter()
+            .filter_map(|(plane, tls)| tls.clone().map(|tls| (plane, tls)))
+            .collect();
         let reloader = Reloader::new(
             Arc::clone(&live),
             running,
@@ -260,7 +268,7 @@ impl App {
             store.clone(),
             Arc::clone(&metrics),
             cluster_plane,
-            admin_tls.clone(),
+            planes_tls,
         );
         let cluster = cluster.map(|joined| {
             let lease = LeaseLoop::new(
@@ -282,6 +290,7 @@ impl App {
             _port_claim: port_claim,
             admin_addr,
             admin_listener,
+            data_tls,
             admin_tls,
             live,
             reloader,
@@ -349,6 +358,7 @@ impl App {
         let data = spawn_data_threads(
             self.data_listeners,
             &self.live,
+            self.data_tls.clone(),
             self.limits.max_connections,
             &stop,
             self.shutdown_grace,
@@ -387,9 +397,7 @@ impl App {
                 .context("a data-plane thread failed")?;
         }
         admin.await.context("the admin plane task failed")?;
-        if let Some(certificates) = certificates {
-            certificates.abort();
-        }
+        certificates.iter().for_each(tokio::task::JoinHandle::abort);
         evictor.await.context("the eviction task failed")?;
         pruner.await.context("the audit pruning task failed")?;
         // Clean only if nothing this server forwarded can still be applied upstream: then the
@@ -443,6 +451,8 @@ fn start_cluster(
     let peer = tokio::spawn(serve_data_connections(
         cluster.peer_listener,
         Arc::clone(live),
+        // The peer plane is plain TCP until `[cluster.peer_tls]` (issue 18).
+        None,
         Arc::new(Semaphore::new(max_connections)),
         stop.clone(),
         grace,
@@ -527,6 +537,7 @@ fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListene
 fn spawn_data_threads(
     listeners: Vec<std::net::TcpListener>,
     live: &Arc<Live>,
+    tls: Option<Arc<ServerTls>>,
     max_connections: usize,
     stop: &CancellationToken,
     grace: Duration,
@@ -535,6 +546,7 @@ fn spawn_data_threads(
     let open = Arc::new(Semaphore::new(max_connections));
     for (index, listener) in listeners.into_iter().enumerate() {
         let live = Arc::clone(live);
+        let tls = tls.clone();
         let open = Arc::clone(&open);
         let stop = stop.clone();
         let (done, stopped) = tokio::sync::oneshot::channel();
@@ -542,7 +554,7 @@ fn spawn_data_threads(
             .name(format!("fg-data-{index}"))
             .spawn(move || {
                 crate::metrics::use_shard(index + 1);
-                let served = serve_data_thread(listener, live, open, stop, grace);
+                let served = serve_data_thread(listener, live, tls, open, stop, grace);
                 let _ = done.send(served);
             })
             .context("cannot start a data-plane thread")?;
@@ -554,6 +566,7 @@ fn spawn_data_threads(
 fn serve_data_thread(
     listener: std::net::TcpListener,
     live: Arc<Live>,
+    tls: Option<Arc<ServerTls>>,
     open: Arc<Semaphore>,
     stop: CancellationToken,
     grace: Duration,
@@ -564,18 +577,20 @@ fn serve_data_thread(
         .context("cannot start a data-plane runtime")?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        serve_data_connections(listener, live, open, stop, grace, Origin::Client).await;
+        serve_data_connections(listener, live, tls, open, stop, grace, Origin::Client).await;
         Ok(())
     })
 }
 
 /// The data plane on one thread's listener: accepts a connection once fewer than
 /// `max_connections` are served (as [`serve_plane`]), serves it with fencegate's own HTTP/1.1
-/// server ([`http1`]) — or hyper's HTTP/2 if it opens with h2's preface — and at `stop` lets every
-/// connection finish its request, for up to `grace`.
+/// server ([`http1`]) — or hyper's HTTP/2 if it opens with h2's preface; with `tls`, hyper's
+/// server after the handshake — and at `stop` lets every connection finish its request, for up
+/// to `grace`.
 async fn serve_data_connections(
     listener: TcpListener,
     live: Arc<Live>,
+    tls: Option<Arc<ServerTls>>,
     open: Arc<Semaphore>,
     stop: CancellationToken,
     grace: Duration,
@@ -588,8 +603,17 @@ async fn serve_data_connections(
         let limits = live.limits();
         let live = Arc::clone(&live);
         let stop = stop.clone();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         connections.spawn(async move {
-            serve_data_connection(stream, client, live, limits, stop, origin).await;
+            match acceptor {
+                None => serve_data_connection(stream, client, live, limits, stop, origin).await,
+                Some(acceptor) => {
+                    let limit = limits.header_read_timeout;
+                    if let Some(io) = handshake(stream, Some(acceptor), limit, client).await {
+                        serve_with_hyper(io, client, live, limits, stop, origin, false).await;
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -660,13 +684,14 @@ async fn serve_data_connection(
     match http1::serve(stream, settings, stop.clone(), handle).await {
         http1::Ended::Closed => {}
         http1::Ended::Http2 { stream, read } => {
-            serve_http2(
+            serve_with_hyper(
                 Rewound::new(read, stream),
                 client,
                 live,
                 limits,
                 stop,
                 origin,
+                true,
             )
             .await;
         }
@@ -749,20 +774,25 @@ async fn answer_peer_admin(
     }
 }
 
-/// An HTTP/2 connection, served by hyper, with the same head deadline as the admin plane's.
-async fn serve_http2(
-    io: Rewound,
+/// A data-plane connection served by hyper: h2 once its preface has been seen on plain TCP
+/// (`http2_only`), or a TLS connection, h2 or HTTP/1.1 as ALPN chose. The same head deadline as
+/// the admin plane's.
+async fn serve_with_hyper<I>(
+    io: I,
     client: SocketAddr,
     live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
     origin: Origin,
-) {
+    http2_only: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let phase = Arc::new(RequestPhase::default());
     let io = HeadDeadline::new(io, limits.header_read_timeout, Arc::clone(&phase));
     let service = hyper::service::service_fn(|request: http::Request<Incoming>| {
         let in_request = phase.begin();
-        let request = request.map(ClientBody::Http2);
+        let request = request.map(ClientBody::Hyper);
         let plane = live.plane();
         async move {
             let response = answer(plane, request, client, origin).await;
@@ -770,8 +800,11 @@ async fn serve_http2(
             Ok::<_, Infallible>(response)
         }
     });
-    // The admin plane's settings, h2 only: the preface has been seen.
-    let builder = connection_builder(limits).http2_only();
+    // The admin plane's settings.
+    let mut builder = connection_builder(limits);
+    if http2_only {
+        builder = builder.http2_only();
+    }
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     let served = tokio::select! {
@@ -782,7 +815,7 @@ async fn serve_http2(
         }
     };
     if let Err(e) = served {
-        tracing::debug!(error = %e, %client, "h2 connection ended with an error");
+        tracing::debug!(error = %e, %client, "connection ended with an error");
     }
 }
 

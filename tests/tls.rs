@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::binary::{Proxy, serve_command, start_serving, write_config};
-use common::certs::{Ca, Issued, tls_get};
+use common::certs::{Ca, Issued, tls_connect, tls_exchange, tls_get};
 use tokio::io::AsyncReadExt;
 
 /// A server with `[admin_tls]` (`extra` lines added to the table), once its admin plane answers
@@ -292,4 +292,96 @@ fn check_config_names_the_tls_file_that_does_not_load_and_says_what_each_plane_s
         "{}",
         String::from_utf8_lossy(&mismatched.stderr)
     );
+}
+
+/// A fenced PUT of `/crash/{id}` with `token`, as raw HTTP/1.1.
+fn fenced_put(id: &str, token: u64) -> String {
+    format!(
+        "PUT /crash/{id} HTTP/1.1\r\nHost: localhost\r\nFencing-Token: {token}\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\nok"
+    )
+}
+
+#[tokio::test]
+async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http() {
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "test-ca");
+    let server = ca.server(dir.path(), "data");
+    let db = dir.path().join("fg.db");
+    let settings = format!(
+        "header_read_timeout = \"500ms\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        server.cert, server.key
+    );
+    let config = write_config(&upstream.url(), &db, &settings);
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+
+    let new = tls_exchange(
+        proxy.addr,
+        &ca.pem,
+        None,
+        &[b"http/1.1"],
+        &fenced_put("w", 5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(new.certificate, server.der);
+    assert!(new.answer.starts_with("HTTP/1.1 200"), "{}", new.answer);
+    let zombie = tls_exchange(
+        proxy.addr,
+        &ca.pem,
+        None,
+        &[b"http/1.1"],
+        &fenced_put("w", 4),
+    )
+    .await
+    .unwrap();
+    assert!(
+        zombie.answer.starts_with("HTTP/1.1 409"),
+        "{}",
+        zombie.answer
+    );
+    assert!(
+        zombie
+            .answer
+            .to_lowercase()
+            .contains("fencing-token-highest: 5"),
+        "{}",
+        zombie.answer
+    );
+
+    // h2, as ALPN chose it.
+    let tls = tls_connect(proxy.addr, &ca.pem, None, &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::put("https://localhost/crash/w")
+        .header("fencing-token", "6")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["fencing-token-highest"], "6");
+
+    // Plain HTTP gets no HTTP answer, and the zombie's write never reached the storage.
+    let plain = reqwest::Client::new()
+        .put(format!("http://{}/crash/w", proxy.addr))
+        .header("Fencing-Token", "7")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+    let tokens: Vec<_> = upstream
+        .arrivals()
+        .iter()
+        .map(|arrival| arrival.token)
+        .collect();
+    assert_eq!(tokens, vec![Some(5), Some(6)]);
 }

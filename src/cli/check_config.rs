@@ -50,15 +50,9 @@ pub fn run(args: &CheckConfigArgs) -> ExitCode {
 /// The widest setting label, so that no value runs into its key.
 const KEY_WIDTH: usize = 25;
 
-/// The configuration as an operator reads it: settings, then routes in match order.
-pub fn describe(config: &Config) -> String {
-    let duration = |d| humantime::format_duration(d).to_string();
-    let token = if config.admin_token.is_some() {
-        "set"
-    } else {
-        "not set"
-    };
-    let admin_serves = match &config.admin_tls {
+/// What a plane serves, by its TLS table.
+fn serves(tls: &Option<crate::tls::TlsFiles>) -> String {
+    match tls {
         None => "plain HTTP".to_owned(),
         Some(tls) => match &tls.client_ca {
             None => format!("HTTPS with {}", tls.cert.display()),
@@ -68,14 +62,28 @@ pub fn describe(config: &Config) -> String {
                 ca.display()
             ),
         },
+    }
+}
+
+/// The configuration as an operator reads it: settings, then routes in match order.
+pub fn describe(config: &Config) -> String {
+    let duration = |d| humantime::format_duration(d).to_string();
+    let token = if config.admin_token.is_some() {
+        "set"
+    } else {
+        "not set"
     };
     let settings = [
-        ("listen", format!("{} (plain HTTP)", config.listen)),
+        (
+            "listen",
+            format!("{} ({})", config.listen, serves(&config.tls)),
+        ),
         (
             "admin_listen",
             format!(
-                "{} ({admin_serves}; admin token {token})",
-                config.admin_listen
+                "{} ({}; admin token {token})",
+                config.admin_listen,
+                serves(&config.admin_tls)
             ),
         ),
         ("database", config.database.display().to_string()),

@@ -137,8 +137,9 @@ pub(super) struct Fixed {
     /// Cluster mode's settings (`[cluster]`, the peer plane, the secret): its leases and peers
     /// are set up once.
     cluster: Option<crate::config::ClusterConfig>,
-    /// Which files the admin plane's TLS reads (their contents reload; the paths, and turning TLS
-    /// on or off, wait for a restart).
+    /// Which files each plane's TLS reads (their contents reload; the paths, and turning TLS on
+    /// or off, wait for a restart).
+    tls: Option<crate::tls::TlsFiles>,
     admin_tls: Option<crate::tls::TlsFiles>,
 }
 
@@ -154,6 +155,7 @@ impl Fixed {
             shutdown_grace: config.shutdown_grace,
             admin_token: config.admin_token.clone(),
             cluster: config.cluster.clone(),
+            tls: config.tls.clone(),
             admin_tls: config.admin_tls.clone(),
         }
     }
@@ -187,6 +189,7 @@ impl Fixed {
         );
         differ("admin_token", self.admin_token != other.admin_token);
         differ("cluster", self.cluster != other.cluster);
+        differ("tls", self.tls != other.tls);
         differ("admin_tls", self.admin_tls != other.admin_tls);
         keys
     }
@@ -202,8 +205,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// Cluster mode's part of the data plane, kept across reloads.
     cluster: Option<Arc<ClusterPlane>>,
-    /// The admin plane's TLS, whose files every reload reads again.
-    admin_tls: Option<Arc<ServerTls>>,
+    /// The planes' TLS (by plane name), whose files every reload reads again.
+    tls: Vec<(&'static str, Arc<ServerTls>)>,
 }
 
 /// What a reload did.
@@ -225,7 +228,7 @@ impl Reloader {
         store: SharedStore,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<ClusterPlane>>,
-        admin_tls: Option<Arc<ServerTls>>,
+        tls: Vec<(&'static str, Arc<ServerTls>)>,
     ) -> Reloader {
         Reloader {
             live,
@@ -234,7 +237,7 @@ impl Reloader {
             store,
             metrics,
             cluster,
-            admin_tls,
+            tls,
         }
     }
 
@@ -280,9 +283,9 @@ impl Reloader {
         };
         self.live.replace(plane, limits, pruning);
         let tls_failed = self
-            .admin_tls
+            .tls
             .iter()
-            .filter_map(|tls| tls.reload().err().map(|error| ("admin", error.to_string())))
+            .filter_map(|(plane, tls)| tls.reload().err().map(|error| (*plane, error.to_string())))
             .collect();
         self.metrics.reloaded(true);
         Reloaded {

@@ -87,6 +87,22 @@ pub async fn tls_get(
     alpn: &[&[u8]],
     path: &str,
 ) -> std::io::Result<Seen> {
+    let request = if path.is_empty() {
+        String::new()
+    } else {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    };
+    tls_exchange(addr, ca, client, alpn, &request).await
+}
+
+/// A TLS connection to `addr` that trusts `ca` (and presents `client`, if any) and offers
+/// `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    client: Option<&Issued>,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -111,9 +127,21 @@ pub async fn tls_get(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut tls = connector
+    connector
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await?;
+        .await
+}
+
+/// Sends `request` (raw HTTP/1.1, `Connection: close`; nothing if empty) over a TLS connection
+/// made as [`tls_connect`] makes it, and reads the answer to the end.
+pub async fn tls_exchange(
+    addr: SocketAddr,
+    ca: &Path,
+    client: Option<&Issued>,
+    alpn: &[&[u8]],
+    request: &str,
+) -> std::io::Result<Seen> {
+    let mut tls = tls_connect(addr, ca, client, alpn).await?;
     let (_, session) = tls.get_ref();
     let certificate = session
         .peer_certificates()
@@ -122,9 +150,7 @@ pub async fn tls_get(
         .unwrap_or_default();
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
     let mut answer = String::new();
-    if !path.is_empty() {
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if !request.is_empty() {
         tls.write_all(request.as_bytes()).await?;
         tls.read_to_string(&mut answer).await?;
     }

@@ -236,13 +236,15 @@ impl Drop for RequestBody {
     }
 }
 
-/// A request body, from either protocol the data plane speaks.
+/// A request body, from either server the data plane runs.
 #[derive(Debug)]
 pub enum ClientBody {
     /// A request without a body.
     Empty,
+    /// Read by fencegate's own HTTP/1.1 server (plain TCP).
     Http1(RequestBody),
-    Http2(hyper::body::Incoming),
+    /// Read by hyper's server: h2, and every request over TLS.
+    Hyper(hyper::body::Incoming),
 }
 
 /// Why a client's request body could not be read.
@@ -251,7 +253,7 @@ pub enum ClientBodyError {
     #[error(transparent)]
     Http1(#[from] BodyError),
     #[error(transparent)]
-    Http2(#[from] hyper::Error),
+    Hyper(#[from] hyper::Error),
 }
 
 impl hyper::body::Body for ClientBody {
@@ -267,7 +269,7 @@ impl hyper::body::Body for ClientBody {
             ClientBody::Http1(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|frame| frame.map_err(ClientBodyError::from))),
-            ClientBody::Http2(body) => Pin::new(body)
+            ClientBody::Hyper(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|frame| frame.map_err(ClientBodyError::from))),
         }
@@ -277,7 +279,7 @@ impl hyper::body::Body for ClientBody {
         match self {
             ClientBody::Empty => true,
             ClientBody::Http1(body) => body.is_end_stream(),
-            ClientBody::Http2(body) => body.is_end_stream(),
+            ClientBody::Hyper(body) => body.is_end_stream(),
         }
     }
 
@@ -285,7 +287,7 @@ impl hyper::body::Body for ClientBody {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::Http1(body) => body.size_hint(),
-            ClientBody::Http2(body) => body.size_hint(),
+            ClientBody::Hyper(body) => body.size_hint(),
         }
     }
 }
