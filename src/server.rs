@@ -257,10 +257,6 @@ impl App {
         };
         let data_tls = load_tls("tls", &config.tls)?;
         let admin_tls = load_tls("admin_tls", &config.admin_tls)?;
-        let planes_tls = [("data", &data_tls), ("admin", &admin_tls)]
-            .into_iter()
-            .filter_map(|(plane, tls)| tls.clone().map(|tls| (plane, tls)))
-            .collect();
         let reloader = Reloader::new(
             Arc::clone(&live),
             running,
@@ -268,7 +264,7 @@ impl App {
             store.clone(),
             Arc::clone(&metrics),
             cluster_plane,
-            planes_tls,
+            planes_tls(&data_tls, &admin_tls),
         );
         let cluster = cluster.map(|joined| {
             let lease = LeaseLoop::new(
@@ -892,6 +888,17 @@ async fn serve_plane<S, B>(
         () = graceful.shutdown() => tracing::info!("in-flight requests drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight"),
     }
+}
+
+/// The planes that serve TLS, by name: what a reload re-reads and what is watched on disk.
+fn planes_tls(
+    data: &Option<Arc<ServerTls>>,
+    admin: &Option<Arc<ServerTls>>,
+) -> Vec<(&'static str, Arc<ServerTls>)> {
+    [("data", data), ("admin", admin)]
+        .into_iter()
+        .filter_map(|(plane, tls)| tls.clone().map(|tls| (plane, tls)))
+        .collect()
 }
 
 /// How often a plane's certificate files are checked for a change on disk.
