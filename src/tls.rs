@@ -73,10 +73,6 @@ impl ServerTls {
         })
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-
     /// The acceptor for one new connection, with the configuration in force now.
     pub fn acceptor(&self) -> TlsAcceptor {
         let config = self.config.read().unwrap_or_else(|p| p.into_inner());
