@@ -320,26 +320,19 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
     let config = write_config(&upstream.url(), &db, &settings);
     let proxy = common::binary::start(serve_command(&config, &db)).await;
 
-    let new = tls_exchange(
-        proxy.addr,
-        &ca.pem,
-        None,
-        &[b"http/1.1"],
-        &fenced_put("w", 5),
-    )
-    .await
-    .unwrap();
+    let put = |token| {
+        let request = fenced_put("w", token);
+        let ca = ca.pem.clone();
+        async move {
+            tls_exchange(proxy.addr, &ca, None, &[b"http/1.1"], &request)
+                .await
+                .unwrap()
+        }
+    };
+    let new = put(5).await;
     assert_eq!(new.certificate, server.der);
     assert!(new.answer.starts_with("HTTP/1.1 200"), "{}", new.answer);
-    let zombie = tls_exchange(
-        proxy.addr,
-        &ca.pem,
-        None,
-        &[b"http/1.1"],
-        &fenced_put("w", 4),
-    )
-    .await
-    .unwrap();
+    let zombie = put(4).await;
     assert!(
         zombie.answer.starts_with("HTTP/1.1 409"),
         "{}",
