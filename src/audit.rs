@@ -18,6 +18,9 @@ pub const MAX_AUDITED_PATH: usize = 1024;
 /// The longest client-supplied request id kept in a rejection row.
 pub const MAX_AUDITED_REQUEST_ID: usize = 128;
 
+/// The longest client identity kept in a rejection row (its names, comma separated).
+pub const MAX_AUDITED_IDENTITY: usize = 1024;
+
 /// The longest method kept in a rejection row: registered methods are at most 17 bytes, and an
 /// extension method is the client's text.
 pub const MAX_AUDITED_METHOD: usize = 32;
@@ -35,11 +38,9 @@ pub enum Reason {
     Jump,
     /// A request on a collection above paths that other resources own (`DELETE /wallets/`).
     Collection,
-    /// A client the route does not allow to write. Reserved by the contract for client
-    /// identities (TLS); nothing records it yet, but operators may already filter on it.
+    /// A client whose certificate identity the route's `allow` list does not name.
     Forbidden,
-    /// A state-changing request that cannot be attributed to a finite set of resources. Reserved
-    /// by the contract for storage profiles; nothing records it yet.
+    /// A state-changing request that cannot be attributed to a finite set of resources.
     Unattributable,
 }
 
@@ -108,6 +109,8 @@ pub struct Rejection {
     /// The client's address as fencegate saw it.
     pub client: String,
     pub request_id: Option<String>,
+    /// The client's certificate identity (see [`crate::tls::ClientIdentity`]), when it sent one.
+    pub identity: Option<String>,
 }
 
 /// Reads a `since` bound: an RFC 3339 timestamp (any offset) or a duration back from `now`, such

@@ -312,6 +312,13 @@ struct FileRoute {
     /// `[[routes.keys]]`: key prefixes to resources, for a profile route.
     #[serde(default)]
     keys: Vec<FileKeys>,
+    /// The client certificate identities that may send fenced requests.
+    allow: Option<Vec<String>>,
+    /// For an `https://` upstream: a CA bundle trusted besides the system's roots.
+    upstream_ca: Option<PathBuf>,
+    /// For an `https://` upstream that wants mTLS: the certificate fencegate presents, and its key.
+    upstream_cert: Option<PathBuf>,
+    upstream_key: Option<PathBuf>,
 }
 
 /// One `[[routes.keys]]` entry.
@@ -403,6 +410,8 @@ fn build(
         ));
     }
     let routes = routes(file.routes, from_file, overrides.upstream.as_deref())?;
+    let tls = tls_files("tls", file.tls)?;
+    check_allow_has_client_certificates(&routes, tls.as_ref())?;
     Ok(Config {
         listen,
         admin_listen,
@@ -478,7 +487,7 @@ fn build(
             .transpose()
             .map_err(|problem| invalid("log_level", problem))?,
         cluster,
-        tls: tls_files("tls", file.tls)?,
+        tls,
         admin_tls: tls_files("admin_tls", file.admin_tls)?,
         routes,
     })
@@ -744,6 +753,7 @@ fn routes(
             profile: None,
             preserve_host: false,
             token_header: crate::token::FENCING_TOKEN,
+            allow: None,
         };
         let route = Route::new("/{*rest}", upstream, DEFAULT_RESOURCE, policy)
             .map_err(|e| invalid("--upstream", e))?;
@@ -769,7 +779,8 @@ fn build_route(
     };
     let upstream = url
         .parse::<Upstream>()
-        .map_err(|e| invalid(upstream_key, e))?;
+        .map_err(|e| invalid(&upstream_key, e))?;
+    let upstream = upstream_tls(index, &route, upstream)?;
     if route.fenced_methods.is_some() {
         return Err(invalid(
             key("fenced_methods"),
@@ -797,6 +808,10 @@ fn build_route(
         None => crate::token::FENCING_TOKEN,
         Some(name) => token_header(&key("token_header"), name)?,
     };
+    let allow = route
+        .allow
+        .map(|names| allow_list(&key("allow"), names))
+        .transpose()?;
     let policy = RoutePolicy {
         unfenced_methods,
         fence_reads: route.fence_reads,
@@ -804,6 +819,7 @@ fn build_route(
         profile,
         preserve_host,
         token_header,
+        allow,
     };
     Route::new(&route.path, upstream, &route.resource, policy).map_err(|e| match e {
         crate::route::RouteError::Path(problem) => {
@@ -811,6 +827,87 @@ fn build_route(
         }
         other => invalid(key("resource"), other),
     })
+}
+
+/// A route's upstream with its `upstream_ca`, `upstream_cert` and `upstream_key`, which are for
+/// an `https://` upstream only. The files are loaded here, so a missing or broken one stops the
+/// start (or the reload) with its name.
+fn upstream_tls(
+    index: usize,
+    route: &FileRoute,
+    upstream: Upstream,
+) -> Result<Upstream, ConfigError> {
+    let key = |field: &str| format!("routes[{index}].{field}");
+    let identity = match (&route.upstream_cert, &route.upstream_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (Some(_), None) => {
+            return Err(invalid(key("upstream_key"), "is needed with upstream_cert"));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(key("upstream_cert"), "is needed with upstream_key"));
+        }
+    };
+    let files = crate::proxy::TlsClientFiles {
+        ca: route.upstream_ca.clone(),
+        identity,
+    };
+    if files == crate::proxy::TlsClientFiles::default() {
+        return Ok(upstream);
+    }
+    let field = if route.upstream_ca.is_some() {
+        "upstream_ca"
+    } else {
+        "upstream_cert"
+    };
+    upstream.with_tls_files(files).map_err(|e| {
+        invalid(
+            key(field),
+            format!("(for {upstream_url}) {e}", upstream_url = route.upstream),
+        )
+    })
+}
+
+/// A route's `allow`: the names a client certificate must carry one of. Names are compared
+/// exactly, so one with stray spaces, or a `CN=` with nothing after it, would never match and is
+/// refused as the mistake it is.
+fn allow_list(key: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for name in &names {
+        if name.is_empty() || name == "CN=" {
+            return Err(invalid(key, "names an empty identity"));
+        }
+        if name.trim() != name {
+            return Err(invalid(
+                key,
+                format!("{name:?} has spaces around it; certificates' names never do"),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// `allow` needs verified client certificates: without `[tls] client_ca` no request carries an
+/// identity, and an allow list would refuse every fenced request (or, worse, be mistaken for
+/// protection that is not there).
+fn check_allow_has_client_certificates(
+    routes: &RouteTable,
+    tls: Option<&TlsFiles>,
+) -> Result<(), ConfigError> {
+    if tls.is_some_and(|tls| tls.client_ca.is_some()) {
+        return Ok(());
+    }
+    match routes
+        .routes()
+        .iter()
+        .position(|route| route.allow().is_some())
+    {
+        None => Ok(()),
+        Some(index) => Err(invalid(
+            format!("routes[{index}].allow"),
+            "needs client certificates: set [tls] cert, key and client_ca so that the data \
+             plane verifies who is writing",
+        )),
+    }
 }
 
 /// A route's `token_header`: a header name a client can send end to end. Not a hop-by-hop
@@ -1019,8 +1116,12 @@ resource = "default"
                 "routes[0].upstream",
             ),
             (
-                ROUTE.replace("http://127.0.0.1:5984", "https://x"),
+                ROUTE.replace("http://127.0.0.1:5984", "ftp://x"),
                 "routes[0].upstream",
+            ),
+            (
+                format!("{ROUTE}upstream_ca = \"/etc/hosts\"\n"),
+                "routes[0].upstream_ca",
             ),
             (
                 ROUTE.replace("/wallets/{id}", "wallets/{id}"),

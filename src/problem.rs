@@ -53,6 +53,14 @@ pub enum ProxyError {
         "fencegate cannot name the resources this request changes ({0}); it is refused, not forwarded under a guess"
     )]
     Unattributable(String),
+    #[error(
+        "{} may not send fenced requests on route {route}; its allow list does not name it",
+        identity.as_deref().map_or_else(|| "a client without a certificate identity".to_owned(), |names| format!("the client {names}"))
+    )]
+    Forbidden {
+        identity: Option<String>,
+        route: String,
+    },
     #[error("the request changes {count} resources, more than max_resources_per_request ({limit})")]
     TooManyResources { count: usize, limit: usize },
     #[error(
@@ -86,6 +94,8 @@ pub enum ProxyError {
     StoreUnavailable,
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
+    #[error("{}", .0.describe())]
+    UpstreamTls(crate::proxy::HandshakeFailure),
     #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
     #[error(
@@ -174,6 +184,11 @@ impl ProxyError {
                 "unattributable",
                 "Request not attributable to resources",
             ),
+            Forbidden { .. } => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Client not allowed to write here",
+            ),
             TooManyResources { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-many-resources",
@@ -214,6 +229,11 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY,
                 "upstream-unreachable",
                 "Upstream unreachable",
+            ),
+            UpstreamTls(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream-tls",
+                "Upstream TLS handshake failed",
             ),
             UpstreamTimeout(_) => (
                 StatusCode::GATEWAY_TIMEOUT,

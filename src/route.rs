@@ -178,6 +178,7 @@ pub struct Route {
     profile: Option<Profile>,
     preserve_host: bool,
     token_header: http::HeaderName,
+    allow: Option<Vec<String>>,
 }
 
 /// The settings of a route other than its templates, already validated by the config layer.
@@ -193,6 +194,8 @@ pub struct RoutePolicy {
     pub preserve_host: bool,
     /// The header leaders send their token in (`Fencing-Token` unless the route says otherwise).
     pub token_header: http::HeaderName,
+    /// The client identities that may send fenced requests (`allow`); `None`: anyone.
+    pub allow: Option<Vec<String>>,
 }
 
 impl Route {
@@ -225,7 +228,14 @@ impl Route {
             profile: policy.profile,
             preserve_host: policy.preserve_host,
             token_header: policy.token_header,
+            allow: policy.allow,
         })
+    }
+
+    /// The client identities that may send this route's fenced requests; `None`: anyone who
+    /// reaches the data plane.
+    pub fn allow(&self) -> Option<&[String]> {
+        self.allow.as_deref()
     }
 
     /// The header this route's leaders send their token in.
@@ -817,6 +827,7 @@ mod tests {
             unfenced_methods: methods::DEFAULT_UNFENCED_METHODS.to_vec(),
             fence_reads: false,
             max_token_jump: None,
+            allow: None,
             profile: None,
             preserve_host: false,
             token_header: crate::token::FENCING_TOKEN,

@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::proxy::placement::ClusterPlane;
 use crate::proxy::{DataPlane, Origin, ProxyBody, RequestLimits, UpstreamClient, request_id};
 use crate::store::{LastStop, PrunePlan, Reader, WriterGuard};
-use crate::tls::ServerTls;
+use crate::tls::{ClientIdentity, ServerTls};
 use limits::{HeadDeadline, RequestPhase};
 use live::{Fixed, Live, Pruning};
 pub use live::{Reloaded, Reloader};
@@ -606,7 +606,11 @@ async fn serve_data_connections(
                 Some(acceptor) => {
                     let limit = limits.header_read_timeout;
                     if let Some(io) = handshake(stream, Some(acceptor), limit, client).await {
-                        serve_with_hyper(io, client, live, limits, stop, origin, false).await;
+                        let peer = Peer {
+                            address: client,
+                            identity: client_identity(&io),
+                        };
+                        serve_with_hyper(io, peer, live, limits, stop, origin, false).await;
                     }
                 }
             }
@@ -682,7 +686,10 @@ async fn serve_data_connection(
         http1::Ended::Http2 { stream, read } => {
             serve_with_hyper(
                 Rewound::new(read, stream),
-                client,
+                Peer {
+                    address: client,
+                    identity: None,
+                },
                 live,
                 limits,
                 stop,
@@ -770,12 +777,30 @@ async fn answer_peer_admin(
     }
 }
 
+/// Who is at the other end of a data-plane connection.
+struct Peer {
+    address: SocketAddr,
+    /// The names of the certificate the client presented, verified against `client_ca`.
+    identity: Option<Arc<ClientIdentity>>,
+}
+
+/// The identity of a TLS client's verified certificate; `None` on plain TCP or without one.
+fn client_identity(
+    io: &Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>,
+) -> Option<Arc<ClientIdentity>> {
+    let Either::Right(tls) = io else {
+        return None;
+    };
+    let end_entity = tls.get_ref().1.peer_certificates()?.first()?;
+    ClientIdentity::of_certificate(end_entity)
+}
+
 /// A data-plane connection served by hyper: h2 once its preface has been seen on plain TCP
-/// (`http2_only`), or a TLS connection, h2 or HTTP/1.1 as ALPN chose. The same head deadline as
-/// the admin plane's.
+/// (`http2_only`), or a TLS connection, h2 or HTTP/1.1 as ALPN chose; each request carries the
+/// client's certificate identity in its extensions. The same head deadline as the admin plane's.
 async fn serve_with_hyper<I>(
     io: I,
-    client: SocketAddr,
+    peer: Peer,
     live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
@@ -788,7 +813,11 @@ async fn serve_with_hyper<I>(
     let io = HeadDeadline::new(io, limits.header_read_timeout, Arc::clone(&phase));
     let service = hyper::service::service_fn(|request: http::Request<Incoming>| {
         let in_request = phase.begin();
-        let request = request.map(ClientBody::Hyper);
+        let mut request = request.map(ClientBody::Hyper);
+        if let Some(identity) = &peer.identity {
+            request.extensions_mut().insert(Arc::clone(identity));
+        }
+        let client = peer.address;
         let plane = live.plane();
         async move {
             let response = answer(plane, request, client, origin).await;
@@ -811,7 +840,7 @@ async fn serve_with_hyper<I>(
         }
     };
     if let Err(e) = served {
-        tracing::debug!(error = %e, %client, "connection ended with an error");
+        tracing::debug!(error = %e, client = %peer.address, "connection ended with an error");
     }
 }
 

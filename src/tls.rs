@@ -5,6 +5,10 @@
 //! SIGHUP and when they change on disk ([`ServerTls::watch`]); a new set that does not load is
 //! logged and the old one keeps serving, so a half-copied certificate never takes a plane down.
 
+mod identity;
+
+pub use identity::ClientIdentity;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};

@@ -84,7 +84,7 @@ async fn audit_streams_every_format_while_the_server_keeps_writing() {
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("id,at,resource,reason,token,highest,method,client,request_id,path")
+        Some("id,at,resource,reason,token,highest,method,client,request_id,path,identity")
     );
     assert!(lines.next().unwrap().contains(",wallet:1,stale,"));
     let table = run(&["audit", "--db", &db]).await;

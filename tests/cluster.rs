@@ -82,6 +82,7 @@ fn rejection(resource: &str) -> Rejection {
         path: format!("/{resource}"),
         client: "127.0.0.1:1".into(),
         request_id: None,
+        identity: Some("spiffe://test/leader".into()),
     }
 }
 

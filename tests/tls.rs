@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::binary::{Proxy, serve_command, start_serving, write_config};
-use common::certs::{Ca, Issued, tls_connect, tls_exchange, tls_get};
+use common::certs::{Ca, HttpsUpstream, Issued, tls_connect, tls_exchange, tls_get};
 use tokio::io::AsyncReadExt;
 
 /// A server with `[admin_tls]` (`extra` lines after the table: its `client_ca`, or another
@@ -381,4 +381,378 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
         .map(|arrival| arrival.token)
         .collect();
     assert_eq!(tokens, vec![Some(5), Some(6)]);
+}
+
+/// A server on `upstream` whose data plane requires client certificates from `ca`, with a route
+/// `/wallets/{id}` that only the wallet leader (by URI SAN) and the billing leader (by CN) may
+/// write, a route `/open/{id}` anyone with a certificate may, and an etcd route only the wallet
+/// leader may write.
+async fn start_with_allow_list(dir: &Path, upstream: &str, ca: &Ca) -> (Proxy, std::path::PathBuf) {
+    let server = ca.server(dir, "data");
+    let db = dir.join("fg.db");
+    let config = dir.join("fg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+             [[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"wallet:{{id}}\"\n\
+             allow = [\"spiffe://prod/wallet-leader\", \"CN=billing-leader\"]\n\
+             [[routes]]\npath = \"/open/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"open:{{id}}\"\n\
+             [[routes]]\npath = \"/v3/{{*rest}}\"\nupstream = \"{upstream}\"\nprofile = \"etcd-v3\"\n\
+             resource = \"etcd:{{key}}\"\nallow = [\"spiffe://prod/wallet-leader\"]\n",
+            server.cert, server.key, ca.pem
+        ),
+    )
+    .unwrap();
+    (common::binary::start(serve_command(&config, &db)).await, db)
+}
+
+/// The answer to `request` sent over HTTPS with `client`'s certificate; empty if refused.
+async fn send_as(proxy: &Proxy, ca: &Ca, client: &Issued, request: String) -> String {
+    tls_exchange(proxy.addr, &ca.pem, Some(client), &[b"http/1.1"], &request)
+        .await
+        .map(|seen| seen.answer)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn only_the_leaders_a_route_allows_may_write_and_anyone_else_is_refused_and_audited() {
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "leaders-ca");
+    let (proxy, db) = start_with_allow_list(dir.path(), &upstream.url(), &ca).await;
+    let leader = ca.workload(dir.path(), "wallet-leader", "spiffe://prod/wallet-leader");
+    let billing = ca.client(dir.path(), "billing-leader");
+    let intruder = ca.workload(dir.path(), "batch-job", "spiffe://prod/batch-job");
+    let send = |client, request: String| send_as(&proxy, &ca, client, request);
+    let put = |path: &str, token: u64| {
+        format!(
+            "PUT {path} HTTP/1.1\r\nHost: localhost\r\nFencing-Token: {token}\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+    };
+
+    let by_uri = send(&leader, put("/wallets/1", 5)).await;
+    assert!(by_uri.starts_with("HTTP/1.1 200"), "{by_uri}");
+    let by_cn = send(&billing, put("/wallets/1", 5)).await;
+    assert!(by_cn.starts_with("HTTP/1.1 200"), "{by_cn}");
+
+    // A client the CA signed but the route does not name: 403, whatever its token, and the
+    // highest token stays where the leaders put it.
+    let forbidden = send(&intruder, put("/wallets/1", 9)).await;
+    assert!(forbidden.starts_with("HTTP/1.1 403"), "{forbidden}");
+    assert!(
+        forbidden.contains("application/problem+json"),
+        "{forbidden}"
+    );
+    assert!(forbidden.contains("forbidden"), "{forbidden}");
+    assert!(
+        forbidden
+            .to_lowercase()
+            .contains("fencing-token-highest: 5"),
+        "{forbidden}"
+    );
+    assert!(forbidden.contains("spiffe://prod/batch-job"), "{forbidden}");
+    let still_leader = send(&leader, put("/wallets/1", 5)).await;
+    assert!(still_leader.starts_with("HTTP/1.1 200"), "{still_leader}");
+
+    // It may read, and write where no allow list applies.
+    let read = send(
+        &intruder,
+        "GET /wallets/1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
+    )
+    .await;
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    let open = send(&intruder, put("/open/1", 1)).await;
+    assert!(open.starts_with("HTTP/1.1 200"), "{open}");
+
+    // The leader's own stale write is audited with its identity too.
+    let stale = send(&leader, put("/wallets/1", 4)).await;
+    assert!(stale.starts_with("HTTP/1.1 409"), "{stale}");
+
+    // Through a storage profile: a put names its key's resource, and a range delete cannot be
+    // attributed; either way the intruder is refused as forbidden first.
+    let etcd = |call: &str| {
+        let (endpoint, body) = call.split_once(' ').unwrap();
+        format!(
+            "POST /v3/kv/{endpoint} HTTP/1.1\r\nHost: localhost\r\nFencing-Token: 3\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len(),
+        )
+    };
+    let etcd_put = r#"put {"key":"L2E=","value":"MQ=="}"#;
+    let etcd_sweep = r#"deleterange {"key":"AA==","range_end":"AA=="}"#;
+    let leader_put = send(&leader, etcd(etcd_put)).await;
+    assert!(leader_put.starts_with("HTTP/1.1 200"), "{leader_put}");
+    let intruder_put = send(&intruder, etcd(etcd_put)).await;
+    assert!(intruder_put.starts_with("HTTP/1.1 403"), "{intruder_put}");
+    let intruder_sweep = send(&intruder, etcd(etcd_sweep)).await;
+    assert!(
+        intruder_sweep.starts_with("HTTP/1.1 403"),
+        "{intruder_sweep}"
+    );
+    let leader_sweep = send(&leader, etcd(etcd_sweep)).await;
+    assert!(leader_sweep.starts_with("HTTP/1.1 422"), "{leader_sweep}");
+
+    // Without a certificate there is no TLS session to send anything on.
+    let anonymous = tls_exchange(proxy.addr, &ca.pem, None, &[], &put("/wallets/1", 9)).await;
+    assert!(
+        anonymous.is_err() || anonymous.as_ref().is_ok_and(|s| s.answer.is_empty()),
+        "served without a client certificate"
+    );
+
+    let writes: Vec<(String, Option<u64>)> = upstream
+        .arrivals()
+        .iter()
+        .filter(|arrival| arrival.method != "GET")
+        .map(|arrival| (arrival.target.clone(), arrival.token))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            ("/wallets/1".to_owned(), Some(5)),
+            ("/wallets/1".to_owned(), Some(5)),
+            ("/wallets/1".to_owned(), Some(5)),
+            ("/open/1".to_owned(), Some(1)),
+            ("/v3/kv/put".to_owned(), Some(3)),
+        ]
+    );
+
+    let rejections: serde_json::Value = reqwest::get(format!(
+        "http://{}/v1/rejections?resource=wallet:1",
+        proxy.admin
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let rows = rejections["rejections"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rejections}");
+    assert_eq!(rows[0]["reason"], "stale");
+    assert_eq!(
+        rows[0]["identity"],
+        "spiffe://prod/wallet-leader, CN=wallet-leader"
+    );
+    assert_eq!(rows[1]["reason"], "forbidden");
+    assert_eq!(rows[1]["identity"], "spiffe://prod/batch-job, CN=batch-job");
+    assert_eq!(rows[1]["token"], 9);
+    assert_eq!(rows[1]["highest"], 5);
+
+    let forbidden_etcd: serde_json::Value = reqwest::get(format!(
+        "http://{}/v1/rejections?reason=forbidden&resource=etcd:/a",
+        proxy.admin
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        forbidden_etcd["rejections"].as_array().unwrap().len(),
+        1,
+        "{forbidden_etcd}"
+    );
+
+    let audit = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+        .args(["audit", "--reason", "forbidden", "--format", "csv", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        csv.starts_with(
+            "id,at,resource,reason,token,highest,method,client,request_id,path,identity\n"
+        ),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(",/wallets/1,\"spiffe://prod/batch-job, CN=batch-job\""),
+        "{csv}"
+    );
+    assert!(
+        proxy.logged("identity=\"spiffe://prod/batch-job, CN=batch-job\""),
+        "the rejection's log line names the client"
+    );
+}
+
+#[test]
+fn an_allow_list_without_client_certificates_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "test-ca");
+    let server = ca.server(dir.path(), "data");
+    let check = |tls: &str| {
+        let config = dir.path().join("fg.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{tls}\n[[routes]]\npath = \"/w/{{id}}\"\nupstream = \"http://127.0.0.1:9\"\n\
+                 resource = \"w:{{id}}\"\nallow = [\"CN=leader\"]\n"
+            ),
+        )
+        .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_fencegate"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let tls = format!("[tls]\ncert = {:?}\nkey = {:?}\n", server.cert, server.key);
+    for without_client_ca in ["", tls.as_str()] {
+        let refused = check(without_client_ca);
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("routes[0].allow") && stderr.contains("client_ca"),
+            "{stderr}"
+        );
+    }
+    let with_client_ca = check(&format!("{tls}client_ca = {:?}\n", ca.pem));
+    assert!(
+        with_client_ca.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_client_ca.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_verified_and_a_refused_certificate_is_a_502_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage_ca = Ca::new(dir.path(), "storage-ca");
+    let good = HttpsUpstream::start(&storage_ca.server(dir.path(), "good"), None).await;
+    let expired =
+        HttpsUpstream::start(&storage_ca.expired_server(dir.path(), "expired"), None).await;
+    let elsewhere = HttpsUpstream::start(
+        &storage_ca.server_named(dir.path(), "elsewhere", "storage.elsewhere"),
+        None,
+    )
+    .await;
+    let leaders_ca = Ca::new(dir.path(), "fencegate-ca");
+    let mtls = HttpsUpstream::start(
+        &storage_ca.server(dir.path(), "mtls"),
+        Some(&leaders_ca.pem),
+    )
+    .await;
+    let fencegate = leaders_ca.client(dir.path(), "fencegate");
+    let route = |name: &str, upstream: String, extra: String| {
+        format!(
+            "[[routes]]\npath = \"/{name}/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"{name}:{{id}}\"\n{extra}"
+        )
+    };
+    let ca = format!("upstream_ca = {:?}\n", storage_ca.pem);
+    let client_cert = format!(
+        "upstream_cert = {:?}\nupstream_key = {:?}\n",
+        fencegate.cert, fencegate.key
+    );
+    let routes = [
+        route("good", good.url("localhost"), ca.clone()),
+        route("untrusted", good.url("localhost"), String::new()),
+        route("expired", expired.url("localhost"), ca.clone()),
+        route("misnamed", elsewhere.url("127.0.0.1"), ca.clone()),
+        route("mtls", mtls.url("localhost"), format!("{ca}{client_cert}")),
+        route("anonymous", mtls.url("localhost"), ca.clone()),
+    ]
+    .concat();
+    let db = dir.path().join("fg.db");
+    let config = dir.path().join("fg.toml");
+    std::fs::write(&config, &routes).unwrap();
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+    let client = reqwest::Client::new();
+    let put = |path: &str, token: u64| {
+        client
+            .put(format!("http://{}{path}", proxy.addr))
+            .header("Fencing-Token", token.to_string())
+            .body("ok")
+            .send()
+    };
+
+    for token in [1, 2, 2] {
+        let stored = put("/good/1", token).await.unwrap();
+        assert_eq!(stored.status(), 200);
+        assert_eq!(stored.text().await.unwrap(), "stored");
+    }
+    assert_eq!(
+        good.tokens(),
+        [Some("1".into()), Some("2".into()), Some("2".into())]
+    );
+    assert_eq!(
+        good.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the TLS connection is kept alive and reused"
+    );
+    assert!(
+        good.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(sni, _)| sni.as_deref() == Some("localhost")),
+        "SNI names the upstream URL's host"
+    );
+
+    for (path, cause) in [
+        ("/untrusted/1", "unknown issuer"),
+        ("/expired/1", "expired"),
+        ("/misnamed/1", "does not name the host"),
+        ("/anonymous/1", "client certificate"),
+    ] {
+        let refused = put(path, 1).await.unwrap();
+        assert_eq!(refused.status(), 502, "{path}");
+        let problem = common::problem(refused).await;
+        assert_eq!(problem["type"], "urn:fencegate:problem:upstream-tls");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(cause), "{path}: {detail}");
+    }
+    // Nothing reached the storage behind a refused certificate, and a refused handshake sent
+    // nothing, so the next token is not held back for the in-doubt grace.
+    assert!(expired.tokens().is_empty() && elsewhere.tokens().is_empty());
+    let after = tokio::time::timeout(Duration::from_secs(2), put("/expired/1", 2))
+        .await
+        .expect("a handshake failure leaves nothing in doubt")
+        .unwrap();
+    assert_eq!(after.status(), 502);
+
+    let with_certificate = put("/mtls/1", 3).await.unwrap();
+    assert_eq!(with_certificate.status(), 200);
+    assert_eq!(mtls.tokens(), [Some("3".into())]);
+}
+
+#[test]
+fn upstream_tls_files_are_checked_when_the_config_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |upstream: &str, extra: &str| {
+        let config = dir.path().join("fg.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[routes]]\npath = \"/w/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"w:{{id}}\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check("https://storage.internal:8443", "");
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = check("http://127.0.0.1:9", "upstream_ca = \"/etc/hosts\"\n");
+    assert!(
+        !ok && stderr.contains("routes[0].upstream_ca") && stderr.contains("http://"),
+        "{stderr}"
+    );
+    let (ok, stderr) = check(
+        "https://storage.internal",
+        "upstream_ca = \"/nowhere/ca.pem\"\n",
+    );
+    assert!(!ok && stderr.contains("/nowhere/ca.pem"), "{stderr}");
+    let (ok, stderr) = check(
+        "https://storage.internal",
+        "upstream_cert = \"/etc/hosts\"\n",
+    );
+    assert!(!ok && stderr.contains("routes[0].upstream_key"), "{stderr}");
 }

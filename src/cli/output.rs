@@ -44,8 +44,11 @@ impl Tabular for RejectionRow {
         "client",
         "request_id",
         "path",
+        "identity",
     ];
-    const WIDTHS: &'static [usize] = &[8, 24, 20, 7, 20, 20, 7, 21, 36];
+    // The path before the identity, as before identities were audited: scripts that cut columns
+    // keep working, and rows without an identity end where they did.
+    const WIDTHS: &'static [usize] = &[8, 24, 20, 7, 20, 20, 7, 21, 36, 24];
 
     fn cells(&self) -> Vec<String> {
         vec![
@@ -59,6 +62,7 @@ impl Tabular for RejectionRow {
             self.client.clone(),
             self.request_id.clone().unwrap_or_default(),
             self.path.clone(),
+            self.identity.clone().unwrap_or_default(),
         ]
     }
 }
@@ -251,6 +255,7 @@ mod tests {
             path: path.into(),
             client: "127.0.0.1:5000".into(),
             request_id: None,
+            identity: None,
         }
     }
 
@@ -286,12 +291,12 @@ mod tests {
         let mut lines = text.lines();
         assert_eq!(
             lines.next(),
-            Some("id,at,resource,reason,token,highest,method,client,request_id,path")
+            Some("id,at,resource,reason,token,highest,method,client,request_id,path,identity")
         );
         assert_eq!(
             lines.next(),
             Some(
-                "1,2026-11-23T10:00:00.000Z,wallet:1,stale,1,2,PUT,127.0.0.1:5000,,\"/w/a,\"\"b\"\"\""
+                "1,2026-11-23T10:00:00.000Z,wallet:1,stale,1,2,PUT,127.0.0.1:5000,,\"/w/a,\"\"b\"\"\","
             )
         );
     }
@@ -300,7 +305,11 @@ mod tests {
     fn table_escapes_control_characters_and_marks_empty_cells() {
         let text = render(Format::Table, vec![row(1, "/w/\u{1b}[31mred")]);
         let line = text.lines().nth(1).unwrap();
-        assert!(line.ends_with("/w/\\u{1b}[31mred"), "{line}");
+        assert!(line.contains(" /w/\\u{1b}[31mred "), "{line}");
+        assert!(
+            line.ends_with(" -"),
+            "the absent identity shows as -: {line}"
+        );
         assert!(!text.contains('\u{1b}'));
         assert!(
             line.contains(" - "),

@@ -14,6 +14,7 @@ use http::header::{
 
 use super::upstream::wire;
 use crate::problem::ProxyError;
+use crate::tls::ClientIdentity;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still see). They describe
 /// one connection and are never passed on.
@@ -131,6 +132,9 @@ pub(super) fn write_upstream_headers(
 
 /// The header that carries the client's address over the peer plane (cluster mode).
 pub(super) const FENCEGATE_CLIENT: HeaderName = HeaderName::from_static("fencegate-client");
+/// The header that carries the client's certificate identity over the peer plane.
+pub(super) const FENCEGATE_CLIENT_IDENTITY: HeaderName =
+    HeaderName::from_static("fencegate-client-identity");
 /// The header that carries the cluster secret over the peer plane.
 pub(super) const FENCEGATE_CLUSTER_SECRET: HeaderName =
     HeaderName::from_static("fencegate-cluster-secret");
@@ -139,16 +143,20 @@ pub(super) const FENCEGATE_REPLICA: HeaderName = HeaderName::from_static("fenceg
 
 /// Writes a client's request headers for the owner of its shard: every end-to-end header as
 /// sent (`Host`, `Forwarded` and `X-Forwarded-For` included: the owner writes the upstream's), and
-/// the client's address and the cluster secret in headers of fencegate's own, replacing any a
-/// client sent.
+/// the client's address, certificate identity and the cluster secret in headers of fencegate's
+/// own, replacing any a client sent.
 pub(super) fn write_peer_headers(
     out: &mut BytesMut,
     headers: &HeaderMap,
     client: SocketAddr,
+    identity: Option<&ClientIdentity>,
     secret: Option<&str>,
 ) {
-    let left_out =
-        |name: &HeaderName| *name == FENCEGATE_CLIENT || *name == FENCEGATE_CLUSTER_SECRET;
+    let left_out = |name: &HeaderName| {
+        *name == FENCEGATE_CLIENT
+            || *name == FENCEGATE_CLIENT_IDENTITY
+            || *name == FENCEGATE_CLUSTER_SECRET
+    };
     for (name, value) in end_to_end(headers, left_out) {
         wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -157,6 +165,13 @@ pub(super) fn write_peer_headers(
         FENCEGATE_CLIENT.as_str().as_bytes(),
         client.to_string().as_bytes(),
     );
+    if let Some(identity) = identity {
+        wire::write_header(
+            out,
+            FENCEGATE_CLIENT_IDENTITY.as_str().as_bytes(),
+            identity.to_header().as_bytes(),
+        );
+    }
     if let Some(secret) = secret {
         wire::write_header(
             out,
@@ -344,5 +359,47 @@ mod tests {
             assert!(refuse_method_override(&map).is_err(), "{name}");
         }
         assert!(refuse_method_override(&headers(&[("x-other", "1")])).is_ok());
+    }
+
+    #[test]
+    fn the_peer_hop_carries_only_fencegates_own_client_address_and_identity() {
+        // A client that sends the peer headers itself must not speak for another client, or
+        // claim an identity its certificate does not give it.
+        let map = headers(&[
+            ("fencegate-client", "10.9.9.9:1"),
+            ("fencegate-client-identity", "spiffe://prod/wallet-leader"),
+            ("fencegate-cluster-secret", "guess"),
+            ("fencing-token", "7"),
+        ]);
+        let identity = ClientIdentity::of_names(["CN=intruder".to_owned()]).unwrap();
+        let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut out = BytesMut::new();
+        write_peer_headers(&mut out, &map, client, Some(&identity), Some("s3cret"));
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.contains(&"fencing-token: 7"), "{text}");
+        assert!(
+            lines.contains(&"fencegate-client: 127.0.0.1:5000"),
+            "{text}"
+        );
+        assert!(
+            lines.contains(&"fencegate-client-identity: CN=intruder"),
+            "{text}"
+        );
+        assert!(
+            lines.contains(&"fencegate-cluster-secret: s3cret"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("10.9.9.9")
+                && !text.contains("wallet-leader")
+                && !text.contains("guess"),
+            "{text}"
+        );
+
+        let mut anonymous = BytesMut::new();
+        write_peer_headers(&mut anonymous, &map, client, None, None);
+        let text = String::from_utf8(anonymous.to_vec()).unwrap();
+        assert!(!text.contains("fencegate-client-identity"), "{text}");
     }
 }

@@ -31,14 +31,15 @@ use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
 use crate::server::ClientBody;
 use crate::store::SharedStore;
+use crate::tls::ClientIdentity;
 use crate::token::{self, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
 use inflight::InFlight;
 use placement::{Admissions, ClusterPlane, Placed, until_term_ends};
 use request_id::X_REQUEST_ID;
 
 pub use upstream::{
-    ExchangeError, ForwardError, ResponseBody, Upstream, UpstreamBody, UpstreamClient,
-    UpstreamUrlError, wire,
+    ExchangeError, ForwardError, HandshakeFailure, ResponseBody, TlsClientFiles, Upstream,
+    UpstreamBody, UpstreamClient, UpstreamUrlError, wire,
 };
 
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
@@ -215,9 +216,15 @@ impl DataPlane {
         let secret = headers.remove(headers::FENCEGATE_CLUSTER_SECRET);
         let original = placement::peer_client(headers.get(headers::FENCEGATE_CLIENT));
         headers.remove(headers::FENCEGATE_CLIENT);
+        let identity = headers
+            .remove(headers::FENCEGATE_CLIENT_IDENTITY)
+            .and_then(|value| ClientIdentity::from_header(&value));
         match &self.cluster {
             Some(cluster) if cluster.authenticates(secret.as_ref()) => {
                 request.extensions_mut().insert(FromPeer);
+                if let Some(identity) = identity {
+                    request.extensions_mut().insert(identity);
+                }
                 Ok(original)
             }
             _ => Err(ProxyError::PeerUnauthenticated.into()),
@@ -305,6 +312,21 @@ impl DataPlane {
         };
         // A Destination is a second path the request writes, whatever its method.
         let fenced = writes || request.headers().contains_key(webdav::DESTINATION);
+        if fenced && !allows(resolved.route, &request) {
+            // Before the body is read for a resource (`reads_request`): a client that may not
+            // write here gets nothing read on its behalf. Audited under the path's resource.
+            self.check_resource_length(&resolved.resource)?;
+            let Resolved {
+                route, resource, ..
+            } = resolved;
+            return Box::pin(self.refuse_forbidden(
+                route,
+                resource,
+                request.map(Either::Left),
+                client,
+            ))
+            .await;
+        }
         if fenced && resolved.route.reads_request() {
             let (resolved, request) =
                 Box::pin(self.resolve_from_request(&path, resolved, request, client)).await?;
@@ -353,6 +375,11 @@ impl DataPlane {
                 return Err(Box::pin(self.refuse_malformed(error, resource)).await);
             }
         };
+        if !allows(resolved.route, &request) {
+            let resource = resolved.resource.clone();
+            return Box::pin(self.refuse_forbidden(resolved.route, resource, request, client))
+                .await;
+        }
         // Cluster mode only: a single node serves everything here, and the hot path allocates
         // nothing for it.
         let admissions = if self.cluster.is_some() {
@@ -474,6 +501,16 @@ impl DataPlane {
                 return self.forward_unfenced(resolved.route, request, client).await;
             }
             Changes::Unattributable(why) => {
+                if !allows(resolved.route, &request) {
+                    let route_resource = resolved.resource;
+                    return Box::pin(self.refuse_forbidden(
+                        resolved.route,
+                        route_resource,
+                        request,
+                        client,
+                    ))
+                    .await;
+                }
                 // Audited under the route's resource, by the replica that holds its shard.
                 if let Placed::Owner(replica, peer) =
                     self.place(&[&resolved.resource], &request).await?
@@ -506,6 +543,10 @@ impl DataPlane {
             let why = "the storage profile named no resource".to_owned();
             return Err(ProxyError::Unattributable(why).into());
         };
+        if !allows(resolved.route, &request) {
+            let primary = primary.clone();
+            return Box::pin(self.refuse_forbidden(resolved.route, primary, request, client)).await;
+        }
         let admissions = match self
             .place(&resources.iter().collect::<Vec<_>>(), &request)
             .await?
@@ -620,6 +661,43 @@ impl DataPlane {
             Err(e) if e.is::<LengthLimitError>() => Err(too_large),
             Err(_) => Err(ProxyError::BodyUnreadable),
         }
+    }
+
+    /// A fenced request from a client the route's `allow` list does not name: 403, audited under
+    /// `resource` with the client's identity. In cluster mode the replica that owns `resource`
+    /// writes the row: the request is relayed there with the identity, and refused there.
+    async fn refuse_forbidden(
+        &self,
+        route: &Route,
+        resource: ResourceKey,
+        request: Request<UpstreamBody>,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, Rejected> {
+        if let Placed::Owner(replica, peer) = self.place(&[&resource], &request).await? {
+            return self
+                .forward_to_owner((replica, peer), request, client)
+                .await;
+        }
+        let token = token::from_header(request.headers(), route.token_header()).ok();
+        let highest = match self.gate.highest(&resource).await {
+            Ok(highest) => highest,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the highest token");
+                return Err(fenced(ProxyError::StoreUnavailable, resource, token, None));
+            }
+        };
+        let error = ProxyError::Forbidden {
+            identity: identity_of(&request).map(ToString::to_string),
+            route: route.path().to_owned(),
+        };
+        let fencing = FencingContext {
+            resource,
+            token,
+            highest,
+        };
+        Err(self
+            .audit(Reason::Forbidden, error, fencing, &request, client)
+            .await)
     }
 
     /// A state-changing request its profile cannot attribute to a finite set of resources:
@@ -857,10 +935,13 @@ impl DataPlane {
             .filter(|id| !id.is_empty())
             .map(|id| audit::truncated(id, audit::MAX_AUDITED_REQUEST_ID));
         let (token, highest) = (fencing.token, fencing.highest);
+        let identity = identity_of(request)
+            .map(|identity| audit::truncated(&identity.to_string(), audit::MAX_AUDITED_IDENTITY));
         tracing::info!(
             resource = %fencing.resource, %reason, token = token.map(FencingToken::get),
             highest = highest.map(FencingToken::get),
-            request_id = request_id.as_deref().unwrap_or(""), "fenced request rejected"
+            request_id = request_id.as_deref().unwrap_or(""),
+            identity = identity.as_deref().unwrap_or(""), "fenced request rejected"
         );
         self.metrics.rejected(reason);
         let rejection = Rejection {
@@ -873,6 +954,7 @@ impl DataPlane {
             path: audit::truncated(request.uri().path(), audit::MAX_AUDITED_PATH),
             client: client.to_string(),
             request_id,
+            identity,
         };
         let error = match self.store.record_rejection(rejection).await {
             Ok(()) => error,
@@ -907,6 +989,8 @@ impl DataPlane {
         request_id: Option<&HeaderValue>,
     ) -> ProxyError {
         let answer = match error {
+            // Before the other causes: a TLS alert arrives as a failed read or write.
+            _ if let Some(failure) = error.tls_failure() => ProxyError::UpstreamTls(failure),
             ForwardError::Timeout => ProxyError::UpstreamTimeout(self.upstream.timeout()),
             ForwardError::BodyTooLarge => {
                 return ProxyError::BodyTooLarge {
@@ -914,9 +998,10 @@ impl DataPlane {
                 };
             }
             ForwardError::SwitchedProtocols => ProxyError::UpstreamSwitchedProtocols,
-            ForwardError::Connect(_) | ForwardError::NotSent(_) | ForwardError::Exchange(_) => {
-                ProxyError::UpstreamUnreachable
-            }
+            ForwardError::Connect(_)
+            | ForwardError::Handshake(_)
+            | ForwardError::NotSent(_)
+            | ForwardError::Exchange(_) => ProxyError::UpstreamUnreachable,
         };
         let status = answer.status().as_u16();
         let cause = error.cause();
@@ -935,12 +1020,31 @@ impl DataPlane {
     }
 }
 
+/// The identity of the client that sent `request`: its verified certificate's names, put in the
+/// request's extensions by the TLS listener (or, in cluster mode, by the peer plane).
+fn identity_of<B>(request: &Request<B>) -> Option<&ClientIdentity> {
+    request
+        .extensions()
+        .get::<Arc<ClientIdentity>>()
+        .map(Arc::as_ref)
+}
+
+/// Whether `route` lets the sender of `request` send fenced requests: anyone, unless it has an
+/// `allow` list; then only a client whose certificate identity the list names.
+fn allows<B>(route: &Route, request: &Request<B>) -> bool {
+    match route.allow() {
+        None => true,
+        Some(allow) => identity_of(request).is_some_and(|identity| identity.is_allowed_by(allow)),
+    }
+}
+
 /// What the access log needs from a request before it is handed to the proxy.
 struct AccessStart {
     started: std::time::Instant,
     method: http::Method,
     target: String,
     request_id: Option<HeaderValue>,
+    identity: Option<Arc<ClientIdentity>>,
 }
 
 impl AccessStart {
@@ -953,12 +1057,13 @@ impl AccessStart {
                 .path_and_query()
                 .map_or_else(|| request.uri().to_string(), ToString::to_string),
             request_id: request.headers().get(X_REQUEST_ID).cloned(),
+            identity: request.extensions().get::<Arc<ClientIdentity>>().cloned(),
         }
     }
 
     /// One line: client, method, target, resource and token (for a fenced request), status, the
     /// upstream's status (if the answer is the upstream's), body bytes (if known from the head),
-    /// duration to the response head, request id. Text or JSON, as the other log lines.
+    /// duration to the response head, request id, and the client's certificate identity if any. Text or JSON, as the other log lines.
     fn log(
         self,
         response: &Response<ProxyBody>,
@@ -993,6 +1098,7 @@ impl AccessStart {
             bytes,
             duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             request_id = self.request_id.as_ref().and_then(|id| id.to_str().ok()),
+            identity = self.identity.as_ref().map(tracing::field::display),
             "access"
         );
     }

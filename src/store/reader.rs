@@ -74,6 +74,8 @@ pub struct RejectionRow {
     pub path: String,
     pub client: String,
     pub request_id: Option<String>,
+    /// The client's certificate identity, when the data plane verified one.
+    pub identity: Option<String>,
 }
 
 /// One epoch advance: a resource's highest token changed from `from` to `to`.

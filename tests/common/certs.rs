@@ -47,10 +47,38 @@ impl Ca {
         self.issue(dir, name, params)
     }
 
+    /// A server certificate for `localhost` and 127.0.0.1 that expired in 2020.
+    pub fn expired_server(&self, dir: &Path, name: &str) -> Issued {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        self.issue(dir, name, params)
+    }
+
+    /// A server certificate for `host` alone (not this machine's names).
+    pub fn server_named(&self, dir: &Path, name: &str, host: &str) -> Issued {
+        let params = CertificateParams::new(vec![host.to_owned()]).unwrap();
+        self.issue(dir, name, params)
+    }
+
     /// A client certificate whose subject CN is `name`.
     pub fn client(&self, dir: &Path, name: &str) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
+        self.issue(dir, name, params)
+    }
+
+    /// A client certificate for a workload: subject CN `name` and the URI SAN `uri` (a SPIFFE
+    /// id, say).
+    pub fn workload(&self, dir: &Path, name: &str, uri: &str) -> Issued {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().unwrap()));
         self.issue(dir, name, params)
     }
 
@@ -159,4 +187,108 @@ pub async fn tls_exchange(
         alpn,
         answer,
     })
+}
+
+/// What an [`HttpsUpstream`] saw of one request: its connection's SNI and its `Fencing-Token`.
+pub type Arrived = (Option<String>, Option<String>);
+
+/// An HTTPS server on loopback that answers every request `200 stored`, for fencegate's
+/// upstream: it counts TCP connections and records each request's `Fencing-Token` and the SNI
+/// its connection sent. With `client_ca`, it requires a client certificate that CA signed.
+pub struct HttpsUpstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// `(sni, token)` per request, in arrival order.
+    pub seen: Arc<std::sync::Mutex<Vec<Arrived>>>,
+}
+
+impl HttpsUpstream {
+    pub async fn start(server: &Issued, client_ca: Option<&Path>) -> HttpsUpstream {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
+            .with_single_cert(
+                CertificateDer::pem_file_iter(&server.cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(&server.key).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = HttpsUpstream {
+            addr: listener.local_addr().unwrap(),
+            connections: Arc::default(),
+            seen: Arc::default(),
+        };
+        let (connections, seen) = (
+            Arc::clone(&upstream.connections),
+            Arc::clone(&upstream.seen),
+        );
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (acceptor, seen) = (acceptor.clone(), Arc::clone(&seen));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            let token = request
+                                .headers()
+                                .get("fencing-token")
+                                .and_then(|t| t.to_str().ok())
+                                .map(str::to_owned);
+                            seen.lock().unwrap().push((sni.clone(), token));
+                            async move {
+                                use http_body_util::BodyExt;
+                                let _ = request.into_body().collect().await;
+                                Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"stored")),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        upstream
+    }
+
+    pub fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}", self.addr.port())
+    }
+
+    pub fn tokens(&self) -> Vec<Option<String>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, token)| token.clone())
+            .collect()
+    }
 }

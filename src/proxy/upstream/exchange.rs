@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use super::stream::UpstreamStream;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::UpstreamBody;
@@ -134,7 +134,7 @@ impl Sender {
     fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
-        stream: &TcpStream,
+        stream: &mut UpstreamStream,
     ) -> Poll<Result<(), ExchangeError>> {
         loop {
             let waiting_for_body = self.gather(cx)?;
@@ -148,6 +148,11 @@ impl Sender {
                 }
             }
             if self.body.is_none() {
+                match stream.poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(ExchangeError::Write(e))),
+                    Poll::Pending => return self.poll_deadline(cx),
+                }
                 if let Some(sent) = self.sent.take() {
                     sent.sent();
                 }
@@ -221,23 +226,19 @@ impl Sender {
     fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
-        stream: &TcpStream,
+        stream: &mut UpstreamStream,
     ) -> Poll<Result<(), ExchangeError>> {
-        loop {
-            ready!(stream.poll_write_ready(cx)).map_err(ExchangeError::Write)?;
-            match stream.try_write(&self.pending) {
-                Ok(0) => {
-                    let closed = std::io::Error::from(std::io::ErrorKind::WriteZero);
-                    return Poll::Ready(Err(ExchangeError::Write(closed)));
-                }
-                Ok(written) => {
-                    self.written += written as u64;
-                    self.pending.advance(written);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(ExchangeError::Write(e))),
+        match ready!(stream.poll_write(cx, &self.pending)) {
+            Ok(0) => {
+                let closed = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                Poll::Ready(Err(ExchangeError::Write(closed)))
             }
+            Ok(written) => {
+                self.written += written as u64;
+                self.pending.advance(written);
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(ExchangeError::Write(e))),
         }
     }
 
@@ -372,7 +373,7 @@ impl Exchange {
         let Some(sender) = self.sender.as_mut() else {
             return Ok(());
         };
-        match sender.poll_send(cx, &self.connection.stream) {
+        match sender.poll_send(cx, &mut self.connection.stream) {
             Poll::Pending => Ok(()),
             Poll::Ready(Ok(())) => {
                 self.sender = None;
@@ -437,7 +438,7 @@ impl Exchange {
 /// socket clears its readiness: the next request's check that its pooled connection is still open
 /// ([`pool::take`]) then costs no system call.
 fn poll_read(
-    stream: &mut TcpStream,
+    stream: &mut UpstreamStream,
     cx: &mut Context<'_>,
     buffer: &mut BytesMut,
 ) -> Poll<std::io::Result<usize>> {
@@ -453,12 +454,12 @@ impl Drop for ResponseBody {
 
 /// Sends the rest of an early-answered request; the connection is reused only if that works.
 async fn finish_sending(
-    connection: Connection,
+    mut connection: Connection,
     mut sender: Box<Sender>,
     reusable: bool,
     pool_key: Arc<str>,
 ) {
-    match std::future::poll_fn(|cx| sender.poll_send(cx, &connection.stream)).await {
+    match std::future::poll_fn(|cx| sender.poll_send(cx, &mut connection.stream)).await {
         Ok(()) if reusable => pool::give_back(&pool_key, connection),
         Ok(()) => {}
         Err(error) => tracing::debug!(%error, "the rest of an early-answered request was not sent"),
@@ -514,11 +515,11 @@ impl ResponseBody {
     }
 
     fn poll_sender(&mut self, cx: &mut Context<'_>) {
-        let (Some(sender), Some(connection)) = (self.sender.as_mut(), self.connection.as_ref())
+        let (Some(sender), Some(connection)) = (self.sender.as_mut(), self.connection.as_mut())
         else {
             return;
         };
-        match sender.poll_send(cx, &connection.stream) {
+        match sender.poll_send(cx, &mut connection.stream) {
             Poll::Pending => {}
             Poll::Ready(Ok(())) => self.sender = None,
             Poll::Ready(Err(error)) => {

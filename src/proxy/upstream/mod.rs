@@ -6,6 +6,8 @@
 
 mod exchange;
 mod pool;
+mod stream;
+mod tls;
 pub mod wire;
 
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +30,9 @@ use crate::route::Route;
 use exchange::{Exchange, HeadFailure, Sender};
 pub use exchange::{ExchangeError, ResponseBody};
 use pool::Connection;
+use stream::UpstreamStream;
+use tls::UpstreamTls;
+pub use tls::{HandshakeFailure, TlsClientFiles};
 use wire::RequestFraming;
 
 /// Where a request goes next, and so how its head is written.
@@ -39,16 +44,22 @@ enum Hop<'a> {
     Peer { secret: Option<&'a str> },
 }
 
-/// A route's upstream: an `http://host:port` base, optionally with a path prefix.
+/// A route's upstream: an `http://host:port` or `https://host:port` base, optionally with a path
+/// prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     authority: Authority,
     /// Prepended to every forwarded path; empty or starting with `/`, never ending with one.
     prefix: String,
-    /// `host:port`, naming the upstream's connections in each thread's pool.
+    /// `host:port` (with the scheme and TLS files for https), naming the upstream's connections
+    /// in each thread's pool: a connection is reused only for the upstream it was made for.
     pool_key: Arc<str>,
+    /// `host:port`, resolved per connect when the host is a name.
+    host_port: Arc<str>,
     /// The address to connect to, if the host is an IP address (a name is resolved per connect).
     address: Option<SocketAddr>,
+    /// For `https://`: how the connection is secured and the certificate verified.
+    tls: Option<UpstreamTls>,
 }
 
 /// Why an upstream URL was refused.
@@ -56,14 +67,14 @@ pub struct Upstream {
 pub enum UpstreamUrlError {
     #[error("is not a URL ({0}); write it like http://127.0.0.1:5984")]
     Unparsable(String),
-    #[error("must be an http:// URL with a host, like http://127.0.0.1:5984")]
+    #[error("must be an http:// or https:// URL with a host, like http://127.0.0.1:5984")]
     NotHttp,
-    #[error(
-        "uses https, which fencegate does not speak to upstreams; terminate TLS in front of storage or use http on a private network"
-    )]
-    Https,
     #[error("must not have a query string")]
     Query,
+    #[error("cannot set up TLS to it: {0}")]
+    Tls(String),
+    #[error("is http://, so upstream_ca, upstream_cert and upstream_key would never be used")]
+    TlsFilesOnHttp,
 }
 
 impl FromStr for Upstream {
@@ -73,33 +84,72 @@ impl FromStr for Upstream {
         let uri: Uri = s
             .parse()
             .map_err(|e: http::uri::InvalidUri| UpstreamUrlError::Unparsable(e.to_string()))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(UpstreamUrlError::Https),
+        let secure = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => return Err(UpstreamUrlError::NotHttp),
-        }
+        };
         let authority = uri.authority().cloned().ok_or(UpstreamUrlError::NotHttp)?;
         if uri.query().is_some() {
             return Err(UpstreamUrlError::Query);
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
+        let tls = secure
+            .then(|| UpstreamTls::new(host, TlsClientFiles::default()))
+            .transpose()
+            .map_err(|e| UpstreamUrlError::Tls(e.to_string()))?;
+        let host_port: Arc<str> = format!("{host}:{port}").into();
         Ok(Self {
-            pool_key: format!("{host}:{port}").into(),
+            pool_key: pool_key(&host_port, tls.as_ref()),
+            host_port,
             address: host
                 .parse::<IpAddr>()
                 .ok()
                 .map(|ip| SocketAddr::new(ip, port)),
             authority,
             prefix: uri.path().trim_end_matches('/').to_owned(),
+            tls,
         })
     }
 }
 
+/// The name of an upstream's connections in the pool: its address, and for TLS the scheme and the
+/// files, so that two routes to one storage with different client certificates never share a
+/// connection.
+fn pool_key(host_port: &str, tls: Option<&UpstreamTls>) -> Arc<str> {
+    match tls.map(UpstreamTls::files) {
+        None => host_port.into(),
+        Some(files) if *files == TlsClientFiles::default() => format!("https://{host_port}").into(),
+        Some(files) => format!("https://{host_port} {files:?}").into(),
+    }
+}
+
 impl Upstream {
+    /// The same upstream verified against `files.ca` besides the system's roots, and presenting
+    /// `files.identity`; only for `https://`.
+    pub fn with_tls_files(mut self, files: TlsClientFiles) -> Result<Self, UpstreamUrlError> {
+        if self.tls.is_none() {
+            return Err(UpstreamUrlError::TlsFilesOnHttp);
+        }
+        let host = self.host_port.rsplit_once(':').map_or("", |(host, _)| host);
+        let tls =
+            UpstreamTls::new(host, files).map_err(|e| UpstreamUrlError::Tls(e.to_string()))?;
+        self.pool_key = pool_key(&self.host_port, Some(&tls));
+        self.tls = Some(tls);
+        Ok(self)
+    }
+
+    /// `http` or `https`.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// Makes `Location` and `Content-Location` values that name the upstream's own address
     /// (`http://host:port/prefix/...`) path-absolute (`/...`), as nginx's `proxy_redirect default`
     /// does: the client resolves them against the address it used, and never learns of, or
@@ -120,7 +170,9 @@ impl Upstream {
     /// The path below this upstream's prefix that `url` names, if it is an absolute URL of this
     /// upstream.
     fn path_of<'u>(&self, url: &'u [u8]) -> Option<&'u [u8]> {
-        let rest = url.strip_prefix(b"http://")?;
+        let rest = url
+            .strip_prefix(self.scheme().as_bytes())?
+            .strip_prefix(b"://")?;
         let authority = self.authority.as_str().as_bytes();
         let rest = match rest.get(..authority.len()) {
             Some(host) if host.eq_ignore_ascii_case(authority) => &rest[authority.len()..],
@@ -138,7 +190,7 @@ impl Upstream {
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.prefix)
+        write!(f, "{}://{}{}", self.scheme(), self.authority, self.prefix)
     }
 }
 
@@ -146,7 +198,12 @@ impl Upstream {
     /// The absolute URL of `path` (as sent, percent-encoded) on this upstream: what a rewritten
     /// `Destination` header says, so that the upstream reads the very path fencegate fenced.
     pub fn absolute_url(&self, path: &str) -> String {
-        format!("http://{}{}{path}", self.authority, self.prefix)
+        format!(
+            "{}://{}{}{path}",
+            self.scheme(),
+            self.authority,
+            self.prefix
+        )
     }
 
     /// The request target on the upstream for a client's: the same path and query, under the
@@ -159,31 +216,46 @@ impl Upstream {
         target
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<TcpStream, std::io::Error> {
+    /// A new connection: TCP, and for `https://` the TLS handshake, both within `timeout`.
+    async fn connect(&self, timeout: Duration) -> Result<UpstreamStream, ForwardError> {
         let connecting = async {
+            let tcp = self.connect_tcp().await.map_err(ForwardError::Connect)?;
+            tcp.set_nodelay(true).map_err(ForwardError::Connect)?;
+            match &self.tls {
+                None => Ok(UpstreamStream::Plain(tcp)),
+                Some(tls) => match tls.handshake(tcp).await {
+                    Ok(secured) => Ok(UpstreamStream::Tls(Box::new(secured))),
+                    Err(e) => Err(ForwardError::Handshake(e)),
+                },
+            }
+        };
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| {
+                ForwardError::Connect(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })?
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, std::io::Error> {
+        {
             match self.address {
                 Some(address) => TcpStream::connect(address).await,
                 None => {
                     // Resolved first, so that a name that does not resolve is told apart from
                     // an address that refuses (the resolver's error has no kind of its own).
-                    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(&*self.pool_key)
+                    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(&*self.host_port)
                         .await
                         .map_err(|e| {
                             std::io::Error::new(
                                 std::io::ErrorKind::NotFound,
-                                format!("cannot resolve {}: {e}", self.pool_key),
+                                format!("cannot resolve {}: {e}", self.host_port),
                             )
                         })?
                         .collect();
                     TcpStream::connect(&addresses[..]).await
                 }
             }
-        };
-        let stream = tokio::time::timeout(timeout, connecting)
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+        }
     }
 }
 
@@ -197,6 +269,8 @@ pub type UpstreamBody =
 pub enum ForwardError {
     #[error("cannot connect to the upstream: {0}")]
     Connect(#[source] std::io::Error),
+    #[error("the TLS handshake with the upstream failed: {0}")]
+    Handshake(#[source] std::io::Error),
     #[error("the upstream exchange failed: {0}")]
     Exchange(#[source] ExchangeError),
     #[error("the request could not be sent; none of it reached the upstream: {0}")]
@@ -230,6 +304,13 @@ impl ForwardError {
             _ => "io",
         };
         let of_exchange = |e: &ExchangeError| match e {
+            // TLS 1.3 finishes the client's side of the handshake before the server has checked
+            // the client's certificate: a refusal arrives as an alert on the first read.
+            ExchangeError::Write(io) | ExchangeError::Read(io)
+                if HandshakeFailure::of(io) != HandshakeFailure::Other =>
+            {
+                HandshakeFailure::of(io).cause()
+            }
             ExchangeError::Write(io) | ExchangeError::Read(io) => match io.kind() {
                 std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::ConnectionAborted
@@ -244,6 +325,7 @@ impl ForwardError {
         };
         match self {
             ForwardError::Connect(e) => of_io(e),
+            ForwardError::Handshake(e) => HandshakeFailure::of(e).cause(),
             ForwardError::NotSent(e) | ForwardError::Exchange(e) => of_exchange(e),
             ForwardError::Timeout => "timeout",
             ForwardError::BodyTooLarge => "body_too_large",
@@ -251,9 +333,25 @@ impl ForwardError {
         }
     }
 
+    /// A TLS failure: in the handshake, or an alert that ended the session (a refused client
+    /// certificate, in TLS 1.3).
+    pub fn tls_failure(&self) -> Option<HandshakeFailure> {
+        match self {
+            ForwardError::Handshake(e) => Some(HandshakeFailure::of(e)),
+            ForwardError::NotSent(ExchangeError::Write(e) | ExchangeError::Read(e))
+            | ForwardError::Exchange(ExchangeError::Write(e) | ExchangeError::Read(e)) => {
+                Some(HandshakeFailure::of(e)).filter(|failure| *failure != HandshakeFailure::Other)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the upstream certainly never received the request, so it cannot apply it later.
     pub fn never_sent(&self) -> bool {
-        matches!(self, ForwardError::Connect(_) | ForwardError::NotSent(_))
+        matches!(
+            self,
+            ForwardError::Connect(_) | ForwardError::Handshake(_) | ForwardError::NotSent(_)
+        )
     }
 
     /// An exchange that failed before writing anything: a body over the limit or too slow is
@@ -373,7 +471,11 @@ impl UpstreamClient {
                         headers::write_upstream_headers(out, &parts.headers, client, keep_host);
                     }
                     Hop::Peer { secret } => {
-                        headers::write_peer_headers(out, &parts.headers, client, secret);
+                        let identity = parts
+                            .extensions
+                            .get::<Arc<crate::tls::ClientIdentity>>()
+                            .map(Arc::as_ref);
+                        headers::write_peer_headers(out, &parts.headers, client, identity, secret);
                     }
                 },
             );
@@ -497,10 +599,7 @@ impl UpstreamClient {
     }
 
     async fn connect(&self, upstream: &Upstream) -> Result<Connection, ForwardError> {
-        let stream = upstream
-            .connect(self.connect_timeout)
-            .await
-            .map_err(ForwardError::Connect)?;
+        let stream = upstream.connect(self.connect_timeout).await?;
         Ok(Connection::new(stream))
     }
 }
@@ -567,9 +666,15 @@ mod tests {
     fn upstream_urls_are_validated() {
         assert!("http://127.0.0.1:5984".parse::<Upstream>().is_ok());
         assert!("http://storage.internal".parse::<Upstream>().is_ok());
+        let secure: Upstream = "https://storage.internal".parse().unwrap();
+        assert_eq!(secure.to_string(), "https://storage.internal");
+        assert_eq!(&*secure.host_port, "storage.internal:443");
+        assert_eq!(&*secure.pool_key, "https://storage.internal:443");
+        let plain: Upstream = "http://storage.internal".parse().unwrap();
+        assert_eq!(&*plain.pool_key, "storage.internal:80");
         assert_eq!(
-            "https://x".parse::<Upstream>(),
-            Err(UpstreamUrlError::Https)
+            plain.with_tls_files(TlsClientFiles::default()),
+            Err(UpstreamUrlError::TlsFilesOnHttp)
         );
         assert_eq!(
             "ftp://x".parse::<Upstream>(),

@@ -12,8 +12,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use super::stream::UpstreamStream;
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 /// How long an idle connection is kept. Shorter than the keep-alive timeouts storage commonly
@@ -27,7 +27,7 @@ const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// An open HTTP/1.1 connection to an upstream, between requests.
 #[derive(Debug)]
 pub(super) struct Connection {
-    pub(super) stream: TcpStream,
+    pub(super) stream: UpstreamStream,
     /// Bytes read past the end of the last response: always empty between requests, since a
     /// response that leaves any makes the connection unusable; kept for its allocation.
     pub(super) buffer: BytesMut,
@@ -40,7 +40,7 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    pub(super) fn new(stream: TcpStream) -> Connection {
+    pub(super) fn new(stream: UpstreamStream) -> Connection {
         Connection {
             stream,
             buffer: BytesMut::new(),
@@ -94,7 +94,7 @@ pub(super) fn take(upstream: &str) -> Option<Connection> {
         let idle = pool.get_mut(upstream)?;
         let now = Instant::now();
         while let Some(Idle { connection, since }) = idle.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && still_open(&connection.stream) {
+            if now.duration_since(since) < IDLE_TIMEOUT && connection.stream.still_open() {
                 return Some(connection);
             }
         }
@@ -128,14 +128,6 @@ pub(super) fn give_back(upstream: &str, mut connection: Connection) {
     });
 }
 
-/// Whether an idle connection is still open: it must have nothing to read. An upstream that
-/// closed it has sent a FIN (a read of 0) or a reset; bytes sent unasked are a protocol error.
-/// Costs a system call only when the runtime has seen the socket become readable.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -143,6 +135,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+    use tokio::net::TcpStream;
 
     async fn connection() -> (Connection, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -150,7 +143,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Connection::new(client), server)
+        (Connection::new(UpstreamStream::Plain(client)), server)
     }
 
     async fn passed(connection: &mut Connection, deadline: Instant) -> bool {

@@ -159,7 +159,7 @@ impl PostgresReader {
         }
         let (clause, limit) = filter.finish(query.limit);
         let sql = format!(
-            "SELECT id, at, resource, reason, token, highest, method, path, client, request_id
+            "SELECT id, at, resource, reason, token, highest, method, path, client, request_id, identity
              FROM rejections {clause} ORDER BY id DESC LIMIT {limit}"
         );
         let rows = self.query(&sql, &filter, rejection_row)?;
@@ -282,6 +282,7 @@ fn rejection_row(row: &Row) -> RejectionRow {
         path: row.get(7),
         client: row.get(8),
         request_id: row.get(9),
+        identity: row.get(10),
     }
 }
 

@@ -6,9 +6,10 @@ use crate::cluster::ShardMap;
 use crate::store::StoreError;
 
 /// The schema history, oldest first. Append only: a released migration is never edited.
-const MIGRATIONS: [&str; 1] = [include_str!(
-    "../../../migrations/postgres/0001_cluster.sql"
-)];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("../../../migrations/postgres/0001_cluster.sql"),
+    include_str!("../../../migrations/postgres/0002_rejections_identity.sql"),
+];
 
 /// The schema version of a fully migrated database.
 pub const CURRENT_VERSION: i32 = MIGRATIONS.len() as i32;

@@ -102,9 +102,10 @@ impl Statements {
                  SELECT $6, * , $7 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])"
             ),
             client.prepare(
-                "INSERT INTO rejections (at, resource, reason, token, highest, method, path, client, request_id, replica)
-                 SELECT *, $10 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bigint[],
-                                          $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])"
+                "INSERT INTO rejections (at, resource, reason, token, highest, method, path, client, request_id, identity, replica)
+                 SELECT *, $11 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bigint[],
+                                          $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                                          $10::text[])"
             ),
         )?;
         Ok(Self {
@@ -478,6 +479,7 @@ async fn second_round_trip(
     let r_paths: Vec<&str> = r.iter().map(|r| r.path.as_str()).collect();
     let r_clients: Vec<&str> = r.iter().map(|r| r.client.as_str()).collect();
     let r_ids: Vec<Option<&str>> = r.iter().map(|r| r.request_id.as_deref()).collect();
+    let r_identities: Vec<Option<&str>> = r.iter().map(|r| r.identity.as_deref()).collect();
     let highest_params: [&(dyn ToSql + Sync); 3] = [&names, &tokens, &now];
     let epoch_params: [&(dyn ToSql + Sync); 7] = [
         &e_resources,
@@ -488,7 +490,7 @@ async fn second_round_trip(
         &now,
         &replica,
     ];
-    let rejection_params: [&(dyn ToSql + Sync); 10] = [
+    let rejection_params: [&(dyn ToSql + Sync); 11] = [
         &r_at,
         &r_resources,
         &r_reasons,
@@ -498,6 +500,7 @@ async fn second_round_trip(
         &r_paths,
         &r_clients,
         &r_ids,
+        &r_identities,
         &replica,
     ];
     tokio::try_join!(

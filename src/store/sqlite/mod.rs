@@ -338,6 +338,7 @@ mod tests {
                         path: "/x".into(),
                         client: "127.0.0.1:1".into(),
                         request_id: None,
+                        identity: None,
                     })
                     .await
                     .unwrap();

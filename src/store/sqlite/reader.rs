@@ -122,7 +122,7 @@ impl SqliteReader {
             filter.push("id < ?", after);
         }
         let sql = format!(
-            "SELECT id, at, resource, reason, token, highest, method, path, client, request_id
+            "SELECT id, at, resource, reason, token, highest, method, path, client, request_id, identity
              FROM rejections {} ORDER BY id DESC LIMIT ?",
             filter.clause()
         );
@@ -285,6 +285,7 @@ fn rejection_row(row: &Row<'_>) -> rusqlite::Result<RejectionRow> {
         path: row.get(7)?,
         client: row.get(8)?,
         request_id: row.get(9)?,
+        identity: row.get(10)?,
     })
 }
 
@@ -322,6 +323,7 @@ mod tests {
             path: format!("/{resource}"),
             client: "127.0.0.1:9".into(),
             request_id: None,
+            identity: None,
         }
     }
 

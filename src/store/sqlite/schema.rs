@@ -14,12 +14,13 @@ use super::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema history, oldest first. Append only: a released migration is never edited.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("../../../migrations/0001_resources.sql"),
     include_str!("../../../migrations/0002_rejections.sql"),
     include_str!("../../../migrations/0003_epochs.sql"),
     include_str!("../../../migrations/0004_rejections_by_time.sql"),
     include_str!("../../../migrations/0005_rejections_reasons.sql"),
+    include_str!("../../../migrations/0006_rejections_identity.sql"),
 ];
 
 fn migrations() -> Migrations<'static> {

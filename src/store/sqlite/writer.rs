@@ -387,8 +387,8 @@ fn prune(conn: &mut Connection, plan: &PrunePlan, batch: usize) -> rusqlite::Res
 
 fn insert_rejection(tx: &Transaction<'_>, r: &Rejection) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO rejections (at, resource, reason, token, highest, method, path, client, request_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO rejections (at, resource, reason, token, highest, method, path, client, request_id, identity)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         timestamp(r.at),
@@ -400,6 +400,7 @@ fn insert_rejection(tx: &Transaction<'_>, r: &Rejection) -> rusqlite::Result<()>
         r.path,
         r.client,
         r.request_id,
+        r.identity,
     ])?;
     Ok(())
 }
