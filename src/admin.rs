@@ -78,6 +78,9 @@ pub struct AdminState {
     pub cluster: Option<Arc<crate::cluster::Ownership>>,
     /// Cluster mode: the secret that relayed calls carry to the owner's peer plane.
     pub cluster_secret: Option<String>,
+    /// Cluster mode with `[cluster.peer_tls]`: how a relayed call speaks TLS to the owner's peer
+    /// plane (the cluster's CA trusted, this replica's peer certificate presented).
+    pub peer_client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub use owner::{PEER_ADMIN_PREFIX, peer_authenticated};

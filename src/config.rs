@@ -173,6 +173,10 @@ pub struct ClusterConfig {
     pub max_clock_drift: f64,
     /// Authenticates the peer plane (`FENCEGATE_CLUSTER_SECRET`).
     pub secret: Option<String>,
+    /// `[cluster.peer_tls]`: the peer plane's certificate and key, which this replica also
+    /// presents to the others; with `client_ca`, the CA every replica's certificate comes from,
+    /// required of connecting replicas and trusted for the replicas it connects to.
+    pub peer_tls: Option<TlsFiles>,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -185,6 +189,7 @@ impl fmt::Debug for ClusterConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("max_clock_drift", &self.max_clock_drift)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("peer_tls", &self.peer_tls)
             .finish_non_exhaustive()
     }
 }
@@ -289,6 +294,8 @@ struct FileCluster {
     shards: Option<u32>,
     lease_ttl: Option<String>,
     max_clock_drift: Option<String>,
+    /// `[cluster.peer_tls]`: the peer plane serves HTTPS, and replicas speak it to each other.
+    peer_tls: Option<FileTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -559,17 +566,25 @@ fn cluster(
         overrides.peer_listen.clone().or(file.peer_listen),
         DEFAULT_PEER_LISTEN,
     )?;
+    let peer_tls = tls_files("cluster.peer_tls", file.peer_tls)?;
+    // The peer plane speaks HTTPS exactly when `peer_tls` is set.
+    let scheme = if peer_tls.is_some() { "https" } else { "http" };
     let peer_advertise = overrides
         .peer_advertise
         .clone()
         .or(file.peer_advertise)
-        .unwrap_or_else(|| format!("http://{peer_listen}"));
+        .unwrap_or_else(|| format!("{scheme}://{peer_listen}"));
     match peer_advertise.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {}
+        Ok(uri) if uri.scheme_str() == Some(scheme) && uri.authority().is_some() => {}
         _ => {
+            let why = if peer_tls.is_some() {
+                "[cluster.peer_tls] is set, so the peer plane serves HTTPS"
+            } else {
+                "the peer plane serves plain HTTP without [cluster.peer_tls]"
+            };
             return Err(invalid(
                 "cluster.peer_advertise",
-                format!("{peer_advertise:?} is not an http://host:port URL"),
+                format!("{peer_advertise:?} is not a {scheme}://host:port URL ({why})"),
             ));
         }
     }
@@ -616,6 +631,7 @@ fn cluster(
         lease_ttl,
         max_clock_drift,
         secret,
+        peer_tls,
     }))
 }
 

@@ -39,7 +39,9 @@ use crate::config::{Config, Limits};
 use crate::gate::{Gate, IDLE_EVICTION};
 use crate::metrics::Metrics;
 use crate::proxy::placement::ClusterPlane;
-use crate::proxy::{DataPlane, Origin, ProxyBody, RequestLimits, UpstreamClient, request_id};
+use crate::proxy::{
+    DataPlane, Origin, ProxyBody, RequestLimits, TlsClientFiles, UpstreamClient, request_id,
+};
 use crate::store::{LastStop, PrunePlan, Reader, WriterGuard};
 use crate::tls::{ClientIdentity, ServerTls};
 use limits::{HeadDeadline, RequestPhase};
@@ -91,6 +93,8 @@ struct RunningCluster {
     ownership: Arc<Ownership>,
     lease: LeaseLoop,
     peer_listener: TcpListener,
+    /// `[cluster.peer_tls]`: the peer plane serves HTTPS only.
+    peer_tls: Option<Arc<ServerTls>>,
 }
 
 /// Cluster mode's parts, before the gate exists.
@@ -230,6 +234,11 @@ impl App {
             Arc::new(ClusterPlane::new(
                 Arc::clone(&joined.ownership),
                 joined.secret.clone(),
+                config
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.peer_tls.as_ref())
+                    .map(peer_client_files),
             ))
         });
         let mut plane = DataPlane::new(
@@ -257,6 +266,23 @@ impl App {
         };
         let data_tls = load_tls("tls", &config.tls)?;
         let admin_tls = load_tls("admin_tls", &config.admin_tls)?;
+        let peer_tls = load_tls(
+            "cluster.peer_tls",
+            &config.cluster.as_ref().and_then(|c| c.peer_tls.clone()),
+        )?;
+        let peer_client_tls = match config.cluster.as_ref().and_then(|c| c.peer_tls.as_ref()) {
+            None => None,
+            Some(peer_tls) => {
+                let files = peer_client_files(peer_tls);
+                let identity = files
+                    .identity
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path()));
+                let tls = crate::tls::client_config(files.ca.as_deref(), identity)
+                    .context("cluster.peer_tls")?;
+                Some(Arc::new(tls))
+            }
+        };
         let reloader = Reloader::new(
             Arc::clone(&live),
             running,
@@ -264,7 +290,7 @@ impl App {
             store.clone(),
             Arc::clone(&metrics),
             cluster_plane,
-            planes_tls(&data_tls, &admin_tls),
+            planes_tls(&data_tls, &admin_tls, &peer_tls),
         );
         let cluster = cluster.map(|joined| {
             let lease = LeaseLoop::new(
@@ -278,6 +304,7 @@ impl App {
                 ownership: joined.ownership,
                 lease,
                 peer_listener: joined.peer_listener,
+                peer_tls: peer_tls.clone(),
             }
         });
         Ok(App {
@@ -301,6 +328,7 @@ impl App {
                 max_resource_len: config.max_resource_len,
                 cluster: cluster.as_ref().map(|c| Arc::clone(&c.ownership)),
                 cluster_secret: config.cluster.as_ref().and_then(|c| c.secret.clone()),
+                peer_client_tls,
             },
             cluster,
             writer,
@@ -338,10 +366,11 @@ impl App {
             stop.clone(),
         ));
         let router = admin::router(self.admin.clone());
-        let certificates = self
-            .admin_tls
-            .clone()
-            .map(|tls| tokio::spawn(tls.watch("admin", CERTIFICATE_CHECK_INTERVAL)));
+        let peer_tls = self.cluster.as_ref().and_then(|c| c.peer_tls.clone());
+        let certificates: Vec<_> = planes_tls(&self.data_tls, &self.admin_tls, &peer_tls)
+            .into_iter()
+            .map(|(plane, tls)| tokio::spawn(tls.watch(plane, CERTIFICATE_CHECK_INTERVAL)))
+            .collect();
         let admin = tokio::spawn(serve_plane(
             self.admin_listener,
             self.admin_tls.clone(),
@@ -447,8 +476,7 @@ fn start_cluster(
     let peer = tokio::spawn(serve_data_connections(
         cluster.peer_listener,
         Arc::clone(live),
-        // The peer plane is plain TCP until `[cluster.peer_tls]` (issue 18).
-        None,
+        cluster.peer_tls,
         Arc::new(Semaphore::new(max_connections)),
         stop.clone(),
         grace,
@@ -668,19 +696,7 @@ async fn serve_data_connection(
         header_read_timeout: limits.header_read_timeout,
         idle_timeout: limits.idle_timeout,
     };
-    let handle = |request: http::Request<ClientBody>| {
-        let admin = (origin == Origin::Peer)
-            .then(|| live.peer_admin().cloned())
-            .flatten()
-            .filter(|_| request.uri().path().starts_with(admin::PEER_ADMIN_PREFIX));
-        let plane = live.plane();
-        async move {
-            match admin {
-                Some(admin) => answer_peer_admin(admin, request).await,
-                None => answer(plane, request, client, origin).await,
-            }
-        }
-    };
+    let handle = |request| dispatch(&live, request, client, origin);
     match http1::serve(stream, settings, stop.clone(), handle).await {
         http1::Ended::Closed => {}
         http1::Ended::Http2 { stream, read } => {
@@ -697,6 +713,27 @@ async fn serve_data_connection(
                 true,
             )
             .await;
+        }
+    }
+}
+
+/// Where a data- or peer-plane request goes: to the admin router for an admin call another
+/// replica relayed over the peer plane, else to the proxy.
+fn dispatch(
+    live: &Live,
+    request: http::Request<ClientBody>,
+    client: SocketAddr,
+    origin: Origin,
+) -> impl Future<Output = http::Response<ProxyBody>> + use<> {
+    let admin = (origin == Origin::Peer)
+        .then(|| live.peer_admin().cloned())
+        .flatten()
+        .filter(|_| request.uri().path().starts_with(admin::PEER_ADMIN_PREFIX));
+    let plane = live.plane();
+    async move {
+        match admin {
+            Some(admin) => answer_peer_admin(admin, request).await,
+            None => answer(plane, request, client, origin).await,
         }
     }
 }
@@ -817,10 +854,9 @@ async fn serve_with_hyper<I>(
         if let Some(identity) = &peer.identity {
             request.extensions_mut().insert(Arc::clone(identity));
         }
-        let client = peer.address;
-        let plane = live.plane();
+        let answered = dispatch(&live, request, peer.address, origin);
         async move {
-            let response = answer(plane, request, client, origin).await;
+            let response = answered.await;
             drop(in_request);
             Ok::<_, Infallible>(response)
         }
@@ -919,12 +955,23 @@ async fn serve_plane<S, B>(
     }
 }
 
+/// What a replica with `[cluster.peer_tls]` trusts and presents when it connects to another's
+/// peer plane: the cluster's CA (`client_ca`, besides the system's roots) and its own peer
+/// certificate, so that a peer plane requiring client certificates admits it.
+fn peer_client_files(peer_tls: &crate::tls::TlsFiles) -> TlsClientFiles {
+    TlsClientFiles {
+        ca: peer_tls.client_ca.clone(),
+        identity: Some((peer_tls.cert.clone(), peer_tls.key.clone())),
+    }
+}
+
 /// The planes that serve TLS, by name: what a reload re-reads and what is watched on disk.
 fn planes_tls(
     data: &Option<Arc<ServerTls>>,
     admin: &Option<Arc<ServerTls>>,
+    peer: &Option<Arc<ServerTls>>,
 ) -> Vec<(&'static str, Arc<ServerTls>)> {
-    [("data", data), ("admin", admin)]
+    [("data", data), ("admin", admin), ("peer", peer)]
         .into_iter()
         .filter_map(|(plane, tls)| tls.clone().map(|tls| (plane, tls)))
         .collect()

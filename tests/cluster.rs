@@ -873,3 +873,150 @@ async fn retention_prunes_the_shared_audit_log_in_batches() {
     assert_eq!(store.prune(plan, 2).await.unwrap(), 1);
     assert_eq!(pg.query("SELECT count(*) FROM rejections").trim(), "2");
 }
+
+/// Raw HTTP/1.1 `PUT /w/{id}` with `token`, closing the connection after the answer.
+fn raw_put(id: &str, token: u64) -> String {
+    format!(
+        "PUT /w/{id} HTTP/1.1\r\nHost: localhost\r\nFencing-Token: {token}\r\n\
+         Content-Length: 1\r\nConnection: close\r\n\r\nx"
+    )
+}
+
+#[tokio::test]
+async fn replicas_speak_tls_to_each_other_and_carry_the_client_identity_to_the_owner() {
+    use common::certs::{Ca, tls_exchange, tls_get};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "cluster-ca");
+    let server = ca.server(dir.path(), "fencegate");
+    let leader = ca.client(dir.path(), "leader");
+    let intruder = ca.client(dir.path(), "intruder");
+    let files = |server: &common::certs::Issued| {
+        format!(
+            "cert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            server.cert, server.key, ca.pem
+        )
+    };
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"{}\"\nin_doubt_grace = \"300ms\"\nupstream_timeout = \"5s\"\n\
+             [tls]\n{data}\
+             [cluster]\nshards = {SHARDS}\nlease_ttl = \"1s\"\n\
+             [cluster.peer_tls]\n{peer}\
+             [[routes]]\npath = \"/w/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n\
+             allow = [\"CN=leader\"]\n",
+            pg.url(),
+            upstream.url(),
+            data = files(&server),
+            peer = files(&server),
+        ),
+    )
+    .unwrap();
+    let one = start_replica(&config, "fg-1").await;
+    let two = start_replica(&config, "fg-2").await;
+    let view = wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    assert!(
+        view["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["peer"].as_str().unwrap().starts_with("https://")),
+        "{view}"
+    );
+
+    let send = |replica: &Replica, client, request: String| {
+        let (addr, ca) = (replica.proxy.addr, ca.pem.clone());
+        async move {
+            tls_exchange(addr, &ca, Some(client), &[b"http/1.1"], &request)
+                .await
+                .map(|seen| seen.answer)
+                .unwrap_or_default()
+        }
+    };
+    let mut answered_by = std::collections::BTreeSet::new();
+    for id in 0..16 {
+        let id = id.to_string();
+        for (token, replica) in [(1, &one), (2, &two)] {
+            let stored = send(replica, &leader, raw_put(&id, token)).await;
+            assert!(
+                stored.starts_with("HTTP/1.1 200"),
+                "wallet {id} via {}: {stored}",
+                replica.name
+            );
+            let owner = stored
+                .lines()
+                .find_map(|line| line.strip_prefix("fencegate-replica: "))
+                .unwrap()
+                .to_owned();
+            answered_by.insert(owner);
+            // The intruder is refused by the owner, which knows who it is, whichever replica
+            // it reached.
+            let refused = send(replica, &intruder, raw_put(&id, 9)).await;
+            assert!(
+                refused.starts_with("HTTP/1.1 403"),
+                "wallet {id} via {}: {refused}",
+                replica.name
+            );
+        }
+    }
+    assert_eq!(
+        answered_by.len(),
+        2,
+        "requests crossed the peer plane: {answered_by:?}"
+    );
+    assert_eq!(upstream.arrivals().len(), 32);
+    assert_eq!(
+        pg.query(
+            "SELECT count(*), count(DISTINCT replica) FROM rejections \
+             WHERE reason = 'forbidden' AND identity = 'CN=intruder'"
+        )
+        .trim(),
+        "32|2",
+        "every refusal audited by the resource's owner with the intruder's identity"
+    );
+
+    // The peer plane speaks only TLS, and only to a certificate of the cluster's CA.
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], one.peer_port));
+    let plain = reqwest::Client::new()
+        .put(format!("http://{peer}/w/1"))
+        .header("Fencing-Token", "99")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered on the peer plane: {plain:?}"
+    );
+    let anonymous = tls_get(peer, &ca.pem, None, &[], "/w/1").await;
+    assert!(
+        anonymous.is_err() || anonymous.as_ref().is_ok_and(|s| s.answer.is_empty()),
+        "the peer plane served a client without a certificate"
+    );
+
+    // An admin fence sent to either replica reaches the owner over the TLS peer plane.
+    let client = reqwest::Client::new();
+    for replica in [&one, &two] {
+        for id in 100..104 {
+            let fenced = client
+                .post(format!(
+                    "http://{}/v1/resources/wallet:{id}/fence",
+                    replica.proxy.admin
+                ))
+                .json(&serde_json::json!({ "token": 5 }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(fenced.status(), 200, "wallet:{id} via {}", replica.name);
+        }
+    }
+    assert_eq!(
+        pg.query("SELECT count(DISTINCT replica) FROM epochs WHERE via = 'fence'")
+            .trim(),
+        "2"
+    );
+}

@@ -109,7 +109,26 @@ fn spawn_server(
 
 /// nginx with WebDAV PUT on a temporary root; its access log records each request's token.
 fn start_nginx(binary: &Path) -> Server {
-    let dir = tempfile::tempdir().unwrap();
+    start_nginx_with(binary, tempfile::tempdir().unwrap(), "")
+}
+
+/// The same nginx serving HTTPS only, with `server` (which must be in `dir`, since nginx runs
+/// there) as its certificate.
+fn start_nginx_https(
+    binary: &Path,
+    dir: tempfile::TempDir,
+    server: &common::certs::Issued,
+) -> Server {
+    let tls = format!(
+        " ssl;\n        ssl_certificate {};\n        ssl_certificate_key {}",
+        server.cert.display(),
+        server.key.display()
+    );
+    start_nginx_with(binary, dir, &tls)
+}
+
+/// nginx in `dir`, `listen_extra` appended to its `listen` directive (before the semicolon).
+fn start_nginx_with(binary: &Path, dir: tempfile::TempDir, listen_extra: &str) -> Server {
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -131,7 +150,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen {addr};
+        listen {addr}{listen_extra};
         root {d}/root;
         location / {{
             dav_methods PUT DELETE MKCOL COPY MOVE;
@@ -292,6 +311,154 @@ async fn nginx_webdav_storm_of_old_and_new_writers() {
     }
     let stale = app.rejections().len();
     assert!(stale > 0, "the storm had zombies in it");
+}
+
+/// fencegate serving HTTPS with a certificate of `ca`, in front of nginx serving HTTPS with
+/// another: `/files/…` verifies nginx against `ca` (`upstream_ca`), `/untrusted/…` against the
+/// system's roots alone.
+struct TlsBothSides {
+    nginx: Server,
+    app: TestApp,
+    ca: common::certs::Ca,
+}
+
+async fn tls_on_both_sides(binary: &Path) -> TlsBothSides {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new(dir.path(), "e2e-ca");
+    let storage = ca.server(dir.path(), "nginx");
+    let front = ca.server(dir.path(), "fencegate");
+    let config = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n\
+         [[routes]]\npath = \"/files/{{*path}}\"\nupstream = \"https://localhost:{{port}}\"\n\
+         resource = \"file:{{path}}\"\nupstream_ca = {:?}\n\
+         [[routes]]\npath = \"/untrusted/{{*path}}\"\nupstream = \"https://localhost:{{port}}\"\n\
+         resource = \"untrusted:{{path}}\"\n",
+        front.cert, front.key, ca.pem
+    );
+    let nginx = start_nginx_https(binary, dir, &storage);
+    let config = config.replace("{port}", &nginx.addr.port().to_string());
+    let app = TestApp::spawn(&config).await;
+    TlsBothSides { nginx, app, ca }
+}
+
+/// A PUT over HTTPS to fencegate: its status and the whole answer.
+async fn https_put(app: &TestApp, ca: &Path, path: &str, token: u64, body: &str) -> (u16, String) {
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nFencing-Token: {token}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = common::certs::tls_exchange(app.addr, ca, None, &[b"http/1.1"], &request)
+        .await
+        .unwrap()
+        .answer;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_https_wallet_story_with_tls_on_both_sides() {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
+        return;
+    };
+    let TlsBothSides { nginx, app, ca } = tls_on_both_sides(&binary).await;
+    let on_disk = nginx._dir.path().join("root/files/wallets/1");
+
+    let (opening, answer) = https_put(&app, &ca.pem, "/files/wallets/1", 1, "100").await;
+    assert_eq!(opening, 201, "nginx creates the file over HTTPS: {answer}");
+    let (new_leader, _) = https_put(&app, &ca.pem, "/files/wallets/1", 2, "120").await;
+    assert_eq!(new_leader, 204);
+    let (zombie, answer) = https_put(&app, &ca.pem, "/files/wallets/1", 1, "150").await;
+    assert_eq!(zombie, 409, "{answer}");
+    assert!(
+        answer.to_lowercase().contains("fencing-token-highest: 2"),
+        "{answer}"
+    );
+    assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), "120");
+    let tokens: Vec<Option<u64>> = nginx_log(&nginx).into_iter().map(|l| l.2).collect();
+    assert_eq!(
+        tokens,
+        [Some(1), Some(2)],
+        "the zombie's write never reached nginx"
+    );
+
+    // nginx's certificate is not from a root the system trusts: without upstream_ca, a 502 that
+    // says so, and nothing reaches it.
+    let (untrusted, answer) = https_put(&app, &ca.pem, "/untrusted/x", 1, "x").await;
+    assert_eq!(untrusted, 502, "{answer}");
+    assert!(answer.contains("unknown issuer"), "{answer}");
+    assert_eq!(nginx_log(&nginx).len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_https_storm_of_old_and_new_writers_with_tls_on_both_sides() {
+    let Some(binary) = installed("nginx", "apt-get install nginx") else {
+        return;
+    };
+    let TlsBothSides { nginx, app, ca } = tls_on_both_sides(&binary).await;
+    let (app, ca) = (Arc::new(app), Arc::new(ca.pem.clone()));
+    let files = ["a", "b", "c", "d"];
+    let mut writers = Vec::new();
+    for (f, file) in files.iter().enumerate() {
+        for writer in 0..40u64 {
+            let (app, ca) = (Arc::clone(&app), Arc::clone(&ca));
+            let path = format!("/files/storm/{file}");
+            let token = (writer / 4 + 3).saturating_sub(fastrand::u64(0..=3));
+            let pause = Duration::from_millis(fastrand::u64(0..30) + writer * 2 + f as u64);
+            writers.push(tokio::spawn(async move {
+                tokio::time::sleep(pause).await;
+                let body = format!("token={token} writer={writer}");
+                let (status, answer) = https_put(&app, &ca, &path, token, &body).await;
+                (path, token, status, answer)
+            }));
+        }
+    }
+    let mut accepted: HashMap<String, Vec<u64>> = HashMap::new();
+    for writer in writers {
+        let (path, token, status, answer) = writer.await.unwrap();
+        assert!(
+            matches!(status, 201 | 204 | 409),
+            "{path} token {token}: {answer}"
+        );
+        if status != 409 {
+            accepted.entry(path).or_default().push(token);
+        }
+    }
+    let log = nginx_log(&nginx);
+    for file in files {
+        let path = format!("/files/storm/{file}");
+        let mut tokens = accepted.remove(&path).unwrap_or_default();
+        let highest = *tokens.iter().max().expect("some write was accepted");
+        let disk = std::fs::read_to_string(nginx._dir.path().join(format!("root{path}")));
+        assert!(
+            disk.unwrap().starts_with(&format!("token={highest} ")),
+            "{file} on disk is not from the highest accepted token {highest}"
+        );
+        let seen: Vec<u64> = log
+            .iter()
+            .filter(|line| line.1 == path)
+            .map(|line| line.2.unwrap())
+            .collect();
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "nginx saw {file}'s tokens out of order over TLS: {seen:?}"
+        );
+        let mut seen_sorted = seen.clone();
+        seen_sorted.sort_unstable();
+        tokens.sort_unstable();
+        assert_eq!(
+            seen_sorted, tokens,
+            "nginx saw exactly the accepted writes, no stale one"
+        );
+    }
+    assert!(!app.rejections().is_empty(), "the storm had zombies in it");
 }
 
 /// The layout of deploy/examples/fencegate.toml in front of nginx: a resource per wallet, and a

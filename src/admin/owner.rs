@@ -25,6 +25,20 @@ const CLUSTER_SECRET: &str = "fencegate-cluster-secret";
 /// How long the owner may take to answer a relayed call (a fence waits for older writes to drain).
 const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Sends a relayed call with `client` and reads the owner's whole answer.
+async fn send<C>(
+    client: Client<C, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Result<Response, String>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Response::from_parts(parts, Body::from(body)))
+}
+
 /// Relays `action` (`fence` or `reset`) on `resource` to the replica that owns its shard, if that
 /// is another replica; `None` if this replica serves it (it owns the shard, or nobody does and the
 /// local gate answers 503).
@@ -63,15 +77,25 @@ pub(super) async fn relay_if_elsewhere(
         Ok(request) => request,
         Err(e) => return Some(unreachable(&owner, &e.to_string())),
     };
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     tracing::info!(%resource, shard, %owner, action, "admin call relayed to the shard's owner");
-    let answer = tokio::time::timeout(RELAY_TIMEOUT, async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>(Response::from_parts(parts, Body::from(body)))
-    })
-    .await;
+    let sent = async {
+        match &state.peer_client_tls {
+            None => send(Client::builder(TokioExecutor::new()).build_http(), request).await,
+            Some(tls) => {
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(rustls::ClientConfig::clone(tls))
+                    .https_or_http()
+                    .enable_http1()
+                    .build();
+                send(
+                    Client::builder(TokioExecutor::new()).build(connector),
+                    request,
+                )
+                .await
+            }
+        }
+    };
+    let answer = tokio::time::timeout(RELAY_TIMEOUT, sent).await;
     Some(match answer {
         Ok(Ok(response)) => response,
         Ok(Err(cause)) => unreachable(&owner, &cause),

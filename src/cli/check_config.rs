@@ -87,6 +87,20 @@ pub fn describe(config: &Config) -> String {
             ),
         ),
         ("database", config.database.display().to_string()),
+        (
+            "peer plane",
+            config.cluster.as_ref().map_or_else(
+                || "none (single node)".to_owned(),
+                |cluster| {
+                    format!(
+                        "{} ({}; advertised as {})",
+                        cluster.peer_listen,
+                        serves(&cluster.peer_tls),
+                        cluster.peer_advertise
+                    )
+                },
+            ),
+        ),
         ("upstream_timeout", duration(config.upstream_timeout)),
         (
             "upstream_connect_timeout",
@@ -253,6 +267,9 @@ fn describe_route(index: usize, route: &Route) -> String {
     }
     if *route.token_header() != crate::token::FENCING_TOKEN {
         let _ = write!(line, "  token in {}", route.token_header());
+    }
+    if let Some(allow) = route.allow() {
+        let _ = write!(line, "  written only by {}", allow.join(", "));
     }
     line
 }

@@ -219,6 +219,9 @@ impl DataPlane {
         let identity = headers
             .remove(headers::FENCEGATE_CLIENT_IDENTITY)
             .and_then(|value| ClientIdentity::from_header(&value));
+        // Over `[cluster.peer_tls]` the connection's own certificate is the forwarding
+        // replica's: the client's identity is the one it sent on, or none.
+        request.extensions_mut().remove::<Arc<ClientIdentity>>();
         match &self.cluster {
             Some(cluster) if cluster.authenticates(secret.as_ref()) => {
                 request.extensions_mut().insert(FromPeer);

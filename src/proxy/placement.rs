@@ -15,7 +15,7 @@ use http::HeaderValue;
 use smallvec::{SmallVec, smallvec};
 use tokio::time::Instant;
 
-use super::upstream::Upstream;
+use super::upstream::{TlsClientFiles, Upstream};
 pub(super) use crate::cluster::ownership::Admission;
 use crate::cluster::ownership::NotAdmitted;
 use crate::cluster::{Ownership, Shard};
@@ -32,6 +32,9 @@ pub struct ClusterPlane {
     replica: HeaderValue,
     /// Peer URLs parsed once.
     peers: Mutex<HashMap<String, Arc<Upstream>>>,
+    /// `[cluster.peer_tls]`: what an `https://` peer is verified against (the cluster's CA), and
+    /// the certificate this replica presents to it.
+    peer_tls: Option<TlsClientFiles>,
 }
 
 /// The terms a request is served under: one for almost every request (one resource, or two in
@@ -55,7 +58,11 @@ enum Unplaced {
 }
 
 impl ClusterPlane {
-    pub fn new(ownership: Arc<Ownership>, secret: Option<String>) -> Self {
+    pub fn new(
+        ownership: Arc<Ownership>,
+        secret: Option<String>,
+        peer_tls: Option<TlsClientFiles>,
+    ) -> Self {
         let replica = HeaderValue::from_str(ownership.replica())
             .unwrap_or_else(|_| HeaderValue::from_static("unnamed"));
         Self {
@@ -63,6 +70,7 @@ impl ClusterPlane {
             secret,
             replica,
             peers: Mutex::new(HashMap::new()),
+            peer_tls,
         }
     }
 
@@ -190,7 +198,13 @@ impl ClusterPlane {
         if let Some(peer) = peers.get(url) {
             return Some(Arc::clone(peer));
         }
-        match url.parse::<Upstream>() {
+        let parsed = url
+            .parse::<Upstream>()
+            .and_then(|peer| match &self.peer_tls {
+                Some(files) if peer.is_https() => peer.with_tls_files(files.clone()),
+                _ => Ok(peer),
+            });
+        match parsed {
             Ok(peer) => {
                 let peer = Arc::new(peer);
                 peers.insert(url.to_owned(), Arc::clone(&peer));
@@ -271,7 +285,7 @@ mod tests {
             Duration::from_millis(10),
         ));
         (
-            ClusterPlane::new(Arc::clone(&ownership), Some("s3cret".into())),
+            ClusterPlane::new(Arc::clone(&ownership), Some("s3cret".into()), None),
             ownership,
         )
     }

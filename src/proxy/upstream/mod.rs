@@ -145,6 +145,11 @@ impl Upstream {
         Ok(self)
     }
 
+    /// Whether it is spoken to over TLS.
+    pub fn is_https(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// `http` or `https`.
     fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
