@@ -381,6 +381,19 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
         .map(|arrival| arrival.token)
         .collect();
     assert_eq!(tokens, vec![Some(5), Some(6)]);
+
+    // A renewed certificate written over the old one is served without a signal.
+    let renewed = ca.server(dir.path(), "data-renewed");
+    replace(&renewed, &server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = tls_get(proxy.addr, &ca.pem, None, &[], "").await.unwrap();
+        if seen.certificate == renewed.der {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the data plane never served the renewed certificate");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A server on `upstream` whose data plane requires client certificates from `ca`, with a route
