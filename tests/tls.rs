@@ -256,6 +256,65 @@ async fn a_handshake_that_never_finishes_is_cut_off_at_header_read_timeout() {
     }
 }
 
+#[tokio::test]
+async fn garbage_for_a_client_hello_is_refused_at_once_and_large_records_stream_through() {
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "test-ca");
+    let server = ca.server(dir.path(), "data");
+    let db = dir.path().join("fg.db");
+    // A long head deadline: a refusal must come from the TLS layer, not from the timeout.
+    let settings = format!(
+        "header_read_timeout = \"30s\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        server.cert, server.key
+    );
+    let config = write_config(&upstream.url(), &db, &settings);
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+
+    let mut noise = vec![0u8; 4096];
+    noise.iter_mut().for_each(|byte| *byte = fastrand::u8(..));
+    noise[0] = 0x17; // application data before any handshake
+    for opening in [
+        noise.clone(),
+        // A handshake record longer than TLS allows (2^14 + 2048).
+        [&b"\x16\x03\x01\xff\xff"[..], &noise[..]].concat(),
+        // A ClientHello whose length runs past its record.
+        b"\x16\x03\x01\x00\x08\x01\xff\xff\xff\x03\x03\x00\x00".to_vec(),
+        // An SSLv2-style hello.
+        b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10".to_vec(),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        // The server may close while the garbage is still being written.
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, &opening).await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "{:?}: the connection stayed open",
+            &opening[..8]
+        );
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("HTTP/"),
+            "garbage got an HTTP answer"
+        );
+    }
+
+    // A body of 4 MiB crosses in full-size TLS records, and the plane still serves.
+    let body = "x".repeat(4 << 20);
+    let request = format!(
+        "PUT /crash/big HTTP/1.1\r\nHost: localhost\r\nFencing-Token: 1\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let seen = tls_exchange(proxy.addr, &ca.pem, None, &[b"http/1.1"], &request)
+        .await
+        .unwrap();
+    assert!(seen.answer.starts_with("HTTP/1.1 200"), "{}", seen.answer);
+    let arrivals = upstream.arrivals();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals[0].body.len(), 4 << 20);
+}
+
 #[test]
 fn check_config_names_the_tls_file_that_does_not_load_and_says_what_each_plane_serves() {
     let dir = tempfile::tempdir().unwrap();
@@ -391,7 +450,10 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
         if seen.certificate == renewed.der {
             break;
         }
-        assert!(Instant::now() < deadline, "the data plane never served the renewed certificate");
+        assert!(
+            Instant::now() < deadline,
+            "the data plane never served the renewed certificate"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
