@@ -13,9 +13,11 @@
 #   4. RSS once 1,000,000 distinct resources have been seen;
 #   5. start-up time with those 1,000,000 resources in the database;
 #   6. the storage profiles (etcd-v3, couchdb, s3): a single-key write through each against the same
-#      call through a path route, and a 100-key bulk write (etcd txn, _bulk_docs, DeleteObjects).
+#      call through a path route, and a 100-key bulk write (etcd txn, _bulk_docs, DeleteObjects);
+#   7. TLS: bench/tls.sh (HTTPS -> HTTP, HTTPS -> HTTPS and handshakes per second against nginx),
+#      unless BENCH_TLS=0; it also needs openssl.
 #
-# Writes bench/results/run.json and bench/results/run.md. Needs wrk, oha, nginx, taskset, curl and
+# Writes bench/results/run.json and bench/results/run.md (and tls.json, tls.md). Needs wrk, oha, nginx, taskset, curl and
 # python3 (`apt-get install wrk nginx-light curl util-linux`, `cargo install oha --locked`).
 #
 # Pinning: on a machine with two or more cores, the proxy under test (nginx proxy_pass or
@@ -293,3 +295,10 @@ record scenario=startup -- "$startup"
 mkdir -p "$OUT"
 python3 bench/report.py "$RAW" "$OUT" "$PROXY_CPUS" "$LOAD_CPUS" "$PROXY_WORKERS" "$CONNECTIONS" "$DURATION"
 log "wrote $OUT/run.json and $OUT/run.md"
+
+# 7. TLS on the data plane (HTTPS -> HTTP, HTTPS -> HTTPS, handshakes per second) against nginx
+#    doing the same: bench/tls.sh, on its own ports, into $OUT/tls.md. BENCH_TLS=0 skips it.
+if [ "${BENCH_TLS:-1}" != 0 ]; then
+    BENCH_OUT=$OUT bench/tls.sh
+    log "wrote $OUT/tls.json and $OUT/tls.md"
+fi
