@@ -16,7 +16,7 @@ use crate::profile::keys::{self, KeyMap};
 use crate::profile::{KeyApi, PROFILE_NAMES, Profile, couchdb, s3, webdav};
 use crate::proxy::Upstream;
 use crate::route::methods::{self, DEFAULT_UNFENCED_METHODS};
-use crate::route::{Route, RoutePolicy, RouteTable};
+use crate::route::{Allow, Route, RoutePolicy, RouteTable};
 use crate::store::Retention;
 use crate::telemetry::LogLevel;
 use crate::tls::TlsFiles;
@@ -321,6 +321,8 @@ struct FileRoute {
     keys: Vec<FileKeys>,
     /// The client certificate identities that may send fenced requests.
     allow: Option<Vec<String>>,
+    /// SHA-256 digests (hex) of the bearer tokens that may send fenced requests.
+    allow_bearer_sha256: Option<Vec<String>>,
     /// For an `https://` upstream: a CA bundle trusted besides the system's roots.
     upstream_ca: Option<PathBuf>,
     /// For an `https://` upstream that wants mTLS: the certificate fencegate presents, and its key.
@@ -824,10 +826,7 @@ fn build_route(
         None => crate::token::FENCING_TOKEN,
         Some(name) => token_header(&key("token_header"), name)?,
     };
-    let allow = route
-        .allow
-        .map(|names| allow_list(&key("allow"), names))
-        .transpose()?;
+    let allow = allow(index, &route, profile.as_ref())?;
     let policy = RoutePolicy {
         unfenced_methods,
         fence_reads: route.fence_reads,
@@ -884,6 +883,38 @@ fn upstream_tls(
     })
 }
 
+/// A route's allow lists: `allow` (certificate names) and `allow_bearer_sha256`. Bearer tokens
+/// travel in `Authorization`, which an S3 client signs with SigV4 for the storage: the two
+/// cannot share a route.
+fn allow(
+    index: usize,
+    route: &FileRoute,
+    profile: Option<&Profile>,
+) -> Result<Option<Allow>, ConfigError> {
+    let key = |field: &str| format!("routes[{index}].{field}");
+    if route.allow.is_none() && route.allow_bearer_sha256.is_none() {
+        return Ok(None);
+    }
+    let identities = match &route.allow {
+        Some(names) => allow_list(&key("allow"), names.clone())?,
+        None => Vec::new(),
+    };
+    let mut allow = Allow::identities(identities);
+    if let Some(digests) = &route.allow_bearer_sha256 {
+        if profile.is_some_and(Profile::signs_host) {
+            return Err(invalid(
+                key("allow_bearer_sha256"),
+                "cannot be used with the s3 profile: S3 clients sign the Authorization header \
+                 the bearer token would travel in; use allow with client certificates",
+            ));
+        }
+        allow = allow
+            .with_bearer_sha256(digests)
+            .map_err(|e| invalid(key("allow_bearer_sha256"), e))?;
+    }
+    Ok(Some(allow))
+}
+
 /// A route's `allow`: the names a client certificate must carry one of. Names are compared
 /// exactly, so one with stray spaces, or a `CN=` with nothing after it, would never match and is
 /// refused as the mistake it is.
@@ -912,11 +943,12 @@ fn check_allow_has_client_certificates(
     if tls.is_some_and(|tls| tls.client_ca.is_some()) {
         return Ok(());
     }
-    match routes
-        .routes()
-        .iter()
-        .position(|route| route.allow().is_some())
-    {
+    let names_identities = |route: &Route| {
+        route
+            .allow()
+            .is_some_and(|allow| !allow.identity_names().is_empty())
+    };
+    match routes.routes().iter().position(names_identities) {
         None => Ok(()),
         Some(index) => Err(invalid(
             format!("routes[{index}].allow"),

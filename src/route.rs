@@ -10,6 +10,7 @@
 //! request on a collection whose members another resource owns, [`destination`] reads the second
 //! path of a COPY or MOVE, and [`methods`] says which methods can change state at all.
 
+pub mod allow;
 pub mod destination;
 pub mod methods;
 pub mod request_parts;
@@ -23,6 +24,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::profile::{Profile, RequestHead};
 use crate::proxy::Upstream;
+pub use allow::Allow;
 use request_parts::{PartError, RequestPart};
 
 /// The name of a fenced resource, such as `wallet:42`. Cheap to clone.
@@ -178,7 +180,7 @@ pub struct Route {
     profile: Option<Profile>,
     preserve_host: bool,
     token_header: http::HeaderName,
-    allow: Option<Vec<String>>,
+    allow: Option<Allow>,
 }
 
 /// The settings of a route other than its templates, already validated by the config layer.
@@ -194,8 +196,8 @@ pub struct RoutePolicy {
     pub preserve_host: bool,
     /// The header leaders send their token in (`Fencing-Token` unless the route says otherwise).
     pub token_header: http::HeaderName,
-    /// The client identities that may send fenced requests (`allow`); `None`: anyone.
-    pub allow: Option<Vec<String>>,
+    /// Who may send fenced requests (`allow`, `allow_bearer_sha256`); `None`: anyone.
+    pub allow: Option<Allow>,
 }
 
 impl Route {
@@ -232,10 +234,15 @@ impl Route {
         })
     }
 
-    /// The client identities that may send this route's fenced requests; `None`: anyone who
-    /// reaches the data plane.
-    pub fn allow(&self) -> Option<&[String]> {
-        self.allow.as_deref()
+    /// Who may send this route's fenced requests; `None`: anyone who reaches the data plane.
+    pub fn allow(&self) -> Option<&Allow> {
+        self.allow.as_ref()
+    }
+
+    /// Whether `Authorization` carries fencegate's own bearer token on this route, never to be
+    /// forwarded.
+    pub fn takes_bearer_tokens(&self) -> bool {
+        self.allow.as_ref().is_some_and(Allow::takes_bearer_tokens)
     }
 
     /// The header this route's leaders send their token in.

@@ -1,6 +1,8 @@
-//! TLS on the admin plane (`[admin_tls]`): HTTPS with ALPN, client certificates, certificates
-//! swapped on disk or on SIGHUP without a restart, a broken new pair that leaves the old one
-//! serving, a handshake that never finishes, and `fencegate fence` speaking HTTPS.
+//! TLS on every hop and who may write: the admin and data planes over HTTPS with ALPN, client
+//! certificates, certificates swapped on disk or on SIGHUP without a restart, a broken new pair
+//! that leaves the old one serving, handshakes that never finish or are garbage, `fencegate fence`
+//! speaking HTTPS, routes' `allow` lists and bearer tokens, and `https://` upstreams verified (a
+//! refused certificate is a 502 naming the cause). The peer plane's TLS is in `cluster.rs`.
 
 mod common;
 
@@ -830,4 +832,108 @@ fn upstream_tls_files_are_checked_when_the_config_loads() {
         "upstream_cert = \"/etc/hosts\"\n",
     );
     assert!(!ok && stderr.contains("routes[0].upstream_key"), "{stderr}");
+}
+
+/// `printf %s leader-secret | sha256sum`: the digest an operator puts in the config.
+const LEADER_SECRET_SHA256: &str =
+    "e0aa1af1ca30898fa9196b18eebfdbc6501d87ed33ecd3a4f5f47f29a8e6eae6";
+
+#[tokio::test]
+async fn without_mtls_a_route_may_require_a_bearer_token_which_never_reaches_the_storage() {
+    let upstream = common::RecordingUpstream::start().await;
+    let app = common::TestApp::spawn(&format!(
+        "[[routes]]\npath = \"/wallets/{{id}}\"\nupstream = \"{}\"\nresource = \"wallet:{{id}}\"\n\
+         allow_bearer_sha256 = [\"{LEADER_SECRET_SHA256}\"]\n",
+        upstream.url()
+    ))
+    .await;
+    let put = |token: u64, authorization: Option<&str>| {
+        let mut request = app
+            .client
+            .put(app.url("/wallets/1"))
+            .header("Fencing-Token", token.to_string())
+            .body("100");
+        if let Some(authorization) = authorization {
+            request = request.header("Authorization", authorization);
+        }
+        request.send()
+    };
+    let stored = put(5, Some("Bearer leader-secret")).await.unwrap();
+    assert_eq!(stored.status(), 200);
+    for refused in [
+        None,
+        Some("Bearer guess"),
+        Some("Basic bGVhZGVyLXNlY3JldA=="),
+    ] {
+        let answer = put(9, refused).await.unwrap();
+        assert_eq!(answer.status(), 403, "{refused:?}");
+        assert_eq!(answer.headers()["fencing-token-highest"], "5");
+        let problem = common::problem(answer).await;
+        assert_eq!(problem["type"], "urn:fencegate:problem:forbidden");
+    }
+    // The leader still writes at 5: nobody's refused 9 raised anything. Reads need no token.
+    assert_eq!(
+        put(5, Some("Bearer leader-secret")).await.unwrap().status(),
+        200
+    );
+    let read = app.client.get(app.url("/wallets/1")).send().await.unwrap();
+    assert_eq!(read.status(), 200);
+
+    let arrivals = upstream.arrivals();
+    assert_eq!(arrivals.len(), 3);
+    assert!(
+        arrivals
+            .iter()
+            .all(|a| !a.headers.contains_key("authorization")),
+        "the bearer token is fencegate's, never the storage's"
+    );
+    let reasons: Vec<String> = app.rejections().into_iter().map(|r| r.0).collect();
+    assert_eq!(reasons, ["forbidden", "forbidden", "forbidden"]);
+    app.stop().await;
+}
+
+#[test]
+fn bearer_digests_are_checked_and_refused_where_s3_signs_the_authorization_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |extra: &str| {
+        let config = dir.path().join("fg.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[routes]]\npath = \"/w/{{*rest}}\"\nupstream = \"http://127.0.0.1:9\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fencegate"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = check(&format!(
+        "resource = \"w\"\nallow_bearer_sha256 = [\"{LEADER_SECRET_SHA256}\"]\n"
+    ));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("written only by holders of an allowed bearer token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("warning:") && stdout.contains("clear text"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = check("resource = \"w\"\nallow_bearer_sha256 = [\"leader-secret\"]\n");
+    assert!(
+        !ok && stderr.contains("routes[0].allow_bearer_sha256") && stderr.contains("sha256sum"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = check(&format!(
+        "resource = \"s3:{{bucket}}/{{key}}\"\nprofile = \"s3\"\nallow_bearer_sha256 = [\"{LEADER_SECRET_SHA256}\"]\n"
+    ));
+    assert!(!ok && stderr.contains("s3 profile"), "{stderr}");
 }

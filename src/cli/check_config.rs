@@ -201,6 +201,15 @@ pub fn warnings(config: &Config) -> Vec<String> {
         })
         .collect();
     for (index, route) in routes.iter().enumerate() {
+        if route.takes_bearer_tokens() && config.tls.is_none() {
+            warnings.push(format!(
+                "routes[{index}] ({}) takes bearer tokens (allow_bearer_sha256) on a data plane \
+                 without [tls]: the tokens cross the network in clear text",
+                route.path()
+            ));
+        }
+    }
+    for (index, route) in routes.iter().enumerate() {
         // matchit 0.7's `:id` and `*rest` are literal text in 0.8: the route would match only a
         // path spelled that way.
         let legacy = route.path().split('/').find(|segment| {
@@ -269,7 +278,16 @@ fn describe_route(index: usize, route: &Route) -> String {
         let _ = write!(line, "  token in {}", route.token_header());
     }
     if let Some(allow) = route.allow() {
-        let _ = write!(line, "  written only by {}", allow.join(", "));
+        let mut who = allow.identity_names().to_vec();
+        if allow.takes_bearer_tokens() {
+            who.push("holders of an allowed bearer token".to_owned());
+        }
+        let who = if who.is_empty() {
+            "nobody".to_owned()
+        } else {
+            who.join(", ")
+        };
+        let _ = write!(line, "  written only by {who}");
     }
     line
 }

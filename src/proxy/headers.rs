@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::{BufMut, BytesMut};
 use http::HeaderMap;
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 
 use super::upstream::wire;
@@ -110,19 +110,32 @@ fn end_to_end(
     })
 }
 
+/// Which of the client's headers that fencegate may consume an upstream still gets.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Kept {
+    /// The client's `Host` (storage that signs it, like S3, needs it unchanged).
+    pub keep_host: bool,
+    /// `Authorization`, unless it carries fencegate's own bearer token (`allow_bearer_sha256`).
+    pub keep_authorization: bool,
+}
+
 /// Writes a client's request headers into the upstream request head, as header lines: hop-by-hop
 /// headers (and those `Connection` names) are left out, the client's `Host` too unless
 /// `keep_host` (the upstream gets its own authority, and the original host travels in
-/// `Forwarded`; storage that signs `Host`, like S3, gets it unchanged), and the client's address
-/// is appended to `Forwarded` and `X-Forwarded-For`. The framing headers are the head's own.
+/// `Forwarded`), `Authorization` unless `keep_authorization`, and the client's address is
+/// appended to `Forwarded` and `X-Forwarded-For`. The framing headers are the head's own.
 /// Written straight from the client's map, with no copy of it: this runs on every request.
 pub(super) fn write_upstream_headers(
     out: &mut BytesMut,
     headers: &HeaderMap,
     client: SocketAddr,
-    keep_host: bool,
+    kept: Kept,
 ) {
-    let left_out = |name: &HeaderName| *name == X_FORWARDED_FOR || (*name == HOST && !keep_host);
+    let left_out = |name: &HeaderName| {
+        *name == X_FORWARDED_FOR
+            || (*name == HOST && !kept.keep_host)
+            || (*name == AUTHORIZATION && !kept.keep_authorization)
+    };
     for (name, value) in end_to_end(headers, left_out) {
         wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -254,8 +267,12 @@ mod tests {
 
     /// The header lines the upstream gets, in order, names lower-cased.
     fn upstream_lines(map: &HeaderMap, client: &str, keep_host: bool) -> Vec<(String, String)> {
+        let kept = Kept {
+            keep_host,
+            keep_authorization: true,
+        };
         let mut out = BytesMut::new();
-        write_upstream_headers(&mut out, map, client.parse().unwrap(), keep_host);
+        write_upstream_headers(&mut out, map, client.parse().unwrap(), kept);
         String::from_utf8(out.to_vec())
             .unwrap()
             .lines()

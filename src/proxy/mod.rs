@@ -1032,13 +1032,12 @@ fn identity_of<B>(request: &Request<B>) -> Option<&ClientIdentity> {
         .map(Arc::as_ref)
 }
 
-/// Whether `route` lets the sender of `request` send fenced requests: anyone, unless it has an
-/// `allow` list; then only a client whose certificate identity the list names.
+/// Whether `route` lets the sender of `request` send fenced requests: anyone, unless it has allow
+/// lists; then only a client whose certificate identity or bearer token they name.
 fn allows<B>(route: &Route, request: &Request<B>) -> bool {
-    match route.allow() {
-        None => true,
-        Some(allow) => identity_of(request).is_some_and(|identity| identity.is_allowed_by(allow)),
-    }
+    route
+        .allow()
+        .is_none_or(|allow| allow.permits(identity_of(request), request.headers()))
 }
 
 /// What the access log needs from a request before it is handed to the proxy.

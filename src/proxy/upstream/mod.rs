@@ -39,7 +39,7 @@ use wire::RequestFraming;
 #[derive(Debug, Clone, Copy)]
 enum Hop<'a> {
     /// To the storage: hop-by-hop headers stripped, `Forwarded` appended.
-    Upstream { keep_host: bool },
+    Upstream(headers::Kept),
     /// To the replica that owns the request's shard (cluster mode).
     Peer { secret: Option<&'a str> },
 }
@@ -418,9 +418,10 @@ impl UpstreamClient {
         in_flight: Option<&'a InFlight>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, ForwardError>> + 'a {
         // Not an `async fn`: the hot path's future is `forward_to`'s own, with no layer around it.
-        let hop = Hop::Upstream {
+        let hop = Hop::Upstream(headers::Kept {
             keep_host: route.preserves_host(),
-        };
+            keep_authorization: !route.takes_bearer_tokens(),
+        });
         self.forward_to(route.upstream(), hop, request, client, in_flight)
     }
 
@@ -454,7 +455,7 @@ impl UpstreamClient {
             .get(EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let keep_host = match hop {
-            Hop::Upstream { keep_host } => keep_host,
+            Hop::Upstream(kept) => kept.keep_host,
             Hop::Peer { .. } => true,
         };
         let host = match parts.uri.authority() {
@@ -472,8 +473,8 @@ impl UpstreamClient {
                 host,
                 framing,
                 |out| match hop {
-                    Hop::Upstream { keep_host } => {
-                        headers::write_upstream_headers(out, &parts.headers, client, keep_host);
+                    Hop::Upstream(kept) => {
+                        headers::write_upstream_headers(out, &parts.headers, client, kept);
                     }
                     Hop::Peer { secret } => {
                         let identity = parts
