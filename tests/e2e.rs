@@ -118,9 +118,11 @@ fn start_nginx_https(
     binary: &Path,
     dir: tempfile::TempDir,
     server: &common::certs::Issued,
+    h2: bool,
 ) -> Server {
     let tls = format!(
-        " ssl;\n        ssl_certificate {};\n        ssl_certificate_key {}",
+        " ssl{};\n        ssl_certificate {};\n        ssl_certificate_key {}",
+        if h2 { " http2" } else { "" },
         server.cert.display(),
         server.key.display()
     );
@@ -142,7 +144,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    log_format fence '$request_method $uri $http_fencing_token $status';
+    log_format fence '$request_method $uri $http_fencing_token $status $server_protocol';
     access_log {d}/access.log fence;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
@@ -322,7 +324,7 @@ struct TlsBothSides {
     ca: common::certs::Ca,
 }
 
-async fn tls_on_both_sides(binary: &Path) -> TlsBothSides {
+async fn tls_on_both_sides(binary: &Path, h2: bool) -> TlsBothSides {
     let dir = tempfile::tempdir().unwrap();
     let ca = common::certs::Ca::new(dir.path(), "e2e-ca");
     let storage = ca.server(dir.path(), "nginx");
@@ -335,7 +337,7 @@ async fn tls_on_both_sides(binary: &Path) -> TlsBothSides {
          resource = \"untrusted:{{path}}\"\n",
         front.cert, front.key, ca.pem
     );
-    let nginx = start_nginx_https(binary, dir, &storage);
+    let nginx = start_nginx_https(binary, dir, &storage, h2);
     let config = config.replace("{port}", &nginx.addr.port().to_string());
     let app = TestApp::spawn(&config).await;
     TlsBothSides { nginx, app, ca }
@@ -366,7 +368,7 @@ async fn nginx_https_wallet_story_with_tls_on_both_sides() {
     let Some(binary) = installed("nginx", "apt-get install nginx") else {
         return;
     };
-    let TlsBothSides { nginx, app, ca } = tls_on_both_sides(&binary).await;
+    let TlsBothSides { nginx, app, ca } = tls_on_both_sides(&binary, false).await;
     let on_disk = nginx._dir.path().join("root/files/wallets/1");
 
     let (opening, answer) = https_put(&app, &ca.pem, "/files/wallets/1", 1, "100").await;
@@ -399,10 +401,22 @@ async fn nginx_https_wallet_story_with_tls_on_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nginx; run with --ignored"]
 async fn nginx_https_storm_of_old_and_new_writers_with_tls_on_both_sides() {
+    https_storm(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nginx; run with --ignored"]
+async fn nginx_http2_storm_of_old_and_new_writers_with_tls_on_both_sides() {
+    https_storm(true).await;
+}
+
+/// The storm of old and new writers through TLS on both sides; nginx offers `h2` if `h2`, and
+/// must then be spoken to in HTTP/2.
+async fn https_storm(h2: bool) {
     let Some(binary) = installed("nginx", "apt-get install nginx") else {
         return;
     };
-    let TlsBothSides { nginx, app, ca } = tls_on_both_sides(&binary).await;
+    let TlsBothSides { nginx, app, ca } = tls_on_both_sides(&binary, h2).await;
     let (app, ca) = (Arc::new(app), Arc::new(ca.pem.clone()));
     let files = ["a", "b", "c", "d"];
     let mut writers = Vec::new();
@@ -431,6 +445,12 @@ async fn nginx_https_storm_of_old_and_new_writers_with_tls_on_both_sides() {
             accepted.entry(path).or_default().push(token);
         }
     }
+    let protocol = if h2 { "HTTP/2.0" } else { "HTTP/1.1" };
+    let access_log = std::fs::read_to_string(nginx._dir.path().join("access.log")).unwrap();
+    assert!(
+        access_log.lines().all(|line| line.ends_with(protocol)),
+        "nginx was not spoken to in {protocol}:\n{access_log}"
+    );
     let log = nginx_log(&nginx);
     for file in files {
         let path = format!("/files/storm/{file}");

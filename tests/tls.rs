@@ -762,7 +762,8 @@ async fn an_https_upstream_is_verified_and_a_refused_certificate_is_a_502_naming
             .lock()
             .unwrap()
             .iter()
-            .all(|(sni, _)| sni.as_deref() == Some("localhost")),
+            .all(|arrived| arrived.sni.as_deref() == Some("localhost")
+                && arrived.version == http::Version::HTTP_11),
         "SNI names the upstream URL's host"
     );
 
@@ -936,4 +937,106 @@ fn bearer_digests_are_checked_and_refused_where_s3_signs_the_authorization_heade
         "resource = \"s3:{{bucket}}/{{key}}\"\nprofile = \"s3\"\nallow_bearer_sha256 = [\"{LEADER_SECRET_SHA256}\"]\n"
     ));
     assert!(!ok && stderr.contains("s3 profile"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_chooses_h2_gets_http2_and_tokens_still_never_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "storage-ca");
+    let storage = HttpsUpstream::start_with(
+        &ca.server(dir.path(), "h2-storage"),
+        None,
+        true,
+        Duration::from_millis(15),
+    )
+    .await;
+    let config = dir.path().join("fg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "max_body = 2097152\n[[routes]]\npath = \"/w/{{id}}\"\nupstream = \"{}\"\n\
+             resource = \"w:{{id}}\"\nupstream_ca = {:?}\n",
+            storage.url("localhost"),
+            ca.pem
+        ),
+    )
+    .unwrap();
+    let db = dir.path().join("fg.db");
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/w/1", proxy.addr);
+    let put = |token: u64, body: Vec<u8>| {
+        client
+            .put(&url)
+            .header("Fencing-Token", token.to_string())
+            .body(body)
+            .send()
+    };
+
+    // A storm: tokens mostly rising, old leaders mixed in, all in flight at once.
+    let mut writers = tokio::task::JoinSet::new();
+    for n in 0..120u64 {
+        let token = (n / 10 + 1).saturating_sub(fastrand::u64(0..=2)).max(1);
+        let sent = put(token, b"x".to_vec());
+        writers.spawn(async move { (token, sent.await.unwrap().status().as_u16()) });
+    }
+    let mut accepted = Vec::new();
+    for (token, status) in writers.join_all().await {
+        assert!(matches!(status, 200 | 409), "token {token}: {status}");
+        if status == 200 {
+            accepted.push(token);
+        }
+    }
+    let seen = storage.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|a| a.version == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|a| {
+        a.authority
+            .as_deref()
+            .is_some_and(|h| h.starts_with("localhost:"))
+    }));
+    let tokens: Vec<u64> = seen
+        .iter()
+        .map(|a| a.token.as_deref().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        tokens.windows(2).all(|w| w[0] <= w[1]),
+        "the storage saw a token go back: {tokens:?}"
+    );
+    accepted.sort_unstable();
+    let mut sorted = tokens.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted, accepted,
+        "the storage saw exactly the accepted writes"
+    );
+    assert!(accepted.len() < 120, "the storm had zombies in it");
+
+    // Bodies stream over HTTP/2 in full, and the body limit holds.
+    let highest = *tokens.last().unwrap();
+    let big = put(highest, vec![b'y'; 1 << 20]).await.unwrap();
+    assert_eq!(big.status(), 200);
+    assert_eq!(
+        storage.seen.lock().unwrap().last().unwrap().body_len,
+        1 << 20
+    );
+    let too_big = client
+        .put(&url)
+        .header("Fencing-Token", highest.to_string())
+        .body(reqwest::Body::wrap_stream(tokio_stream::iter(
+            (0..3).map(|_| Ok::<_, std::io::Error>(vec![b'z'; 1 << 20])),
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_big.status(), 413);
+    // One HTTP/2 connection per data-plane thread at most, not one per request.
+    assert!(
+        storage
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            <= 4
+    );
 }

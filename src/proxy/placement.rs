@@ -201,8 +201,9 @@ impl ClusterPlane {
         let parsed = url
             .parse::<Upstream>()
             .and_then(|peer| match &self.peer_tls {
-                Some(files) if peer.is_https() => peer.with_tls_files(files.clone()),
-                _ => Ok(peer),
+                _ if !peer.is_https() => Ok(peer),
+                Some(files) => peer.peer_with_tls_files(files.clone()),
+                None => peer.peer_with_tls_files(TlsClientFiles::default()),
             });
         match parsed {
             Ok(peer) => {

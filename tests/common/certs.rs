@@ -180,6 +180,8 @@ pub async fn tls_exchange(
     let mut answer = String::new();
     if !request.is_empty() {
         tls.write_all(request.as_bytes()).await?;
+        // rustls may still hold the last records: `write_all` returns once it has taken them.
+        tls.flush().await?;
         tls.read_to_string(&mut answer).await?;
     }
     Ok(Seen {
@@ -189,21 +191,43 @@ pub async fn tls_exchange(
     })
 }
 
-/// What an [`HttpsUpstream`] saw of one request: its connection's SNI and its `Fencing-Token`.
-pub type Arrived = (Option<String>, Option<String>);
+/// What an [`HttpsUpstream`] saw of one request.
+#[derive(Debug, Clone)]
+pub struct Arrived {
+    /// The SNI its connection sent.
+    pub sni: Option<String>,
+    pub token: Option<String>,
+    pub version: http::Version,
+    /// The authority it was addressed to (`:authority` or `Host`).
+    pub authority: Option<String>,
+    /// How many body bytes it carried (filled in once read).
+    pub body_len: usize,
+}
 
 /// An HTTPS server on loopback that answers every request `200 stored`, for fencegate's
-/// upstream: it counts TCP connections and records each request's `Fencing-Token` and the SNI
-/// its connection sent. With `client_ca`, it requires a client certificate that CA signed.
+/// upstream: it counts TCP connections and records each request as it arrives. With
+/// `client_ca`, it requires a client certificate that CA signed.
 pub struct HttpsUpstream {
     pub addr: SocketAddr,
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
-    /// `(sni, token)` per request, in arrival order.
+    /// Per request, in arrival order.
     pub seen: Arc<std::sync::Mutex<Vec<Arrived>>>,
 }
 
 impl HttpsUpstream {
+    /// HTTP/1.1 only, answering at once.
     pub async fn start(server: &Issued, client_ca: Option<&Path>) -> HttpsUpstream {
+        Self::start_with(server, client_ca, false, std::time::Duration::ZERO).await
+    }
+
+    /// With `h2`, ALPN offers `h2` first and a client that picks it is served HTTP/2; each
+    /// answer waits a random time up to `delay`, so that concurrent requests overtake each other.
+    pub async fn start_with(
+        server: &Issued,
+        client_ca: Option<&Path>,
+        h2: bool,
+        delay: std::time::Duration,
+    ) -> HttpsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -221,7 +245,7 @@ impl HttpsUpstream {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let config = builder
+        let mut config = builder
             .with_single_cert(
                 CertificateDer::pem_file_iter(&server.cert)
                     .unwrap()
@@ -230,6 +254,11 @@ impl HttpsUpstream {
                 PrivateKeyDer::from_pem_file(&server.key).unwrap(),
             )
             .unwrap();
+        config.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = HttpsUpstream {
@@ -255,24 +284,51 @@ impl HttpsUpstream {
                     let sni = tls.get_ref().1.server_name().map(str::to_owned);
                     let service = hyper::service::service_fn(
                         move |request: http::Request<hyper::body::Incoming>| {
-                            let token = request
-                                .headers()
-                                .get("fencing-token")
-                                .and_then(|t| t.to_str().ok())
-                                .map(str::to_owned);
-                            seen.lock().unwrap().push((sni.clone(), token));
+                            let header = |name: &str| {
+                                request
+                                    .headers()
+                                    .get(name)
+                                    .and_then(|t| t.to_str().ok())
+                                    .map(str::to_owned)
+                            };
+                            let authority = request
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .or_else(|| header("host"));
+                            let index = {
+                                let mut seen = seen.lock().unwrap();
+                                seen.push(Arrived {
+                                    sni: sni.clone(),
+                                    token: header("fencing-token"),
+                                    version: request.version(),
+                                    authority,
+                                    body_len: 0,
+                                });
+                                seen.len() - 1
+                            };
+                            let seen = Arc::clone(&seen);
                             async move {
                                 use http_body_util::BodyExt;
-                                let _ = request.into_body().collect().await;
+                                let body = request.into_body().collect().await;
+                                let length = body.map(|b| b.to_bytes().len()).unwrap_or(0);
+                                seen.lock().unwrap()[index].body_len = length;
+                                if !delay.is_zero() {
+                                    let pause = fastrand::u64(0..=delay.as_millis() as u64);
+                                    tokio::time::sleep(std::time::Duration::from_millis(pause))
+                                        .await;
+                                }
                                 Ok::<_, std::convert::Infallible>(http::Response::new(
                                     http_body_util::Full::new(bytes::Bytes::from_static(b"stored")),
                                 ))
                             }
                         },
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
                 });
             }
         });
@@ -288,7 +344,7 @@ impl HttpsUpstream {
             .lock()
             .unwrap()
             .iter()
-            .map(|(_, token)| token.clone())
+            .map(|arrived| arrived.token.clone())
             .collect()
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::stream::UpstreamStream;
 use bytes::{Buf, Bytes, BytesMut};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::UpstreamBody;
@@ -490,9 +490,50 @@ enum BodyState {
     Chunked(ChunkedDecoder),
     UntilClose,
     Done,
+    /// An HTTP/2 response's body, read by hyper's client.
+    H2(Incoming),
 }
 
 impl ResponseBody {
+    /// The body of an HTTP/2 response: no connection of its own to give back (the stream's
+    /// connection is shared), the same read timeout.
+    pub(super) fn h2(incoming: Incoming, pool_key: Arc<str>, read_timeout: Duration) -> Self {
+        ResponseBody {
+            connection: None,
+            sender: None,
+            body: BodyState::H2(incoming),
+            reusable: false,
+            pool_key,
+            read_timeout,
+            timer: None,
+            read_since_armed: false,
+        }
+    }
+
+    /// The next frame of an HTTP/2 body, or a read timeout.
+    fn poll_h2(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let BodyState::H2(incoming) = &mut self.body else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.read_since_armed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(ExchangeError::Read(std::io::Error::other(e)))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.poll_read_timeout(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                _ => Poll::Pending,
+            },
+        }
+    }
+
     /// Ends the exchange: the connection goes back to the pool if the whole response was read
     /// and nothing is left in doubt. The rest of an early-answered request is still sent, by a
     /// task of this thread's that outlives the response (hyper drops a body it has sent in full).
@@ -561,6 +602,8 @@ impl ResponseBody {
             }
             BodyState::UntilClose if buffer.is_empty() => Ok(None),
             BodyState::UntilClose => Ok(Some(Decoded::Data(buffer.split().freeze()))),
+            // Read by `poll_h2`, never from a connection buffer.
+            BodyState::H2(_) => Ok(Some(Decoded::End)),
         }
     }
 
@@ -608,6 +651,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let this = &mut *self;
+        if let BodyState::H2(_) = this.body {
+            return this.poll_h2(cx);
+        }
         loop {
             this.poll_sender(cx);
             match this.decode() {
@@ -638,13 +684,18 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.body, BodyState::Done)
+        match &self.body {
+            BodyState::Done => true,
+            BodyState::H2(incoming) => incoming.is_end_stream(),
+            _ => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.body {
-            BodyState::Length(left) => SizeHint::with_exact(left),
+        match &self.body {
+            BodyState::Length(left) => SizeHint::with_exact(*left),
             BodyState::Done => SizeHint::with_exact(0),
+            BodyState::H2(incoming) => incoming.size_hint(),
             _ => SizeHint::default(),
         }
     }

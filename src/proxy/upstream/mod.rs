@@ -5,6 +5,7 @@
 //! request and its upstream connection. [`wire`] is the HTTP/1.1 framing, parsed with httparse.
 
 mod exchange;
+mod h2;
 mod pool;
 mod stream;
 mod tls;
@@ -31,7 +32,7 @@ use exchange::{Exchange, HeadFailure, Sender};
 pub use exchange::{ExchangeError, ResponseBody};
 use pool::Connection;
 use stream::UpstreamStream;
-use tls::UpstreamTls;
+use tls::{Alpn, UpstreamTls};
 pub use tls::{HandshakeFailure, TlsClientFiles};
 use wire::RequestFraming;
 
@@ -101,7 +102,7 @@ impl FromStr for Upstream {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let tls = secure
-            .then(|| UpstreamTls::new(host, TlsClientFiles::default()))
+            .then(|| UpstreamTls::new(host, TlsClientFiles::default(), Alpn::H2OrHttp1))
             .transpose()
             .map_err(|e| UpstreamUrlError::Tls(e.to_string()))?;
         let host_port: Arc<str> = format!("{host}:{port}").into();
@@ -133,16 +134,31 @@ fn pool_key(host_port: &str, tls: Option<&UpstreamTls>) -> Arc<str> {
 impl Upstream {
     /// The same upstream verified against `files.ca` besides the system's roots, and presenting
     /// `files.identity`; only for `https://`.
-    pub fn with_tls_files(mut self, files: TlsClientFiles) -> Result<Self, UpstreamUrlError> {
+    pub fn with_tls_files(self, files: TlsClientFiles) -> Result<Self, UpstreamUrlError> {
+        self.with_tls(files, Alpn::H2OrHttp1)
+    }
+
+    /// Another replica's peer plane at this URL: over TLS with `files`, HTTP/1.1 only (the peer
+    /// hop is fencegate's own client, end to end).
+    pub fn peer_with_tls_files(self, files: TlsClientFiles) -> Result<Self, UpstreamUrlError> {
+        self.with_tls(files, Alpn::Http1)
+    }
+
+    fn with_tls(mut self, files: TlsClientFiles, alpn: Alpn) -> Result<Self, UpstreamUrlError> {
         if self.tls.is_none() {
             return Err(UpstreamUrlError::TlsFilesOnHttp);
         }
         let host = self.host_port.rsplit_once(':').map_or("", |(host, _)| host);
-        let tls =
-            UpstreamTls::new(host, files).map_err(|e| UpstreamUrlError::Tls(e.to_string()))?;
+        let tls = UpstreamTls::new(host, files, alpn)
+            .map_err(|e| UpstreamUrlError::Tls(e.to_string()))?;
         self.pool_key = pool_key(&self.host_port, Some(&tls));
         self.tls = Some(tls);
         Ok(self)
+    }
+
+    /// Whether requests may go over HTTP/2, if the upstream chooses it.
+    fn offers_h2(&self) -> bool {
+        self.tls.as_ref().is_some_and(UpstreamTls::offers_h2)
     }
 
     /// Whether it is spoken to over TLS.
@@ -450,6 +466,27 @@ impl UpstreamClient {
         let deadline = Instant::now() + self.timeout;
         let (parts, body) = request.into_parts();
         let framing = request_framing(&parts.method, &parts.headers, &body);
+        // An https:// storage upstream may choose HTTP/2. Boxed: the plain hot path never
+        // takes this branch, and its futures would otherwise grow by theirs.
+        let mut first = None;
+        if let Hop::Upstream(kept) = hop
+            && upstream.offers_h2()
+        {
+            match Box::pin(self.h1_or_h2(upstream, deadline)).await? {
+                Protocol::Http1(connection) => first = connection,
+                Protocol::H2(sender) => {
+                    let request = Request::from_parts(parts, body);
+                    let exchange = H2Exchange {
+                        upstream,
+                        kept,
+                        client,
+                        framing,
+                        deadline,
+                    };
+                    return Box::pin(self.forward_h2(sender, exchange, request, in_flight)).await;
+                }
+            }
+        }
         let expects_continue = parts
             .headers
             .get(EXPECT)
@@ -509,15 +546,10 @@ impl UpstreamClient {
                 deadline,
             )
         };
+        // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
+        let may_replay = in_flight.is_none() && parts.method.is_safe() && sender.replayable();
         let (exchange, head) = self
-            .exchange_head(
-                upstream,
-                sender,
-                again,
-                &parts.method,
-                in_flight.is_none(),
-                deadline,
-            )
+            .exchange_head(upstream, first, sender, again, may_replay, deadline)
             .await?;
         // A 101 would hand over the connection; relaying it would open a tunnel whose traffic no
         // gate sees.
@@ -549,16 +581,14 @@ impl UpstreamClient {
     async fn exchange_head(
         &self,
         upstream: &Upstream,
+        mut first: Option<Connection>,
         mut sender: Sender,
         again: impl Fn() -> Sender,
-        method: &Method,
-        unfenced: bool,
+        mut may_replay: bool,
         deadline: Instant,
     ) -> Result<(Exchange, wire::ResponseHead), ForwardError> {
-        // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
-        let mut may_replay = unfenced && method.is_safe() && sender.replayable();
         loop {
-            let connection = match pool::take(&upstream.pool_key) {
+            let connection = match first.take().or_else(|| pool::take(&upstream.pool_key)) {
                 Some(connection) => connection,
                 // Boxed: connecting is rare on a warm pool, and its future is large.
                 None => Box::pin(tokio::time::timeout_at(deadline, self.connect(upstream)))
@@ -604,10 +634,128 @@ impl UpstreamClient {
         }
     }
 
+    /// How the next request to an upstream that offers HTTP/2 goes: on this thread's HTTP/2
+    /// connection, on an idle HTTP/1.1 one, or on a new connection, as its ALPN chose.
+    async fn h1_or_h2(
+        &self,
+        upstream: &Upstream,
+        deadline: Instant,
+    ) -> Result<Protocol, ForwardError> {
+        loop {
+            let connecting = match h2::next(&upstream.pool_key) {
+                h2::Next::H2(sender) => return Ok(Protocol::H2(sender)),
+                h2::Next::Http1 => return Ok(Protocol::Http1(None)),
+                h2::Next::Wait(notify) => {
+                    tokio::time::timeout_at(deadline, notify.notified())
+                        .await
+                        .map_err(|_| ForwardError::Timeout)?;
+                    continue;
+                }
+                h2::Next::Connect(connecting) => connecting,
+            };
+            // An idle HTTP/1.1 connection says what the upstream chose.
+            if let Some(idle) = pool::take(&upstream.pool_key) {
+                connecting.chose_http1();
+                return Ok(Protocol::Http1(Some(idle)));
+            }
+            let stream = tokio::time::timeout_at(deadline, upstream.connect(self.connect_timeout))
+                .await
+                .map_err(|_| ForwardError::Timeout)??;
+            return match stream.into_h2() {
+                Ok(tls) => Ok(Protocol::H2(connecting.start_h2(tls).await?)),
+                Err(stream) => {
+                    connecting.chose_http1();
+                    Ok(Protocol::Http1(Some(Connection::new(stream))))
+                }
+            };
+        }
+    }
+
+    /// Sends `request` as an HTTP/2 stream: the headers an HTTP/1.1 upstream would get, the
+    /// body counted and reported sent by [`h2::SentBody`].
+    async fn forward_h2(
+        &self,
+        sender: hyper::client::conn::http2::SendRequest<h2::SentBody>,
+        exchange: H2Exchange<'_>,
+        request: Request<super::UpstreamBody>,
+        in_flight: Option<&InFlight>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let H2Exchange {
+            upstream,
+            kept,
+            client,
+            framing,
+            deadline,
+        } = exchange;
+        let (parts, body) = request.into_parts();
+        let mut lines = BytesMut::with_capacity(512);
+        headers::write_upstream_headers(&mut lines, &parts.headers, client, kept);
+        let mut headers = h2::headers_from_lines(&lines);
+        if let RequestFraming::Length(length) = framing {
+            headers.insert(CONTENT_LENGTH, length.into());
+        }
+        let client_host = parts
+            .headers
+            .get(HOST)
+            .and_then(|host| host.to_str().ok())
+            .or_else(|| parts.uri.authority().map(Authority::as_str));
+        let authority = match client_host {
+            Some(host) if kept.keep_host => host,
+            _ => upstream.authority.as_str(),
+        };
+        let uri = format!("https://{authority}{}", upstream.target_for(&parts.uri))
+            .parse::<Uri>()
+            .map_err(|e| ForwardError::NotSent(ExchangeError::Write(std::io::Error::other(e))))?;
+        let limits = h2::BodyLimits::new(framing, self.max_body);
+        let body = h2::SentBody::new(
+            body,
+            Arc::clone(&limits),
+            in_flight.map(InFlight::body_sent),
+        );
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        *request.version_mut() = http::Version::HTTP_2;
+        let response = h2::exchange(sender, request, limits, deadline).await?;
+        let (mut head, incoming) = response.into_parts();
+        head.version = http::Version::HTTP_11;
+        let body = ResponseBody::h2(incoming, Arc::clone(&upstream.pool_key), self.timeout);
+        let mut response = Response::from_parts(head, body);
+        upstream.rewrite_self_references(response.headers_mut());
+        Ok(response)
+    }
+
+    /// A new HTTP/1.1 connection. An upstream that chose HTTP/1.1 before and now chooses h2 on
+    /// it (reconfigured) is forgotten, and this request refused unsent: the next one learns.
     async fn connect(&self, upstream: &Upstream) -> Result<Connection, ForwardError> {
         let stream = upstream.connect(self.connect_timeout).await?;
-        Ok(Connection::new(stream))
+        match stream.into_h2() {
+            Err(stream) => Ok(Connection::new(stream)),
+            Ok(_) => {
+                h2::forget(&upstream.pool_key);
+                let changed = std::io::Error::other("the upstream now chooses HTTP/2");
+                Err(ForwardError::NotSent(ExchangeError::Write(changed)))
+            }
+        }
     }
+}
+
+/// The protocol the next request to an upstream goes in.
+enum Protocol {
+    /// HTTP/1.1, on this connection if given (else an idle or new one).
+    Http1(Option<Connection>),
+    /// HTTP/2, on this thread's connection to the upstream.
+    H2(hyper::client::conn::http2::SendRequest<h2::SentBody>),
+}
+
+/// What an HTTP/2 exchange needs besides the request.
+struct H2Exchange<'a> {
+    upstream: &'a Upstream,
+    kept: headers::Kept,
+    client: SocketAddr,
+    framing: RequestFraming,
+    deadline: Instant,
 }
 
 /// How the request body goes upstream: the client's `Content-Length`; nothing for an empty body

@@ -41,6 +41,14 @@ impl UpstreamStream {
         }
     }
 
+    /// The TLS connection, if ALPN chose HTTP/2 for it.
+    pub(super) fn into_h2(self) -> Result<Box<TlsStream<TcpStream>>, UpstreamStream> {
+        match self {
+            UpstreamStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => Ok(tls),
+            other => Err(other),
+        }
+    }
+
     /// Whether an idle connection is still open: it must have nothing to read. An upstream that
     /// closed it has sent a FIN (a read of 0) or a reset; bytes sent unasked are a protocol error
     /// on plain HTTP, and on TLS a close_notify alert. TLS bytes are only peeked at: reading them

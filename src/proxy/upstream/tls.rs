@@ -21,6 +21,15 @@ pub struct TlsClientFiles {
     pub identity: Option<(PathBuf, PathBuf)>,
 }
 
+/// The protocols offered by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Alpn {
+    /// `h2`, then `http/1.1`: a storage upstream, spoken to in HTTP/2 if it prefers it.
+    H2OrHttp1,
+    /// `http/1.1` only: another replica's peer plane, which fencegate's own client speaks.
+    Http1,
+}
+
 /// How fencegate speaks TLS to one upstream.
 #[derive(Clone)]
 pub(super) struct UpstreamTls {
@@ -28,6 +37,7 @@ pub(super) struct UpstreamTls {
     /// The name the certificate must be valid for, and the SNI sent: the URL's host.
     server_name: ServerName<'static>,
     files: TlsClientFiles,
+    alpn: Alpn,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -35,6 +45,7 @@ impl std::fmt::Debug for UpstreamTls {
         f.debug_struct("UpstreamTls")
             .field("server_name", &self.server_name)
             .field("files", &self.files)
+            .field("alpn", &self.alpn)
             .finish()
     }
 }
@@ -42,37 +53,46 @@ impl std::fmt::Debug for UpstreamTls {
 /// Two upstreams' TLS are the same when they check the same name with the same files.
 impl PartialEq for UpstreamTls {
     fn eq(&self, other: &Self) -> bool {
-        self.server_name == other.server_name && self.files == other.files
+        self.server_name == other.server_name
+            && self.files == other.files
+            && self.alpn == other.alpn
     }
 }
 
 impl Eq for UpstreamTls {}
 
 impl UpstreamTls {
-    /// TLS to `host` with `files`. With no files, the system's roots, loaded once per process.
-    pub(super) fn new(host: &str, files: TlsClientFiles) -> Result<Self, TlsError> {
+    /// TLS to `host` with `files`, offering `alpn`. With no files, the system's roots, loaded
+    /// once per process.
+    pub(super) fn new(host: &str, files: TlsClientFiles, alpn: Alpn) -> Result<Self, TlsError> {
         let server_name = ServerName::try_from(host.to_owned()).map_err(|e| {
             TlsError::Provider(format!(
                 "{host:?} is not a name a certificate can be checked for: {e}"
             ))
         })?;
         let config = if files == TlsClientFiles::default() {
-            system_roots_only()?
+            system_roots_only(alpn)?
         } else {
             let identity = files
                 .identity
                 .as_ref()
                 .map(|(cert, key)| (cert.as_path(), key.as_path()));
-            Arc::new(with_http1_alpn(client_config(
-                files.ca.as_deref(),
-                identity,
-            )?))
+            Arc::new(offering(
+                alpn,
+                client_config(files.ca.as_deref(), identity)?,
+            ))
         };
         Ok(Self {
             connector: TlsConnector::from(config),
             server_name,
             files,
+            alpn,
         })
+    }
+
+    /// Whether the upstream may choose HTTP/2.
+    pub(super) fn offers_h2(&self) -> bool {
+        self.alpn == Alpn::H2OrHttp1
     }
 
     /// The files this TLS was made from.
@@ -91,22 +111,22 @@ impl UpstreamTls {
 
 /// The client configuration that trusts the system's roots alone, shared by every upstream
 /// that names no files: reading the system's store is done once.
-fn system_roots_only() -> Result<Arc<ClientConfig>, TlsError> {
-    static SHARED: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
-    SHARED
-        .get_or_init(|| {
-            client_config(None, None)
-                .map(|config| Arc::new(with_http1_alpn(config)))
-                .map_err(|e| e.to_string())
-        })
+fn system_roots_only(alpn: Alpn) -> Result<Arc<ClientConfig>, TlsError> {
+    static SHARED: OnceLock<Result<ClientConfig, String>> = OnceLock::new();
+    let config = SHARED
+        .get_or_init(|| client_config(None, None).map_err(|e| e.to_string()))
         .clone()
-        .map_err(TlsError::Provider)
+        .map_err(TlsError::Provider)?;
+    Ok(Arc::new(offering(alpn, config)))
 }
 
-/// fencegate's upstream client speaks HTTP/1.1, and says so: a server that would pick h2 for
-/// a client offering nothing must not.
-fn with_http1_alpn(mut config: ClientConfig) -> ClientConfig {
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+/// Says which protocols the client speaks: a server that would pick h2 for a client offering
+/// nothing must not, where fencegate's client speaks only HTTP/1.1.
+fn offering(alpn: Alpn, mut config: ClientConfig) -> ClientConfig {
+    config.alpn_protocols = match alpn {
+        Alpn::H2OrHttp1 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Alpn::Http1 => vec![b"http/1.1".to_vec()],
+    };
     config
 }
 
