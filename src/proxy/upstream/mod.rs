@@ -468,12 +468,12 @@ impl UpstreamClient {
         let framing = request_framing(&parts.method, &parts.headers, &body);
         // An https:// storage upstream may choose HTTP/2. Boxed: the plain hot path never
         // takes this branch, and its futures would otherwise grow by theirs.
-        let mut first = None;
         if let Hop::Upstream(kept) = hop
             && upstream.offers_h2()
         {
             match Box::pin(self.h1_or_h2(upstream, deadline)).await? {
-                Protocol::Http1(connection) => first = connection,
+                // A new HTTP/1.1 connection waits in the pool, taken at once below.
+                Protocol::Http1 => {}
                 Protocol::H2(sender) => {
                     let request = Request::from_parts(parts, body);
                     let exchange = H2Exchange {
@@ -549,7 +549,7 @@ impl UpstreamClient {
         // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
         let may_replay = in_flight.is_none() && parts.method.is_safe() && sender.replayable();
         let (exchange, head) = self
-            .exchange_head(upstream, first, sender, again, may_replay, deadline)
+            .exchange_head(upstream, sender, again, may_replay, deadline)
             .await?;
         // A 101 would hand over the connection; relaying it would open a tunnel whose traffic no
         // gate sees.
@@ -581,14 +581,13 @@ impl UpstreamClient {
     async fn exchange_head(
         &self,
         upstream: &Upstream,
-        mut first: Option<Connection>,
         mut sender: Sender,
         again: impl Fn() -> Sender,
         mut may_replay: bool,
         deadline: Instant,
     ) -> Result<(Exchange, wire::ResponseHead), ForwardError> {
         loop {
-            let connection = match first.take().or_else(|| pool::take(&upstream.pool_key)) {
+            let connection = match pool::take(&upstream.pool_key) {
                 Some(connection) => connection,
                 // Boxed: connecting is rare on a warm pool, and its future is large.
                 None => Box::pin(tokio::time::timeout_at(deadline, self.connect(upstream)))
@@ -644,7 +643,7 @@ impl UpstreamClient {
         loop {
             let connecting = match h2::next(&upstream.pool_key) {
                 h2::Next::H2(sender) => return Ok(Protocol::H2(sender)),
-                h2::Next::Http1 => return Ok(Protocol::Http1(None)),
+                h2::Next::Http1 => return Ok(Protocol::Http1),
                 h2::Next::Wait(notify) => {
                     tokio::time::timeout_at(deadline, notify.notified())
                         .await
@@ -654,9 +653,9 @@ impl UpstreamClient {
                 h2::Next::Connect(connecting) => connecting,
             };
             // An idle HTTP/1.1 connection says what the upstream chose.
-            if let Some(idle) = pool::take(&upstream.pool_key) {
+            if pool::has_idle(&upstream.pool_key) {
                 connecting.chose_http1();
-                return Ok(Protocol::Http1(Some(idle)));
+                return Ok(Protocol::Http1);
             }
             let stream = tokio::time::timeout_at(deadline, upstream.connect(self.connect_timeout))
                 .await
@@ -665,7 +664,8 @@ impl UpstreamClient {
                 Ok(tls) => Ok(Protocol::H2(connecting.start_h2(tls).await?)),
                 Err(stream) => {
                     connecting.chose_http1();
-                    Ok(Protocol::Http1(Some(Connection::new(stream))))
+                    pool::offer_new(&upstream.pool_key, Connection::new(stream));
+                    Ok(Protocol::Http1)
                 }
             };
         }
@@ -743,8 +743,8 @@ impl UpstreamClient {
 
 /// The protocol the next request to an upstream goes in.
 enum Protocol {
-    /// HTTP/1.1, on this connection if given (else an idle or new one).
-    Http1(Option<Connection>),
+    /// HTTP/1.1, on an idle connection from the pool or a new one.
+    Http1,
     /// HTTP/2, on this thread's connection to the upstream.
     H2(hyper::client::conn::http2::SendRequest<h2::SentBody>),
 }

@@ -105,6 +105,26 @@ pub(super) fn take(upstream: &str) -> Option<Connection> {
 /// Gives a connection whose exchange ended cleanly back for the next request to `upstream`.
 pub(super) fn give_back(upstream: &str, mut connection: Connection) {
     connection.reused = true;
+    keep(upstream, connection);
+}
+
+/// Puts a connection that has carried nothing yet where the request that opened it takes it at
+/// once (an upstream's first connection, opened to learn what its ALPN chooses). Not marked
+/// reused: a failure on it is not a stale connection's, and is not retried.
+pub(super) fn offer_new(upstream: &str, connection: Connection) {
+    keep(upstream, connection);
+}
+
+/// Whether an idle connection to `upstream` is kept (expired or closed ones included).
+pub(super) fn has_idle(upstream: &str) -> bool {
+    POOL.with(|pool| {
+        pool.borrow()
+            .get(upstream)
+            .is_some_and(|idle| !idle.is_empty())
+    })
+}
+
+fn keep(upstream: &str, connection: Connection) {
     let now = Instant::now();
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
