@@ -1,4 +1,4 @@
-# Shared by bench/run.sh and bench/compare.sh: waiting for a port, starting nginx from a template in
+# Shared by bench/run.sh, bench/compare.sh and bench/tls.sh: waiting for a port, starting nginx from a template in
 # bench/nginx/, and starting fencegate in front of the upstream. The caller sets WORK (a scratch
 # directory), PIDS (an array the caller's cleanup stops), UPSTREAM_PORT, FENCEGATE_PORT, ADMIN_PORT,
 # PROXY_CPUS and PROXY_WORKERS, then `trap cleanup EXIT`.
@@ -90,4 +90,35 @@ EOF
     FENCEGATE_PID=$!
     PIDS+=("$FENCEGATE_PID")
     wait_for_port "$FENCEGATE_PORT"
+}
+
+# Appends one result line: `record KEY=VALUE... -- JSON` merges the pairs into the JSON object.
+record() { # appends to $RAW
+    python3 - "$RAW" "$@" <<'EOF'
+import json, sys
+raw, args = sys.argv[1], sys.argv[2:]
+split = args.index("--")
+entry = dict(pair.split("=", 1) for pair in args[:split])
+entry.update(json.loads(args[split + 1]))
+with open(raw, "a") as f:
+    f.write(json.dumps(entry) + "\n")
+EOF
+}
+
+# CPU seconds (user + system) used so far by the processes and their children (nginx's workers).
+cpu_seconds() { # pid...
+    python3 - "$@" <<'EOF'
+import os, sys
+pids = set(sys.argv[1:])
+for pid in list(pids):
+    try:
+        pids |= set(open(f"/proc/{pid}/task/{pid}/children").read().split())
+    except OSError:
+        pass
+total = 0
+for pid in pids:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total += int(fields[11]) + int(fields[12])
+print(total / os.sysconf("SC_CLK_TCK"))
+EOF
 }

@@ -69,18 +69,6 @@ trap cleanup EXIT
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
-# Appends one result line: `record KEY=VALUE... -- JSON` merges the pairs into the JSON object.
-record() {
-    python3 - "$RAW" "$@" <<'EOF'
-import json, sys
-raw, args = sys.argv[1], sys.argv[2:]
-split = args.index("--")
-entry = dict(pair.split("=", 1) for pair in args[:split])
-entry.update(json.loads(args[split + 1]))
-with open(raw, "a") as f:
-    f.write(json.dumps(entry) + "\n")
-EOF
-}
 
 start_fencegate() { # database
     start_fencegate_binary "$BIN" "$1"
@@ -131,23 +119,6 @@ declare -A URL=(
 # The hot resource's first token, so every measured PUT carries the current token.
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "${URL[fencegate]}"
 
-# CPU seconds (user + system) used so far by the processes and their children (nginx's workers).
-cpu_seconds() { # pid...
-    python3 - "$@" <<'EOF'
-import os, sys
-pids = set(sys.argv[1:])
-for pid in list(pids):
-    try:
-        pids |= set(open(f"/proc/{pid}/task/{pid}/children").read().split())
-    except OSError:
-        pass
-total = 0
-for pid in pids:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    total += int(fields[11]) + int(fields[12])
-print(total / os.sysconf("SC_CLK_TCK"))
-EOF
-}
 
 # Throughput (with CPU time per request) and latency of each target: `measure PREFIX TARGET...`,
 # with URL and CPU_PID (the process whose CPU time a target costs) filled in.

@@ -179,33 +179,7 @@ wrk.headers["Connection"] = "close"
 done = dofile("bench/wrk/report.lua")
 EOF
 
-cpu_seconds() { # pid: user + system seconds of the process and its children (nginx's workers)
-    python3 - "$1" <<'EOF'
-import os, sys
-pids = {sys.argv[1]}
-try:
-    pids |= set(open(f"/proc/{sys.argv[1]}/task/{sys.argv[1]}/children").read().split())
-except OSError:
-    pass
-total = 0
-for pid in pids:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    total += int(fields[11]) + int(fields[12])
-print(total / os.sysconf("SC_CLK_TCK"))
-EOF
-}
 
-record() { # key=value... -- json
-    python3 - "$RAW" "$@" <<'EOF'
-import json, sys
-raw, args = sys.argv[1], sys.argv[2:]
-split = args.index("--")
-entry = dict(pair.split("=", 1) for pair in args[:split])
-entry.update(json.loads(args[split + 1]))
-with open(raw, "a") as f:
-    f.write(json.dumps(entry) + "\n")
-EOF
-}
 
 run_wrk() { # script url seconds
     taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNECTIONS" -d"$3s" --timeout 5s -s "$1" "$2" |

@@ -324,21 +324,14 @@ fn check_config_names_the_tls_file_that_does_not_load_and_says_what_each_plane_s
     let server = ca.server(dir.path(), "admin");
     let other = ca.server(dir.path(), "other");
     let check = |cert: &Path, key: &Path| {
-        let config = dir.path().join("fg.toml");
-        std::fs::write(
-            &config,
-            format!(
+        check_config(
+            dir.path(),
+            &format!(
                 "[admin_tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\n\
                  [[routes]]\npath = \"/{{*rest}}\"\nupstream = \"http://127.0.0.1:9\"\nresource = \"r\"\n",
                 ca.pem
             ),
         )
-        .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_fencegate"))
-            .arg("check-config")
-            .arg(&config)
-            .output()
-            .unwrap()
     };
     let good = check(&server.cert, &server.key);
     assert!(good.status.success());
@@ -357,6 +350,17 @@ fn check_config_names_the_tls_file_that_does_not_load_and_says_what_each_plane_s
         "{}",
         String::from_utf8_lossy(&mismatched.stderr)
     );
+}
+
+/// What `fencegate check-config` says of a config file holding `text`, written in `dir`.
+fn check_config(dir: &Path, text: &str) -> std::process::Output {
+    let config = dir.join("fg.toml");
+    std::fs::write(&config, text).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fencegate"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap()
 }
 
 /// A fenced PUT of `/crash/{id}` with `token`, as raw HTTP/1.1.
@@ -659,20 +663,13 @@ fn an_allow_list_without_client_certificates_is_a_config_error() {
     let ca = Ca::new(dir.path(), "test-ca");
     let server = ca.server(dir.path(), "data");
     let check = |tls: &str| {
-        let config = dir.path().join("fg.toml");
-        std::fs::write(
-            &config,
-            format!(
+        check_config(
+            dir.path(),
+            &format!(
                 "{tls}\n[[routes]]\npath = \"/w/{{id}}\"\nupstream = \"http://127.0.0.1:9\"\n\
                  resource = \"w:{{id}}\"\nallow = [\"CN=leader\"]\n"
             ),
         )
-        .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_fencegate"))
-            .arg("check-config")
-            .arg(&config)
-            .output()
-            .unwrap()
     };
     let tls = format!("[tls]\ncert = {:?}\nkey = {:?}\n", server.cert, server.key);
     for without_client_ca in ["", tls.as_str()] {
@@ -798,19 +795,12 @@ async fn an_https_upstream_is_verified_and_a_refused_certificate_is_a_502_naming
 fn upstream_tls_files_are_checked_when_the_config_loads() {
     let dir = tempfile::tempdir().unwrap();
     let check = |upstream: &str, extra: &str| {
-        let config = dir.path().join("fg.toml");
-        std::fs::write(
-            &config,
-            format!(
+        let out = check_config(
+            dir.path(),
+            &format!(
                 "[[routes]]\npath = \"/w/{{id}}\"\nupstream = \"{upstream}\"\nresource = \"w:{{id}}\"\n{extra}"
             ),
-        )
-        .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_fencegate"))
-            .arg("check-config")
-            .arg(&config)
-            .output()
-            .unwrap();
+        );
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -897,19 +887,12 @@ async fn without_mtls_a_route_may_require_a_bearer_token_which_never_reaches_the
 fn bearer_digests_are_checked_and_refused_where_s3_signs_the_authorization_header() {
     let dir = tempfile::tempdir().unwrap();
     let check = |extra: &str| {
-        let config = dir.path().join("fg.toml");
-        std::fs::write(
-            &config,
-            format!(
+        let out = check_config(
+            dir.path(),
+            &format!(
                 "[[routes]]\npath = \"/w/{{*rest}}\"\nupstream = \"http://127.0.0.1:9\"\n{extra}"
             ),
-        )
-        .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_fencegate"))
-            .arg("check-config")
-            .arg(&config)
-            .output()
-            .unwrap();
+        );
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
