@@ -634,11 +634,11 @@ async fn serve_data_connections(
                 Some(acceptor) => {
                     let limit = limits.header_read_timeout;
                     if let Some(io) = handshake(stream, Some(acceptor), limit, client).await {
-                        let peer = Peer {
+                        let remote = Remote {
                             address: client,
                             identity: client_identity(&io),
                         };
-                        serve_with_hyper(io, peer, live, limits, stop, origin, false).await;
+                        serve_with_hyper(io, remote, live, limits, stop, origin, false).await;
                     }
                 }
             }
@@ -702,7 +702,7 @@ async fn serve_data_connection(
         http1::Ended::Http2 { stream, read } => {
             serve_with_hyper(
                 Rewound::new(read, stream),
-                Peer {
+                Remote {
                     address: client,
                     identity: None,
                 },
@@ -818,7 +818,7 @@ async fn answer_peer_admin(
 }
 
 /// Who is at the other end of a data-plane connection.
-struct Peer {
+struct Remote {
     address: SocketAddr,
     /// The names of the certificate the client presented, verified against `client_ca`.
     identity: Option<Arc<ClientIdentity>>,
@@ -840,7 +840,7 @@ fn client_identity(
 /// client's certificate identity in its extensions. The same head deadline as the admin plane's.
 async fn serve_with_hyper<I>(
     io: I,
-    peer: Peer,
+    remote: Remote,
     live: Arc<Live>,
     limits: Limits,
     stop: CancellationToken,
@@ -854,10 +854,10 @@ async fn serve_with_hyper<I>(
     let service = hyper::service::service_fn(|request: http::Request<Incoming>| {
         let in_request = phase.begin();
         let mut request = request.map(ClientBody::Hyper);
-        if let Some(identity) = &peer.identity {
+        if let Some(identity) = &remote.identity {
             request.extensions_mut().insert(Arc::clone(identity));
         }
-        let answered = dispatch(&live, request, peer.address, origin);
+        let answered = dispatch(&live, request, remote.address, origin);
         async move {
             let response = answered.await;
             drop(in_request);
@@ -879,7 +879,7 @@ async fn serve_with_hyper<I>(
         }
     };
     if let Err(e) = served {
-        tracing::debug!(error = %e, client = %peer.address, "connection ended with an error");
+        tracing::debug!(error = %e, client = %remote.address, "connection ended with an error");
     }
 }
 

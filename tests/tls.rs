@@ -534,6 +534,13 @@ async fn only_the_leaders_a_route_allows_may_write_and_anyone_else_is_refused_an
         "{forbidden}"
     );
     assert!(forbidden.contains("spiffe://prod/batch-job"), "{forbidden}");
+    // A malformed request is refused as such first (400 before 403, as the contract orders).
+    let malformed = send(
+        &intruder,
+        put("/wallets/1", 9).replace("Host:", "X-HTTP-Method-Override: DELETE\r\nHost:"),
+    )
+    .await;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
     let still_leader = send(&leader, put("/wallets/1", 5)).await;
     assert!(still_leader.starts_with("HTTP/1.1 200"), "{still_leader}");
 

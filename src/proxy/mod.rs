@@ -315,9 +315,11 @@ impl DataPlane {
         };
         // A Destination is a second path the request writes, whatever its method.
         let fenced = writes || request.headers().contains_key(webdav::DESTINATION);
-        if fenced && !allows(resolved.route, &request) {
-            // Before the body is read for a resource (`reads_request`): a client that may not
-            // write here gets nothing read on its behalf. Audited under the path's resource.
+        if fenced && resolved.route.reads_request() && !allows(resolved.route, &request) {
+            // Before the body is read for a resource: a client that may not write here gets
+            // nothing read on its behalf. After the checks of a malformed request, which come
+            // first; audited under the path's resource. (Other routes check in `serve_fenced`.)
+            headers::refuse_method_override(request.headers())?;
             self.check_resource_length(&resolved.resource)?;
             let Resolved {
                 route, resource, ..
@@ -1065,7 +1067,8 @@ impl AccessStart {
 
     /// One line: client, method, target, resource and token (for a fenced request), status, the
     /// upstream's status (if the answer is the upstream's), body bytes (if known from the head),
-    /// duration to the response head, request id, and the client's certificate identity if any. Text or JSON, as the other log lines.
+    /// duration to the response head, request id, and the client's certificate identity if any.
+    /// Text or JSON, as the other log lines.
     fn log(
         self,
         response: &Response<ProxyBody>,
