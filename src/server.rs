@@ -273,12 +273,8 @@ impl App {
         let peer_client_tls = match config.cluster.as_ref().and_then(|c| c.peer_tls.as_ref()) {
             None => None,
             Some(peer_tls) => {
-                let files = peer_client_files(peer_tls);
-                let identity = files
-                    .identity
-                    .as_ref()
-                    .map(|(c, k)| (c.as_path(), k.as_path()));
-                let tls = crate::tls::client_config(files.ca.as_deref(), identity)
+                let tls = peer_client_files(peer_tls)
+                    .client_config()
                     .context("cluster.peer_tls")?;
                 Some(Arc::new(tls))
             }

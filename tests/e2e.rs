@@ -260,10 +260,7 @@ async fn nginx_webdav_storm_of_old_and_new_writers() {
         for writer in 0..40u64 {
             let app = Arc::clone(&app);
             let path = format!("/files/storm/{file}");
-            // Tokens mostly rise over time, with old leaders mixed in: each writer's token is
-            // its wave plus a random lag of up to three generations.
-            let token = (writer / 4 + 3).saturating_sub(fastrand::u64(0..=3));
-            let pause = Duration::from_millis(fastrand::u64(0..30) + writer * 2 + f as u64);
+            let (token, pause) = storm_writer(f, writer);
             writers.push(tokio::spawn(async move {
                 tokio::time::sleep(pause).await;
                 let body = format!("token={token} writer={writer}");
@@ -287,6 +284,15 @@ async fn nginx_webdav_storm_of_old_and_new_writers() {
     assert_storm_landed_in_order(&nginx, &files, accepted);
     let stale = app.rejections().len();
     assert!(stale > 0, "the storm had zombies in it");
+}
+
+/// The token and start delay of writer `writer` of file number `file` in a storm. Tokens mostly
+/// rise over time, with old leaders mixed in: each writer's token is its wave plus a random lag
+/// of up to three generations.
+fn storm_writer(file: usize, writer: u64) -> (u64, Duration) {
+    let token = (writer / 4 + 3).saturating_sub(fastrand::u64(0..=3));
+    let pause = Duration::from_millis(fastrand::u64(0..30) + writer * 2 + file as u64);
+    (token, pause)
 }
 
 /// The storm's outcome in nginx's files and access log: each file holds the highest accepted
@@ -434,8 +440,7 @@ async fn https_storm(h2: bool) {
         for writer in 0..40u64 {
             let (app, ca) = (Arc::clone(&app), Arc::clone(&ca));
             let path = format!("/files/storm/{file}");
-            let token = (writer / 4 + 3).saturating_sub(fastrand::u64(0..=3));
-            let pause = Duration::from_millis(fastrand::u64(0..30) + writer * 2 + f as u64);
+            let (token, pause) = storm_writer(f, writer);
             writers.push(tokio::spawn(async move {
                 tokio::time::sleep(pause).await;
                 let body = format!("token={token} writer={writer}");

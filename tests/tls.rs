@@ -258,20 +258,48 @@ async fn a_handshake_that_never_finishes_is_cut_off_at_header_read_timeout() {
     }
 }
 
-#[tokio::test]
-async fn garbage_for_a_client_hello_is_refused_at_once_and_large_records_stream_through() {
+/// A server whose data plane serves HTTPS (`[tls]`, a certificate of `ca`) in front of a
+/// recording upstream, with this `header_read_timeout`.
+struct DataPlaneTls {
+    upstream: common::RecordingUpstream,
+    dir: tempfile::TempDir,
+    ca: Ca,
+    server: Issued,
+    proxy: Proxy,
+}
+
+async fn start_data_plane_tls(header_read_timeout: &str) -> DataPlaneTls {
     let upstream = common::RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "test-ca");
     let server = ca.server(dir.path(), "data");
     let db = dir.path().join("fg.db");
-    // A long head deadline: a refusal must come from the TLS layer, not from the timeout.
     let settings = format!(
-        "header_read_timeout = \"30s\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        "header_read_timeout = \"{header_read_timeout}\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
         server.cert, server.key
     );
     let config = write_config(&upstream.url(), &db, &settings);
     let proxy = common::binary::start(serve_command(&config, &db)).await;
+    DataPlaneTls {
+        upstream,
+        dir,
+        ca,
+        server,
+        proxy,
+    }
+}
+
+#[tokio::test]
+async fn garbage_for_a_client_hello_is_refused_at_once_and_large_records_stream_through() {
+    // A long head deadline: a refusal must come from the TLS layer, not from the timeout.
+    // The directory is kept: the CA's file is read for every connection.
+    let DataPlaneTls {
+        upstream,
+        dir: _dir,
+        ca,
+        proxy,
+        ..
+    } = start_data_plane_tls("30s").await;
 
     let mut noise = vec![0u8; 4096];
     noise.iter_mut().for_each(|byte| *byte = fastrand::u8(..));
@@ -373,17 +401,13 @@ fn fenced_put(id: &str, token: u64) -> String {
 
 #[tokio::test]
 async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http() {
-    let upstream = common::RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "test-ca");
-    let server = ca.server(dir.path(), "data");
-    let db = dir.path().join("fg.db");
-    let settings = format!(
-        "header_read_timeout = \"500ms\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
-        server.cert, server.key
-    );
-    let config = write_config(&upstream.url(), &db, &settings);
-    let proxy = common::binary::start(serve_command(&config, &db)).await;
+    let DataPlaneTls {
+        upstream,
+        dir,
+        ca,
+        server,
+        proxy,
+    } = start_data_plane_tls("500ms").await;
 
     let put = |token| {
         let request = fenced_put("w", token);

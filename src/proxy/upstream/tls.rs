@@ -30,6 +30,18 @@ pub(super) enum Alpn {
     Http1,
 }
 
+impl TlsClientFiles {
+    /// A rustls client configuration that trusts the system's roots plus `ca` and presents
+    /// `identity`, if set.
+    pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
+        let identity = self
+            .identity
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        client_config(self.ca.as_deref(), identity)
+    }
+}
+
 /// How fencegate speaks TLS to one upstream.
 #[derive(Clone)]
 pub(super) struct UpstreamTls {
@@ -73,14 +85,7 @@ impl UpstreamTls {
         let config = if files == TlsClientFiles::default() {
             system_roots_only(alpn)?
         } else {
-            let identity = files
-                .identity
-                .as_ref()
-                .map(|(cert, key)| (cert.as_path(), key.as_path()));
-            Arc::new(offering(
-                alpn,
-                client_config(files.ca.as_deref(), identity)?,
-            ))
+            Arc::new(offering(alpn, files.client_config()?))
         };
         Ok(Self {
             connector: TlsConnector::from(config),
