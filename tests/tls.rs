@@ -1054,3 +1054,82 @@ async fn an_upstream_that_chooses_h2_gets_http2_and_tokens_still_never_go_back()
             <= 4
     );
 }
+
+/// An HTTP/2 client uploading to a storage that answers before it has read the body (nginx's
+/// `return 200`) gets its answer at once, and the rest of the body still reaches the storage: the
+/// h2 stream stays open for it and its flow-control window keeps being granted.
+/// (curl 7.88 busy-loops in this exchange against any h2 server, nginx's own included; a
+/// conforming client such as hyper's or nghttp2's does not.)
+#[tokio::test]
+async fn an_h2_upload_answered_early_by_the_storage_is_answered_and_still_delivered_whole() {
+    const LENGTH: usize = 4 * 1024 * 1024;
+    let (delivered_tx, delivered) = tokio::sync::oneshot::channel();
+    let delivered_tx = std::sync::Mutex::new(Some(delivered_tx));
+    let delivered_tx = std::sync::Arc::new(delivered_tx);
+    let storage = common::scripted::ScriptedUpstream::start(move |mut peer| {
+        let delivered_tx = std::sync::Arc::clone(&delivered_tx);
+        async move {
+            let Some(head) = peer.head().await else {
+                return;
+            };
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+                .await;
+            let length = common::scripted::header(&head, "content-length")
+                .map(|length| length.parse().unwrap());
+            let body = match length {
+                Some(length) => peer.body(length).await,
+                None => peer.chunked().await,
+            };
+            if let Some(tx) = delivered_tx.lock().unwrap().take() {
+                let _ = tx.send(body.len());
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "test-ca");
+    let server = ca.server(dir.path(), "data");
+    let db = dir.path().join("fg.db");
+    let settings = format!(
+        "upstream_timeout = \"20s\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        server.cert, server.key
+    );
+    let config = write_config(&storage.url(), &db, &settings);
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+
+    let tls = tls_connect(proxy.addr, &ca.pem, None, &[b"h2"])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::put("https://localhost/crash/big")
+        .header("fencing-token", "1")
+        .header("content-length", LENGTH.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            7u8;
+            LENGTH
+        ])))
+        .unwrap();
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("answered before the storage read the body")
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let body = http_body_util::BodyExt::collect(answer.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"early");
+    let delivered = tokio::time::timeout(Duration::from_secs(10), delivered)
+        .await
+        .expect("the rest of the body reached the storage well before the upstream timeout")
+        .unwrap();
+    assert_eq!(delivered, LENGTH);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
