@@ -143,12 +143,27 @@ mod tests {
             &["Bearer leader-secre"],
             &["Bearer leader-secret "],
             &["Basic leader-secret"],
+            // Another seven-character scheme: only `Bearer` carries a token.
+            &["Digest leader-secret"],
             &["Bearer "],
             &["Bearer leader-secret", "Bearer leader-secret"],
             &[LEADER_SECRET_SHA256],
         ] {
             assert!(!allow.permits(None, &headers(refused)), "{refused:?}");
         }
+    }
+
+    #[test]
+    fn a_digest_listed_twice_still_allows_its_token() {
+        // Every listed digest is compared (constant time), so a token matches more than once
+        // when an operator repeats an entry; the matches must add up, never cancel out.
+        let allow = Allow::identities(Vec::new())
+            .with_bearer_sha256(&[
+                LEADER_SECRET_SHA256.to_owned(),
+                LEADER_SECRET_SHA256.to_uppercase(),
+            ])
+            .unwrap();
+        assert!(allow.permits(None, &headers(&["Bearer leader-secret"])));
     }
 
     #[test]
@@ -165,6 +180,19 @@ mod tests {
         let certificates_only = Allow::identities(vec!["CN=leader".into()]);
         assert!(!certificates_only.permits(None, &headers(&["Bearer t"])));
         assert!(!certificates_only.takes_bearer_tokens());
+    }
+
+    #[test]
+    fn digests_are_equal_only_byte_for_byte() {
+        let allowed = [0u8; 32];
+        assert!(equal(&allowed, &[0u8; 32]));
+        // Two differences that cancel each other out under XOR must still be differences.
+        let mut twice = [0u8; 32];
+        twice[0] = 1;
+        twice[31] = 1;
+        assert!(!equal(&allowed, &twice));
+        assert!(!equal(&allowed, &[0u8; 31]), "a prefix");
+        assert!(!equal(&allowed, &[0u8; 33]), "longer");
     }
 
     #[test]
