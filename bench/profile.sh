@@ -7,7 +7,10 @@
 # `nginx` profiles the baseline instead: nginx proxy_pass with one worker, in the same place.
 # Prints system calls and CPU time per request (perf stat), then the top symbols of a perf
 # profile (self time) and the share of each object, and leaves perf.data in the scratch directory
-# it names. BINARY defaults
+# it names. With BENCH_WAKEUPS=1 it also counts, system-wide and per CPU, the wake-ups, context
+# switches and wake-up IPIs per request: on a VM an IPI that wakes an idle CPU costs the sender
+# microseconds, and how often the load generator's CPU goes idle follows the proxy's own speed.
+# BINARY defaults
 # to a build with frame pointers and line tables in /tmp/fp-target, made if missing:
 #   CARGO_TARGET_DIR=/tmp/fp-target RUSTFLAGS="-C force-frame-pointers=yes" \
 #     CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release
@@ -71,6 +74,25 @@ print(f"syscalls per request {syscalls / requests:.2f}")
 if "task-clock" in values:  # milliseconds
     print(f"CPU per request {values['task-clock'] * 1000 / requests:.2f} us")
 PY
+if [ "${BENCH_WAKEUPS:-0}" = 1 ]; then
+    echo "--- wake-ups per request, system-wide, $METHOD, ${SECONDS_}s"
+    perf stat -a -A -x, -o "$WORK/wakeups.csv" \
+        -e sched:sched_wakeup,context-switches,irq_vectors:call_function_single_entry,irq_vectors:reschedule_entry \
+        -- sleep "$SECONDS_" &
+    stat_pid=$!
+    requests=$(load "$SECONDS_" | requests_of)
+    wait "$stat_pid"
+    python3 - "$WORK/wakeups.csv" "$requests" <<'PY'
+import sys
+requests = int(sys.argv[2])
+print(f"requests {requests}")
+for line in open(sys.argv[1]):
+    fields = line.strip().split(",")
+    if len(fields) > 3 and fields[0].startswith("CPU") and fields[1][:1].isdigit():
+        cpu, count, event = fields[0], float(fields[1]), fields[3]
+        print(f"{cpu} {event.split(':')[-1]:28} {count / requests:.4f} per request")
+PY
+fi
 echo "--- perf record, $METHOD, ${SECONDS_}s"
 perf record -F 2999 -g --call-graph fp -o "$WORK/perf.data" -p "$FENCEGATE_PID" -- sleep "$SECONDS_" 2>/dev/null &
 record_pid=$!
