@@ -118,21 +118,28 @@ async fn an_idle_connection_waits_for_the_idle_timeout_not_the_header_timeout() 
 async fn oversized_heads_and_too_many_headers_are_refused_with_431() {
     let (upstream, app) = app_with("max_header_size = \"8KiB\"\nmax_headers = 20").await;
     let big = format!("x-big: {}", "a".repeat(16 * 1024));
-    let (status, _, _) = raw_request(
+    let (status, _, body) = raw_request(
         app.addr,
         &common::raw("PUT", "/wallets/1", &["fencing-token: 1", &big]),
     )
     .await;
     assert_eq!(status, 431);
+    assert_problem_type(&body, "head-too-large");
     let many: Vec<String> = (0..30).map(|i| format!("x-h{i}: {i}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let (status, _, _) = raw_request(app.addr, &common::raw("GET", "/wallets/1", &many)).await;
+    let (status, _, body) = raw_request(app.addr, &common::raw("GET", "/wallets/1", &many)).await;
     assert_eq!(status, 431);
+    assert_problem_type(&body, "head-too-large");
     assert!(
         upstream.arrivals().is_empty(),
         "nothing reached the upstream"
     );
     still_served(&app).await;
+}
+
+fn assert_problem_type(body: &str, slug: &str) {
+    let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(problem["type"], format!("urn:fencegate:problem:{slug}"));
 }
 
 #[tokio::test]

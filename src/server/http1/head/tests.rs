@@ -69,6 +69,22 @@ fn heads_over_the_size_or_header_limits_are_431() {
             .unwrap()
             .is_some()
     );
+    assert_eq!(error.slug(), "head-too-large");
+}
+
+#[test]
+fn a_head_of_exactly_max_header_size_is_served_and_one_byte_more_is_431() {
+    let sized = |size: usize| {
+        let frame = "GET / HTTP/1.1\r\nx: \r\n\r\n".len();
+        format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(size - frame))
+    };
+    let exact = sized(LIMITS.max_size);
+    assert_eq!(exact.len(), LIMITS.max_size);
+    assert!(parsed(&exact).unwrap().is_some());
+    assert_eq!(
+        refused(&sized(LIMITS.max_size + 1)),
+        HeadError::TooLarge(LIMITS.max_size)
+    );
 }
 
 #[test]
@@ -118,6 +134,8 @@ fn chunked_alone_is_the_only_transfer_encoding_accepted() {
         StatusCode::NOT_IMPLEMENTED
     );
     assert_eq!(HeadError::ChunkedNotLast.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(HeadError::UnknownCoding.slug(), "unknown-transfer-coding");
+    assert_eq!(HeadError::ChunkedNotLast.slug(), "malformed-request");
 }
 
 #[test]
