@@ -73,16 +73,6 @@ run_wrk() { # script url
     taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s -s "$1" "$2" |
         sed -n 's/^WRK_JSON //p'
 }
-cpu_seconds() { # pid...
-    python3 - "$@" <<'EOF'
-import os, sys
-total = 0
-for pid in sys.argv[1:]:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    total += int(fields[11]) + int(fields[12])
-print(total / os.sysconf("SC_CLK_TCK"))
-EOF
-}
 metric() { # admin_port name
     curl -fsS "http://127.0.0.1:$1/metrics" |
         awk -v name="$2" '$1 == name || index($1, name "{") == 1 { sum += $2 } END { print sum + 0 }'
