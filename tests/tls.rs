@@ -270,16 +270,13 @@ struct DataPlaneTls {
 
 async fn start_data_plane_tls(header_read_timeout: &str) -> DataPlaneTls {
     let upstream = common::RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "test-ca");
-    let server = ca.server(dir.path(), "data");
-    let db = dir.path().join("fg.db");
-    let settings = format!(
-        "header_read_timeout = \"{header_read_timeout}\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
-        server.cert, server.key
-    );
-    let config = write_config(&upstream.url(), &db, &settings);
-    let proxy = common::binary::start(serve_command(&config, &db)).await;
+    let settings = format!("header_read_timeout = \"{header_read_timeout}\"");
+    let TlsPlane {
+        dir,
+        ca,
+        server,
+        proxy,
+    } = start_tls_plane(&upstream.url(), &settings).await;
     DataPlaneTls {
         upstream,
         dir,
@@ -287,6 +284,53 @@ async fn start_data_plane_tls(header_read_timeout: &str) -> DataPlaneTls {
         server,
         proxy,
     }
+}
+
+/// A server whose data plane serves HTTPS with a certificate of `ca`, in front of `upstream`,
+/// with `settings` above its `[tls]` table.
+struct TlsPlane {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    server: Issued,
+    proxy: Proxy,
+}
+
+async fn start_tls_plane(upstream: &str, settings: &str) -> TlsPlane {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "test-ca");
+    let server = ca.server(dir.path(), "data");
+    let db = dir.path().join("fg.db");
+    let settings = format!(
+        "{settings}\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        server.cert, server.key
+    );
+    let config = write_config(upstream, &db, &settings);
+    let proxy = common::binary::start(serve_command(&config, &db)).await;
+    TlsPlane {
+        dir,
+        ca,
+        server,
+        proxy,
+    }
+}
+
+/// An HTTP/2 connection to a TLS data plane at `addr`, whose certificate `ca_pem` signed.
+async fn h2_client(
+    addr: std::net::SocketAddr,
+    ca_pem: &Path,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tls = tls_connect(addr, ca_pem, None, &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
 }
 
 #[tokio::test]
@@ -437,17 +481,7 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
     );
 
     // h2, as ALPN chose it.
-    let tls = tls_connect(proxy.addr, &ca.pem, None, &[b"h2", b"http/1.1"])
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_client(proxy.addr, &ca.pem).await;
     let request = http::Request::put("https://localhost/crash/w")
         .header("fencing-token", "6")
         .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
@@ -1086,27 +1120,13 @@ async fn an_h2_upload_answered_early_by_the_storage_is_answered_and_still_delive
         }
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "test-ca");
-    let server = ca.server(dir.path(), "data");
-    let db = dir.path().join("fg.db");
-    let settings = format!(
-        "upstream_timeout = \"20s\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
-        server.cert, server.key
-    );
-    let config = write_config(&storage.url(), &db, &settings);
-    let proxy = common::binary::start(serve_command(&config, &db)).await;
-
-    let tls = tls_connect(proxy.addr, &ca.pem, None, &[b"h2"])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let TlsPlane {
+        dir: _dir,
+        ca,
+        proxy,
+        ..
+    } = start_tls_plane(&storage.url(), "upstream_timeout = \"20s\"").await;
+    let mut sender = h2_client(proxy.addr, &ca.pem).await;
     let request = http::Request::put("https://localhost/crash/big")
         .header("fencing-token", "1")
         .header("content-length", LENGTH.to_string())
