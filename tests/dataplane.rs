@@ -884,6 +884,54 @@ async fn a_refused_request_with_a_body_tells_keep_alive_clients_to_reconnect() {
     app.stop().await;
 }
 
+/// A zombie that streams a large body without waiting for an answer still reads its whole 409:
+/// fencegate stops reading the refused body, answers, and closes gracefully (write side shut,
+/// what is still arriving read and dropped for a moment) so that the close cannot reset the
+/// connection before the answer is read.
+#[tokio::test]
+async fn a_zombie_streaming_a_large_body_still_reads_its_whole_409() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = RecordingUpstream::start().await;
+    let app = TestApp::spawn(&standard_routes(&upstream.url())).await;
+    app.put("/wallets/1", 5, "").await;
+    const LENGTH: usize = 2 * 1024 * 1024;
+    for attempt in 0..20 {
+        let stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            let head = format!(
+                "PUT /wallets/1 HTTP/1.1\r\nhost: t\r\nfencing-token: 4\r\n\
+                 content-length: {LENGTH}\r\n\r\n"
+            );
+            if write.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'z'; 64 * 1024];
+            for _ in 0..LENGTH / chunk.len() {
+                if write.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let read_result = read.read_to_end(&mut answer).await;
+        writer.abort();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 409"),
+            "attempt {attempt}: {read_result:?} {answer}"
+        );
+        // A clean end (the write side shut), not a reset that may destroy the answer unread.
+        assert!(read_result.is_ok(), "attempt {attempt}: {read_result:?}");
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        let problem: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("attempt {attempt}: the answer is cut short ({e}): {body}"));
+        assert_eq!(problem["highest"], 5, "attempt {attempt}");
+    }
+    assert_eq!(upstream.arrivals().len(), 1, "only the leader's write");
+    app.stop().await;
+}
+
 /// A route with the etcd-v3 profile in front of the recording upstream, with small limits.
 async fn etcd_profile_app(settings: &str) -> (RecordingUpstream, TestApp) {
     let upstream = RecordingUpstream::start().await;
