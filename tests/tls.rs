@@ -1098,8 +1098,7 @@ async fn an_upstream_that_chooses_h2_gets_http2_and_tokens_still_never_go_back()
 async fn an_h2_upload_answered_early_by_the_storage_is_answered_and_still_delivered_whole() {
     const LENGTH: usize = 4 * 1024 * 1024;
     let (delivered_tx, delivered) = tokio::sync::oneshot::channel();
-    let delivered_tx = std::sync::Mutex::new(Some(delivered_tx));
-    let delivered_tx = std::sync::Arc::new(delivered_tx);
+    let delivered_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(delivered_tx)));
     let storage = common::scripted::ScriptedUpstream::start(move |mut peer| {
         let delivered_tx = std::sync::Arc::clone(&delivered_tx);
         async move {
