@@ -271,6 +271,10 @@ mod tests {
             keep_host,
             keep_authorization: true,
         };
+        upstream_lines_keeping(map, client, kept)
+    }
+
+    fn upstream_lines_keeping(map: &HeaderMap, client: &str, kept: Kept) -> Vec<(String, String)> {
         let mut out = BytesMut::new();
         write_upstream_headers(&mut out, map, client.parse().unwrap(), kept);
         String::from_utf8(out.to_vec())
@@ -306,6 +310,24 @@ mod tests {
         let lines = upstream_lines(&map, "192.0.2.7:4000", false);
         let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["content-type", "forwarded", "x-forwarded-for"]);
+    }
+
+    #[test]
+    fn authorization_reaches_the_upstream_unless_it_carries_fencegates_own_bearer_token() {
+        let map = headers(&[
+            ("authorization", "Bearer x"),
+            ("content-type", "text/plain"),
+        ]);
+        let kept = |keep_authorization| Kept {
+            keep_host: false,
+            keep_authorization,
+        };
+        let storage_credential = upstream_lines_keeping(&map, "192.0.2.7:4000", kept(true));
+        assert_eq!(value(&storage_credential, "authorization"), ["Bearer x"]);
+        assert_eq!(value(&storage_credential, "content-type"), ["text/plain"]);
+        let fencegates_own = upstream_lines_keeping(&map, "192.0.2.7:4000", kept(false));
+        assert!(value(&fencegates_own, "authorization").is_empty());
+        assert_eq!(value(&fencegates_own, "content-type"), ["text/plain"]);
     }
 
     #[test]
