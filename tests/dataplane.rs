@@ -884,10 +884,8 @@ async fn a_refused_request_with_a_body_tells_keep_alive_clients_to_reconnect() {
     app.stop().await;
 }
 
-/// A zombie that streams a large body without waiting for an answer still reads its whole 409:
-/// fencegate stops reading the refused body, answers, and closes gracefully (write side shut,
-/// what is still arriving read and dropped for a moment) so that the close cannot reset the
-/// connection before the answer is read.
+/// A zombie that streams a large body without waiting for an answer still reads its whole 409,
+/// then a clean end of the connection, and nothing of the refused body reaches the storage.
 #[tokio::test]
 async fn a_zombie_streaming_a_large_body_still_reads_its_whole_409() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

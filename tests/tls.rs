@@ -1134,7 +1134,6 @@ async fn an_h2_upload_answered_early_by_the_storage_is_answered_and_still_delive
             LENGTH
         ])))
         .unwrap();
-    let started = Instant::now();
     let answer = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
         .await
         .expect("answered before the storage read the body")
@@ -1150,5 +1149,4 @@ async fn an_h2_upload_answered_early_by_the_storage_is_answered_and_still_delive
         .expect("the rest of the body reached the storage well before the upstream timeout")
         .unwrap();
     assert_eq!(delivered, LENGTH);
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
