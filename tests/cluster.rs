@@ -847,6 +847,81 @@ async fn a_fence_sent_to_any_replica_goes_through_the_owners_gate() {
     }
 }
 
+/// With a cluster secret, the peer plane serves only replicas that send it: a client (or a zombie)
+/// that reaches a replica's peer port directly can neither write through it, nor pass itself off
+/// as another client, nor fence or reset a resource through the relayed admin calls.
+#[tokio::test]
+async fn the_peer_plane_serves_only_callers_that_send_the_cluster_secret() {
+    const SECRET: &str = "a-cluster-secret";
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let upstream = common::RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::cluster::write_config(dir.path(), &pg, &upstream.url());
+    let one = common::cluster::start_replica_with_secret(&config, "fg-1", SECRET).await;
+    let two = common::cluster::start_replica_with_secret(&config, "fg-2", SECRET).await;
+    common::cluster::wait_for_owners(&one, &["fg-1", "fg-2"]).await;
+    let client = reqwest::Client::new();
+    // The replicas relay to each other with the secret: every write through either one lands.
+    for id in 0..8 {
+        for replica in [&one, &two] {
+            let token = if replica.name == "fg-1" { 1 } else { 2 };
+            let answer = put(&client, replica, &id.to_string(), token).await;
+            assert_eq!(answer.status(), 200, "wallet {id} via {}", replica.name);
+        }
+    }
+    let refused = |answer: reqwest::Response, what: &str| {
+        let what = what.to_owned();
+        async move {
+            assert_eq!(answer.status(), 401, "{what}");
+            let problem: serde_json::Value = answer.json().await.unwrap();
+            assert_eq!(
+                problem["type"], "urn:fencegate:problem:peer-unauthenticated",
+                "{what}: {problem}"
+            );
+        }
+    };
+    for replica in [&one, &two] {
+        let peer = format!("http://127.0.0.1:{}", replica.peer_port);
+        for secret in [None, Some("a-cluster-secreT"), Some("")] {
+            let what = format!("{secret:?} via {}'s peer plane", replica.name);
+            let mut write = client
+                .put(format!("{peer}/w/0"))
+                .header("fencing-token", "3")
+                .header("fencegate-client", "10.9.9.9:1")
+                .body("zombie");
+            let mut fence = client
+                .post(format!(
+                    "{peer}/.fencegate/admin/v1/resources/wallet:0/fence"
+                ))
+                .json(&serde_json::json!({ "token": 99 }));
+            let mut reset = client.post(format!(
+                "{peer}/.fencegate/admin/v1/resources/wallet:1/reset"
+            ));
+            if let Some(secret) = secret {
+                write = write.header("fencegate-cluster-secret", secret);
+                fence = fence.header("fencegate-cluster-secret", secret);
+                reset = reset.header("fencegate-cluster-secret", secret);
+            }
+            refused(write.send().await.unwrap(), &format!("a write, {what}")).await;
+            refused(fence.send().await.unwrap(), &format!("a fence, {what}")).await;
+            refused(reset.send().await.unwrap(), &format!("a reset, {what}")).await;
+        }
+    }
+    assert_eq!(
+        upstream.arrivals().len(),
+        16,
+        "only the writes through the data planes"
+    );
+    assert_eq!(
+        pg.query("SELECT min(highest), max(highest), count(*) FROM resources")
+            .trim(),
+        "2|2|8",
+        "no token was raised or reset over the peer plane"
+    );
+}
+
 #[tokio::test]
 async fn retention_prunes_the_shared_audit_log_in_batches() {
     let Some(pg) = Postgres::start() else { return };

@@ -62,6 +62,36 @@ pub async fn start_replica_with(
     peer_port: u16,
     database: Option<&str>,
 ) -> Replica {
+    let command = replica_command(config, name, peer_port, database);
+    Replica {
+        name: name.to_owned(),
+        proxy: start(command).await,
+        peer_port,
+    }
+}
+
+/// Starts replica `name` with `FENCEGATE_CLUSTER_SECRET` set to `secret`.
+pub async fn start_replica_with_secret(
+    config: &std::path::Path,
+    name: &str,
+    secret: &str,
+) -> Replica {
+    let peer_port = free_port();
+    let mut command = replica_command(config, name, peer_port, None);
+    command.env("FENCEGATE_CLUSTER_SECRET", secret);
+    Replica {
+        name: name.to_owned(),
+        proxy: start(command).await,
+        peer_port,
+    }
+}
+
+fn replica_command(
+    config: &std::path::Path,
+    name: &str,
+    peer_port: u16,
+    database: Option<&str>,
+) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fencegate"));
     command
         .args([
@@ -78,11 +108,7 @@ pub async fn start_replica_with(
     if let Some(database) = database {
         command.args(["--db", database]);
     }
-    Replica {
-        name: name.to_owned(),
-        proxy: start(command).await,
-        peer_port,
-    }
+    command
 }
 
 /// A free loopback port.
