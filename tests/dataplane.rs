@@ -593,6 +593,14 @@ async fn a_resource_name_over_max_resource_len_is_414_and_never_stored() {
         .put(&format!("/wallets/{}", "x".repeat(50)), 1, "")
         .await;
     assert_eq!(response.status(), 200, "wallet: and 50 bytes fit in 64");
+    let exactly = app
+        .put(&format!("/wallets/{}", "x".repeat(57)), 1, "")
+        .await;
+    assert_eq!(exactly.status(), 200, "wallet: and 57 bytes are 64 exactly");
+    let one_over = app
+        .put(&format!("/wallets/{}", "x".repeat(58)), 1, "")
+        .await;
+    assert_eq!(one_over.status(), 414, "65 bytes");
     let destination = format!("destination: /wallets/{long}");
     let (status, _) = raw_status(
         &app,
@@ -610,12 +618,12 @@ async fn a_resource_name_over_max_resource_len_is_414_and_never_stored() {
         problem(response).await["type"],
         "urn:fencegate:problem:resource-too-long"
     );
-    assert_eq!(upstream.arrivals().len(), 1);
+    assert_eq!(upstream.arrivals().len(), 2, "the names that fit");
     assert!(
         app.rejections().is_empty(),
         "a refused name is not stored, not even in the audit log"
     );
-    assert_eq!(app.epochs().len(), 1);
+    assert_eq!(app.epochs().len(), 2, "one epoch per name that fits");
 }
 
 #[tokio::test]
@@ -953,6 +961,84 @@ fn etcd_put(key: &str) -> serde_json::Value {
     use base64::Engine as _;
     let key = base64::engine::general_purpose::STANDARD.encode(key);
     serde_json::json!({"request_put": {"key": key, "value": ""}})
+}
+
+/// The limit is exact: a profile reads a body of `max_inspect_body` bytes and refuses one byte more
+/// with 413, whether the length is declared or the body is chunked; a chunked body that breaks
+/// its own framing is 400 `body-unreadable`, not a 413.
+#[tokio::test]
+async fn a_profile_reads_exactly_max_inspect_body_and_refuses_one_byte_more_however_framed() {
+    const LIMIT: usize = 2048;
+    let (upstream, app) = etcd_profile_app(&format!("max_inspect_body = {LIMIT}")).await;
+    // JSON allows trailing whitespace: the same put, padded to `length` bytes.
+    let body_of = |length: usize| {
+        let body = etcd_put("/wallets/1")["request_put"].to_string();
+        format!("{body:<length$}")
+    };
+    let head = |token: u64, framing: &str| {
+        format!(
+            "POST /v3/kv/put HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\
+             fencing-token: {token}\r\n{framing}\r\n\r\n"
+        )
+    };
+    let declared = |token, length| {
+        let body = body_of(length);
+        format!(
+            "{}{body}",
+            head(token, &format!("content-length: {length}"))
+        )
+    };
+    let chunked = |token, length| {
+        let body = body_of(length);
+        format!(
+            "{}{length:x}\r\n{body}\r\n0\r\n\r\n",
+            head(token, "transfer-encoding: chunked")
+        )
+    };
+    let status_of = |request: String| {
+        let addr = app.addr;
+        async move {
+            let (status, _, body) = raw_request(addr, &request).await;
+            (status, body)
+        }
+    };
+    assert_eq!(
+        status_of(declared(1, LIMIT)).await.0,
+        200,
+        "declared, at the limit"
+    );
+    assert_eq!(
+        status_of(chunked(2, LIMIT)).await.0,
+        200,
+        "chunked, at the limit"
+    );
+    for (request, what) in [
+        (declared(3, LIMIT + 1), "declared, one byte over"),
+        (chunked(3, LIMIT + 1), "chunked, one byte over"),
+    ] {
+        let (status, body) = status_of(request).await;
+        assert_eq!(status, 413, "{what}: {body}");
+        assert!(
+            body.contains("urn:fencegate:problem:body-too-large"),
+            "{what}: {body}"
+        );
+    }
+    let broken = format!(
+        "{}zz\r\n{{}}\r\n0\r\n\r\n",
+        head(3, "transfer-encoding: chunked")
+    );
+    let (status, body) = status_of(broken).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("urn:fencegate:problem:body-unreadable"),
+        "{body}"
+    );
+    assert_eq!(
+        upstream.arrivals().len(),
+        2,
+        "only the bodies within the limit"
+    );
+    app.stop().await;
 }
 
 #[tokio::test]
