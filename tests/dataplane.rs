@@ -759,6 +759,13 @@ async fn body_over_max_body_is_413() {
         .unwrap();
     assert_eq!(streamed.status(), 413);
     problem(streamed).await;
+
+    // The limit is exact.
+    let at_limit = app.put("/wallets/3", 1, &"z".repeat(1024)).await;
+    assert_eq!(at_limit.status(), 200, "max_body bytes exactly");
+    let one_over = app.put("/wallets/3", 1, &"z".repeat(1025)).await;
+    assert_eq!(one_over.status(), 413, "one byte over max_body");
+    assert_eq!(upstream.arrivals().len(), 1, "only the body at the limit");
 }
 
 fn futures_stream(
