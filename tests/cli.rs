@@ -570,12 +570,12 @@ async fn json_logs_have_one_line_per_rejection_and_advance_with_the_request_id()
         let rejection = json_line_with(&mut lines, "fenced request rejected");
         (advance, rejection)
     });
-    let (advance, rejection) = tokio::time::timeout(Duration::from_secs(10), advance)
-        .await
-        .expect("both log lines within 10 s")
-        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(10), advance).await;
+    // Killed before the verdict: the reader blocks on the child's stderr until it closes, and
+    // a test that gave up must not wait for it forever.
     let _ = child.kill();
     let _ = child.wait();
+    let (advance, rejection) = waited.expect("both log lines within 10 s").unwrap();
     assert_eq!(advance["request_id"], "leader-write-1");
     assert_eq!(
         (advance["to"].as_u64(), advance["via"].as_str()),
@@ -781,12 +781,11 @@ async fn the_access_log_has_one_line_per_request() {
             .map(|_| json_line_with(&mut lines, "access"))
             .collect::<Vec<Value>>()
     });
-    let access = tokio::time::timeout(Duration::from_secs(10), access)
-        .await
-        .expect("three access lines within 10 s")
-        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(10), access).await;
+    // Killed before the verdict, as above.
     let _ = child.kill();
     let _ = child.wait();
+    let access = waited.expect("three access lines within 10 s").unwrap();
     let leader = &access[0];
     assert_eq!(leader["method"], "PUT");
     assert_eq!(leader["path"], "/w?x=1");
