@@ -818,3 +818,81 @@ async fn a_resource_not_in_memory_is_read_from_the_store_on_first_use() {
     })
     .await
 }
+
+/// Cluster mode's clean handoff of a shard asks only about that shard's resources: a permit in
+/// flight, or one dropped unsettled until its grace ends, for a resource it picks; never another
+/// resource's.
+#[tokio::test]
+async fn in_doubt_where_sees_only_the_resources_it_picks() {
+    within(async {
+        let grace = Duration::from_millis(200);
+        let f = fixture(grace);
+        let a = |resource: &ResourceKey| *resource == key("a");
+        let b = |resource: &ResourceKey| *resource == key("b");
+        f.gate
+            .admit(&key("b"), t(1), None, "")
+            .await
+            .unwrap()
+            .settle();
+        assert!(!f.gate.in_doubt_where(a), "a new resource");
+        let permit = f.gate.admit(&key("a"), t(1), None, "").await.unwrap();
+        assert!(f.gate.in_doubt_where(a), "a permit in flight");
+        assert!(!f.gate.in_doubt_where(b), "b has nothing in flight");
+        permit.settle();
+        assert!(!f.gate.in_doubt_where(a), "settled");
+
+        drop(f.gate.admit(&key("a"), t(1), None, "").await.unwrap());
+        assert!(f.gate.in_doubt_where(a), "dropped unsettled");
+        assert!(!f.gate.in_doubt_where(b), "b has nothing in doubt");
+        tokio::time::sleep(grace + Duration::from_millis(50)).await;
+        assert!(!f.gate.in_doubt_where(a), "the grace has run out");
+    })
+    .await
+}
+
+/// Cluster mode forgets a shard it lost or took over: the resources picked lose their slots, so
+/// the next request reads them afresh from the store, where another replica may have moved them
+/// on; every other resource keeps its slot.
+#[tokio::test]
+async fn forget_where_drops_only_the_slots_it_picks_and_they_reload_from_the_store() {
+    within(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
+        let gate = |store| {
+            Gate::new(
+                store,
+                Duration::from_secs(1),
+                Metrics::new(),
+                LastStop::Clean,
+            )
+        };
+        let here = gate(store.clone());
+        let elsewhere = gate(store);
+        for resource in ["a", "b"] {
+            here.admit(&key(resource), t(4), None, "")
+                .await
+                .unwrap()
+                .settle();
+        }
+        let a_before = here.slot(&key("a")).await.unwrap();
+        let b_before = here.slot(&key("b")).await.unwrap();
+        elsewhere
+            .admit(&key("a"), t(9), None, "")
+            .await
+            .unwrap()
+            .settle();
+
+        here.forget_where(|resource| *resource == key("a"));
+        assert!(!Arc::ptr_eq(
+            &a_before,
+            &here.slot(&key("a")).await.unwrap()
+        ));
+        assert!(Arc::ptr_eq(&b_before, &here.slot(&key("b")).await.unwrap()));
+        let refusal = here.admit(&key("a"), t(7), None, "").await.unwrap_err();
+        assert!(
+            matches!(refusal, Refusal::Stale { highest } if highest == t(9)),
+            "{refusal:?}"
+        );
+    })
+    .await
+}
