@@ -63,11 +63,7 @@ pub async fn start_replica_with(
     database: Option<&str>,
 ) -> Replica {
     let command = replica_command(config, name, peer_port, database);
-    Replica {
-        name: name.to_owned(),
-        proxy: start(command).await,
-        peer_port,
-    }
+    start_command(command, name, peer_port).await
 }
 
 /// Starts replica `name` with `FENCEGATE_CLUSTER_SECRET` set to `secret`.
@@ -79,6 +75,10 @@ pub async fn start_replica_with_secret(
     let peer_port = free_port();
     let mut command = replica_command(config, name, peer_port, None);
     command.env("FENCEGATE_CLUSTER_SECRET", secret);
+    start_command(command, name, peer_port).await
+}
+
+async fn start_command(command: Command, name: &str, peer_port: u16) -> Replica {
     Replica {
         name: name.to_owned(),
         proxy: start(command).await,
@@ -86,6 +86,7 @@ pub async fn start_replica_with_secret(
     }
 }
 
+/// `fencegate serve` as replica `name` of the cluster `config` describes.
 fn replica_command(
     config: &std::path::Path,
     name: &str,
