@@ -1,9 +1,10 @@
 //! A request body read straight off the client's connection.
 //!
 //! The body borrows the connection's read half and its buffer for as long as it is being read,
-//! and gives them back through a oneshot the moment its last byte is decoded — or, if it is
-//! dropped before that, gives them back marked unfinished, and the connection closes (the next
-//! request's first byte could not be found). The handler, or a task it spawned to finish
+//! and gives them back through a oneshot the moment its last byte is decoded. A body dropped
+//! before that discards what of it is already buffered; if that is not all of it, it gives them
+//! back marked unfinished, and the connection closes (the next request's first byte could not be
+//! found). The handler, or a task it spawned to finish
 //! sending an early-answered body upstream, may hold the body after the response is written;
 //! the connection waits for it before reading the next request.
 
@@ -230,7 +231,16 @@ impl hyper::body::Body for RequestBody {
 }
 
 impl Drop for RequestBody {
+    /// Discards what is left of the body if it has all arrived already (a small body usually
+    /// comes with its head), so that the connection can carry the next request; the socket
+    /// itself is not read here.
     fn drop(&mut self) {
+        while !self.is_done() {
+            match self.decode() {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
         let complete = self.is_done();
         self.give_back(complete);
     }

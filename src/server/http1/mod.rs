@@ -10,8 +10,8 @@
 //! 2. Lend the connection's read side to the request's body ([`body`]), which gives it back when
 //!    its last byte is decoded.
 //! 3. Call the handler, write its response ([`response`]), and take the read side back. A body
-//!    left unread, a response that said `close`, HTTP/1.0 without keep-alive, or a stop closes
-//!    the connection, gracefully: the write side is shut and what the client still sends is read
+//!    left unread (the response then says `close`), a response that said `close`, HTTP/1.0
+//!    without keep-alive, or a stop closes the connection, gracefully: the write side is shut and what the client still sends is read
 //!    and dropped for a moment, so that its answer is not destroyed by a reset.
 //!
 //! A connection that opens with HTTP/2's preface is handed back to the caller, for hyper's h2.
@@ -152,6 +152,13 @@ where
             }
         };
         let response = handle(request.map(|()| body)).await;
+        let mut returned = returned.map(BodyReturn::Pending);
+        // A body the handler dropped unread ends the connection: say so in this response, or
+        // the client would send its next request into a socket that is closing.
+        let asked = match returned.as_mut().map(BodyReturn::poll_now) {
+            Some(Some(false)) => asked.closing(),
+            _ => asked,
+        };
         let mut keep_alive = match writer.respond(response, asked).await {
             Ok(keep_alive) => keep_alive,
             Err(e) => {
@@ -160,15 +167,15 @@ where
             }
         };
         if let Some(returned) = returned {
-            match returned.await {
-                Ok(Returned {
+            match returned.wait().await {
+                Some(Returned {
                     side: back,
                     complete,
                 }) => {
                     keep_alive &= complete;
                     side = Some(back);
                 }
-                Err(_) => return Ended::Closed,
+                None => return Ended::Closed,
             }
         }
         if !keep_alive || stop.is_cancelled() {
@@ -176,6 +183,39 @@ where
             return Ended::Closed;
         }
         waiting.answered();
+    }
+}
+
+/// The read side on its way back from a request's body.
+enum BodyReturn {
+    Pending(oneshot::Receiver<Returned>),
+    Back(Option<Returned>),
+}
+
+impl BodyReturn {
+    /// Whether the body has come back complete, if it has come back yet. A body still held (by a
+    /// task finishing an upload the upstream answered early) is waited for after the response.
+    fn poll_now(&mut self) -> Option<bool> {
+        if let BodyReturn::Pending(receiver) = self {
+            match receiver.try_recv() {
+                Ok(returned) => *self = BodyReturn::Back(Some(returned)),
+                Err(oneshot::error::TryRecvError::Closed) => *self = BodyReturn::Back(None),
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+            }
+        }
+        match self {
+            BodyReturn::Back(Some(returned)) => Some(returned.complete),
+            BodyReturn::Back(None) => Some(false),
+            BodyReturn::Pending(_) => None,
+        }
+    }
+
+    /// The read side, once the body gives it back; `None` if it never will.
+    async fn wait(self) -> Option<Returned> {
+        match self {
+            BodyReturn::Pending(receiver) => receiver.await.ok(),
+            BodyReturn::Back(returned) => returned,
+        }
     }
 }
 
@@ -310,6 +350,139 @@ impl Waiting {
                 return Poll::Ready(());
             }
             self.idle.as_mut().reset(expires);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// One connection served by `serve` on loopback, with a handler that answers 200 and, when
+    /// the request asks for it with `x-read-body`, reads the body first.
+    async fn connect() -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let settings = Settings {
+                head: HeadLimits {
+                    max_size: 8 * 1024,
+                    max_headers: 64,
+                },
+                header_read_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(5),
+            };
+            serve(
+                stream,
+                settings,
+                CancellationToken::new(),
+                |request| async move {
+                    let read = request.headers().contains_key("x-read-body");
+                    let body = request.into_body();
+                    let text = if read {
+                        body.collect().await.unwrap().to_bytes()
+                    } else {
+                        drop(body);
+                        Bytes::from_static(b"unread")
+                    };
+                    Response::new(Full::new(text))
+                },
+            )
+            .await
+        });
+        TcpStream::connect(address).await.unwrap()
+    }
+
+    /// Reads one response: its head, and a body of the length it declares.
+    async fn read_response(stream: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut byte = [0; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+                .await
+                .expect("a response within 5 s")
+                .unwrap();
+            assert_eq!(read, 1, "the connection closed mid-response: {got:?}");
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8(got).unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.unwrap();
+        head + std::str::from_utf8(&body).unwrap()
+    }
+
+    async fn closed(stream: &mut TcpStream) -> bool {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
+        matches!(read.await, Ok(Ok(0)))
+    }
+
+    #[tokio::test]
+    async fn a_body_left_unread_before_it_arrived_closes_the_connection_and_the_answer_says_so() {
+        let mut stream = connect().await;
+        stream
+            .write_all(b"PUT /w HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut stream).await;
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        stream.write_all(b"zombie").await.unwrap();
+        assert!(closed(&mut stream).await);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_arrived_with_its_head_is_discarded_and_the_connection_lives_on() {
+        let mut stream = connect().await;
+        for body in [
+            "PUT /w HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nzombie",
+            "PUT /w HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n6\r\nzombie\r\n0\r\n\r\n",
+        ] {
+            stream.write_all(body.as_bytes()).await.unwrap();
+            let answer = read_response(&mut stream).await;
+            assert!(!answer.contains("connection: close"), "{answer}");
+            assert!(answer.ends_with("unread"), "{answer}");
+        }
+        stream
+            .write_all(
+                b"PUT /w HTTP/1.1\r\nhost: x\r\nx-read-body: 1\r\ncontent-length: 4\r\n\r\nnext",
+            )
+            .await
+            .unwrap();
+        let answer = read_response(&mut stream).await;
+        assert!(
+            answer.ends_with("\r\n\r\nnext"),
+            "the next request's body: {answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_its_end_keeps_the_connection() {
+        let mut stream = connect().await;
+        for _ in 0..2 {
+            stream
+                .write_all(
+                    b"PUT /w HTTP/1.1\r\nhost: x\r\nx-read-body: 1\r\ncontent-length: 5\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stream.write_all(b"hello").await.unwrap();
+            let answer = read_response(&mut stream).await;
+            assert!(!answer.contains("connection: close"), "{answer}");
+            assert!(answer.ends_with("hello"), "{answer}");
         }
     }
 }

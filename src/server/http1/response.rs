@@ -39,6 +39,14 @@ impl Asked {
             keep_alive,
         }
     }
+
+    /// The same, on a connection that closes after this answer.
+    pub(super) fn closing(self) -> Asked {
+        Asked {
+            keep_alive: false,
+            ..self
+        }
+    }
 }
 
 /// Why a response could not be written whole; the connection is closed after any of them.
