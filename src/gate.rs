@@ -198,7 +198,6 @@ impl Gate {
     /// Admits a fenced request with `token` for `resource`, waiting as long as the ordering
     /// guarantee requires. The returned permit must live until the upstream has answered.
     /// `request_id` only labels the log line of an epoch advance.
-    #[tracing::instrument(skip(self), level = "debug")]
     pub async fn admit(
         &self,
         resource: &ResourceKey,

@@ -364,7 +364,10 @@ impl DataPlane {
     }
 
     /// The phases of a fenced request: edge checks, collection check, token, gate, upstream.
-    #[tracing::instrument(level = "debug", skip_all, fields(resource = %resolved.resource))]
+    ///
+    /// No `tracing::instrument` span here or below: even disabled, its wrapper is one more future
+    /// layer, and every layer's future is copied whole when it is awaited (a 3.8 KB copy per
+    /// request here). The log lines on this path name their resource themselves.
     async fn serve_fenced(
         &self,
         path: &str,
@@ -687,7 +690,7 @@ impl DataPlane {
         let highest = match self.gate.highest(&resource).await {
             Ok(highest) => highest,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the highest token");
+                tracing::error!(%resource, error = %e, "cannot read the highest token");
                 return Err(fenced(ProxyError::StoreUnavailable, resource, token, None));
             }
         };
@@ -848,7 +851,7 @@ impl DataPlane {
         let highest = match self.gate.highest(&resource).await {
             Ok(highest) => highest,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the highest token");
+                tracing::error!(%resource, error = %e, "cannot read the highest token");
                 return fenced(ProxyError::StoreUnavailable, resource, token, None);
             }
         };
@@ -878,7 +881,7 @@ impl DataPlane {
         let highest = match self.gate.highest(&resource).await {
             Ok(highest) => highest,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the highest token");
+                tracing::error!(%resource, error = %e, "cannot read the highest token");
                 return fenced(ProxyError::StoreUnavailable, resource, None, None);
             }
         };
@@ -913,7 +916,7 @@ impl DataPlane {
                 (Reason::Jump, error, highest)
             }
             Refusal::NotDurable | Refusal::Store(_) => {
-                tracing::error!(error = %refusal, "fenced request not admitted");
+                tracing::error!(%resource, error = %refusal, "fenced request not admitted");
                 let highest = self.gate.highest(&resource).await.ok().flatten();
                 return fenced(ProxyError::StoreUnavailable, resource, Some(token), highest);
             }
