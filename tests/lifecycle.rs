@@ -175,13 +175,17 @@ async fn the_data_plane_serves_on_worker_threads_threads_each_with_its_own_liste
     let db = dir.path().join("fencegate.db");
     let config = common::binary::write_config(&upstream.url(), &db, "worker_threads = 3");
     let proxy = common::binary::start(serve_command(&config, &db)).await;
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", proxy.child.id())).unwrap();
-    let mut names: Vec<String> = tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| name.starts_with("fg-data-"))
-        .collect();
-    names.sort();
+    // A thread takes its name when it first runs, which on a loaded machine can be after the
+    // server is ready (its listener is bound and queues connections before that).
+    let mut names = Vec::new();
+    for _ in 0..200 {
+        names = data_thread_wakeups(proxy.child.id()).into_keys().collect();
+        names.sort();
+        if names.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert_eq!(names, ["fg-data-0", "fg-data-1", "fg-data-2"]);
     // Connections spread over the threads' listeners (SO_REUSEPORT): every thread wakes up to
     // serve some of them, and every one is served and fenced alike.
