@@ -469,6 +469,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_discarded_body_ends_where_its_framing_says_and_a_pipelined_request_follows() {
+        let mut stream = connect().await;
+        stream
+            .write_all(
+                b"PUT /a HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nzombie\
+                  PUT /b HTTP/1.1\r\nhost: x\r\nx-read-body: 1\r\ncontent-length: 4\r\n\r\nnext",
+            )
+            .await
+            .unwrap();
+        let first = read_response(&mut stream).await;
+        assert!(first.ends_with("\r\n\r\nunread"), "{first}");
+        let second = read_response(&mut stream).await;
+        assert!(second.ends_with("\r\n\r\nnext"), "{second}");
+    }
+
+    #[tokio::test]
     async fn a_body_read_to_its_end_keeps_the_connection() {
         let mut stream = connect().await;
         for _ in 0..2 {
