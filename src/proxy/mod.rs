@@ -365,9 +365,9 @@ impl DataPlane {
 
     /// The phases of a fenced request: edge checks, collection check, token, gate, upstream.
     ///
-    /// No `tracing::instrument` span here or below: even disabled, its wrapper is one more future
-    /// layer, and every layer's future is copied whole when it is awaited (a 3.8 KB copy per
-    /// request here). The log lines on this path name their resource themselves.
+    /// No `tracing::instrument` span here or below: even disabled, it wraps the body in one more
+    /// future layer, and that layer was copied whole on every request (a 3.8 KB memmove,
+    /// measured with a uprobe). The log lines on this path name their resource themselves.
     async fn serve_fenced(
         &self,
         path: &str,

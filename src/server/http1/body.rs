@@ -4,9 +4,9 @@
 //! and gives them back through a oneshot the moment its last byte is decoded. A body dropped
 //! before that discards what of it is already buffered; if that is not all of it, it gives them
 //! back marked unfinished, and the connection closes (the next request's first byte could not be
-//! found). The handler, or a task it spawned to finish
-//! sending an early-answered body upstream, may hold the body after the response is written;
-//! the connection waits for it before reading the next request.
+//! found). The handler, or a task it spawned to finish sending an early-answered body upstream,
+//! may hold the body after the response is written; the connection waits for it before reading
+//! the next request.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

@@ -11,8 +11,9 @@
 //!    its last byte is decoded.
 //! 3. Call the handler, write its response ([`response`]), and take the read side back. A body
 //!    left unread (the response then says `close`), a response that said `close`, HTTP/1.0
-//!    without keep-alive, or a stop closes the connection, gracefully: the write side is shut and what the client still sends is read
-//!    and dropped for a moment, so that its answer is not destroyed by a reset.
+//!    without keep-alive, or a stop closes the connection, gracefully: the write side is shut
+//!    and what the client still sends is read and dropped for a moment, so that its answer is
+//!    not destroyed by a reset.
 //!
 //! A connection that opens with HTTP/2's preface is handed back to the caller, for hyper's h2.
 
@@ -424,6 +425,7 @@ mod tests {
         head + std::str::from_utf8(&body).unwrap()
     }
 
+    /// Whether the server closes the connection (cleanly, with nothing more to read) within 5 s.
     async fn closed(stream: &mut TcpStream) -> bool {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
@@ -446,11 +448,11 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_arrived_with_its_head_is_discarded_and_the_connection_lives_on() {
         let mut stream = connect().await;
-        for body in [
+        for request in [
             "PUT /w HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nzombie",
             "PUT /w HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n6\r\nzombie\r\n0\r\n\r\n",
         ] {
-            stream.write_all(body.as_bytes()).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
             let answer = read_response(&mut stream).await;
             assert!(!answer.contains("connection: close"), "{answer}");
             assert!(answer.ends_with("unread"), "{answer}");
