@@ -38,10 +38,15 @@ fn fixture(in_doubt_grace: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (store, guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
     Fixture {
-        gate: Gate::new(store, in_doubt_grace, Metrics::new(), LastStop::Clean),
+        gate: gate_on(store, in_doubt_grace),
         _guard: guard,
         _dir: dir,
     }
+}
+
+/// A gate on `store` after a clean stop, as a replica or a restart would open it.
+fn gate_on(store: SharedStore, in_doubt_grace: Duration) -> Gate {
+    Gate::new(store, in_doubt_grace, Metrics::new(), LastStop::Clean)
 }
 
 fn admit_later(gate: &Gate, resource: &str, token: u64) -> JoinHandle<Result<Permit, Refusal>> {
@@ -791,23 +796,13 @@ async fn a_resource_not_in_memory_is_read_from_the_store_on_first_use() {
     within(async {
         let dir = tempfile::tempdir().unwrap();
         let (store, _guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
-        let first = Gate::new(
-            store.clone(),
-            Duration::from_secs(1),
-            Metrics::new(),
-            LastStop::Clean,
-        );
+        let first = gate_on(store.clone(), Duration::from_secs(1));
         first
             .admit(&key("w"), t(7), None, "")
             .await
             .unwrap()
             .settle();
-        let restarted = Gate::new(
-            store,
-            Duration::from_secs(1),
-            Metrics::new(),
-            LastStop::Clean,
-        );
+        let restarted = gate_on(store, Duration::from_secs(1));
         assert_eq!(restarted.resident(), 0);
         assert_eq!(restarted.highest(&key("w")).await.unwrap(), Some(t(7)));
         let refused = restarted
@@ -858,16 +853,8 @@ async fn forget_where_drops_only_the_slots_it_picks_and_they_reload_from_the_sto
     within(async {
         let dir = tempfile::tempdir().unwrap();
         let (store, _guard) = SqliteStore::open(&dir.path().join("gate.db")).unwrap();
-        let gate = |store| {
-            Gate::new(
-                store,
-                Duration::from_secs(1),
-                Metrics::new(),
-                LastStop::Clean,
-            )
-        };
-        let here = gate(store.clone());
-        let elsewhere = gate(store);
+        let here = gate_on(store.clone(), Duration::from_secs(1));
+        let elsewhere = gate_on(store, Duration::from_secs(1));
         for resource in ["a", "b"] {
             here.admit(&key(resource), t(4), None, "")
                 .await

@@ -181,9 +181,10 @@ impl DataPlane {
                 }
                 let mut response = rejected.into_response();
                 // fencegate answers its own errors without reading the request body, and HTTP/1
-                // cannot reuse a connection whose body was left unread: hyper would close it
-                // without a word, and the client's next request on it would hit a closed socket.
-                // Saying so lets clients reconnect cleanly; a zombie's body is not worth reading.
+                // cannot reuse a connection whose body was left unread. fencegate's own HTTP/1.1
+                // server says so itself (`server::http1`), but hyper's (TLS) writes the head
+                // first and closes the connection without a word, and the client's next request
+                // on it would hit a closed socket. A zombie's body is not worth reading.
                 if body_may_be_unread {
                     response
                         .headers_mut()
