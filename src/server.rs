@@ -29,7 +29,7 @@ mod limits;
 mod live;
 mod rewound;
 
-pub use http1::{ClientBody, ClientBodyError};
+pub use http1::{ClientBody, ClientBodyError, ClientRequest};
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::cluster::lease::{LeaseLoop, LeaseSettings};
@@ -720,7 +720,7 @@ async fn serve_data_connection(
 #[inline(always)]
 fn dispatch(
     live: &Live,
-    request: http::Request<ClientBody>,
+    request: ClientRequest,
     client: SocketAddr,
     origin: Origin,
 ) -> impl Future<Output = http::Response<ProxyBody>> + use<> {
@@ -743,7 +743,7 @@ fn dispatch(
 /// proxy logs its own refusals and failures, and each response at DEBUG.
 async fn answer(
     plane: Arc<DataPlane>,
-    mut request: http::Request<ClientBody>,
+    mut request: ClientRequest,
     client: SocketAddr,
     origin: Origin,
 ) -> http::Response<ProxyBody> {
@@ -757,7 +757,7 @@ async fn answer(
 /// for the cluster secret, then served by the admin router (whose own bearer check applies too).
 async fn answer_peer_admin(
     admin: live::PeerAdmin,
-    request: http::Request<ClientBody>,
+    request: ClientRequest,
 ) -> http::Response<ProxyBody> {
     use http_body_util::{BodyExt, Either, Full, Limited};
     use tower::ServiceExt as _;
@@ -774,7 +774,7 @@ async fn answer_peer_admin(
             "the peer plane requires the cluster secret (Fencegate-Cluster-Secret)",
         );
     }
-    let (mut parts, body) = request.into_parts();
+    let (mut parts, body) = (*request).into_parts();
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -849,7 +849,7 @@ async fn serve_with_hyper<I>(
     let io = HeadDeadline::new(io, limits.header_read_timeout, Arc::clone(&phase));
     let service = hyper::service::service_fn(|request: http::Request<Incoming>| {
         let in_request = phase.begin();
-        let mut request = request.map(ClientBody::Hyper);
+        let mut request = Box::new(request.map(ClientBody::Hyper));
         if let Some(identity) = &remote.identity {
             request.extensions_mut().insert(Arc::clone(identity));
         }

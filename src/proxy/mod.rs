@@ -29,7 +29,7 @@ use crate::profile::webdav::{self, Destination};
 use crate::profile::{Changes, KeyApi, Profile, ProfileError, RequestHead};
 use crate::route::request_parts::PartError;
 use crate::route::{self, Fencing, Resolved, ResourceKey, Route, RouteTable, methods};
-use crate::server::ClientBody;
+use crate::server::{ClientBody, ClientRequest};
 use crate::store::SharedStore;
 use crate::tls::ClientIdentity;
 use crate::token::{self, FENCING_TOKEN_HIGHEST, FencingToken, TokenError};
@@ -39,7 +39,7 @@ use request_id::X_REQUEST_ID;
 
 pub use upstream::{
     ExchangeError, ForwardError, HandshakeFailure, ResponseBody, TlsClientFiles, Upstream,
-    UpstreamBody, UpstreamClient, UpstreamUrlError, wire,
+    UpstreamClient, UpstreamUrlError, wire,
 };
 
 /// A response body: streamed from the upstream, or one of fencegate's own problem documents.
@@ -152,7 +152,7 @@ impl DataPlane {
     /// Serves one request from `client`. Never fails: every error becomes a problem+json answer.
     pub async fn handle(
         &self,
-        mut request: Request<ClientBody>,
+        mut request: ClientRequest,
         mut client: SocketAddr,
         origin: Origin,
     ) -> Response<ProxyBody> {
@@ -259,7 +259,7 @@ impl DataPlane {
     async fn forward_to_owner(
         &self,
         (replica, peer): (String, Arc<Upstream>),
-        request: Request<UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.peer_forwarded();
@@ -279,7 +279,7 @@ impl DataPlane {
 
     async fn serve(
         &self,
-        request: Request<ClientBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(registered) = methods::case_variant_of(request.method()) {
@@ -325,33 +325,25 @@ impl DataPlane {
             let Resolved {
                 route, resource, ..
             } = resolved;
-            return Box::pin(self.refuse_forbidden(
-                route,
-                resource,
-                request.map(Either::Left),
-                client,
-            ))
-            .await;
+            return Box::pin(self.refuse_forbidden(route, resource, request, client)).await;
         }
         if fenced && resolved.route.reads_request() {
             let (resolved, request) =
                 Box::pin(self.resolve_from_request(&path, resolved, request, client)).await?;
             self.serve_fenced(&path, resolved, request, client).await
         } else if fenced {
-            self.serve_fenced(&path, resolved, request.map(Either::Left), client)
-                .await
+            self.serve_fenced(&path, resolved, request, client).await
         } else {
             headers::refuse_method_override(request.headers())?;
             self.check_declared_length(&request)?;
-            self.forward_unfenced(resolved.route, request.map(Either::Left), client)
-                .await
+            self.forward_unfenced(resolved.route, request, client).await
         }
     }
 
     async fn forward_unfenced(
         &self,
         route: &Route,
-        request: Request<UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.forwarded(false);
@@ -373,7 +365,7 @@ impl DataPlane {
         &self,
         path: &str,
         resolved: Resolved<'_>,
-        mut request: Request<UpstreamBody>,
+        mut request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.check_resource_length(&resolved.resource)?;
@@ -484,26 +476,22 @@ impl DataPlane {
         path: &str,
         resolved: Resolved<'_>,
         profile: &KeyApi,
-        request: Request<ClientBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         headers::refuse_method_override(request.headers())?;
-        let (parts, body) = request.into_parts();
-        let head = RequestHead {
-            method: &parts.method,
-            path,
-            query: parts.uri.query(),
-            headers: &parts.headers,
-        };
-        let (body, changes) = if profile.needs_body(&head) {
-            let body = self.read_for_inspection(&parts.headers, body).await?;
-            let changes = profile.changes(&head, &body).map_err(ProxyError::from)?;
-            (Either::Right(Full::new(body)), changes)
+        let (request, changes) = if profile.needs_body(&head_of(&request, path)) {
+            let (request, body) = self.read_for_inspection(request).await?;
+            let changes = profile
+                .changes(&head_of(&request, path), &body)
+                .map_err(ProxyError::from)?;
+            (request, changes)
         } else {
-            let changes = profile.changes(&head, &[]).map_err(ProxyError::from)?;
-            (Either::Left(body), changes)
+            let changes = profile
+                .changes(&head_of(&request, path), &[])
+                .map_err(ProxyError::from)?;
+            (request, changes)
         };
-        let request = Request::from_parts(parts, body);
         let resources = match changes {
             Changes::ReadsOnly => {
                 self.check_declared_length(&request)?;
@@ -613,25 +601,18 @@ impl DataPlane {
         &self,
         path: &str,
         mut resolved: Resolved<'r>,
-        request: Request<ClientBody>,
+        request: ClientRequest,
         client: SocketAddr,
-    ) -> Result<(Resolved<'r>, Request<UpstreamBody>), Rejected> {
+    ) -> Result<(Resolved<'r>, ClientRequest), Rejected> {
         headers::refuse_method_override(request.headers())?;
-        let (parts, body) = request.into_parts();
-        let (body, bytes) = if resolved.route.reads_body() {
-            let bytes = self.read_for_inspection(&parts.headers, body).await?;
-            (Either::Right(Full::new(bytes.clone())), bytes)
+        let (request, bytes) = if resolved.route.reads_body() {
+            self.read_for_inspection(request).await?
         } else {
-            (Either::Left(body), Bytes::new())
+            (request, Bytes::new())
         };
-        let head = RequestHead {
-            method: &parts.method,
-            path,
-            query: parts.uri.query(),
-            headers: &parts.headers,
-        };
-        let rendered = resolved.route.resource_for_request(&head, &bytes);
-        let request = Request::from_parts(parts, body);
+        let rendered = resolved
+            .route
+            .resource_for_request(&head_of(&request, path), &bytes);
         let why = match rendered {
             Ok(resource) => {
                 resolved.resource = resource;
@@ -652,24 +633,29 @@ impl DataPlane {
             .await)
     }
 
-    /// Reads a body a profile names resources from, up to `max_inspect_body` (413 over it).
+    /// Reads the body of a request a profile names resources from, up to `max_inspect_body`
+    /// (413 over it): the request comes back with that body to send on, and the bytes read.
     async fn read_for_inspection(
         &self,
-        headers: &http::HeaderMap,
-        body: ClientBody,
-    ) -> Result<Bytes, ProxyError> {
+        mut request: ClientRequest,
+    ) -> Result<(ClientRequest, Bytes), ProxyError> {
         let too_large = ProxyError::BodyTooLarge {
             limit: self.max_inspect_body,
         };
-        if declared_length_of(headers).is_some_and(|length| length > self.max_inspect_body) {
+        if declared_length_of(request.headers())
+            .is_some_and(|length| length > self.max_inspect_body)
+        {
             return Err(too_large);
         }
         let limit = usize::try_from(self.max_inspect_body).unwrap_or(usize::MAX);
-        match Limited::new(body, limit).collect().await {
-            Ok(body) => Ok(body.to_bytes()),
-            Err(e) if e.is::<LengthLimitError>() => Err(too_large),
-            Err(_) => Err(ProxyError::BodyUnreadable),
-        }
+        let body = std::mem::replace(request.body_mut(), ClientBody::Empty);
+        let bytes = match Limited::new(body, limit).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => return Err(too_large),
+            Err(_) => return Err(ProxyError::BodyUnreadable),
+        };
+        *request.body_mut() = ClientBody::Read(Full::new(bytes.clone()));
+        Ok((request, bytes))
     }
 
     /// A fenced request from a client the route's `allow` list does not name: 403, audited under
@@ -679,7 +665,7 @@ impl DataPlane {
         &self,
         route: &Route,
         resource: ResourceKey,
-        request: Request<UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Placed::Owner(replica, peer) = self.place(&[&resource], &request).await? {
@@ -783,7 +769,7 @@ impl DataPlane {
         route: &Route,
         resource: ResourceKey,
         token: FencingToken,
-        request: Request<UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {
@@ -1145,6 +1131,16 @@ fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.
+/// What a profile or a resource template reads of a request's head.
+fn head_of<'a, B>(request: &'a Request<B>, path: &'a str) -> RequestHead<'a> {
+    RequestHead {
+        method: request.method(),
+        path,
+        query: request.uri().query(),
+        headers: request.headers(),
+    }
+}
+
 fn has_body<B>(request: &Request<B>) -> bool {
     let headers = request.headers();
     headers.contains_key(TRANSFER_ENCODING)

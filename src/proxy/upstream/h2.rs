@@ -20,10 +20,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::ForwardError;
 use super::exchange::ExchangeError;
 use super::wire::RequestFraming;
-use super::{ForwardError, UpstreamBody};
 use crate::proxy::inflight::BodySent;
+use crate::server::ClientBody;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -207,7 +208,7 @@ impl BodyLimits {
 /// The request body as hyper's HTTP/2 client takes it: counted against `max_body` and the
 /// declared length, and telling [`BodySent`] when it has all been taken.
 pub(super) struct SentBody {
-    inner: Option<UpstreamBody>,
+    inner: Option<ClientBody>,
     limits: Arc<BodyLimits>,
     taken: u64,
     sent: Option<BodySent>,
@@ -215,7 +216,7 @@ pub(super) struct SentBody {
 
 impl SentBody {
     pub(super) fn new(
-        inner: UpstreamBody,
+        inner: ClientBody,
         limits: Arc<BodyLimits>,
         sent: Option<BodySent>,
     ) -> SentBody {
@@ -276,7 +277,10 @@ impl Body for SentBody {
                 }
                 Some(Err(e)) => {
                     let limits = Arc::clone(&this.limits);
-                    return this.fail(&limits.client_failed, ExchangeError::ClientBody(e));
+                    return this.fail(
+                        &limits.client_failed,
+                        ExchangeError::ClientBody(Box::new(e)),
+                    );
                 }
                 Some(Ok(frame)) => frame,
             };

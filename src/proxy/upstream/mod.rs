@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::headers;
 use super::inflight::InFlight;
 use crate::route::Route;
+use crate::server::{ClientBody, ClientRequest};
 use exchange::{Exchange, HeadFailure, Sender};
 pub use exchange::{ExchangeError, ResponseBody};
 use pool::Connection;
@@ -280,11 +281,6 @@ impl Upstream {
     }
 }
 
-/// A request body on its way upstream: the client's, streaming, or one fencegate has already read
-/// (where a profile named resources from it).
-pub type UpstreamBody =
-    http_body_util::Either<crate::server::ClientBody, http_body_util::Full<bytes::Bytes>>;
-
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -429,7 +425,7 @@ impl UpstreamClient {
     pub(super) fn forward<'a>(
         &'a self,
         route: &'a Route,
-        request: Request<super::UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
         in_flight: Option<&'a InFlight>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, ForwardError>> + 'a {
@@ -448,7 +444,7 @@ impl UpstreamClient {
         &self,
         peer: &Upstream,
         secret: Option<&str>,
-        request: Request<super::UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         self.forward_to(peer, Hop::Peer { secret }, request, client, None)
@@ -459,7 +455,7 @@ impl UpstreamClient {
         &self,
         upstream: &Upstream,
         hop: Hop<'_>,
-        request: Request<super::UpstreamBody>,
+        request: ClientRequest,
         client: SocketAddr,
         in_flight: Option<&InFlight>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
@@ -677,7 +673,7 @@ impl UpstreamClient {
         &self,
         sender: hyper::client::conn::http2::SendRequest<h2::SentBody>,
         exchange: H2Exchange<'_>,
-        request: Request<super::UpstreamBody>,
+        request: Request<ClientBody>,
         in_flight: Option<&InFlight>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let H2Exchange {
@@ -764,7 +760,7 @@ struct H2Exchange<'a> {
 fn request_framing(
     method: &Method,
     headers: &http::HeaderMap,
-    body: &super::UpstreamBody,
+    body: &ClientBody,
 ) -> RequestFraming {
     let declared = headers
         .get(CONTENT_LENGTH)

@@ -9,6 +9,7 @@
 
 use std::mem::MaybeUninit;
 
+use super::body::{ClientBody, ClientRequest};
 use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
@@ -28,8 +29,8 @@ pub enum BodyFraming {
 /// A parsed request head, with what the connection needs to know about it.
 #[derive(Debug)]
 pub struct RequestHead {
-    /// The request without its body; header values share the head's bytes.
-    pub request: Request<()>,
+    /// The request, its body still empty; header values share the head's bytes.
+    pub request: ClientRequest,
     pub framing: BodyFraming,
     /// Whether the client lets the connection carry another request after this one.
     pub keep_alive: bool,
@@ -194,7 +195,8 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
     }
     let framing = framing(version, &headers, hop.encoding)?;
     let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
-    let mut request = Request::new(());
+    // Boxed here, where it is made: from here on it moves as a pointer.
+    let mut request = Box::new(Request::new(ClientBody::Empty));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;

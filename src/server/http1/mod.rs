@@ -23,7 +23,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response};
+use http::Response;
 use hyper::body::Body;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -34,7 +34,7 @@ mod body;
 pub mod head;
 mod response;
 
-pub use body::{ClientBody, ClientBodyError, RequestBody};
+pub use body::{ClientBody, ClientBodyError, ClientRequest, RequestBody};
 use body::{ReadSide, Returned};
 use head::{BodyFraming, RequestHead};
 pub use head::{HeadError, HeadLimits};
@@ -73,7 +73,7 @@ pub enum Ended {
 
 /// What waiting for a head came to.
 enum NextHead {
-    Head(Box<RequestHead>),
+    Head(RequestHead),
     Http2,
     /// The client closed, went idle past `idle_timeout`, or the server is stopping.
     Gone,
@@ -90,7 +90,7 @@ pub async fn serve<H, F, B>(
     mut handle: H,
 ) -> Ended
 where
-    H: FnMut(Request<ClientBody>) -> F,
+    H: FnMut(ClientRequest) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
@@ -130,11 +130,11 @@ where
         };
         first = false;
         let RequestHead {
-            request,
+            mut request,
             framing,
             keep_alive,
             expect_continue,
-        } = *head;
+        } = head;
         let asked = Asked::of(&request, keep_alive && !stop.is_cancelled());
         let (body, returned) = match (framing, side.take()) {
             (BodyFraming::None, taken) => {
@@ -152,7 +152,8 @@ where
                 (ClientBody::Http1(body), Some(returned))
             }
         };
-        let response = handle(request.map(|()| body)).await;
+        *request.body_mut() = body;
+        let response = handle(request).await;
         let mut returned = returned.map(BodyReturn::Pending);
         // A body the handler dropped unread ends the connection: say so in this response, or
         // the client would send its next request into a socket that is closing.
@@ -299,7 +300,7 @@ impl Waiting {
                     }
                 } else {
                     match head::parse(&mut side.buf, self.settings.head) {
-                        Ok(Some(head)) => return NextHead::Head(Box::new(head)),
+                        Ok(Some(head)) => return NextHead::Head(head),
                         Ok(None) => {}
                         Err(e) => return NextHead::Refused(e),
                     }
