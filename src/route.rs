@@ -80,22 +80,38 @@ pub enum PathError {
 /// assert_eq!(normalise_path("/wallets/%2e%2e/admin"), Err(PathError::DotSegment));
 /// assert_eq!(normalise_path("/wallets/a%2Fb"), Err(PathError::EncodedSeparator));
 /// ```
-pub fn normalise_path(raw: &str) -> Result<String, PathError> {
+///
+/// A path with nothing to decode is returned as it is, without a copy: that is nearly every
+/// request's.
+pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     let rest = raw.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
-    let mut decoded = String::with_capacity(raw.len());
-    let mut segments = rest.split('/').peekable();
-    while let Some(segment) = segments.next() {
-        decoded.push('/');
-        // A trailing slash (`/dir/`) is an ordinary path; an empty segment anywhere else is not.
-        if segment.is_empty() {
-            if segments.peek().is_none() {
-                break;
-            }
-            return Err(PathError::EmptySegment);
-        }
-        decoded.push_str(&decode_segment(segment)?);
+    let mut decodes = false;
+    for segment in decoded_segments(rest) {
+        decodes |= matches!(segment?, Cow::Owned(_));
     }
-    Ok(decoded)
+    if !decodes {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut decoded = String::with_capacity(raw.len());
+    for segment in decoded_segments(rest) {
+        decoded.push('/');
+        decoded.push_str(&segment?);
+    }
+    Ok(Cow::Owned(decoded))
+}
+
+/// The segments of a path after its leading `/`, each decoded. A trailing slash (`/dir/`) is an
+/// ordinary path, whose last segment is empty; an empty segment anywhere else is refused.
+fn decoded_segments(rest: &str) -> impl Iterator<Item = Result<Cow<'_, str>, PathError>> {
+    let mut segments = rest.split('/').peekable();
+    std::iter::from_fn(move || {
+        let segment = segments.next()?;
+        Some(match segment {
+            "" if segments.peek().is_none() => Ok(Cow::Borrowed("")),
+            "" => Err(PathError::EmptySegment),
+            _ => decode_segment(segment),
+        })
+    })
 }
 
 fn decode_segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
@@ -861,6 +877,8 @@ mod tests {
             "/x/.hidden",
         ] {
             assert_eq!(normalise_path(path).as_deref(), Ok(path));
+            // Nothing decoded, nothing copied.
+            assert!(matches!(normalise_path(path), Ok(Cow::Borrowed(_))), "{path}");
         }
     }
 
@@ -1315,7 +1333,8 @@ mod tests {
                     .map(|s| format!("/{s}"))
                     .collect();
                 let expected: String = segments.iter().map(|s| format!("/{s}")).collect();
-                prop_assert_eq!(normalise_path(&raw), Ok(expected));
+                let normalised = normalise_path(&raw);
+                prop_assert_eq!(normalised.as_deref(), Ok(expected.as_str()));
             }
 
             /// Whatever passes is a plain path: no empty, dot or control-bearing segment is left

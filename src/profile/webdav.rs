@@ -74,7 +74,7 @@ pub fn destination<'r>(
         .map_err(|_| DestinationError::NotAUrl)?;
     Ok(Some(Destination {
         resolved,
-        path,
+        path: path.into_owned(),
         rewritten,
     }))
 }

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 
@@ -290,7 +291,11 @@ impl DataPlane {
             .into());
         }
         headers::refuse_hop_by_hop_fencing_headers(request.headers(), None)?;
-        let path = route::normalise_path(request.uri().path()).map_err(ProxyError::from)?;
+        // A handle on the request's path (a reference count, not a copy): the path is borrowed
+        // below while the request moves on.
+        let target = request.uri().path_and_query().cloned();
+        let path = route::normalise_path(target.as_ref().map_or("", PathAndQuery::path))
+            .map_err(ProxyError::from)?;
         let resolved = self
             .routes
             .resolve(&path)

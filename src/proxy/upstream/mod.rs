@@ -229,13 +229,11 @@ impl Upstream {
     }
 
     /// The request target on the upstream for a client's: the same path and query, under the
-    /// prefix.
-    fn target_for(&self, original: &Uri) -> String {
+    /// prefix. In its two pieces, written one after the other into the request head, without a
+    /// string made for them on every request.
+    fn target_for<'a>(&'a self, original: &'a Uri) -> [&'a str; 2] {
         let path_and_query = original.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut target = String::with_capacity(self.prefix.len() + path_and_query.len());
-        target.push_str(&self.prefix);
-        target.push_str(path_and_query);
-        target
+        [&self.prefix, path_and_query]
     }
 
     /// A new connection: TCP, and for `https://` the TLS handshake, both within `timeout`.
@@ -699,9 +697,12 @@ impl UpstreamClient {
             Some(host) if kept.keep_host => host,
             _ => upstream.authority.as_str(),
         };
-        let uri = format!("https://{authority}{}", upstream.target_for(&parts.uri))
-            .parse::<Uri>()
-            .map_err(|e| ForwardError::NotSent(ExchangeError::Write(std::io::Error::other(e))))?;
+        let uri = format!(
+            "https://{authority}{}",
+            upstream.target_for(&parts.uri).concat()
+        )
+        .parse::<Uri>()
+        .map_err(|e| ForwardError::NotSent(ExchangeError::Write(std::io::Error::other(e))))?;
         let limits = h2::BodyLimits::new(framing, self.max_body);
         let body = h2::SentBody::new(
             body,
@@ -848,10 +849,10 @@ mod tests {
     fn forwarded_uri_keeps_path_and_query_under_the_base() {
         let plain: Upstream = "http://127.0.0.1:5984".parse().unwrap();
         let original: Uri = "/wallets/1?x=2".parse().unwrap();
-        assert_eq!(plain.target_for(&original), "/wallets/1?x=2");
+        assert_eq!(plain.target_for(&original).concat(), "/wallets/1?x=2");
 
         let prefixed: Upstream = "http://127.0.0.1:5984/db/".parse().unwrap();
-        assert_eq!(prefixed.target_for(&original), "/db/wallets/1?x=2");
+        assert_eq!(prefixed.target_for(&original).concat(), "/db/wallets/1?x=2");
         assert_eq!(prefixed.to_string(), "http://127.0.0.1:5984/db");
     }
 }

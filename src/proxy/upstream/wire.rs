@@ -252,20 +252,22 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Writes a request head into `out`: the request line, `host` (if given: the caller passes
+/// Writes a request head into `out`: the request line (its `target` given in pieces), `host` (if given: the caller passes
 /// `None` when the client's own `Host` is among the header lines), the header lines that
 /// `write_headers` writes, and the framing headers for `framing`.
 pub fn write_request_head(
     out: &mut BytesMut,
     method: &Method,
-    target: &str,
+    target: &[&str],
     host: Option<&str>,
     framing: RequestFraming,
     write_headers: impl FnOnce(&mut BytesMut),
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.put_u8(b' ');
-    out.extend_from_slice(target.as_bytes());
+    for piece in target {
+        out.extend_from_slice(piece.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = host {
         write_header(out, b"host", host.as_bytes());
@@ -790,7 +792,7 @@ mod tests {
         write_request_head(
             &mut out,
             &Method::PUT,
-            "/db/wallets/1?x=2",
+            &["/db", "/wallets/1?x=2"],
             Some("127.0.0.1:8080"),
             RequestFraming::Length(5),
             token,
@@ -804,7 +806,7 @@ mod tests {
         write_request_head(
             &mut out,
             &Method::POST,
-            "/",
+            &["/"],
             None,
             RequestFraming::Chunked,
             |_| {},

@@ -9,10 +9,12 @@
 
 use std::mem::MaybeUninit;
 
-use super::body::{ClientBody, ClientRequest};
 use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+
+use super::body::{ClientBody, ClientRequest};
+use crate::token::FENCING_TOKEN;
 
 /// Header slots kept on the stack; a `max_headers` above this parses into the heap.
 const STACK_HEADERS: usize = 128;
@@ -188,7 +190,7 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
     let mut headers = HeaderMap::with_capacity(spans.len());
     for span in &spans {
         let name = &head[span.name.start as usize..span.name.end as usize];
-        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::InvalidHeader)?;
+        let name = header_name(name)?;
         let value = HeaderValue::from_maybe_shared(slice(span.value))
             .map_err(|_| HeadError::InvalidHeader)?;
         headers.append(name, value);
@@ -207,6 +209,16 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
         keep_alive,
         expect_continue: hop.expect_continue && version == Version::HTTP_11,
     }))
+}
+
+/// A header's name. `Fencing-Token`, on every fenced request, is not one of the names `http`
+/// knows, and `HeaderName::from_bytes` would copy it into an allocation of its own: it is
+/// matched here and shared instead.
+fn header_name(name: &[u8]) -> Result<HeaderName, HeadError> {
+    if name.eq_ignore_ascii_case(FENCING_TOKEN.as_str().as_bytes()) {
+        return Ok(FENCING_TOKEN);
+    }
+    HeaderName::from_bytes(name).map_err(|_| HeadError::InvalidHeader)
 }
 
 /// Reads what `Connection`, `Expect` and `Transfer-Encoding` say.
