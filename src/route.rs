@@ -878,7 +878,10 @@ mod tests {
         ] {
             assert_eq!(normalise_path(path).as_deref(), Ok(path));
             // Nothing decoded, nothing copied.
-            assert!(matches!(normalise_path(path), Ok(Cow::Borrowed(_))), "{path}");
+            assert!(
+                matches!(normalise_path(path), Ok(Cow::Borrowed(_))),
+                "{path}"
+            );
         }
     }
 

@@ -488,7 +488,7 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
-        Pin::new(&mut *self.0).poll_frame(cx)
+        self.0.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -673,15 +673,13 @@ impl Streaming {
     }
 }
 
-impl Body for Streaming {
-    type Data = Bytes;
-    type Error = ExchangeError;
-
+/// What [`ResponseBody`]'s `Body` does, on the state it points to.
+impl Streaming {
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
-        let this = &mut *self;
+        let this = self;
         if let BodyState::H2(_) = this.body {
             return this.poll_h2(cx);
         }
