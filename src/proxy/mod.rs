@@ -1135,7 +1135,6 @@ fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
         .and_then(|value| value.parse::<u64>().ok())
 }
 
-/// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.
 /// What a profile or a resource template reads of a request's head.
 fn head_of<'a, B>(request: &'a Request<B>, path: &'a str) -> RequestHead<'a> {
     RequestHead {
@@ -1146,6 +1145,7 @@ fn head_of<'a, B>(request: &'a Request<B>, path: &'a str) -> RequestHead<'a> {
     }
 }
 
+/// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.
 fn has_body<B>(request: &Request<B>) -> bool {
     let headers = request.headers();
     headers.contains_key(TRANSFER_ENCODING)

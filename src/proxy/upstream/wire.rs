@@ -252,9 +252,9 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Writes a request head into `out`: the request line (its `target` given in pieces), `host` (if given: the caller passes
-/// `None` when the client's own `Host` is among the header lines), the header lines that
-/// `write_headers` writes, and the framing headers for `framing`.
+/// Writes a request head into `out`: the request line (its `target` given in pieces), `host`
+/// (if given: the caller passes `None` when the client's own `Host` is among the header lines),
+/// the header lines that `write_headers` writes, and the framing headers for `framing`.
 pub fn write_request_head(
     out: &mut BytesMut,
     method: &Method,
