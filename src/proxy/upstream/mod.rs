@@ -846,6 +846,32 @@ mod tests {
     }
 
     #[test]
+    fn a_request_without_a_content_length_is_framed_by_its_body() {
+        use http_body_util::Full;
+        let none = http::HeaderMap::new();
+        let framing = |method: Method, body: ClientBody| request_framing(&method, &none, &body);
+        assert_eq!(
+            framing(Method::DELETE, ClientBody::Empty),
+            RequestFraming::None
+        );
+        assert_eq!(
+            framing(Method::PUT, ClientBody::Empty),
+            RequestFraming::Length(0)
+        );
+        // A body read whole for a profile goes on with its length, chunked or not as it came.
+        let read = |bytes: &'static str| ClientBody::Read(Full::new(bytes::Bytes::from(bytes)));
+        assert_eq!(framing(Method::PUT, read("ok")), RequestFraming::Length(2));
+        assert_eq!(framing(Method::PUT, read("")), RequestFraming::Length(0));
+        let mut declared = http::HeaderMap::new();
+        declared.insert(CONTENT_LENGTH, http::HeaderValue::from_static("2"));
+        let body = read("ok");
+        assert_eq!(
+            request_framing(&Method::POST, &declared, &body),
+            RequestFraming::Length(2)
+        );
+    }
+
+    #[test]
     fn forwarded_uri_keeps_path_and_query_under_the_base() {
         let plain: Upstream = "http://127.0.0.1:5984".parse().unwrap();
         let original: Uri = "/wallets/1?x=2".parse().unwrap();
