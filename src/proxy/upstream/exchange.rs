@@ -679,16 +679,15 @@ impl Streaming {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
-        let this = self;
-        if let BodyState::H2(_) = this.body {
-            return this.poll_h2(cx);
+        if let BodyState::H2(_) = self.body {
+            return self.poll_h2(cx);
         }
         loop {
-            this.poll_sender(cx);
-            match this.decode() {
+            self.poll_sender(cx);
+            match self.decode() {
                 Ok(Some(Decoded::Data(data))) => {
-                    if this.is_end_stream() {
-                        this.finish();
+                    if self.is_end_stream() {
+                        self.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -696,17 +695,17 @@ impl Streaming {
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Ok(Some(Decoded::End)) => {
-                    this.finish();
+                    self.finish();
                     return Poll::Ready(None);
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    this.connection = None;
+                    self.connection = None;
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            if let Err(e) = ready!(this.poll_more(cx)) {
-                this.connection = None;
+            if let Err(e) = ready!(self.poll_more(cx)) {
+                self.connection = None;
                 return Poll::Ready(Some(Err(e)));
             }
         }
