@@ -1,6 +1,7 @@
 //! `X-Request-Id`: the client's, or a fresh v4 UUID; forwarded upstream, written to the audit
 //! log with a rejection, and echoed in the answer.
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
@@ -12,11 +13,14 @@ pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(X_REQUEST_ID) {
         return id.clone();
     }
-    let mut text = uuid::Uuid::encode_buffer();
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-    // Two values made from the text, not one cloned: a clone would turn the value's buffer into
-    // a shared one (an allocation and reference counting) on every request.
-    let value = || HeaderValue::from_str(text).expect("a UUID is a valid header value");
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    // One buffer shared by both values, the request's and the answer's: `from_owner` allocates
+    // once and counts references. A value made from text copies it into an allocation of its
+    // own, and a clone of one turns its buffer into a shared one: two allocations either way.
+    let id = Bytes::from_owner(text);
+    let value =
+        || HeaderValue::from_maybe_shared(id.clone()).expect("a UUID is a valid header value");
     headers.insert(X_REQUEST_ID, value());
     value()
 }

@@ -10,6 +10,7 @@ use std::mem::MaybeUninit;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use smallvec::SmallVec;
 
 /// The largest response head (status line and headers) accepted from an upstream.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -123,7 +124,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError>
             let start = part.as_ptr() as usize - base;
             (start, start + part.len())
         };
-        let mut spans = Vec::with_capacity(response.headers.len());
+        // On the stack for the usual few headers: a `Vec` was an allocation on every answer.
+        let mut spans = SmallVec::<[Span; 16]>::new();
         for header in response.headers.iter() {
             spans.push(Span {
                 name: offsets(header.name.as_bytes()),

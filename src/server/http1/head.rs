@@ -12,12 +12,16 @@ use std::mem::MaybeUninit;
 use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use smallvec::SmallVec;
 
 use super::body::{ClientBody, ClientRequest};
 use crate::token::FENCING_TOKEN;
 
 /// Header slots kept on the stack; a `max_headers` above this parses into the heap.
 const STACK_HEADERS: usize = 128;
+
+/// Header spans kept on the stack; a request with more moves them to the heap.
+const INLINE_SPANS: usize = 16;
 
 /// How a request body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +143,8 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
         heap.resize_with(limits.max_headers, MaybeUninit::uninit);
         &mut heap
     };
-    let mut spans = Vec::new();
+    // On the stack for the usual few headers: a `Vec` was an allocation on every request.
+    let mut spans = SmallVec::<[HeaderSpan; INLINE_SPANS]>::new();
     let mut hop = Hop::default();
     let (length, method, target, version) = {
         let mut request = httparse::Request::new(&mut []);
@@ -187,7 +192,9 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
     let head = buf.split_to(length).freeze();
     let slice = |span: Span| head.slice(span.start as usize..span.end as usize);
     let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| HeadError::Target)?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // One more than the client sent: the server adds `X-Request-Id` when the client sent none,
+    // and a full map would grow, rehashing what it holds and allocating twice, on every request.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
     for span in &spans {
         let name = &head[span.name.start as usize..span.name.end as usize];
         let name = header_name(name)?;
