@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use http::Method;
 use percent_encoding::percent_decode_str;
+use smallvec::SmallVec;
 
 use crate::profile::{Profile, RequestHead};
 use crate::proxy::Upstream;
@@ -118,10 +119,16 @@ fn decode_segment(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if raw.contains('\\') {
         return Err(PathError::EncodedSeparator);
     }
-    check_escapes(raw)?;
-    let segment = percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| PathError::NotText)?;
+    let segment = if raw.contains('%') {
+        check_escapes(raw)?;
+        percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| PathError::NotText)?
+    } else {
+        // Nothing escaped, nearly every segment: it is its own decoding, and the decoder's
+        // machinery is skipped.
+        Cow::Borrowed(raw)
+    };
     if segment.contains(['/', '\\']) {
         return Err(PathError::EncodedSeparator);
     }
@@ -683,15 +690,18 @@ impl ResourceTemplate {
         capture: impl Fn(&str) -> &'p str,
         request: impl Fn(&RequestPart) -> Result<String, PartError>,
     ) -> Result<ResourceKey, PartError> {
-        let mut name = String::new();
+        // Put together on the stack and copied once into the key's own allocation: a `String`
+        // grown part by part cost an allocation, a reallocation and a copy more per request.
+        let mut name = SmallVec::<[u8; 128]>::new();
         for part in &self.parts {
             match part {
-                Part::Literal(text) => name.push_str(text),
-                Part::Capture(key) => name.push_str(capture(key)),
-                Part::Request(part) => name.push_str(&request(part)?),
+                Part::Literal(text) => name.extend_from_slice(text.as_bytes()),
+                Part::Capture(key) => name.extend_from_slice(capture(key).as_bytes()),
+                Part::Request(part) => name.extend_from_slice(request(part)?.as_bytes()),
             }
         }
-        Ok(ResourceKey::new(name))
+        // Whole `str`s put end to end: always valid UTF-8, so the name is borrowed as it is.
+        Ok(ResourceKey::new(&*String::from_utf8_lossy(&name)))
     }
 
     fn reads_request(&self) -> bool {

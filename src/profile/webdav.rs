@@ -43,11 +43,11 @@ pub struct Destination<'a> {
 
 /// The request's `Destination`, routed, if it has one; `authority` is the host the client
 /// addressed, which an absolute destination must name.
-pub fn destination<'r>(
+pub fn destination<'r, 'a>(
     routes: &'r RouteTable,
     source: &Resolved<'_>,
     headers: &HeaderMap,
-    authority: Option<&str>,
+    authority: impl FnOnce() -> Option<&'a str>,
 ) -> Result<Option<Destination<'r>>, DestinationError> {
     let mut values = headers.get_all(DESTINATION).iter();
     let Some(value) = values.next() else {
@@ -57,7 +57,7 @@ pub fn destination<'r>(
         return Err(DestinationError::Repeated);
     }
     let value = value.to_str().map_err(|_| DestinationError::NotAUrl)?;
-    let raw = destination::destination_path(value, authority)?;
+    let raw = destination::destination_path(value, authority())?;
     let path = route::normalise_path(raw).map_err(DestinationError::Path)?;
     let mut resolved = routes
         .resolve(&path)

@@ -729,7 +729,8 @@ impl DataPlane {
         request: &mut Request<B>,
     ) -> Result<Option<Destination<'a>>, ProxyError> {
         headers::refuse_method_override(request.headers())?;
-        let authority = request_authority(request);
+        // Looked up only for a request with a Destination, which is resolved against it.
+        let authority = || request_authority(request);
         let Some(destination) =
             webdav::destination(&self.routes, source, request.headers(), authority)?
         else {
