@@ -17,6 +17,7 @@
 //! - [`config`]: the typed, validated configuration.
 //! - [`server`]: binds both planes, serves them, shuts them down in order.
 //! - [`shutdown`]: the OS signals that start a graceful shutdown.
+//! - [`idle`]: the coarse clock connections' idle stamps are taken on.
 //! - [`telemetry`]: tracing set-up.
 //! - [`cli`]: the command line: `serve`, `audit`, `epochs`, `fence`, `check-config`.
 
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod gate;
+pub mod idle;
 pub mod metrics;
 pub mod problem;
 pub mod profile;

@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::stream::UpstreamStream;
+use crate::idle::IdleSince;
 use bytes::BytesMut;
 use tokio::time::Sleep;
 
@@ -79,7 +80,7 @@ impl Connection {
 #[derive(Debug)]
 struct Idle {
     connection: Connection,
-    since: Instant,
+    since: IdleSince,
 }
 
 /// The idle connections of one thread, by upstream. Hashed with foldhash, not std's SipHash:
@@ -98,9 +99,9 @@ pub(super) fn take(upstream: &str) -> Option<Connection> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = pool.get_mut(upstream)?;
-        let now = Instant::now();
+        let now = IdleSince::now();
         while let Some(Idle { connection, since }) = idle.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && connection.stream.still_open() {
+            if since.until(now) < IDLE_TIMEOUT && connection.stream.still_open() {
                 return Some(connection);
             }
         }
@@ -131,7 +132,7 @@ pub(super) fn has_idle(upstream: &str) -> bool {
 }
 
 fn keep(upstream: &str, connection: Connection) {
-    let now = Instant::now();
+    let now = IdleSince::now();
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let idle = match pool.get_mut(upstream) {
@@ -141,7 +142,7 @@ fn keep(upstream: &str, connection: Connection) {
         // The oldest are at the front; they expire first.
         let expired = idle
             .iter()
-            .take_while(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+            .take_while(|i| i.since.until(now) >= IDLE_TIMEOUT)
             .count();
         idle.drain(..expired);
         if idle.len() >= MAX_IDLE_PER_UPSTREAM {

@@ -30,6 +30,8 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::idle::IdleSince;
+
 mod body;
 pub mod head;
 mod response;
@@ -268,24 +270,24 @@ struct Waiting {
     /// Fires at or after the idle deadline. Moved forward lazily, only when it fires early: a
     /// timer reset on every request would cost more than the request's own parsing.
     idle: Pin<Box<Sleep>>,
-    idle_since: Instant,
+    /// On the coarse clock: stamped after every answer, read only when the timer fires.
+    idle_since: IdleSince,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Waiting {
     fn new(settings: Settings, stop: CancellationToken) -> Waiting {
-        let now = Instant::now();
         Waiting {
             settings,
-            idle: Box::pin(tokio::time::sleep_until(now + settings.idle_timeout)),
-            idle_since: now,
+            idle: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+            idle_since: IdleSince::now(),
             stop: Box::pin(stop.cancelled_owned()),
         }
     }
 
     /// The previous request was answered: the connection is idle from now.
     fn answered(&mut self) {
-        self.idle_since = Instant::now();
+        self.idle_since = IdleSince::now();
     }
 
     async fn next_head(&mut self, side: &mut ReadSide, first: bool) -> NextHead {
@@ -343,15 +345,17 @@ impl Waiting {
 
     /// Ready once the connection has been idle for `idle_timeout`.
     fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        let expires = self.idle_since + self.settings.idle_timeout;
         loop {
             if self.idle.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if Instant::now() >= expires {
-                return Poll::Ready(());
+            let idle_for = self.idle_since.elapsed();
+            match self.settings.idle_timeout.checked_sub(idle_for) {
+                Some(left) if !left.is_zero() => {
+                    self.idle.as_mut().reset(Instant::now() + left);
+                }
+                _ => return Poll::Ready(()),
             }
-            self.idle.as_mut().reset(expires);
         }
     }
 }
