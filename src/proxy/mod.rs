@@ -354,7 +354,7 @@ impl DataPlane {
         self.metrics.forwarded(false);
         let _call = self.metrics.upstream_call();
         // Kept for the log line of a failure (a reference count, not a copy).
-        let id = request.headers().get(X_REQUEST_ID).cloned();
+        let id = request_id(&request);
         self.upstream
             .forward(route, request, client, None)
             .await
@@ -445,6 +445,7 @@ impl DataPlane {
         let also = destination
             .as_ref()
             .map(|d| std::slice::from_ref(&d.resolved.resource));
+        let id = request_id(&request);
         let admitted = self
             .gate
             .admit_all(
@@ -452,7 +453,7 @@ impl DataPlane {
                 also.unwrap_or_default(),
                 token,
                 max_jump(route, destination.as_ref()),
-                request_id(&request),
+                id_text(id.as_ref()),
             )
             .await;
         let permits = match admitted {
@@ -467,7 +468,7 @@ impl DataPlane {
             route,
             resource,
             token,
-            request,
+            (request, id),
             client,
         )
         .await
@@ -572,6 +573,7 @@ impl DataPlane {
             let highest = self.gate.highest(primary).await.ok().flatten();
             return Err(fenced(error, primary.clone(), Some(token), highest));
         }
+        let id = request_id(&request);
         let admitted = self
             .gate
             .admit_all(
@@ -579,7 +581,7 @@ impl DataPlane {
                 also,
                 token,
                 resolved.route.max_token_jump(),
-                request_id(&request),
+                id_text(id.as_ref()),
             )
             .await;
         let permits = match admitted {
@@ -592,7 +594,7 @@ impl DataPlane {
             resolved.route,
             primary.clone(),
             token,
-            request,
+            (request, id),
             client,
         )
         .await
@@ -775,7 +777,7 @@ impl DataPlane {
         route: &Route,
         resource: ResourceKey,
         token: FencingToken,
-        request: ClientRequest,
+        (request, id): (ClientRequest, Option<HeaderValue>),
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {
@@ -786,7 +788,6 @@ impl DataPlane {
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
         let in_flight = InFlight::new(permits);
-        let id = request.headers().get(X_REQUEST_ID).cloned();
         let upstream = pin!(
             self.upstream
                 .forward(route, request, client, Some(&in_flight))
@@ -932,7 +933,8 @@ impl DataPlane {
         request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
-        let request_id = Some(request_id(request))
+        let id = request_id(request);
+        let request_id = Some(id_text(id.as_ref()))
             .filter(|id| !id.is_empty())
             .map(|id| audit::truncated(id, audit::MAX_AUDITED_REQUEST_ID));
         let (token, highest) = (fencing.token, fencing.highest);
@@ -1155,14 +1157,17 @@ fn has_body<B>(request: &Request<B>) -> bool {
             .is_some_and(|length| length.as_bytes() != b"0")
 }
 
-/// The request's id: the client's `X-Request-Id`, or the one the server's request-id layer made.
-/// Empty if neither is there (or it is not visible ASCII).
-fn request_id<B>(request: &Request<B>) -> &str {
-    request
-        .headers()
-        .get(X_REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("")
+/// The request's id: the client's `X-Request-Id`, or the one the server made. A handle on the
+/// header's bytes (a reference count, not a copy), looked up once for the gate and the upstream
+/// call's log line: it is a name `http` hashes byte by byte.
+fn request_id<B>(request: &Request<B>) -> Option<HeaderValue> {
+    request.headers().get(X_REQUEST_ID).cloned()
+}
+
+/// The id as the gate and the audit log take it: empty if there is none (or it is not visible
+/// ASCII).
+fn id_text(id: Option<&HeaderValue>) -> &str {
+    id.and_then(|value| value.to_str().ok()).unwrap_or("")
 }
 
 fn fenced(
