@@ -468,7 +468,8 @@ impl DataPlane {
             route,
             resource,
             token,
-            (request, id),
+            request,
+            id,
             client,
         )
         .await
@@ -594,7 +595,8 @@ impl DataPlane {
             resolved.route,
             primary.clone(),
             token,
-            (request, id),
+            request,
+            id,
             client,
         )
         .await
@@ -769,6 +771,8 @@ impl DataPlane {
     /// is here, around the upstream call, rather than a layer of its own around this future: that
     /// layer had to be boxed to keep a single node's future small, and it cost the owner an
     /// allocation and a copy of the whole future per request.
+    ///
+    /// `id` is the request's `X-Request-Id`, for a failure's log line.
     #[allow(clippy::too_many_arguments)]
     async fn forward_with(
         &self,
@@ -777,7 +781,8 @@ impl DataPlane {
         route: &Route,
         resource: ResourceKey,
         token: FencingToken,
-        (request, id): (ClientRequest, Option<HeaderValue>),
+        request: ClientRequest,
+        id: Option<HeaderValue>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {

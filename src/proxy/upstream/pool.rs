@@ -178,6 +178,18 @@ mod tests {
             .await
     }
 
+    #[tokio::test]
+    async fn connections_given_back_together_are_all_kept_until_they_expire() {
+        let upstream = "connections-given-back-together:1";
+        let (first, _first_peer) = connection().await;
+        let (second, _second_peer) = connection().await;
+        give_back(upstream, first);
+        give_back(upstream, second);
+        assert!(take(upstream).is_some());
+        assert!(take(upstream).is_some(), "a fresh connection was dropped");
+        assert!(take(upstream).is_none());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_deadline_timer_kept_from_an_earlier_request_fires_neither_early_nor_late() {
         let (mut connection, _peer) = connection().await;

@@ -508,4 +508,41 @@ mod tests {
             assert!(answer.ends_with("hello"), "{answer}");
         }
     }
+
+    #[tokio::test]
+    async fn the_idle_timeout_runs_from_the_last_answer_and_never_holds_the_thread() {
+        let settings = Settings {
+            head: HeadLimits {
+                max_size: 8 * 1024,
+                max_headers: 64,
+            },
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_millis(300),
+        };
+        let mut waiting = Waiting::new(settings, CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        waiting.answered();
+        let answered = std::time::Instant::now();
+        // The timer armed when the connection opened fires first, 150 ms after the answer:
+        // it must be moved on to the answer's deadline, and no poll may spin until then (the
+        // connection's thread serves every other connection it holds).
+        let mut longest_poll = Duration::ZERO;
+        poll_fn(|cx| {
+            let polled = std::time::Instant::now();
+            let idle = waiting.poll_idle(cx);
+            longest_poll = longest_poll.max(polled.elapsed());
+            idle
+        })
+        .await;
+        let idle = answered.elapsed();
+        assert!(
+            idle >= Duration::from_millis(280),
+            "closed {idle:?} after the answer"
+        );
+        assert!(
+            idle < Duration::from_secs(2),
+            "closed {idle:?} after the answer"
+        );
+        assert!(longest_poll < Duration::from_millis(50), "{longest_poll:?}");
+    }
 }
