@@ -524,12 +524,14 @@ mod tests {
         waiting.answered();
         let answered = std::time::Instant::now();
         // The timer armed when the connection opened fires first, 150 ms after the answer:
-        // it must be moved on to the answer's deadline, and no poll may spin until then (the
-        // connection's thread serves every other connection it holds).
-        let mut longest_poll = Duration::ZERO;
+        // it must be moved on to the answer's deadline, once, and neither spin in a poll nor
+        // wake the task again and again until then (the connection's thread serves every
+        // other connection it holds).
+        let (mut polls, mut longest_poll) = (0, Duration::ZERO);
         poll_fn(|cx| {
             let polled = std::time::Instant::now();
             let idle = waiting.poll_idle(cx);
+            polls += 1;
             longest_poll = longest_poll.max(polled.elapsed());
             idle
         })
@@ -544,5 +546,8 @@ mod tests {
             "closed {idle:?} after the answer"
         );
         assert!(longest_poll < Duration::from_millis(50), "{longest_poll:?}");
+        // The first poll, the opening timer, the answer's deadline, and a tick or two of the
+        // coarse clock's resolution.
+        assert!(polls <= 6, "woken {polls} times");
     }
 }
