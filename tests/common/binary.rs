@@ -124,11 +124,17 @@ pub async fn start_serving(mut command: Command) -> Proxy {
             }
         }
     });
-    let (data, admin) =
+    let logged =
         tokio::task::spawn_blocking(move || addresses.recv_timeout(Duration::from_secs(20)))
             .await
-            .unwrap()
-            .expect("fencegate logs its addresses");
+            .unwrap();
+    let Ok((data, admin)) = logged else {
+        // Say why: a fencegate that exited at start-up (a port taken, a database refused) has
+        // logged the reason, and the test's own panic would not show it.
+        let exit = proxy.child.try_wait();
+        let log = proxy.log.lock().unwrap().join("\n");
+        panic!("fencegate did not log its addresses ({logged:?}; exit: {exit:?}); its log:\n{log}");
+    };
     proxy.addr = data;
     proxy.admin = admin;
     proxy

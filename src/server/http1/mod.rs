@@ -264,6 +264,11 @@ async fn linger_and_close(side: Option<ReadSide>, writer: Writer) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
+/// What is left of an idle timeout when its timer fires that is not waited for: the idle stamp
+/// is only as exact as the coarse clock's tick (1 to 10 ms, by the kernel's HZ), and a timer
+/// re-armed for less could fire again and again before that clock moved.
+const IDLE_SLACK: Duration = Duration::from_millis(10);
+
 /// Waiting for the next head: the idle timeout, the head deadline, and the server's stop.
 struct Waiting {
     settings: Settings,
@@ -351,7 +356,7 @@ impl Waiting {
             }
             let idle_for = self.idle_since.elapsed();
             match self.settings.idle_timeout.checked_sub(idle_for) {
-                Some(left) if !left.is_zero() => {
+                Some(left) if left > IDLE_SLACK => {
                     self.idle.as_mut().reset(Instant::now() + left);
                 }
                 _ => return Poll::Ready(()),
@@ -537,6 +542,7 @@ mod tests {
         })
         .await;
         let idle = answered.elapsed();
+        // Up to the slack and a tick of the coarse clock early.
         assert!(
             idle >= Duration::from_millis(280),
             "closed {idle:?} after the answer"
@@ -546,8 +552,7 @@ mod tests {
             "closed {idle:?} after the answer"
         );
         assert!(longest_poll < Duration::from_millis(50), "{longest_poll:?}");
-        // The first poll, the opening timer, the answer's deadline, and a tick or two of the
-        // coarse clock's resolution.
-        assert!(polls <= 6, "woken {polls} times");
+        // The first poll, the opening timer, the answer's deadline (and one to spare).
+        assert!(polls <= 4, "woken {polls} times");
     }
 }
