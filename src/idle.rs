@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use rustix::time::{ClockId, clock_gettime};
+use rustix::time::ClockId;
 
 /// A point on the coarse monotonic clock. Only differences between two of them mean anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -17,12 +17,7 @@ pub struct IdleSince(Duration);
 
 impl IdleSince {
     pub fn now() -> Self {
-        let now = clock_gettime(ClockId::MonotonicCoarse);
-        // The kernel keeps tv_nsec in 0..1e9, and the monotonic clock is never negative.
-        Self(Duration::new(
-            u64::try_from(now.tv_sec).unwrap_or(0),
-            u32::try_from(now.tv_nsec).unwrap_or(0),
-        ))
+        Self(crate::cluster::clock::read(ClockId::MonotonicCoarse))
     }
 
     /// How long from `self` to `later`; zero if `later` is earlier.

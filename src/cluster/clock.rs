@@ -7,6 +7,18 @@ use std::time::Duration;
 
 use rustix::time::{ClockId, clock_gettime};
 
+/// `clock`'s time since its start, as a `Duration` (a vDSO call, no system call). Shared with
+/// the idle stamps' coarse clock (`crate::idle`).
+pub(crate) fn read(clock: ClockId) -> Duration {
+    let now = clock_gettime(clock);
+    // The kernel keeps tv_nsec in 0..1e9, and neither the boot-time nor the monotonic clock is
+    // ever negative.
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// A point on the boot-time clock. Only differences between two of them mean anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BootInstant(Duration);
@@ -14,12 +26,7 @@ pub struct BootInstant(Duration);
 impl BootInstant {
     /// Now, on `CLOCK_BOOTTIME` (a vDSO call, no system call).
     pub fn now() -> Self {
-        let now = clock_gettime(ClockId::Boottime);
-        // The kernel keeps tv_nsec in 0..1e9 and boot time is never negative.
-        Self(Duration::new(
-            u64::try_from(now.tv_sec).unwrap_or(0),
-            u32::try_from(now.tv_nsec).unwrap_or(0),
-        ))
+        Self(read(ClockId::Boottime))
     }
 
     /// Nanoseconds since boot, for keeping an instant in an atomic.

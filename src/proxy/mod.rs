@@ -938,8 +938,7 @@ impl DataPlane {
         request: &Request<B>,
         client: SocketAddr,
     ) -> Rejected {
-        let id = request_id(request);
-        let request_id = Some(id_text(id.as_ref()))
+        let request_id = Some(id_text(request.headers().get(X_REQUEST_ID)))
             .filter(|id| !id.is_empty())
             .map(|id| audit::truncated(id, audit::MAX_AUDITED_REQUEST_ID));
         let (token, highest) = (fencing.token, fencing.highest);
