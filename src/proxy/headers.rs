@@ -11,6 +11,7 @@ use http::header::{
     AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
+use smallvec::SmallVec;
 
 use super::upstream::wire;
 use crate::problem::ProxyError;
@@ -97,21 +98,41 @@ fn end_to_end(
     headers: &HeaderMap,
     also_left_out: impl Fn(&HeaderName) -> bool,
 ) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-    let named_by_connection = |name: &HeaderName| {
-        headers
+    let hop = HopFilter::of(headers);
+    headers
+        .iter()
+        .filter(move |(name, _)| hop.passes(name) && !also_left_out(name))
+}
+
+/// Which headers of a map are this hop's only: the hop-by-hop ones, those its `Connection`
+/// names, and `Content-Length`.
+struct HopFilter<'a> {
+    headers: &'a HeaderMap,
+    has_connection: bool,
+}
+
+impl<'a> HopFilter<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        HopFilter {
+            headers,
+            has_connection: headers.contains_key(CONNECTION),
+        }
+    }
+
+    fn passes(&self, name: &HeaderName) -> bool {
+        !(is_hop_by_hop(name)
+            || *name == CONTENT_LENGTH
+            || (self.has_connection && self.named_by_connection(name)))
+    }
+
+    fn named_by_connection(&self, name: &HeaderName) -> bool {
+        self.headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
             .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
-    };
-    let has_connection = headers.contains_key(CONNECTION);
-    headers.iter().filter(move |(name, _)| {
-        !(is_hop_by_hop(name)
-            || **name == CONTENT_LENGTH
-            || also_left_out(name)
-            || (has_connection && named_by_connection(name)))
-    })
+    }
 }
 
 /// Which of the client's headers that fencegate may consume an upstream still gets.
@@ -135,16 +156,29 @@ pub(super) fn write_upstream_headers(
     client: SocketAddr,
     kept: Kept,
 ) {
-    let left_out = |name: &HeaderName| {
-        *name == X_FORWARDED_FOR
-            || (*name == HOST && !kept.keep_host)
-            || (*name == AUTHORIZATION && !kept.keep_authorization)
-    };
-    for (name, value) in end_to_end(headers, left_out) {
-        wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
+    // `Host` and `X-Forwarded-For` are noted in the same pass as the rest is written (whatever
+    // `Connection` says of them): two lookups in the map cost more than the writing.
+    let hop = HopFilter::of(headers);
+    let mut host = None;
+    let mut chain = SmallVec::<[&HeaderValue; 2]>::new();
+    for (name, value) in headers {
+        if *name == HOST {
+            host.get_or_insert(value);
+            if !kept.keep_host {
+                continue;
+            }
+        } else if *name == X_FORWARDED_FOR {
+            chain.push(value);
+            continue;
+        } else if *name == AUTHORIZATION && !kept.keep_authorization {
+            continue;
+        }
+        if hop.passes(name) {
+            wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
     }
-    write_forwarded(out, client.ip(), headers.get(HOST));
-    write_x_forwarded_for(out, headers, client.ip());
+    write_forwarded(out, client.ip(), host);
+    write_x_forwarded_for(out, &chain, client.ip());
 }
 
 /// The header that carries the client's address over the peer plane (cluster mode).
@@ -223,9 +257,9 @@ fn write_forwarded(out: &mut BytesMut, client: IpAddr, host: Option<&HeaderValue
 }
 
 /// `X-Forwarded-For`: the client's chain, if it sent one, then the client's address, in one line.
-fn write_x_forwarded_for(out: &mut BytesMut, headers: &HeaderMap, client: IpAddr) {
+fn write_x_forwarded_for(out: &mut BytesMut, chain: &[&HeaderValue], client: IpAddr) {
     out.extend_from_slice(b"x-forwarded-for: ");
-    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+    for earlier in chain {
         if let Ok(earlier) = earlier.to_str() {
             out.extend_from_slice(earlier.as_bytes());
             out.extend_from_slice(b", ");

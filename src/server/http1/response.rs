@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
 use hyper::body::Body;
 use tokio::net::tcp::OwnedWriteHalf;
 
@@ -122,15 +122,21 @@ impl Writer {
         asked: Asked,
     ) -> (Framing, bool) {
         let status = parts.status;
-        let headers = &parts.headers;
         let bodiless = asked.head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let mut keep_alive = asked.keep_alive && !says_close(headers);
+        let out = &mut self.out;
+        out.put_slice(b"HTTP/1.1 ");
+        out.put_slice(status.as_str().as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.put_slice(b"\r\n");
+        let seen = put_end_to_end_headers(out, &parts.headers, bodiless);
+        let mut keep_alive = asked.keep_alive && !seen.close;
         let framing = if bodiless {
             Framing::None
-        } else if let Some(length) = declared_length(headers).or(body.size_hint().exact()) {
+        } else if let Some(length) = seen.length.or(body.size_hint().exact()) {
             if length == 0 {
                 Framing::None
             } else {
@@ -142,23 +148,7 @@ impl Writer {
             keep_alive = false;
             Framing::UntilClose
         };
-        let out = &mut self.out;
-        out.put_slice(b"HTTP/1.1 ");
-        out.put_slice(status.as_str().as_bytes());
-        out.put_u8(b' ');
-        out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        out.put_slice(b"\r\n");
-        for (name, value) in headers {
-            // Framing and the connection are this hop's, written below; a bodiless answer keeps
-            // the length it describes (a HEAD's, a 304's).
-            let ours = name == CONNECTION
-                || name == TRANSFER_ENCODING
-                || (name == CONTENT_LENGTH && !bodiless);
-            if !ours {
-                put_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
-        }
-        if !headers.contains_key(DATE) {
+        if !seen.date {
             put_header(out, b"date", &http_date());
         }
         match framing {
@@ -299,20 +289,56 @@ impl Writer {
     }
 }
 
-/// Whether the response asks for the connection to close (fencegate's own refusals do, when the
-/// request body was left unread).
-fn says_close(headers: &HeaderMap) -> bool {
-    headers.get_all(CONNECTION).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+/// What a response's own headers say about this hop, noted while they are written.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Seen {
+    /// A `Connection` option is `close` (fencegate's own refusals say so when the request body
+    /// was left unread).
+    close: bool,
+    /// The first `Content-Length`, if it is one plain number.
+    length: Option<u64>,
+    /// A `Date` is there already.
+    date: bool,
 }
 
-/// A `Content-Length` the response carries, if it is one plain number.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    let value = headers.get(CONTENT_LENGTH)?.to_str().ok()?;
+/// Writes `headers` but the ones that frame this hop (`Connection`, `Transfer-Encoding`, and
+/// `Content-Length` unless the answer is `bodiless`: a HEAD's or a 304's describes the body it
+/// leaves out), and notes what they say. One pass: three lookups in the map cost more than
+/// the writing (bench/instructions.sh).
+fn put_end_to_end_headers(out: &mut BytesMut, headers: &HeaderMap, bodiless: bool) -> Seen {
+    let mut seen = Seen::default();
+    let mut first_length = true;
+    for (name, value) in headers {
+        if name == CONNECTION {
+            seen.close |= says_close(value);
+        } else if name == TRANSFER_ENCODING {
+        } else if name == CONTENT_LENGTH {
+            if first_length {
+                seen.length = declared_length(value);
+                first_length = false;
+            }
+            if bodiless {
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        } else {
+            seen.date |= name == DATE;
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    seen
+}
+
+/// Whether a `Connection` value has the option `close`.
+fn says_close(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// A `Content-Length` value, if it is one plain number.
+fn declared_length(value: &HeaderValue) -> Option<u64> {
+    let value = value.to_str().ok()?;
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -361,24 +387,72 @@ mod tests {
         assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
     }
 
-    #[test]
-    fn a_response_says_close_when_any_connection_option_is_close() {
-        let mut headers = HeaderMap::new();
-        headers.append(CONNECTION, "keep-alive, Close".parse().unwrap());
-        assert!(says_close(&headers));
-        headers.clear();
-        headers.append(CONNECTION, "keep-alive".parse().unwrap());
-        assert!(!says_close(&headers));
+    fn seen(headers: &[(&'static str, &'static str)], bodiless: bool) -> (Seen, String) {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, value.parse().unwrap());
+        }
+        let mut out = BytesMut::new();
+        let seen = put_end_to_end_headers(&mut out, &map, bodiless);
+        (seen, String::from_utf8(out.to_vec()).unwrap())
     }
 
     #[test]
-    fn a_declared_length_is_one_plain_number() {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_LENGTH, "12".parse().unwrap());
-        assert_eq!(declared_length(&headers), Some(12));
-        headers.insert(CONTENT_LENGTH, "+12".parse().unwrap());
-        assert_eq!(declared_length(&headers), None);
-        headers.insert(CONTENT_LENGTH, "1,1".parse().unwrap());
-        assert_eq!(declared_length(&headers), None);
+    fn a_response_says_close_when_any_connection_option_is_close() {
+        let (said, written) = seen(&[("connection", "keep-alive, Close")], false);
+        assert!(said.close);
+        assert_eq!(
+            written, "",
+            "Connection is this hop's, written by the server"
+        );
+        let (said, _) = seen(&[("connection", "keep-alive"), ("connection", "x")], false);
+        assert!(!said.close);
+        let (said, _) = seen(
+            &[("connection", "keep-alive"), ("connection", "close")],
+            false,
+        );
+        assert!(said.close, "any of the Connection lines");
+    }
+
+    #[test]
+    fn a_declared_length_is_the_first_content_length_as_one_plain_number() {
+        let length = |value| seen(&[("content-length", value)], false).0.length;
+        assert_eq!(length("12"), Some(12));
+        assert_eq!(length("+12"), None);
+        assert_eq!(length("1,1"), None);
+        let (said, _) = seen(&[("content-length", "7"), ("content-length", "9")], false);
+        assert_eq!(said.length, Some(7));
+        let (said, _) = seen(&[("content-length", "x"), ("content-length", "9")], false);
+        assert_eq!(said.length, None, "only the first is read");
+    }
+
+    #[test]
+    fn framing_headers_are_left_out_and_the_rest_written_in_order() {
+        let headers = [
+            ("etag", "\"1\""),
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked"),
+            ("date", "Thu, 03 Dec 2026 12:00:00 GMT"),
+            ("etag", "\"2\""),
+        ];
+        let (said, written) = seen(&headers, false);
+        assert_eq!(
+            said,
+            Seen {
+                close: false,
+                length: Some(3),
+                date: true,
+            }
+        );
+        assert_eq!(
+            written,
+            "etag: \"1\"\r\netag: \"2\"\r\ndate: Thu, 03 Dec 2026 12:00:00 GMT\r\n"
+        );
+        let (said, written) = seen(&headers[..2], true);
+        assert!(!said.date);
+        assert_eq!(
+            written, "etag: \"1\"\r\ncontent-length: 3\r\n",
+            "a bodiless answer keeps the length it describes"
+        );
     }
 }
