@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
@@ -651,9 +651,7 @@ impl DataPlane {
         let too_large = ProxyError::BodyTooLarge {
             limit: self.max_inspect_body,
         };
-        if declared_length_of(request.headers())
-            .is_some_and(|length| length > self.max_inspect_body)
-        {
+        if declared_length(&request).is_some_and(|length| length > self.max_inspect_body) {
             return Err(too_large);
         }
         let limit = usize::try_from(self.max_inspect_body).unwrap_or(usize::MAX);
@@ -978,7 +976,7 @@ impl DataPlane {
 
     /// Refuses a body whose declared length is over `max_body` before anything is forwarded.
     /// Bodies without a length are cut off while streaming instead.
-    fn check_declared_length<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+    fn check_declared_length(&self, request: &Request<ClientBody>) -> Result<(), ProxyError> {
         match declared_length(request) {
             Some(length) if length > self.upstream.max_body() => Err(ProxyError::BodyTooLarge {
                 limit: self.upstream.max_body(),
@@ -1130,16 +1128,11 @@ fn request_authority<B>(request: &Request<B>) -> Option<&str> {
     })
 }
 
-/// The request's `Content-Length`, if it declares one.
-fn declared_length<B>(request: &Request<B>) -> Option<u64> {
-    declared_length_of(request.headers())
-}
-
-fn declared_length_of(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok())
+/// The request's declared length: its `Content-Length`, which the server that read the head
+/// has made the body's exact size (hyper's does the same). Asked of the body, not looked up in
+/// the headers: one lookup fewer on every request.
+fn declared_length(request: &Request<ClientBody>) -> Option<u64> {
+    hyper::body::Body::size_hint(request.body()).exact()
 }
 
 /// What a profile or a resource template reads of a request's head.
@@ -1153,12 +1146,9 @@ fn head_of<'a, B>(request: &'a Request<B>, path: &'a str) -> RequestHead<'a> {
 }
 
 /// Whether the request declares a body: a non-zero `Content-Length`, or any `Transfer-Encoding`.
-fn has_body<B>(request: &Request<B>) -> bool {
-    let headers = request.headers();
-    headers.contains_key(TRANSFER_ENCODING)
-        || headers
-            .get(CONTENT_LENGTH)
-            .is_some_and(|length| length.as_bytes() != b"0")
+/// The server that read the head framed the body by them, so the body knows.
+fn has_body(request: &Request<ClientBody>) -> bool {
+    !hyper::body::Body::is_end_stream(request.body())
 }
 
 /// The request's id: the client's `X-Request-Id`, or the one the server made. A handle on the

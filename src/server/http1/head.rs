@@ -10,7 +10,6 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use smallvec::SmallVec;
 
@@ -123,6 +122,8 @@ struct Hop {
     expect_continue: bool,
     /// Some once a Transfer-Encoding was seen: whether its codings so far are exactly `chunked`.
     encoding: Option<Result<Encoding, HeadError>>,
+    /// Some once a Content-Length was seen: the number every value and element so far gave.
+    length: Option<Result<u64, HeadError>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +203,7 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
             .map_err(|_| HeadError::InvalidHeader)?;
         headers.append(name, value);
     }
-    let framing = framing(version, &headers, hop.encoding)?;
+    let framing = framing(version, hop.encoding, hop.length)?;
     let keep_alive = !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
     // Boxed here, where it is made: from here on it moves as a pointer.
     let mut request = Box::new(Request::new(ClientBody::Empty));
@@ -228,7 +229,8 @@ fn header_name(name: &[u8]) -> Result<HeaderName, HeadError> {
     HeaderName::from_bytes(name).map_err(|_| HeadError::InvalidHeader)
 }
 
-/// Reads what `Connection`, `Expect` and `Transfer-Encoding` say.
+/// Reads what `Connection`, `Expect`, `Transfer-Encoding` and `Content-Length` say: in the
+/// parser's pass over the headers, as later lookups in the map cost more (bench/instructions.sh).
 fn note_hop_by_hop(hop: &mut Hop, header: &httparse::Header<'_>) {
     let elements = || header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
     if header.name.eq_ignore_ascii_case("connection") {
@@ -254,20 +256,36 @@ fn note_hop_by_hop(hop: &mut Hop, header: &httparse::Header<'_>) {
             };
         }
         hop.encoding = Some(encoding);
+    } else if header.name.eq_ignore_ascii_case("content-length") {
+        if matches!(hop.length, Some(Err(_))) {
+            return;
+        }
+        // Every value, and every comma-separated element, the same decimal number.
+        let mut known = hop.length.clone().and_then(Result::ok);
+        for element in elements() {
+            match parse_decimal(element) {
+                Some(parsed) if known.is_none_or(|known| known == parsed) => known = Some(parsed),
+                _ => {
+                    hop.length = Some(Err(HeadError::ContentLength));
+                    return;
+                }
+            }
+        }
+        hop.length = known.map(Ok);
     }
 }
 
 /// How the body is framed (RFC 9112 §6.3), refusing every ambiguous case.
 fn framing(
     version: Version,
-    headers: &HeaderMap,
     encoding: Option<Result<Encoding, HeadError>>,
+    length: Option<Result<u64, HeadError>>,
 ) -> Result<BodyFraming, HeadError> {
     if let Some(encoding) = encoding {
         if version == Version::HTTP_10 {
             return Err(HeadError::EncodingOnHttp10);
         }
-        if headers.contains_key(CONTENT_LENGTH) {
+        if length.is_some() {
             return Err(HeadError::LengthAndEncoding);
         }
         return match encoding? {
@@ -276,30 +294,10 @@ fn framing(
             Encoding::Nothing => Err(HeadError::ChunkedNotLast),
         };
     }
-    debug_assert!(!headers.contains_key(TRANSFER_ENCODING));
-    match content_length(headers)? {
+    match length.transpose()? {
         None | Some(0) => Ok(BodyFraming::None),
         Some(length) => Ok(BodyFraming::Length(length)),
     }
-}
-
-/// The `Content-Length`: every value, and every comma-separated element, the same decimal number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, HeadError> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for element in value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
-        {
-            let parsed = parse_decimal(element).ok_or(HeadError::ContentLength)?;
-            if length.is_some_and(|known| known != parsed) {
-                return Err(HeadError::ContentLength);
-            }
-            length = Some(parsed);
-        }
-    }
-    Ok(length)
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
