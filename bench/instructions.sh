@@ -14,7 +14,8 @@
 #
 # Only user space is counted: system calls, the kernel's TCP work and waiting are not, so this
 # is the part of bench/profile.sh's CPU time that fencegate's own code decides. Needs valgrind
-# (`apt-get install valgrind`), wrk, nginx, curl and python3.
+# (`apt-get install valgrind`), wrk, nginx, curl and python3. BENCH_CALLGRIND_OUT=FILE keeps the
+# callgrind dump, for `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BINARY=${1:-target/release/fencegate}
@@ -70,6 +71,7 @@ requests=$(load "$DURATION" | python3 -c 'import json,sys; print(json.load(sys.s
 callgrind_control --dump "$PID" >/dev/null 2>&1
 # The dump is written as callgrind.out.1 by the process itself.
 for _ in $(seq 1 100); do [ -s "$WORK/callgrind.out.1" ] && break; sleep 0.1; done
+[ -z "${BENCH_CALLGRIND_OUT:-}" ] || cp "$WORK/callgrind.out.1" "$BENCH_CALLGRIND_OUT"
 
 python3 - "$WORK/callgrind.out.1" "$requests" "$TOP" <<'PY'
 import collections, re, sys
