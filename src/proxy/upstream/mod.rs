@@ -461,8 +461,10 @@ impl UpstreamClient {
         in_flight: Option<&InFlight>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let deadline = Instant::now() + self.timeout;
-        let (parts, body) = request.into_parts();
-        let framing = request_framing(&parts.method, &parts.headers, &body);
+        // The head stays in its box, borrowed: taken apart, its 200 bytes were copied out.
+        let mut request = request;
+        let body = std::mem::replace(request.body_mut(), ClientBody::Empty);
+        let framing = request_framing(request.method(), request.headers(), &body);
         // An https:// storage upstream may choose HTTP/2. Boxed: the plain hot path never
         // takes this branch, and its futures would otherwise grow by theirs.
         if let Hop::Upstream(kept) = hop
@@ -472,7 +474,7 @@ impl UpstreamClient {
                 // A new HTTP/1.1 connection waits in the pool, taken at once below.
                 Protocol::Http1 => {}
                 Protocol::H2(sender) => {
-                    let request = Request::from_parts(parts, body);
+                    *request.body_mut() = body;
                     let exchange = H2Exchange {
                         upstream,
                         kept,
@@ -480,20 +482,20 @@ impl UpstreamClient {
                         framing,
                         deadline,
                     };
-                    return Box::pin(self.forward_h2(sender, exchange, request, in_flight)).await;
+                    return Box::pin(self.forward_h2(sender, exchange, *request, in_flight)).await;
                 }
             }
         }
-        let expects_continue = parts
-            .headers
+        let expects_continue = request
+            .headers()
             .get(EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let keep_host = match hop {
             Hop::Upstream(kept) => kept.keep_host,
             Hop::Peer { .. } => true,
         };
-        let host = match parts.uri.authority() {
-            _ if keep_host && parts.headers.contains_key(HOST) => None,
+        let host = match request.uri().authority() {
+            _ if keep_host && request.headers().contains_key(HOST) => None,
             // An HTTP/2 client's authority is in the URI, not in a Host header.
             Some(authority) if keep_host => Some(authority.as_str()),
             _ => Some(upstream.authority.as_str()),
@@ -502,20 +504,26 @@ impl UpstreamClient {
             let mut head = BytesMut::with_capacity(512);
             wire::write_request_head(
                 &mut head,
-                &parts.method,
-                &upstream.target_for(&parts.uri),
+                request.method(),
+                &upstream.target_for(request.uri()),
                 host,
                 framing,
                 |out| match hop {
                     Hop::Upstream(kept) => {
-                        headers::write_upstream_headers(out, &parts.headers, client, kept);
+                        headers::write_upstream_headers(out, request.headers(), client, kept);
                     }
                     Hop::Peer { secret } => {
-                        let identity = parts
-                            .extensions
+                        let identity = request
+                            .extensions()
                             .get::<Arc<crate::tls::ClientIdentity>>()
                             .map(Arc::as_ref);
-                        headers::write_peer_headers(out, &parts.headers, client, identity, secret);
+                        headers::write_peer_headers(
+                            out,
+                            request.headers(),
+                            client,
+                            identity,
+                            secret,
+                        );
                     }
                 },
             );
@@ -544,7 +552,7 @@ impl UpstreamClient {
             )
         };
         // A bodiless unfenced read may go again even if it reached the upstream: it changes nothing.
-        let may_replay = in_flight.is_none() && parts.method.is_safe() && sender.replayable();
+        let may_replay = in_flight.is_none() && request.method().is_safe() && sender.replayable();
         let (exchange, head) = self
             .exchange_head(upstream, sender, again, may_replay, deadline)
             .await?;
@@ -553,8 +561,8 @@ impl UpstreamClient {
         if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
             return Err(ForwardError::SwitchedProtocols);
         }
-        let (framing, keep_alive) =
-            wire::framing_of(&head, &parts.method).map_err(|e| ForwardError::Exchange(e.into()))?;
+        let (framing, keep_alive) = wire::framing_of(&head, request.method())
+            .map_err(|e| ForwardError::Exchange(e.into()))?;
         let body = exchange.into_body(
             framing,
             keep_alive,
