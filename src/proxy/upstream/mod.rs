@@ -486,10 +486,12 @@ impl UpstreamClient {
                 }
             }
         }
-        let expects_continue = request
-            .headers()
-            .get(EXPECT)
-            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        // Only a body can be held back for `100 Continue`.
+        let expects_continue = !body.is_end_stream()
+            && request
+                .headers()
+                .get(EXPECT)
+                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let keep_host = match hop {
             Hop::Upstream(kept) => kept.keep_host,
             Hop::Peer { .. } => true,
@@ -767,27 +769,28 @@ struct H2Exchange<'a> {
 }
 
 /// How the request body goes upstream: the client's `Content-Length`; nothing for an empty body
-/// (with `Content-Length: 0` where the method usually has a body, as storage may insist on one);
-/// chunked when the length is unknown.
+/// (with `Content-Length: 0` where the method usually has a body, or the client sent one, as
+/// storage may insist on it); chunked when the length is unknown. A body that is not empty
+/// knows its declared length: the server that read the head framed it by its `Content-Length`
+/// (hyper's too), so only an empty one needs the header looked up, and only for a method that
+/// has no body as a rule.
 fn request_framing(
     method: &Method,
     headers: &http::HeaderMap,
     body: &ClientBody,
 ) -> RequestFraming {
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    match declared {
-        Some(length) => RequestFraming::Length(length),
-        None if !body.is_end_stream() => match body.size_hint().exact() {
+    if !body.is_end_stream() {
+        return match body.size_hint().exact() {
             Some(length) => RequestFraming::Length(length),
             None => RequestFraming::Chunked,
-        },
-        None if matches!(*method, Method::POST | Method::PUT | Method::PATCH) => {
-            RequestFraming::Length(0)
-        }
-        None => RequestFraming::None,
+        };
+    }
+    if matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+        || headers.contains_key(CONTENT_LENGTH)
+    {
+        RequestFraming::Length(0)
+    } else {
+        RequestFraming::None
     }
 }
 
@@ -884,6 +887,12 @@ mod tests {
         assert_eq!(
             request_framing(&Method::POST, &declared, &body),
             RequestFraming::Length(2)
+        );
+        declared.insert(CONTENT_LENGTH, http::HeaderValue::from_static("0"));
+        assert_eq!(
+            request_framing(&Method::DELETE, &declared, &ClientBody::Empty),
+            RequestFraming::Length(0),
+            "a Content-Length: 0 the client sent goes on"
         );
     }
 

@@ -8,7 +8,6 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use smallvec::SmallVec;
 
@@ -65,6 +64,9 @@ struct HopByHop {
     /// Whether a `Transfer-Encoding` was sent, and its last coding is `chunked`; `Err` if
     /// `chunked` came before another coding.
     transfer_encoding: Option<Result<bool, WireError>>,
+    /// Whether a `Content-Length` was sent, and the number its every value and element gave;
+    /// `Err` if they disagree or one is not a plain number.
+    content_length: Option<Result<u64, WireError>>,
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -191,6 +193,9 @@ fn note_hop_by_hop(
             };
         }
         hop.transfer_encoding = Some(chunked_last);
+    } else if header.name.eq_ignore_ascii_case("content-length") {
+        // Read here, in the parser's pass, not looked up in the map later: it is on every answer.
+        hop.content_length = Some(content_length(hop.content_length, header.value));
     }
 }
 
@@ -206,34 +211,34 @@ pub fn framing_of(head: &ResponseHead, method: &Method) -> Result<(Framing, bool
     if let Some(chunked_last) = head.hop.transfer_encoding {
         // A Transfer-Encoding overrides any Content-Length; a message with both may be an attempt
         // at smuggling, so the connection is not reused after it (RFC 9112 §6.1).
-        let reusable = keep_alive && !head.headers.contains_key(CONTENT_LENGTH);
+        let reusable = keep_alive && head.hop.content_length.is_none();
         return match chunked_last? {
             true => Ok((Framing::Chunked, reusable)),
             false => Ok((Framing::UntilClose, false)),
         };
     }
-    match content_length(&head.headers)? {
+    match head.hop.content_length.transpose()? {
         Some(0) => Ok((Framing::Empty, keep_alive)),
         Some(length) => Ok((Framing::Length(length), keep_alive)),
         None => Ok((Framing::UntilClose, false)),
     }
 }
 
-/// The `Content-Length`: every value (and every comma-separated element) must be the same
-/// decimal number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, WireError> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let value = value.to_str().map_err(|_| WireError::ContentLength)?;
-        for element in value.split(',').map(str::trim) {
-            let parsed = parse_decimal(element).ok_or(WireError::ContentLength)?;
-            if length.is_some_and(|known| known != parsed) {
-                return Err(WireError::ContentLength);
-            }
-            length = Some(parsed);
+/// The `Content-Length` so far, `known`, with one more value: every value (and every
+/// comma-separated element) must be the same decimal number.
+fn content_length(known: Option<Result<u64, WireError>>, value: &[u8]) -> Result<u64, WireError> {
+    let mut length = known.transpose()?;
+    for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let parsed = std::str::from_utf8(element)
+            .ok()
+            .and_then(parse_decimal)
+            .ok_or(WireError::ContentLength)?;
+        if length.is_some_and(|known| known != parsed) {
+            return Err(WireError::ContentLength);
         }
+        length = Some(parsed);
     }
-    Ok(length)
+    length.ok_or(WireError::ContentLength)
 }
 
 fn parse_decimal(digits: &str) -> Option<u64> {
