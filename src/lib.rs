@@ -18,6 +18,7 @@
 //! - [`server`]: binds both planes, serves them, shuts them down in order.
 //! - [`shutdown`]: the OS signals that start a graceful shutdown.
 //! - [`idle`]: the coarse clock connections' idle stamps are taken on.
+//! - [`header_maps`]: header maps kept for reuse by the thread that is done with them.
 //! - [`telemetry`]: tracing set-up.
 //! - [`cli`]: the command line: `serve`, `audit`, `epochs`, `fence`, `check-config`.
 
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod gate;
+pub mod header_maps;
 pub mod idle;
 pub mod metrics;
 pub mod problem;

@@ -578,6 +578,8 @@ impl UpstreamClient {
             // The owner has done so for a request that went over the peer plane.
             upstream.rewrite_self_references(response.headers_mut());
         }
+        // The request's head is written and will not be again: its map serves the next one.
+        crate::header_maps::give_back(std::mem::take(request.headers_mut()));
         Ok(response)
     }
 

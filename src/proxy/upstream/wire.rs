@@ -140,7 +140,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError>
     let head = buf.split_to(length).freeze();
     // Room for what the proxy adds to an answer (`X-Request-Id`, `Fencing-Token-Highest`,
     // `Fencegate-Replica`): a map that grows on the hot path rehashes every header it holds.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 3);
+    let mut headers = crate::header_maps::with_capacity(spans.len() + 3);
     for span in &spans {
         let name = &head[span.name.0..span.name.1];
         let listed = named

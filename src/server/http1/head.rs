@@ -10,7 +10,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use smallvec::SmallVec;
 
 use super::body::{ClientBody, ClientRequest};
@@ -195,7 +195,7 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
     let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| HeadError::Target)?;
     // One more than the client sent: the server adds `X-Request-Id` when the client sent none,
     // and a full map would grow, rehashing what it holds and allocating twice, on every request.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
+    let mut headers = crate::header_maps::with_capacity(spans.len() + 1);
     for span in &spans {
         let name = &head[span.name.start as usize..span.name.end as usize];
         let name = header_name(name)?;

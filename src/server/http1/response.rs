@@ -105,6 +105,7 @@ impl Writer {
     {
         let (parts, body) = response.into_parts();
         let (framing, keep_alive) = self.head(&parts, &body, asked);
+        crate::header_maps::give_back(parts.headers);
         let mut body = std::pin::pin!(body);
         if framing == Framing::None {
             self.flush().await?;
