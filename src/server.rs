@@ -752,7 +752,7 @@ async fn answer(
     origin: Origin,
 ) -> http::Response<ProxyBody> {
     let id = request_id::ensure(request.headers_mut());
-    let mut response = plane.handle(request, client, origin).await;
+    let mut response = plane.handle(request, client, origin, &id).await;
     request_id::echo(response.headers_mut(), id);
     response
 }

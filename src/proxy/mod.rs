@@ -151,11 +151,15 @@ impl DataPlane {
     }
 
     /// Serves one request from `client`. Never fails: every error becomes a problem+json answer.
+    ///
+    /// `id` is the request's `X-Request-Id` (the server sets one if the client sent none), passed
+    /// on beside the request: looking it up again is a custom name hashed byte by byte.
     pub async fn handle(
         &self,
         mut request: ClientRequest,
         mut client: SocketAddr,
         origin: Origin,
+        id: &HeaderValue,
     ) -> Response<ProxyBody> {
         let body_may_be_unread = has_body(&request) && request.version() <= Version::HTTP_11;
         let method = request.method().clone();
@@ -168,7 +172,7 @@ impl DataPlane {
             }),
         };
         let served = match accepted {
-            Ok(()) => self.serve(request, client).await,
+            Ok(()) => self.serve(request, client, id).await,
             Err(unauthenticated) => Err(unauthenticated),
         };
         let mut response = match served {
@@ -282,6 +286,7 @@ impl DataPlane {
         &self,
         request: ClientRequest,
         client: SocketAddr,
+        id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(registered) = methods::case_variant_of(request.method()) {
             return Err(ProxyError::MethodCase {
@@ -310,7 +315,7 @@ impl DataPlane {
             // Boxed, here and on every refusal below: a branch's future is laid out inside its
             // caller's, and the hot path's futures are copied at every `.await` they pass
             // through; the rare branches would make each copy larger.
-            return Box::pin(self.serve_profiled(&path, resolved, api, request, client)).await;
+            return Box::pin(self.serve_profiled(&path, resolved, api, request, client, id)).await;
         }
         let writes = match resolved.route.fencing_for(request.method()) {
             Fencing::Required => true,
@@ -335,13 +340,16 @@ impl DataPlane {
         if fenced && resolved.route.reads_request() {
             let (resolved, request) =
                 Box::pin(self.resolve_from_request(&path, resolved, request, client)).await?;
-            self.serve_fenced(&path, resolved, request, client).await
+            self.serve_fenced(&path, resolved, request, client, id)
+                .await
         } else if fenced {
-            self.serve_fenced(&path, resolved, request, client).await
+            self.serve_fenced(&path, resolved, request, client, id)
+                .await
         } else {
             headers::refuse_method_override(request.headers())?;
             self.check_declared_length(&request)?;
-            self.forward_unfenced(resolved.route, request, client).await
+            self.forward_unfenced(resolved.route, request, client, id)
+                .await
         }
     }
 
@@ -350,15 +358,14 @@ impl DataPlane {
         route: &Route,
         request: ClientRequest,
         client: SocketAddr,
+        id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.forwarded(false);
         let _call = self.metrics.upstream_call();
-        // Kept for the log line of a failure (a reference count, not a copy).
-        let id = request_id(&request);
         self.upstream
             .forward(route, request, client, None)
             .await
-            .map_err(|e| self.forward_failure(e, route, id.as_ref()).into())
+            .map_err(|e| self.forward_failure(e, route, Some(id)).into())
     }
 
     /// The phases of a fenced request: edge checks, collection check, token, gate, upstream.
@@ -372,6 +379,7 @@ impl DataPlane {
         resolved: Resolved<'_>,
         mut request: ClientRequest,
         client: SocketAddr,
+        id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.check_resource_length(&resolved.resource)?;
         let destination = match self.edge_checks(&resolved, &mut request) {
@@ -445,7 +453,6 @@ impl DataPlane {
         let also = destination
             .as_ref()
             .map(|d| std::slice::from_ref(&d.resolved.resource));
-        let id = request_id(&request);
         let admitted = self
             .gate
             .admit_all(
@@ -453,7 +460,7 @@ impl DataPlane {
                 also.unwrap_or_default(),
                 token,
                 max_jump(route, destination.as_ref()),
-                id_text(id.as_ref()),
+                id_text(Some(id)),
             )
             .await;
         let permits = match admitted {
@@ -485,6 +492,7 @@ impl DataPlane {
         profile: &KeyApi,
         request: ClientRequest,
         client: SocketAddr,
+        id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, Rejected> {
         headers::refuse_method_override(request.headers())?;
         let (request, changes) = if profile.needs_body(&head_of(&request, path)) {
@@ -502,7 +510,9 @@ impl DataPlane {
         let resources = match changes {
             Changes::ReadsOnly => {
                 self.check_declared_length(&request)?;
-                return self.forward_unfenced(resolved.route, request, client).await;
+                return self
+                    .forward_unfenced(resolved.route, request, client, id)
+                    .await;
             }
             Changes::Unattributable(why) => {
                 if !allows(resolved.route, &request) {
@@ -574,7 +584,6 @@ impl DataPlane {
             let highest = self.gate.highest(primary).await.ok().flatten();
             return Err(fenced(error, primary.clone(), Some(token), highest));
         }
-        let id = request_id(&request);
         let admitted = self
             .gate
             .admit_all(
@@ -582,7 +591,7 @@ impl DataPlane {
                 also,
                 token,
                 resolved.route.max_token_jump(),
-                id_text(id.as_ref()),
+                id_text(Some(id)),
             )
             .await;
         let permits = match admitted {
@@ -780,7 +789,7 @@ impl DataPlane {
         resource: ResourceKey,
         token: FencingToken,
         request: ClientRequest,
-        id: Option<HeaderValue>,
+        id: &HeaderValue,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, Rejected> {
         if let Some(late) = admissions.iter().find(|admission| !admission.in_time()) {
@@ -820,7 +829,7 @@ impl DataPlane {
                     _ => in_flight.highest(),
                 };
                 Err(fenced(
-                    self.forward_failure(e, route, id.as_ref()),
+                    self.forward_failure(e, route, Some(id)),
                     resource,
                     Some(token),
                     highest,
@@ -1149,13 +1158,6 @@ fn head_of<'a, B>(request: &'a Request<B>, path: &'a str) -> RequestHead<'a> {
 /// The server that read the head framed the body by them, so the body knows.
 fn has_body(request: &Request<ClientBody>) -> bool {
     !hyper::body::Body::is_end_stream(request.body())
-}
-
-/// The request's id: the client's `X-Request-Id`, or the one the server made. A handle on the
-/// header's bytes (a reference count, not a copy), looked up once for the gate and the upstream
-/// call's log line: it is a name `http` hashes byte by byte.
-fn request_id<B>(request: &Request<B>) -> Option<HeaderValue> {
-    request.headers().get(X_REQUEST_ID).cloned()
 }
 
 /// The id as the gate and the audit log take it: empty if there is none (or it is not visible
