@@ -313,6 +313,7 @@ fn put_end_to_end_headers(out: &mut BytesMut, headers: &HeaderMap, bodiless: boo
         if name == CONNECTION {
             seen.close |= says_close(value);
         } else if name == TRANSFER_ENCODING {
+            // This hop's framing: the caller writes its own.
         } else if name == CONTENT_LENGTH {
             if first_length {
                 seen.length = declared_length(value);
