@@ -937,6 +937,26 @@ mod tests {
     }
 
     #[test]
+    fn plain_paths_are_recognised_in_one_pass_and_the_others_left_to_decoding() {
+        for plain in [
+            "",
+            "wallets/1",
+            "a/b/c/",
+            "files/report.v2.txt",
+            "x/...",
+            "x/.hidden",
+            "~u!$&'()*+,;=:@",
+        ] {
+            assert!(is_plain(plain.as_bytes()), "{plain:?}");
+        }
+        for other in [
+            "a//b", "/", "%41", "a/%2e", ".", "a/..", "a\\b", "é", "a b", "a\tb", "a\u{7f}",
+        ] {
+            assert!(!is_plain(other.as_bytes()), "{other:?}");
+        }
+    }
+
+    #[test]
     fn plain_paths_normalise_to_themselves() {
         for path in [
             "/",
