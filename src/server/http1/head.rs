@@ -257,21 +257,7 @@ fn note_hop_by_hop(hop: &mut Hop, header: &httparse::Header<'_>) {
         }
         hop.encoding = Some(encoding);
     } else if header.name.eq_ignore_ascii_case("content-length") {
-        if matches!(hop.length, Some(Err(_))) {
-            return;
-        }
-        // Every value, and every comma-separated element, the same decimal number.
-        let mut known = hop.length.clone().and_then(Result::ok);
-        for element in elements() {
-            match parse_decimal(element) {
-                Some(parsed) if known.is_none_or(|known| known == parsed) => known = Some(parsed),
-                _ => {
-                    hop.length = Some(Err(HeadError::ContentLength));
-                    return;
-                }
-            }
-        }
-        hop.length = known.map(Ok);
+        hop.length = Some(content_length(hop.length.clone(), header.value));
     }
 }
 
@@ -298,6 +284,20 @@ fn framing(
         None | Some(0) => Ok(BodyFraming::None),
         Some(length) => Ok(BodyFraming::Length(length)),
     }
+}
+
+/// The `Content-Length` so far, `known`, with one more value: every value, and every
+/// comma-separated element, the same decimal number.
+fn content_length(known: Option<Result<u64, HeadError>>, value: &[u8]) -> Result<u64, HeadError> {
+    let mut length = known.transpose()?;
+    for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let parsed = parse_decimal(element).ok_or(HeadError::ContentLength)?;
+        if length.is_some_and(|known| known != parsed) {
+            return Err(HeadError::ContentLength);
+        }
+        length = Some(parsed);
+    }
+    length.ok_or(HeadError::ContentLength)
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
