@@ -41,3 +41,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod verbatim;

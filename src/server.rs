@@ -861,7 +861,7 @@ async fn serve_with_hyper<I>(
         async move {
             let response = answered.await;
             drop(in_request);
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(with_headers_in_map(response))
         }
     });
     // The admin plane's settings.
@@ -880,6 +880,28 @@ async fn serve_with_hyper<I>(
     };
     if let Err(e) = served {
         tracing::debug!(error = %e, client = %remote.address, "connection ended with an error");
+    }
+}
+
+/// An answer whose upstream headers were kept verbatim, for hyper's server, which writes only
+/// the map. httparse and `http` accept the same header bytes, so the failure is not expected;
+/// it is answered as any other upstream answer fencegate cannot relay, with what the proxy added.
+fn with_headers_in_map(mut response: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+    match crate::verbatim::into_map(&mut response) {
+        Ok(()) => response,
+        Err(invalid) => {
+            let mut refused = crate::problem::response(
+                http::StatusCode::BAD_GATEWAY,
+                "upstream-unreachable",
+                "Upstream unreachable",
+                invalid.to_string(),
+            )
+            .map(http_body_util::Either::Right);
+            refused
+                .headers_mut()
+                .extend(std::mem::take(response.headers_mut()));
+            refused
+        }
     }
 }
 

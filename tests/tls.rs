@@ -465,6 +465,10 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
     let new = put(5).await;
     assert_eq!(new.certificate, server.der);
     assert!(new.answer.starts_with("HTTP/1.1 200"), "{}", new.answer);
+    // hyper's server writes the upstream's headers too, which the plain path keeps verbatim.
+    let answer = new.answer.to_lowercase();
+    assert!(answer.contains("x-upstream: recording"), "{answer}");
+    assert!(!answer.contains("x-upstream-hop"), "{answer}");
     let zombie = put(4).await;
     assert!(
         zombie.answer.starts_with("HTTP/1.1 409"),
@@ -489,6 +493,8 @@ async fn the_data_plane_fences_writes_over_https_and_h2_and_serves_no_plain_http
     let answer = sender.send_request(request).await.unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.headers()["fencing-token-highest"], "6");
+    assert_eq!(answer.headers()["x-upstream"], "recording");
+    assert!(!answer.headers().contains_key("x-upstream-hop"));
 
     // Plain HTTP gets no HTTP answer, and the zombie's write never reached the storage.
     let plain = reqwest::Client::new()

@@ -141,6 +141,109 @@ async fn interim_answers_are_skipped_and_bodiless_answers_keep_the_connection() 
     assert_eq!(upstream.connections(), 1, "no body was waited for");
 }
 
+/// The header lines of a raw answer, lower-cased, in order.
+fn header_lines(answer: &str) -> Vec<String> {
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+    head.split("\r\n")
+        .skip(1)
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_answers_headers_reach_the_client_once_each_beside_the_proxys_own() {
+    let upstream = ScriptedUpstream::start(|mut peer| async move {
+        while let Some(head) = peer.head().await {
+            if let Some(length) = header(&head, "content-length") {
+                peer.body(length.parse().unwrap()).await;
+            }
+            let host = header(&head, "host").unwrap().to_owned();
+            // Headers the proxy reads or changes: the upstream's id is kept, its
+            // Fencing-Token-Highest replaced, its absolute Location made the client's path.
+            let handled = if head.contains("/handled ") {
+                format!(
+                    "X-Request-Id: upstream-id\r\nFencing-Token-Highest: 999\r\n\
+                     Location: http://{host}/wallets/new\r\n"
+                )
+            } else {
+                String::new()
+            };
+            let answer = format!(
+                "HTTP/1.1 201 Created\r\nServer: storage\r\nSet-Cookie: a=1\r\n\
+                 Connection: keep-alive, X-Hop\r\nX-Hop: private\r\nKeep-Alive: timeout=5\r\n\
+                 set-cookie: b=2\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n{handled}\
+                 Content-Length: 2\r\n\r\nok"
+            );
+            peer.send(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    let app = app(&upstream, "").await;
+    let mut answers = Vec::new();
+    for (path, token) in [("/wallets/plain", 3), ("/wallets/handled", 4)] {
+        // Read raw: a client library folds repeated headers into one map.
+        let request = common::raw("PUT", path, &[&format!("fencing-token: {token}")]);
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 201 ") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        answers.push(answer);
+    }
+    let plain = header_lines(&answers[0]);
+    let handled = header_lines(&answers[1]);
+    let count = |lines: &[String], name: &str| {
+        lines
+            .iter()
+            .filter(|line| line.starts_with(&format!("{name}:")))
+            .count()
+    };
+    for lines in [&plain, &handled] {
+        let cookies: Vec<_> = lines
+            .iter()
+            .filter(|line| line.starts_with("set-cookie:"))
+            .collect();
+        assert_eq!(cookies, ["set-cookie: a=1", "set-cookie: b=2"], "{lines:?}");
+        assert!(lines.contains(&"server: storage".to_owned()), "{lines:?}");
+        assert!(
+            lines.contains(&"date: tue, 01 dec 2026 00:00:00 gmt".to_owned()),
+            "the upstream's date, not another: {lines:?}"
+        );
+        for name in [
+            "date",
+            "content-length",
+            "x-request-id",
+            "fencing-token-highest",
+        ] {
+            assert_eq!(count(lines, name), 1, "one {name}: {lines:?}");
+        }
+        for name in ["x-hop", "keep-alive"] {
+            assert_eq!(count(lines, name), 0, "{name} is hop-by-hop: {lines:?}");
+        }
+        assert!(lines.contains(&"content-length: 2".to_owned()), "{lines:?}");
+    }
+    assert!(
+        plain.contains(&"fencing-token-highest: 3".to_owned()),
+        "{plain:?}"
+    );
+    assert!(
+        handled.contains(&"fencing-token-highest: 4".to_owned()),
+        "{handled:?}"
+    );
+    assert!(
+        handled.contains(&"x-request-id: upstream-id".to_owned()),
+        "{handled:?}"
+    );
+    assert!(
+        handled.contains(&"location: /wallets/new".to_owned()),
+        "{handled:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_upstreams_keep_alive_limit_is_respected() {
     // Like nginx's keepalive_requests = 2: the second answer says close, then the socket closes.

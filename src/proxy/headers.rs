@@ -92,6 +92,61 @@ pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == TRAILER || HOP_BY_HOP.contains(name)
 }
 
+/// The headers of an upstream's answer that the proxy reads or changes before passing it on:
+/// the self-references it rewrites, and those it adds unless present (`X-Request-Id`,
+/// `Fencegate-Replica`) or replaces (`Fencing-Token-Highest`). An answer with none of them
+/// keeps its headers verbatim ([`crate::verbatim`]), and what the proxy adds goes into an
+/// otherwise empty map, with no name shared. Code that reads or changes another header of an
+/// upstream's answer adds it here and to [`answer_header`].
+#[cfg_attr(not(test), allow(dead_code))]
+const HANDLED_IN_ANSWERS: [HeaderName; 5] = [
+    http::header::LOCATION,
+    http::header::CONTENT_LOCATION,
+    super::request_id::X_REQUEST_ID,
+    crate::token::FENCING_TOKEN_HIGHEST,
+    FENCEGATE_REPLICA,
+];
+
+/// What a header of an upstream's answer is to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AnswerHeader {
+    Connection,
+    TransferEncoding,
+    ContentLength,
+    Date,
+    /// Another header that is hop-by-hop on its own ([`HOP_BY_HOP`], `Trailer`).
+    HopByHop,
+    /// One of [`HANDLED_IN_ANSWERS`].
+    Handled,
+    Other,
+}
+
+/// What the header named `name` (any case) is to the proxy. By length first: most names are
+/// told apart by it alone, and no name is compared with more than two (comparing each with the
+/// fourteen known ones was 850 instructions per answer, `bench/instructions.sh`).
+pub(crate) fn answer_header(name: &[u8]) -> AnswerHeader {
+    use AnswerHeader::*;
+    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        2 if is(b"te") => HopByHop,
+        4 if is(b"date") => Date,
+        7 if is(b"upgrade") || is(b"trailer") => HopByHop,
+        8 if is(b"location") => Handled,
+        10 if is(b"connection") => Connection,
+        10 if is(b"keep-alive") => HopByHop,
+        12 if is(b"x-request-id") => Handled,
+        14 if is(b"content-length") => ContentLength,
+        16 if is(b"proxy-connection") => HopByHop,
+        16 if is(b"content-location") => Handled,
+        17 if is(b"transfer-encoding") => TransferEncoding,
+        17 if is(b"fencegate-replica") => Handled,
+        18 if is(b"proxy-authenticate") => HopByHop,
+        19 if is(b"proxy-authorization") => HopByHop,
+        21 if is(b"fencing-token-highest") => Handled,
+        _ => Other,
+    }
+}
+
 /// The headers of `headers` that go on to the next hop: not hop-by-hop, not named by
 /// `Connection`, not `Content-Length` (the head writes its own framing), and not `also_left_out`.
 fn end_to_end(
@@ -291,6 +346,52 @@ fn with_ip_text<R>(ip: IpAddr, use_text: impl FnOnce(&str) -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answers_header_is_told_by_its_name_in_any_case() {
+        use AnswerHeader::*;
+        let class = |name: &HeaderName| {
+            let lower = answer_header(name.as_str().as_bytes());
+            let upper = answer_header(name.as_str().to_ascii_uppercase().as_bytes());
+            assert_eq!(lower, upper, "{name}");
+            lower
+        };
+        assert_eq!(class(&CONNECTION), Connection);
+        assert_eq!(class(&TRANSFER_ENCODING), TransferEncoding);
+        assert_eq!(class(&CONTENT_LENGTH), ContentLength);
+        assert_eq!(class(&http::header::DATE), Date);
+        for name in HOP_BY_HOP.iter().chain([&TRAILER]) {
+            if *name != CONNECTION && *name != TRANSFER_ENCODING {
+                assert_eq!(class(name), HopByHop, "{name}");
+            }
+        }
+        for name in &HANDLED_IN_ANSWERS {
+            assert_eq!(class(name), Handled, "{name}");
+        }
+        // Names of the same lengths as known ones, and a few common ones.
+        for name in [
+            "tf",
+            "dato",
+            "upgrades",
+            "locatio",
+            "x-request-ix",
+            "content-type",
+            "content-range",
+            "proxy-connectiox",
+            "content-encoding",
+            "transfer-encodinh",
+            "fencegate-replicas",
+            "etag",
+            "server",
+            "set-cookie",
+            "last-modified",
+            "cache-control",
+            "vary",
+            "x-upstream",
+        ] {
+            assert_eq!(answer_header(name.as_bytes()), Other, "{name}");
+        }
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -207,6 +207,10 @@ impl DataPlane {
         }
         tracing::debug!(%method, status = response.status().as_u16(), %client, "answered");
         if let Some(access) = access {
+            // The log reads the answer's `Content-Length`.
+            if crate::verbatim::into_map(&mut response).is_err() {
+                tracing::debug!("an upstream header is not valid HTTP; written as it came");
+            }
             access.log(&response, fencing, client);
         }
         response

@@ -25,6 +25,7 @@ use super::wire::{
 };
 use crate::proxy::inflight::BodySent;
 use crate::server::ClientBody;
+use crate::verbatim::{CarriesHeaders, VerbatimHeaders};
 
 /// Bytes read from the upstream per system call, at most.
 const READ_CHUNK: usize = 16 * 1024;
@@ -426,6 +427,7 @@ impl Exchange {
             read_timeout,
             timer: None,
             read_since_armed: false,
+            headers: None,
         };
         if body.is_end_stream() {
             body.finish();
@@ -478,6 +480,21 @@ impl ResponseBody {
     pub(super) fn h2(incoming: Incoming, pool_key: Arc<str>, read_timeout: Duration) -> Self {
         ResponseBody(Box::new(Streaming::h2(incoming, pool_key, read_timeout)))
     }
+
+    /// Carries the answer's headers, kept verbatim, to the writer of its head.
+    pub(super) fn carry(&mut self, headers: VerbatimHeaders) {
+        self.0.headers = Some(headers);
+    }
+}
+
+impl CarriesHeaders for ResponseBody {
+    fn verbatim_headers(&self) -> Option<&VerbatimHeaders> {
+        self.0.headers.as_ref()
+    }
+
+    fn take_verbatim_headers(&mut self) -> Option<VerbatimHeaders> {
+        self.0.headers.take()
+    }
 }
 
 impl Body for ResponseBody {
@@ -515,6 +532,9 @@ struct Streaming {
     read_timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     read_since_armed: bool,
+    /// The answer's headers, when kept as the upstream sent them: carried by the body, which the
+    /// data plane's HTTP/1.1 server writes the answer's head beside.
+    headers: Option<VerbatimHeaders>,
 }
 
 #[derive(Debug)]
@@ -538,6 +558,7 @@ impl Streaming {
             read_timeout,
             timer: None,
             read_since_armed: false,
+            headers: None,
         }
     }
 

@@ -565,19 +565,29 @@ impl UpstreamClient {
         }
         let (framing, keep_alive) = wire::framing_of(&head, request.method())
             .map_err(|e| ForwardError::Exchange(e.into()))?;
-        let body = exchange.into_body(
+        let mut body = exchange.into_body(
             framing,
             keep_alive,
             Arc::clone(&upstream.pool_key),
             self.timeout,
         );
+        // Room for what the proxy adds to an answer (`X-Request-Id`, `Fencing-Token-Highest`,
+        // `Fencegate-Replica`): a map that grows on the hot path rehashes every header it holds.
+        let mut headers = crate::header_maps::with_capacity(3);
+        if head.handled {
+            head.headers
+                .append_to(&mut headers)
+                .map_err(|_| ForwardError::Exchange(wire::WireError::InvalidHeader.into()))?;
+            if let Hop::Upstream { .. } = hop {
+                // The owner has done so for a request that went over the peer plane.
+                upstream.rewrite_self_references(&mut headers);
+            }
+        } else {
+            body.carry(head.headers);
+        }
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
-        if let Hop::Upstream { .. } = hop {
-            // The owner has done so for a request that went over the peer plane.
-            upstream.rewrite_self_references(response.headers_mut());
-        }
+        *response.headers_mut() = headers;
         // The request's head is written and will not be again: its map serves the next one.
         crate::header_maps::give_back(std::mem::take(request.headers_mut()));
         Ok(response)

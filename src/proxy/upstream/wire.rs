@@ -11,6 +11,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use smallvec::SmallVec;
 
+use super::super::headers::{self, AnswerHeader};
+use crate::verbatim::{Kind, VerbatimHeaders};
+
 /// The largest response head (status line and headers) accepted from an upstream.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -49,9 +52,12 @@ pub enum WireError {
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
-    /// The end-to-end headers: the hop-by-hop ones, and those `Connection` names, are left out
-    /// (they describe this connection, not the answer). Values share the head's bytes.
-    pub headers: HeaderMap,
+    /// The end-to-end headers, as the upstream sent them: the hop-by-hop ones, and those
+    /// `Connection` names, are left out (they describe this connection, not the answer).
+    pub headers: VerbatimHeaders,
+    /// Whether one of them is a header the proxy reads or changes in an answer (see
+    /// [`headers::handled_in_answers`]): such an answer needs its headers in a map.
+    pub handled: bool,
     /// What the framing is decided from, read off the hop-by-hop headers.
     hop: HopByHop,
 }
@@ -85,6 +91,18 @@ pub enum Framing {
 struct Span {
     name: (usize, usize),
     value: (usize, usize),
+    class: AnswerHeader,
+}
+
+impl ResponseHead {
+    /// The end-to-end headers in a map.
+    pub fn header_map(&self) -> Result<HeaderMap, WireError> {
+        let mut map = HeaderMap::new();
+        self.headers
+            .append_to(&mut map)
+            .map_err(|_| WireError::InvalidHeader)?;
+        Ok(map)
+    }
 }
 
 /// Parses a response head at the start of `buf` and takes it off; `None` (and `buf` untouched)
@@ -129,35 +147,50 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError>
         // On the stack for the usual few headers: a `Vec` was an allocation on every answer.
         let mut spans = SmallVec::<[Span; 16]>::new();
         for header in response.headers.iter() {
+            let class = headers::answer_header(header.name.as_bytes());
             spans.push(Span {
                 name: offsets(header.name.as_bytes()),
                 value: offsets(header.value),
+                class,
             });
-            note_hop_by_hop(&mut hop, &mut named, header, &offsets);
+            note_hop_by_hop(&mut hop, &mut named, class, header.value, &offsets);
         }
         (length, status, version, spans)
     };
-    let head = buf.split_to(length).freeze();
-    // Room for what the proxy adds to an answer (`X-Request-Id`, `Fencing-Token-Highest`,
-    // `Fencegate-Replica`): a map that grows on the hot path rehashes every header it holds.
-    let mut headers = crate::header_maps::with_capacity(spans.len() + 3);
+    let mut headers = VerbatimHeaders::with_capacity(spans.len());
+    let mut handled = false;
     for span in &spans {
-        let name = &head[span.name.0..span.name.1];
-        let listed = named
-            .iter()
-            .any(|&(start, end)| head[start..end].eq_ignore_ascii_case(name));
-        let name = HeaderName::from_bytes(name).map_err(|_| WireError::InvalidHeader)?;
-        if listed || super::super::headers::is_hop_by_hop(&name) {
-            continue;
+        let kind = match span.class {
+            AnswerHeader::Connection | AnswerHeader::TransferEncoding | AnswerHeader::HopByHop => {
+                continue;
+            }
+            AnswerHeader::ContentLength => Kind::ContentLength,
+            AnswerHeader::Date => Kind::Date,
+            AnswerHeader::Handled => {
+                handled = true;
+                Kind::Other
+            }
+            AnswerHeader::Other => Kind::Other,
+        };
+        if !named.is_empty() {
+            let name = &buf[span.name.0..span.name.1];
+            if named
+                .iter()
+                .any(|&(start, end)| buf[start..end].eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
-            .map_err(|_| WireError::InvalidHeader)?;
-        headers.append(name, value);
+        // httparse has checked the bytes: a name of token characters, a value of visible ones,
+        // spaces and tabs, as `http` requires of a `HeaderName` and a `HeaderValue`.
+        headers.push(span.name, span.value, kind);
     }
+    headers.set_head(buf.split_to(length).freeze());
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
+        handled,
         hop,
     }))
 }
@@ -166,11 +199,12 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, WireError>
 fn note_hop_by_hop(
     hop: &mut HopByHop,
     named: &mut Vec<(usize, usize)>,
-    header: &httparse::Header<'_>,
+    class: AnswerHeader,
+    value: &[u8],
     offsets: &impl Fn(&[u8]) -> (usize, usize),
 ) {
-    if header.name.eq_ignore_ascii_case("connection") {
-        for option in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+    if class == AnswerHeader::Connection {
+        for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             if option.eq_ignore_ascii_case(b"close") {
                 hop.close = true;
             } else if option.eq_ignore_ascii_case(b"keep-alive") {
@@ -179,9 +213,9 @@ fn note_hop_by_hop(
                 named.push(offsets(option));
             }
         }
-    } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+    } else if class == AnswerHeader::TransferEncoding {
         let mut chunked_last = hop.transfer_encoding.unwrap_or(Ok(false));
-        for coding in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             if coding.is_empty() {
                 continue;
             }
@@ -193,9 +227,9 @@ fn note_hop_by_hop(
             };
         }
         hop.transfer_encoding = Some(chunked_last);
-    } else if header.name.eq_ignore_ascii_case("content-length") {
+    } else if class == AnswerHeader::ContentLength {
         // Read here, in the parser's pass, not looked up in the map later: it is on every answer.
-        hop.content_length = Some(content_length(hop.content_length, header.value));
+        hop.content_length = Some(content_length(hop.content_length, value));
     }
 }
 
@@ -565,7 +599,7 @@ mod tests {
         let mut buf = BytesMut::from(&b"HTTP/1.1 201 Created\r\nETag: \"1\"\r\n\r\nrest"[..]);
         let head = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(head.status, StatusCode::CREATED);
-        assert_eq!(head.headers["etag"], "\"1\"");
+        assert_eq!(head.header_map().unwrap()["etag"], "\"1\"");
         assert_eq!(&buf[..], b"rest", "the head is taken off the buffer");
     }
 
@@ -634,7 +668,8 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let names: Vec<&str> = head.headers.keys().map(|name| name.as_str()).collect();
+        let map = head.header_map().unwrap();
+        let names: Vec<&str> = map.keys().map(|name| name.as_str()).collect();
         assert_eq!(names, ["etag"]);
         assert_eq!(
             framing_of(&head, &Method::GET).unwrap(),

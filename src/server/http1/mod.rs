@@ -31,6 +31,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::idle::IdleSince;
+use crate::verbatim::CarriesHeaders;
 
 mod body;
 pub mod head;
@@ -94,7 +95,7 @@ pub async fn serve<H, F, B>(
 where
     H: FnMut(ClientRequest) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + CarriesHeaders,
     B::Error: std::fmt::Display,
 {
     let (read, write) = stream.into_split();

@@ -17,6 +17,7 @@ use hyper::body::Body;
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::proxy::wire::{LAST_CHUNK, format_u64, write_chunk, write_chunk_size};
+use crate::verbatim::{CarriesHeaders, Kind, VerbatimHeaders};
 
 /// Bytes gathered before they are written, and the size above which a body piece is written
 /// from its own buffer instead of being copied.
@@ -100,7 +101,7 @@ impl Writer {
         asked: Asked,
     ) -> Result<bool, WriteError>
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + CarriesHeaders,
         B::Error: Display,
     {
         let (parts, body) = response.into_parts();
@@ -116,7 +117,7 @@ impl Writer {
     }
 
     /// Gathers the head, and decides the framing and whether the connection lives on.
-    fn head<B: Body>(
+    fn head<B: Body + CarriesHeaders>(
         &mut self,
         parts: &http::response::Parts,
         body: &B,
@@ -133,7 +134,15 @@ impl Writer {
         out.put_u8(b' ');
         out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.put_slice(b"\r\n");
-        let seen = put_end_to_end_headers(out, &parts.headers, bodiless);
+        let mut seen = Seen::default();
+        if let Some(verbatim) = body.verbatim_headers() {
+            debug_assert!(
+                shares_no_name(verbatim, &parts.headers),
+                "a header the proxy adds to an answer is also among the upstream's verbatim ones"
+            );
+            seen = put_verbatim_headers(out, verbatim, bodiless);
+        }
+        seen.add(put_end_to_end_headers(out, &parts.headers, bodiless));
         let mut keep_alive = asked.keep_alive && !seen.close;
         let framing = if bodiless {
             Framing::None
@@ -302,6 +311,52 @@ struct Seen {
     date: bool,
 }
 
+impl Seen {
+    /// Adds what headers written after these said.
+    fn add(&mut self, later: Seen) {
+        self.close |= later.close;
+        self.length = self.length.or(later.length);
+        self.date |= later.date;
+    }
+}
+
+/// Writes an upstream's headers kept verbatim: `Content-Length` only if the answer is
+/// `bodiless`, as [`put_end_to_end_headers`] does (the hop-by-hop ones were left out when the
+/// upstream's head was read).
+fn put_verbatim_headers(out: &mut BytesMut, headers: &VerbatimHeaders, bodiless: bool) -> Seen {
+    let mut seen = Seen::default();
+    let mut first_length = true;
+    for (name, value, kind) in headers.iter() {
+        match kind {
+            Kind::ContentLength => {
+                if first_length {
+                    seen.length = declared_length(value);
+                    first_length = false;
+                }
+                if bodiless {
+                    put_header(out, name, value);
+                }
+            }
+            Kind::Date => {
+                seen.date = true;
+                put_header(out, name, value);
+            }
+            Kind::Other => put_header(out, name, value),
+        }
+    }
+    seen
+}
+
+/// Whether no header of `map` has the name of one of `verbatim`: written one after the other,
+/// a shared name would be sent twice.
+fn shares_no_name(verbatim: &VerbatimHeaders, map: &HeaderMap) -> bool {
+    map.keys().all(|name| {
+        verbatim
+            .iter()
+            .all(|(kept, _, _)| !kept.eq_ignore_ascii_case(name.as_str().as_bytes()))
+    })
+}
+
 /// Writes `headers` but the ones that frame this hop (`Connection`, `Transfer-Encoding`, and
 /// `Content-Length` unless the answer is `bodiless`: a HEAD's or a 304's describes the body it
 /// leaves out), and notes what they say. One pass: three lookups in the map cost more than
@@ -316,7 +371,7 @@ fn put_end_to_end_headers(out: &mut BytesMut, headers: &HeaderMap, bodiless: boo
             // This hop's framing: the caller writes its own.
         } else if name == CONTENT_LENGTH {
             if first_length {
-                seen.length = declared_length(value);
+                seen.length = declared_length(value.as_bytes());
                 first_length = false;
             }
             if bodiless {
@@ -339,8 +394,8 @@ fn says_close(value: &HeaderValue) -> bool {
 }
 
 /// A `Content-Length` value, if it is one plain number.
-fn declared_length(value: &HeaderValue) -> Option<u64> {
-    let value = value.to_str().ok()?;
+fn declared_length(value: &[u8]) -> Option<u64> {
+    let value = std::str::from_utf8(value).ok()?;
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
