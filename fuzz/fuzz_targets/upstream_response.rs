@@ -1,6 +1,6 @@
 //! The upstream response parser (httparse heads, RFC 9112 §6.3 framing, chunked decoding): never
 //! panics, reading the bytes piece by piece, as the connection does, gives exactly what
-//! reading them whole gives, and every header it keeps is one `http` accepts.
+//! reading them whole gives, and every header it keeps is one `http` accepts, on one line.
 #![no_main]
 
 use bytes::BytesMut;
@@ -73,6 +73,12 @@ fn read_in_pieces(
     // an `http` map for the others: `http` must accept every one.
     head.header_map()
         .expect("a header httparse accepted is a valid http header");
+    for (line, _, _) in head.headers.lines() {
+        assert!(
+            !line.iter().any(|&b| b == b'\r' || b == b'\n'),
+            "a kept header's line is one line"
+        );
+    }
     let (framing, _) = wire::framing_of(&head, method).ok()?;
     let mut body = Vec::new();
     let mut trailers = None;

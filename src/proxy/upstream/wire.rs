@@ -604,6 +604,30 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_header_is_its_line_as_sent_and_the_same_in_a_map() {
+        let head = head_of(
+            "HTTP/1.1 200 OK\r\nServer:nginx\r\nX-Empty:\r\nX-Spaced: \t v  w \t\r\n\
+             X-Blank:   \r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let lines: Vec<_> = head.headers.lines().map(|(line, _, _)| line).collect();
+        assert_eq!(
+            lines,
+            [
+                &b"Server:nginx"[..],
+                b"X-Empty:",
+                b"X-Spaced: \t v  w",
+                b"X-Blank:   "
+            ]
+        );
+        let map = head.header_map().unwrap();
+        assert_eq!(map["x-spaced"], "v  w");
+        assert_eq!(map["x-empty"], "");
+        assert_eq!(map["x-blank"], "");
+    }
+
+    #[test]
     fn a_head_that_never_ends_is_refused_at_the_limit() {
         let mut endless = b"HTTP/1.1 200 OK\r\n".to_vec();
         while endless.len() < MAX_RESPONSE_HEAD {

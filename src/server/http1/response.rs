@@ -326,7 +326,7 @@ impl Seen {
 fn put_verbatim_headers(out: &mut BytesMut, headers: &VerbatimHeaders, bodiless: bool) -> Seen {
     let mut seen = Seen::default();
     let mut first_length = true;
-    for (name, value, kind) in headers.iter() {
+    for (line, value, kind) in headers.lines() {
         match kind {
             Kind::ContentLength => {
                 if first_length {
@@ -334,17 +334,23 @@ fn put_verbatim_headers(out: &mut BytesMut, headers: &VerbatimHeaders, bodiless:
                     first_length = false;
                 }
                 if bodiless {
-                    put_header(out, name, value);
+                    put_line(out, line);
                 }
             }
             Kind::Date => {
                 seen.date = true;
-                put_header(out, name, value);
+                put_line(out, line);
             }
-            Kind::Other => put_header(out, name, value),
+            Kind::Other => put_line(out, line),
         }
     }
     seen
+}
+
+/// Writes a header's whole line, as the upstream sent it.
+fn put_line(out: &mut BytesMut, line: &[u8]) {
+    out.put_slice(line);
+    out.put_slice(b"\r\n");
 }
 
 /// Whether no header of `map` has the name of one of `verbatim`: written one after the other,
