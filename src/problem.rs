@@ -351,9 +351,25 @@ fn highest_value(highest: Option<FencingToken>) -> u64 {
     highest.map_or(0, FencingToken::get)
 }
 
-/// The `Fencing-Token-Highest` header value for `highest`.
+thread_local! {
+    /// The last `Fencing-Token-Highest` value this thread made, and its number.
+    static LAST_HIGHEST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The `Fencing-Token-Highest` header value for `highest`. A leader writes many times with one
+/// token, so the thread's last value is shared (a reference count) when the number repeats: made
+/// afresh, a value is an allocation and a number formatted on every answer.
 pub fn highest_header(highest: Option<FencingToken>) -> HeaderValue {
-    HeaderValue::from(highest_value(highest))
+    let number = highest_value(highest);
+    LAST_HIGHEST.with_borrow_mut(|last| match last {
+        Some((made, value)) if *made == number => value.clone(),
+        _ => {
+            let value = HeaderValue::from(number);
+            *last = Some((number, value.clone()));
+            value
+        }
+    })
 }
 
 impl Rejected {
@@ -425,6 +441,15 @@ pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    #[test]
+    fn the_highest_header_names_each_token_even_when_the_last_repeats() {
+        let values: Vec<_> = [Some(5), Some(5), Some(6), None, Some(6)]
+            .into_iter()
+            .map(|highest| highest_header(highest.map(FencingToken::new)))
+            .collect();
+        assert_eq!(values, ["5", "5", "6", "0", "6"]);
+    }
 
     #[tokio::test]
     async fn stale_rejection_renders_every_contract_field() {
