@@ -103,10 +103,6 @@ impl VerbatimHeaders {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.headers.is_empty()
-    }
-
     fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
         self.head
             .get(start as usize..end as usize)
