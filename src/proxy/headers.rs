@@ -388,6 +388,9 @@ mod tests {
             "cache-control",
             "vary",
             "x-upstream",
+            "accept-charset",
+            "content-disposition",
+            "fencing-token-highesu",
         ] {
             assert_eq!(answer_header(name.as_bytes()), Other, "{name}");
         }
