@@ -442,6 +442,76 @@ fn http_date() -> [u8; 29] {
 mod tests {
     use super::*;
 
+    /// The end-to-end headers of an upstream answer with `lines`, as the upstream client keeps them.
+    fn kept(lines: &str) -> VerbatimHeaders {
+        let head = format!("HTTP/1.1 200 OK\r\n{lines}\r\n");
+        let mut buf = BytesMut::from(head.as_bytes());
+        crate::proxy::wire::parse_head(&mut buf)
+            .unwrap()
+            .unwrap()
+            .headers
+    }
+
+    #[test]
+    fn verbatim_headers_are_written_as_sent_but_the_framing_they_are_noted_for() {
+        let headers = kept("ETag:\"1\"\r\nContent-Length: 12\r\nDate: Tue, 01 Dec 2026\r\n");
+        for bodiless in [false, true] {
+            let mut out = BytesMut::new();
+            let seen = put_verbatim_headers(&mut out, &headers, bodiless);
+            let length = if bodiless {
+                "Content-Length: 12\r\n"
+            } else {
+                ""
+            };
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                format!("ETag:\"1\"\r\n{length}Date: Tue, 01 Dec 2026\r\n")
+            );
+            let expected = Seen {
+                close: false,
+                length: Some(12),
+                date: true,
+            };
+            assert_eq!(seen, expected);
+        }
+    }
+
+    #[test]
+    fn what_later_headers_say_is_added_and_the_first_length_kept() {
+        let mut seen = Seen {
+            close: false,
+            length: Some(1),
+            date: false,
+        };
+        seen.add(Seen {
+            close: true,
+            length: Some(2),
+            date: true,
+        });
+        let expected = Seen {
+            close: true,
+            length: Some(1),
+            date: true,
+        };
+        assert_eq!(seen, expected);
+        let mut none = Seen::default();
+        none.add(Seen {
+            length: Some(2),
+            ..Seen::default()
+        });
+        assert_eq!(none.length, Some(2));
+    }
+
+    #[test]
+    fn a_name_in_both_the_verbatim_headers_and_the_map_is_found_in_any_case() {
+        let headers = kept("ETag: 1\r\nServer: s\r\n");
+        let mut map = HeaderMap::new();
+        map.insert("fencing-token-highest", HeaderValue::from_static("1"));
+        assert!(shares_no_name(&headers, &map));
+        map.insert("server", HeaderValue::from_static("fencegate"));
+        assert!(!shares_no_name(&headers, &map));
+    }
+
     #[test]
     fn an_http_date_is_29_bytes_of_imf_fixdate() {
         let date = http_date();
