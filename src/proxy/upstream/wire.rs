@@ -56,7 +56,7 @@ pub struct ResponseHead {
     /// `Connection` names, are left out (they describe this connection, not the answer).
     pub headers: VerbatimHeaders,
     /// Whether one of them is a header the proxy reads or changes in an answer (see
-    /// [`headers::handled_in_answers`]): such an answer needs its headers in a map.
+    /// [`headers::answer_header`]): such an answer needs its headers in a map.
     pub handled: bool,
     /// What the framing is decided from, read off the hop-by-hop headers.
     hop: HopByHop,
