@@ -19,10 +19,12 @@
 //! - [`shutdown`]: the OS signals that start a graceful shutdown.
 //! - [`idle`]: the coarse clock connections' idle stamps are taken on.
 //! - [`header_maps`]: header maps kept for reuse by the thread that is done with them.
+//! - `ascii`: header names and the protocol's words compared in any case, a word at a time.
 //! - [`telemetry`]: tracing set-up.
 //! - [`cli`]: the command line: `serve`, `audit`, `epochs`, `fence`, `check-config`.
 
 pub mod admin;
+mod ascii;
 pub mod audit;
 pub mod cli;
 pub mod cluster;

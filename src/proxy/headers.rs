@@ -126,7 +126,7 @@ pub(crate) enum AnswerHeader {
 /// fourteen known ones was 850 instructions per answer, `bench/instructions.sh`).
 pub(crate) fn answer_header(name: &[u8]) -> AnswerHeader {
     use AnswerHeader::*;
-    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    let is = |known: &[u8]| crate::ascii::eq_lowercase(name, known);
     match name.len() {
         2 if is(b"te") => HopByHop,
         4 if is(b"date") => Date,

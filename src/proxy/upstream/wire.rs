@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use smallvec::SmallVec;
 
 use super::super::headers::{self, AnswerHeader};
+use crate::ascii::eq_lowercase;
 use crate::verbatim::{Kind, VerbatimHeaders};
 
 /// The largest response head (status line and headers) accepted from an upstream.
@@ -205,9 +206,9 @@ fn note_hop_by_hop(
 ) {
     if class == AnswerHeader::Connection {
         for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if option.eq_ignore_ascii_case(b"close") {
+            if eq_lowercase(option, b"close") {
                 hop.close = true;
-            } else if option.eq_ignore_ascii_case(b"keep-alive") {
+            } else if eq_lowercase(option, b"keep-alive") {
                 hop.keep_alive = true;
             } else if !option.is_empty() {
                 named.push(offsets(option));
@@ -222,7 +223,7 @@ fn note_hop_by_hop(
             // `chunked` anywhere but last is not a valid response (RFC 9112 §6.1).
             chunked_last = match chunked_last {
                 Ok(true) => Err(WireError::TransferEncoding),
-                Ok(false) => Ok(coding.eq_ignore_ascii_case(b"chunked")),
+                Ok(false) => Ok(eq_lowercase(coding, b"chunked")),
                 Err(e) => Err(e),
             };
         }

@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use smallvec::SmallVec;
 
 use super::body::{ClientBody, ClientRequest};
+use crate::ascii::eq_lowercase;
 use crate::token::FENCING_TOKEN;
 
 /// Header slots kept on the stack; a `max_headers` above this parses into the heap.
@@ -223,7 +224,7 @@ pub fn parse(buf: &mut BytesMut, limits: HeadLimits) -> Result<Option<RequestHea
 /// knows, and `HeaderName::from_bytes` would copy it into an allocation of its own: it is
 /// matched here and shared instead.
 fn header_name(name: &[u8]) -> Result<HeaderName, HeadError> {
-    if name.eq_ignore_ascii_case(FENCING_TOKEN.as_str().as_bytes()) {
+    if eq_lowercase(name, FENCING_TOKEN.as_str().as_bytes()) {
         return Ok(FENCING_TOKEN);
     }
     HeaderName::from_bytes(name).map_err(|_| HeadError::InvalidHeader)
@@ -233,20 +234,19 @@ fn header_name(name: &[u8]) -> Result<HeaderName, HeadError> {
 /// parser's pass over the headers, as later lookups in the map cost more (bench/instructions.sh).
 fn note_hop_by_hop(hop: &mut Hop, header: &httparse::Header<'_>) {
     let elements = || header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
-    if header.name.eq_ignore_ascii_case("connection") {
+    let name = header.name.as_bytes();
+    if eq_lowercase(name, b"connection") {
         for option in elements() {
-            hop.close |= option.eq_ignore_ascii_case(b"close");
-            hop.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            hop.close |= eq_lowercase(option, b"close");
+            hop.keep_alive |= eq_lowercase(option, b"keep-alive");
         }
-    } else if header.name.eq_ignore_ascii_case("expect") {
-        hop.expect_continue |= header.value.eq_ignore_ascii_case(b"100-continue");
-    } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+    } else if eq_lowercase(name, b"expect") {
+        hop.expect_continue |= eq_lowercase(header.value, b"100-continue");
+    } else if eq_lowercase(name, b"transfer-encoding") {
         let mut encoding = hop.encoding.clone().unwrap_or(Ok(Encoding::Nothing));
         for coding in elements().filter(|coding| !coding.is_empty()) {
             encoding = match encoding {
-                Ok(Encoding::Nothing) if coding.eq_ignore_ascii_case(b"chunked") => {
-                    Ok(Encoding::Chunked)
-                }
+                Ok(Encoding::Nothing) if eq_lowercase(coding, b"chunked") => Ok(Encoding::Chunked),
                 // A coding after `chunked`, or `chunked` twice.
                 Ok(Encoding::Chunked) => Err(HeadError::ChunkedNotLast),
                 // gzip, deflate, identity...: forwarding the decoded body without the coding
@@ -256,7 +256,7 @@ fn note_hop_by_hop(hop: &mut Hop, header: &httparse::Header<'_>) {
             };
         }
         hop.encoding = Some(encoding);
-    } else if header.name.eq_ignore_ascii_case("content-length") {
+    } else if eq_lowercase(name, b"content-length") {
         hop.length = Some(content_length(hop.length.clone(), header.value));
     }
 }

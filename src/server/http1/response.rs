@@ -396,7 +396,7 @@ fn says_close(value: &HeaderValue) -> bool {
     value
         .as_bytes()
         .split(|&b| b == b',')
-        .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"))
+        .any(|option| crate::ascii::eq_lowercase(option.trim_ascii(), b"close"))
 }
 
 /// A `Content-Length` value, if it is one plain number.
