@@ -21,11 +21,11 @@ pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
     // One buffer shared by both values, the request's and the answer's: `from_owner` allocates
     // once and counts references. A value made from text copies it into an allocation of its
     // own, and a clone of one turns its buffer into a shared one: two allocations either way.
-    let id = Bytes::from_owner(text);
-    let value =
-        || HeaderValue::from_maybe_shared(id.clone()).expect("a UUID is a valid header value");
-    vacant.insert(value());
-    value()
+    // Checked once: the clone shares the buffer and the check.
+    let value = HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+        .expect("a UUID is a valid header value");
+    vacant.insert(value.clone());
+    value
 }
 
 /// Echoes the request's id in its answer, unless the answer already carries one.
