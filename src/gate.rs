@@ -211,7 +211,7 @@ impl Gate {
             match judge(state.highest(), token) {
                 Verdict::Stale { highest } => return Err(Refusal::Stale { highest }),
                 Verdict::Current if state.open() == Some(token) => {
-                    state.enter(millis_since(self.inner.base, Instant::now()));
+                    state.enter();
                     drop(state);
                     return Ok(self.permit(slot));
                 }
@@ -801,8 +801,10 @@ struct EpochState {
     /// A torn-down request may still be applied upstream until then (rounded up to the next
     /// millisecond, so the wait is never shorter than the grace).
     in_doubt_until: Option<NonZeroU64>,
-    /// The low 32 bits of the last use. Compared with wrapping arithmetic, which is exact while
-    /// the slot has been idle for less than 49 days; eviction drops an idle slot long before.
+    /// The low 32 bits of when it was made or its last request left; a slot with a request in
+    /// flight is never idle, so entering does not read the clock. Compared with wrapping
+    /// arithmetic, which is exact while the slot has been idle for less than 49 days; eviction
+    /// drops an idle slot long before.
     last_used: u32,
     in_flight: u32,
     load: Load,
@@ -874,15 +876,14 @@ impl EpochState {
         }
     }
 
-    fn enter(&mut self, now: u64) {
+    fn enter(&mut self) {
         self.in_flight += 1;
-        self.last_used = now as u32; // the low bits, on purpose (see `last_used`)
     }
 
     /// Returns whether a waiter may now be able to proceed.
     fn leave(&mut self, now: Instant, base: Instant, in_doubt_for: Option<Duration>) -> bool {
         self.in_flight -= 1;
-        self.last_used = millis_since(base, now) as u32;
+        self.last_used = millis_since(base, now) as u32; // the low bits, on purpose
         if let Some(grace) = in_doubt_for {
             // Rounded up on both sides, so the deadline is never earlier than `now + grace`.
             let since_base = now.saturating_duration_since(base);
@@ -902,7 +903,7 @@ impl EpochState {
             Verdict::Current => {}
         }
         if self.open() == Some(token) {
-            self.enter(now);
+            self.enter();
             return Turn::Go;
         }
         if self.in_flight > 0 {
@@ -913,7 +914,7 @@ impl EpochState {
         }
         self.set_open(Some(token));
         self.in_doubt_until = None;
-        self.enter(now);
+        self.enter();
         Turn::Go
     }
 

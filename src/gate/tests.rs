@@ -575,8 +575,8 @@ fn in_doubt_deadlines_round_up_and_idleness_survives_the_32_bit_wrap() {
         "20 ms across the wrap"
     );
     assert!(state.is_idle(wrap + 40, Duration::from_millis(60)));
-    state.enter(wrap + 40);
-    state.in_flight = 0;
+    state.enter();
+    state.leave(base + Duration::from_millis(wrap + 40), base, None);
     assert!(!state.is_idle(wrap + 41, Duration::from_millis(60)));
 }
 
@@ -584,9 +584,14 @@ fn in_doubt_deadlines_round_up_and_idleness_survives_the_32_bit_wrap() {
 fn a_slot_used_after_the_evictions_clock_was_read_is_not_idle() {
     // The evictor reads the clock once, then walks a million slots while requests go on.
     let evictor_now = 100_000;
+    let base = Instant::now();
     let mut state = EpochState::new(0);
-    state.enter(evictor_now + 5);
-    state.in_flight = 0;
+    state.enter();
+    assert!(
+        !state.is_idle(evictor_now + 10_000_000, Duration::ZERO),
+        "in flight, however long since it was made"
+    );
+    state.leave(base + Duration::from_millis(evictor_now + 5), base, None);
     assert!(!state.is_idle(evictor_now, Duration::from_secs(60)));
     assert!(!state.is_idle(evictor_now, Duration::ZERO));
     assert!(state.is_idle(evictor_now + 60_005, Duration::from_secs(60)));

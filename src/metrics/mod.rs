@@ -316,6 +316,11 @@ pub struct UpstreamCall<'a> {
 }
 
 impl UpstreamCall<'_> {
+    /// When the call began.
+    pub fn started(&self) -> std::time::Instant {
+        self.started
+    }
+
     /// The elapsed time so far.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()

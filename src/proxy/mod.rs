@@ -365,9 +365,9 @@ impl DataPlane {
         id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, Rejected> {
         self.metrics.forwarded(false);
-        let _call = self.metrics.upstream_call();
+        let call = self.metrics.upstream_call();
         self.upstream
-            .forward(route, request, client, None)
+            .forward(route, request, client, None, call.started().into())
             .await
             .map_err(|e| self.forward_failure(e, route, Some(id)).into())
     }
@@ -804,10 +804,13 @@ impl DataPlane {
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
         let in_flight = InFlight::new(permits);
-        let upstream = pin!(
-            self.upstream
-                .forward(route, request, client, Some(&in_flight))
-        );
+        let upstream = pin!(self.upstream.forward(
+            route,
+            request,
+            client,
+            Some(&in_flight),
+            call.started().into()
+        ));
         let forwarded = match until_term_ends(admissions, upstream).await {
             Ok(forwarded) => forwarded,
             // Torn down: the permits stay in doubt.

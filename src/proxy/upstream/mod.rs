@@ -422,20 +422,22 @@ impl UpstreamClient {
     /// Sends `request` to `route`'s upstream and returns its response head; the body streams on.
     /// The request must be written and the head received within the upstream timeout; the body
     /// then may pause for at most as long between two reads. A fenced request's `in_flight`
-    /// learns when the last byte of the request has been written.
+    /// learns when the last byte of the request has been written. The timeout counts from
+    /// `started`, when the caller began the upstream call (and read the clock for its metrics).
     pub(super) fn forward<'a>(
         &'a self,
         route: &'a Route,
         request: ClientRequest,
         client: SocketAddr,
         in_flight: Option<&'a InFlight>,
+        started: Instant,
     ) -> impl Future<Output = Result<Response<ResponseBody>, ForwardError>> + 'a {
         // Not an `async fn`: the hot path's future is `forward_to`'s own, with no layer around it.
         let hop = Hop::Upstream(headers::Kept {
             keep_host: route.preserves_host(),
             keep_authorization: !route.takes_bearer_tokens(),
         });
-        self.forward_to(route.upstream(), hop, request, client, in_flight)
+        self.forward_to(route.upstream(), hop, request, client, in_flight, started)
     }
 
     /// Sends `request` to the replica that owns its shard, over the peer plane: every
@@ -448,7 +450,8 @@ impl UpstreamClient {
         request: ClientRequest,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, ForwardError> {
-        self.forward_to(peer, Hop::Peer { secret }, request, client, None)
+        let hop = Hop::Peer { secret };
+        self.forward_to(peer, hop, request, client, None, Instant::now())
             .await
     }
 
@@ -459,8 +462,9 @@ impl UpstreamClient {
         request: ClientRequest,
         client: SocketAddr,
         in_flight: Option<&InFlight>,
+        started: Instant,
     ) -> Result<Response<ResponseBody>, ForwardError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = started + self.timeout;
         // The head stays in its box, borrowed: taken apart, its 200 bytes were copied out.
         let mut request = request;
         let body = std::mem::replace(request.body_mut(), ClientBody::Empty);
