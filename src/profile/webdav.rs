@@ -49,6 +49,9 @@ pub fn destination<'r, 'a>(
     headers: &HeaderMap,
     authority: impl FnOnce() -> Option<&'a str>,
 ) -> Result<Option<Destination<'r>>, DestinationError> {
+    if crate::header_maps::lacks(headers, &DESTINATION) {
+        return Ok(None);
+    }
     let mut values = headers.get_all(DESTINATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
