@@ -12,12 +12,14 @@
 # proxy's CPU time per request (user + system, from /proc, over the same seconds); the medians of
 # fencegate / nginx end the run. With the core shared evenly the two ratios agree: the rate ratio
 # is the inverse of the CPU ratio. BINARY defaults to target/release/fencegate; ROUNDS to 5;
-# BENCH_DURATION (seconds per round) to 5. Needs wrk, nginx, taskset, curl and python3.
+# BENCH_DURATION (seconds per round) to 5; BENCH_REQUESTS=get measures unfenced GETs instead
+# (bench/wrk/get.lua). Needs wrk, nginx, taskset, curl and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BINARY=$(realpath "${1:-target/release/fencegate}")
 ROUNDS=${2:-5}
 DURATION=${BENCH_DURATION:-5}
+REQUESTS=${BENCH_REQUESTS:-put}
 LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
 PROXY_CPUS=${BENCH_PROXY_CPUS:-1}
 [ "$(nproc)" -ge 2 ] || PROXY_CPUS=${BENCH_PROXY_CPUS:-0}
@@ -44,7 +46,7 @@ start_fencegate_binary "$BINARY" "$WORK/fg.db" hot-only
 curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "http://127.0.0.1:$FENCEGATE_PORT/r/hot"
 
 load() { # port seconds output
-    taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"$2s" --timeout 5s -s bench/wrk/put.lua \
+    taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"$2s" --timeout 5s -s "bench/wrk/$REQUESTS.lua" \
         "http://127.0.0.1:$1/r/hot" | sed -n 's/^WRK_JSON //p' >"$3"
 }
 
