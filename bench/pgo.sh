@@ -101,8 +101,9 @@ wait_for_port "$FENCEGATE_PORT"
 put "https://127.0.0.1:$FENCEGATE_PORT/r/hot" 1 --insecure
 load bench/wrk/put.lua "https://127.0.0.1:$FENCEGATE_PORT"
 load bench/wrk/put.lua "https://127.0.0.1:$FENCEGATE_PORT" -H "Connection: close"
-# HTTP/2, which wrk does not speak: curl multiplexes its requests on one connection.
-curl -fksS --http2 --parallel --parallel-max 64 -X PUT -H "Fencing-Token: 1" \
+# HTTP/2, which wrk does not speak: curl multiplexes its requests on one connection (its
+# parallel mode draws a progress meter despite -s).
+curl -fksS --no-progress-meter --http2 --parallel --parallel-max 64 -X PUT -H "Fencing-Token: 1" \
     "https://127.0.0.1:$FENCEGATE_PORT/r/hot?n=[1-$((TRAIN_SECONDS * 5000))]" >/dev/null
 kill -TERM "$FENCEGATE_PID"
 wait "$FENCEGATE_PID" || true
