@@ -54,13 +54,35 @@ impl Admission {
     /// have waited (in the gate, or stopped with the whole process by SIGSTOP) since it was
     /// admitted: a replica that wakes past its deadline sends nothing.
     pub fn in_time(&self) -> bool {
-        !self.in_flight.has_ended()
-            && BootInstant::now().as_nanos() < self.in_flight.admit_until.load(Ordering::Acquire)
+        self.in_flight.admits_now()
+    }
+
+    /// What the request's bytes ask before each write to the upstream: the admission itself is
+    /// dropped when the response head is handed on, but the rest of a request body may still be
+    /// streaming after an early answer.
+    pub fn window(&self) -> TermWindow {
+        TermWindow(Arc::clone(&self.in_flight))
     }
 
     /// Completes when the term ends (at once if it has): the request must then be torn down.
     pub async fn term_ended(&self) {
         self.in_flight.ended().await;
+    }
+}
+
+/// Whether the term a request was admitted under still lets its bytes leave this replica.
+///
+/// Asked right before every write of the request to the upstream, in the same poll as the write:
+/// a replica whose process was stopped (SIGSTOP, a long pause) past its deadline must not send
+/// the rest of a request when it wakes, and nothing else is sure to run first. The deadline
+/// watcher runs on another thread, and after a stop the data thread may be scheduled before it.
+#[derive(Debug, Clone)]
+pub struct TermWindow(Arc<InFlight>);
+
+impl TermWindow {
+    /// The term has not ended and is not within the safety margin of its deadline.
+    pub fn is_open(&self) -> bool {
+        self.0.admits_now()
     }
 }
 
@@ -89,6 +111,13 @@ struct InFlight {
 impl InFlight {
     fn has_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+
+    /// Not ended, and before `admit_until` on the boot-time clock (which runs on while the
+    /// process is stopped).
+    fn admits_now(&self) -> bool {
+        !self.has_ended()
+            && BootInstant::now().as_nanos() < self.admit_until.load(Ordering::Acquire)
     }
 
     /// Ends the term for the requests admitted under it.

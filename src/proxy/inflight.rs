@@ -6,11 +6,19 @@
 //! streaming upstream at that moment must keep the next token back, or they would land after the
 //! new leader's first write. So the permits are held by [`InFlight`], shared between the proxy
 //! (which sees the response head) and the [`BodySent`] handle of the upstream exchange (which sees
-//! the last byte of the request written), and settled only when both have happened. If either side goes away first, the permits
-//! are dropped unsettled: the resource is in doubt for `in_doubt_grace`.
+//! the last byte of the request written), and settled only when both have happened. If either
+//! side goes away first, the permits are dropped unsettled: the resource is in doubt for
+//! `in_doubt_grace`.
+//!
+//! In cluster mode it also carries the terms the request was admitted under, which
+//! [`BodySent::may_write`] reads before each write: no byte of the request leaves once one has
+//! run out.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use smallvec::SmallVec;
+
+use crate::cluster::ownership::TermWindow;
 use crate::gate::Permits;
 use crate::token::FencingToken;
 
@@ -20,9 +28,15 @@ pub(super) struct InFlight {
     shared: Arc<Shared>,
 }
 
+/// The terms a request was admitted under: none on a single node, one for almost every request
+/// in cluster mode (kept inline, so that holding it allocates nothing).
+pub(super) type Terms = SmallVec<[TermWindow; 1]>;
+
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    /// Read without the lock: they never change.
+    terms: Terms,
 }
 
 #[derive(Debug)]
@@ -54,8 +68,9 @@ impl State {
 }
 
 impl InFlight {
-    /// Holds `permits` for a request about to be forwarded.
-    pub(super) fn new(permits: Permits) -> Self {
+    /// Holds `permits` for a request about to be forwarded under `terms` (cluster mode; empty on
+    /// a single node).
+    pub(super) fn new(permits: Permits, terms: Terms) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -63,6 +78,7 @@ impl InFlight {
                     answered: false,
                     body_sent: false,
                 }),
+                terms,
             }),
         }
     }
@@ -107,6 +123,13 @@ pub(crate) struct BodySent {
 }
 
 impl BodySent {
+    /// Whether more of the request may be written now: every term it was admitted under still
+    /// admits (always, on a single node). Asked in the same poll as the write it allows, so that
+    /// a process that wakes from a stop past its deadline writes nothing more.
+    pub(crate) fn may_write(&self) -> bool {
+        self.shared.terms.iter().all(TermWindow::is_open)
+    }
+
     /// The whole request has been written to the upstream connection.
     pub(crate) fn sent(self) {
         let mut state = self.shared.lock();
@@ -158,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_before_the_body_is_sent_keeps_the_request_in_flight() {
         let (gate, resource, _dir) = gate().await;
-        let in_flight = InFlight::new(permits(&gate, &resource).await);
+        let in_flight = InFlight::new(permits(&gate, &resource).await, Terms::new());
         let body = in_flight.body_sent();
         in_flight.answered();
         drop(in_flight);
@@ -176,7 +199,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_sent_before_the_answer_waits_for_the_answer() {
         let (gate, resource, _dir) = gate().await;
-        let in_flight = InFlight::new(permits(&gate, &resource).await);
+        let in_flight = InFlight::new(permits(&gate, &resource).await, Terms::new());
         in_flight.body_sent().sent();
         assert!(
             !next_token_goes_through(&gate, &resource).await,
@@ -189,7 +212,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_cut_off_after_the_answer_leaves_the_resource_in_doubt() {
         let (gate, resource, _dir) = gate().await;
-        let in_flight = InFlight::new(permits(&gate, &resource).await);
+        let in_flight = InFlight::new(permits(&gate, &resource).await, Terms::new());
         let body = in_flight.body_sent();
         in_flight.answered();
         drop(in_flight);

@@ -803,7 +803,11 @@ impl DataPlane {
         }
         self.metrics.forwarded(true);
         let call = self.metrics.upstream_call();
-        let in_flight = InFlight::new(permits);
+        let terms = admissions
+            .iter()
+            .map(placement::Admission::window)
+            .collect();
+        let in_flight = InFlight::new(permits, terms);
         let upstream = pin!(self.upstream.forward(
             route,
             request,
@@ -827,6 +831,19 @@ impl DataPlane {
                     response.extensions_mut().insert(Fenced { resource, token });
                 }
                 Ok(response)
+            }
+            Err(e) if e.lease_ended() => {
+                // A term ran out between two writes: what was written (if anything) stays in
+                // doubt, as after a teardown.
+                if e.never_sent() {
+                    in_flight.never_sent();
+                }
+                let shard = admissions
+                    .iter()
+                    .find(|admission| !admission.in_time())
+                    .or(admissions.first())
+                    .map_or(0, |admission| admission.shard);
+                Err(ProxyError::LeaseEnded { shard }.into())
             }
             Err(e) => {
                 let highest = match e {

@@ -59,6 +59,10 @@ pub enum ExchangeError {
     BodyDeadline,
     #[error("the upstream sent no response bytes within the read timeout")]
     ReadTimeout,
+    #[error(
+        "the cluster lease the request was admitted under ran out before all of it was written"
+    )]
+    LeaseEnded,
 }
 
 /// The request's side of an exchange: the head and body still to be written.
@@ -229,6 +233,11 @@ impl Sender {
         cx: &mut Context<'_>,
         stream: &mut UpstreamStream,
     ) -> Poll<Result<(), ExchangeError>> {
+        // Every write, not only the first: a process stopped mid-request must not send the rest
+        // when it wakes past its lease (see `TermWindow`).
+        if self.sent.as_ref().is_some_and(|sent| !sent.may_write()) {
+            return Poll::Ready(Err(ExchangeError::LeaseEnded));
+        }
         match ready!(stream.poll_write(cx, &self.pending)) {
             Ok(0) => {
                 let closed = std::io::Error::from(std::io::ErrorKind::WriteZero);

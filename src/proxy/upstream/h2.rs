@@ -153,6 +153,11 @@ pub(super) async fn exchange(
             .ready()
             .await
             .map_err(|e| ForwardError::NotSent(ExchangeError::Write(std::io::Error::other(e))))?;
+        // The last look before the stream opens (its headers go out on hyper's connection task):
+        // the wait for a stream slot may have outlasted the lease.
+        if request.body().lease_ran_out() {
+            return Err(ForwardError::NotSent(ExchangeError::LeaseEnded));
+        }
         sender
             .send_request(request)
             .await
@@ -172,6 +177,7 @@ pub(super) struct BodyLimits {
     too_large: AtomicBool,
     wrong_length: AtomicBool,
     client_failed: AtomicBool,
+    lease_ended: AtomicBool,
 }
 
 impl BodyLimits {
@@ -182,6 +188,7 @@ impl BodyLimits {
             too_large: AtomicBool::new(false),
             wrong_length: AtomicBool::new(false),
             client_failed: AtomicBool::new(false),
+            lease_ended: AtomicBool::new(false),
         })
     }
 
@@ -193,6 +200,9 @@ impl BodyLimits {
         }
         if self.wrong_length.load(Ordering::Relaxed) {
             return ForwardError::Exchange(ExchangeError::BodyLength);
+        }
+        if self.lease_ended.load(Ordering::Relaxed) {
+            return ForwardError::Exchange(ExchangeError::LeaseEnded);
         }
         if self.client_failed.load(Ordering::Relaxed) {
             return ForwardError::Exchange(ExchangeError::ClientBody(Box::new(error)));
@@ -247,6 +257,14 @@ impl SentBody {
             sent.sent();
         }
     }
+
+    /// Whether a cluster lease the request was admitted under has run out: then neither another
+    /// frame nor the end of the stream goes, and hyper resets the stream, so that the upstream
+    /// never holds the whole request. (hyper writes the frame on its connection task, a poll
+    /// later: a narrower check than HTTP/1.1's, which is made in the poll that writes.)
+    fn lease_ran_out(&self) -> bool {
+        self.sent.as_ref().is_some_and(|sent| !sent.may_write())
+    }
 }
 
 impl Body for SentBody {
@@ -263,7 +281,12 @@ impl Body for SentBody {
                 this.ended();
                 return Poll::Ready(None);
             };
-            let frame = match ready!(Pin::new(inner).poll_frame(cx)) {
+            let polled = ready!(Pin::new(inner).poll_frame(cx));
+            if this.lease_ran_out() {
+                let limits = Arc::clone(&this.limits);
+                return this.fail(&limits.lease_ended, ExchangeError::LeaseEnded);
+            }
+            let frame = match polled {
                 None => {
                     this.inner = None;
                     if let RequestFraming::Length(length) = this.limits.framing

@@ -306,7 +306,7 @@ pub enum ForwardError {
 impl ForwardError {
     /// What went wrong, in one word for logs and metrics: `timeout`, `connect_timeout`,
     /// `refused`, `dns`, `reset`, `closed`, `bad_response`, `client_body`, `body_too_large`,
-    /// `switched_protocols` or `io`.
+    /// `switched_protocols`, `lease_ended` or `io`.
     pub fn cause(&self) -> &'static str {
         let of_io = |e: &std::io::Error| match e.kind() {
             std::io::ErrorKind::ConnectionRefused => "refused",
@@ -340,6 +340,7 @@ impl ForwardError {
             ExchangeError::ClientBody(_) | ExchangeError::BodyLength => "client_body",
             ExchangeError::BodyTooLarge => "body_too_large",
             ExchangeError::BodyDeadline | ExchangeError::ReadTimeout => "timeout",
+            ExchangeError::LeaseEnded => "lease_ended",
         };
         match self {
             ForwardError::Connect(e) => of_io(e),
@@ -362,6 +363,16 @@ impl ForwardError {
             }
             _ => None,
         }
+    }
+
+    /// Whether writing stopped because a cluster lease the request was admitted under ran out
+    /// (see [`crate::cluster::ownership::TermWindow`]).
+    pub fn lease_ended(&self) -> bool {
+        matches!(
+            self,
+            ForwardError::NotSent(ExchangeError::LeaseEnded)
+                | ForwardError::Exchange(ExchangeError::LeaseEnded)
+        )
     }
 
     /// Whether the upstream certainly never received the request, so it cannot apply it later.
@@ -910,6 +921,126 @@ mod tests {
             RequestFraming::Length(0),
             "a Content-Length: 0 the client sent goes on"
         );
+    }
+
+    /// Cluster mode: a request whose lease runs out while it is being sent (its process stopped
+    /// and woke past the deadline, before the deadline watcher could tear it down) writes no
+    /// further byte. The watcher is deliberately not running here: the write's own check is what
+    /// is under test.
+    mod lease {
+        use super::*;
+        use crate::cluster::ShardMap;
+        use crate::cluster::clock::BootInstant;
+        use crate::cluster::ownership::Ownership;
+        use crate::gate::Gate;
+        use crate::metrics::Metrics;
+        use crate::route::ResourceKey;
+        use crate::store::LastStop;
+        use crate::store::sqlite::SqliteStore;
+        use crate::token::FencingToken;
+        use tokio::io::AsyncReadExt;
+
+        /// The permits of token 1 on resource `r`, in a gate on a fresh database.
+        async fn permits() -> (crate::gate::Permits, tempfile::TempDir) {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, guard) = SqliteStore::open(&dir.path().join("fg.db")).unwrap();
+            std::mem::forget(guard);
+            let gate = Gate::new(
+                store,
+                Duration::from_secs(60),
+                Metrics::new(),
+                LastStop::Clean,
+            );
+            let resource = ResourceKey::new("r");
+            let permits = gate
+                .admit_all(&resource, &[], FencingToken::new(1), None, "")
+                .await
+                .unwrap();
+            (permits, dir)
+        }
+
+        /// An upstream that takes one connection and returns every byte it received on it, up
+        /// to the client's close.
+        async fn upstream() -> (Upstream, tokio::task::JoinHandle<Vec<u8>>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let received = tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut bytes = Vec::new();
+                let _ = stream.read_to_end(&mut bytes).await;
+                bytes
+            });
+            (url.parse().unwrap(), received)
+        }
+
+        fn put(expect_continue: bool) -> ClientRequest {
+            let mut request = http::Request::builder()
+                .method(Method::PUT)
+                .uri("/w/1")
+                .header(CONTENT_LENGTH, "1");
+            if expect_continue {
+                request = request.header(EXPECT, "100-continue");
+            }
+            let body = ClientBody::Read(http_body_util::Full::new(bytes::Bytes::from("x")));
+            Box::new(request.body(body).unwrap())
+        }
+
+        async fn send(
+            upstream: &Upstream,
+            request: ClientRequest,
+            in_flight: &InFlight,
+        ) -> ForwardError {
+            let client = UpstreamClient::new(Duration::from_secs(5), Duration::from_secs(1), 1024);
+            let hop = Hop::Upstream(headers::Kept {
+                keep_host: false,
+                keep_authorization: true,
+            });
+            let sent = client.forward_to(
+                upstream,
+                hop,
+                request,
+                "127.0.0.1:1".parse().unwrap(),
+                Some(in_flight),
+                Instant::now(),
+            );
+            sent.await.expect_err("the lease ran out")
+        }
+
+        #[tokio::test]
+        async fn a_request_whose_lease_ran_out_before_it_was_written_sends_nothing() {
+            let ownership = Ownership::new("fg-1".into(), ShardMap::new(1), Duration::ZERO);
+            ownership.grant(0, 1, BootInstant::now() + Duration::from_secs(60), None);
+            let admission = ownership.admit(0).unwrap();
+            let (permits, _dir) = permits().await;
+            let in_flight = InFlight::new(permits, [admission.window()].into_iter().collect());
+            // Admitted in time; the term ends before the request's first write.
+            ownership.end(0);
+            let (upstream, received) = upstream().await;
+            let error = send(&upstream, put(false), &in_flight).await;
+            assert!(error.lease_ended() && error.never_sent(), "{error:?}");
+            assert_eq!(error.cause(), "lease_ended");
+            assert_eq!(received.await.unwrap(), b"", "not one byte left fencegate");
+        }
+
+        #[tokio::test]
+        async fn a_request_whose_lease_runs_out_mid_body_sends_no_more() {
+            let ownership =
+                Ownership::new("fg-1".into(), ShardMap::new(1), Duration::from_millis(10));
+            // The head goes at once; the body waits a second for `100 Continue`, which never
+            // comes, and the lease runs out in the meantime.
+            ownership.grant(0, 1, BootInstant::now() + Duration::from_millis(300), None);
+            let admission = ownership.admit(0).unwrap();
+            let (permits, _dir) = permits().await;
+            let in_flight = InFlight::new(permits, [admission.window()].into_iter().collect());
+            let (upstream, received) = upstream().await;
+            let error = send(&upstream, put(true), &in_flight).await;
+            assert!(error.lease_ended() && !error.never_sent(), "{error:?}");
+            let received = String::from_utf8(received.await.unwrap()).unwrap();
+            assert!(
+                received.starts_with("PUT /w/1 HTTP/1.1\r\n") && received.ends_with("\r\n\r\n"),
+                "the head only, never the body: {received:?}"
+            );
+        }
     }
 
     #[test]
