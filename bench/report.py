@@ -5,6 +5,7 @@ Usage: report.py RAW.jsonl OUT_DIR PROXY_CPUS LOAD_CPUS WORKERS CONNECTIONS DURA
 """
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def markdown(summary, setup):
         "# fencegate benchmark",
         "",
         f"{setup['when']}, `{setup['host']}`, commit `{setup['commit']}`; reproduce with "
-        "`bench/run.sh` (release build).",
+        f"`bench/run.sh` ({setup['build']}).",
         f"Proxies on CPU {setup['proxy_cpus']} ({setup['workers']} nginx worker(s), "
         f"{setup['workers']} fencegate worker thread(s)); wrk, oha and the upstream "
         f"(nginx `return 200`) on CPU {setup['load_cpus']}. {setup['connections']} connections, "
@@ -249,6 +250,8 @@ def main():
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": f"{platform.node()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
         "commit": commit,
+        # bench/run.sh's BINARY argument, if one was given.
+        "build": os.environ.get("BENCH_BUILD") or "release build",
         "proxy_cpus": proxy_cpus,
         "load_cpus": load_cpus,
         "workers": int(workers),

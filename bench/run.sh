@@ -27,6 +27,9 @@
 #
 # The shared setup needs two cores; on one it is skipped.
 #
+# Usage: bench/run.sh [BINARY]. BINARY is the fencegate under test, by default the release build
+# (made first); bench/pgo.sh's target/pgo/fencegate is the fastest. The report names it.
+#
 # Knobs (environment): BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
 # (default 64), BENCH_FILL_RESOURCES (default 1000000), BENCH_OUT (default bench/results).
 set -euo pipefail
@@ -58,7 +61,9 @@ for tool in wrk oha nginx taskset curl python3; do
 done
 
 cargo build --release --locked --quiet --bin fencegate --example hyper_floor
-BIN=$PWD/target/release/fencegate
+BIN=$(realpath "${1:-target/release/fencegate}")
+[ -x "$BIN" ] || { echo "bench/run.sh: no $BIN" >&2; exit 2; }
+export BENCH_BUILD=${1:+the binary \`$1\`}
 FLOOR=$PWD/target/release/examples/hyper_floor
 WORK=$(mktemp -d /tmp/fencegate-bench.XXXXXX)
 RAW=$WORK/raw.jsonl
