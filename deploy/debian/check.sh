@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the .deb (deploy/debian/build.sh) and installs it with dpkg into a scratch root, never
-# into this machine: checks that every file lands where the unit and the docs say, that the
-# installed binary runs and accepts the installed config, that the config is a conffile, and that
-# removing the package leaves the operator's config until a purge. Run by .ci/run.
+# Builds the .deb (deploy/debian/build.sh, which FENCEGATE_DEB_PGO=1 makes package the
+# profile-guided build) and installs it with dpkg into a scratch root, never into this machine:
+# checks that every file lands where the unit and the docs say, that the installed binary runs
+# and accepts the installed config, that the config is a conffile, and that removing the package
+# leaves the operator's config until a purge. Run by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/debian/build.sh
