@@ -139,7 +139,7 @@ impl BodySent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::time::Duration;
 
@@ -150,7 +150,7 @@ mod tests {
     use crate::store::sqlite::SqliteStore;
 
     /// A gate on a fresh database, and a resource already at token 1.
-    async fn gate() -> (Gate, ResourceKey, tempfile::TempDir) {
+    pub(in crate::proxy) async fn gate() -> (Gate, ResourceKey, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let (store, guard) = SqliteStore::open(&dir.path().join("fg.db")).unwrap();
         std::mem::forget(guard); // the writer lives as long as the test
@@ -164,7 +164,7 @@ mod tests {
         (gate, resource, dir)
     }
 
-    async fn permits(gate: &Gate, resource: &ResourceKey) -> Permits {
+    pub(in crate::proxy) async fn permits(gate: &Gate, resource: &ResourceKey) -> Permits {
         gate.admit_all(resource, &[], FencingToken::new(1), None, "")
             .await
             .unwrap()

@@ -261,7 +261,7 @@ impl SentBody {
     /// Whether a cluster lease the request was admitted under has run out: then neither another
     /// frame nor the end of the stream goes, and hyper resets the stream, so that the upstream
     /// never holds the whole request. (hyper writes the frame on its connection task, a poll
-    /// later: a narrower check than HTTP/1.1's, which is made in the poll that writes.)
+    /// later: a looser check than HTTP/1.1's, which is made in the poll that writes.)
     fn lease_ran_out(&self) -> bool {
         self.sent.as_ref().is_some_and(|sent| !sent.may_write())
     }

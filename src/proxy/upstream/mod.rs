@@ -932,30 +932,12 @@ mod tests {
         use crate::cluster::ShardMap;
         use crate::cluster::clock::BootInstant;
         use crate::cluster::ownership::Ownership;
-        use crate::gate::Gate;
-        use crate::metrics::Metrics;
-        use crate::route::ResourceKey;
-        use crate::store::LastStop;
-        use crate::store::sqlite::SqliteStore;
-        use crate::token::FencingToken;
         use tokio::io::AsyncReadExt;
 
         /// The permits of token 1 on resource `r`, in a gate on a fresh database.
         async fn permits() -> (crate::gate::Permits, tempfile::TempDir) {
-            let dir = tempfile::tempdir().unwrap();
-            let (store, guard) = SqliteStore::open(&dir.path().join("fg.db")).unwrap();
-            std::mem::forget(guard);
-            let gate = Gate::new(
-                store,
-                Duration::from_secs(60),
-                Metrics::new(),
-                LastStop::Clean,
-            );
-            let resource = ResourceKey::new("r");
-            let permits = gate
-                .admit_all(&resource, &[], FencingToken::new(1), None, "")
-                .await
-                .unwrap();
+            let (gate, resource, dir) = crate::proxy::inflight::tests::gate().await;
+            let permits = crate::proxy::inflight::tests::permits(&gate, &resource).await;
             (permits, dir)
         }
 
