@@ -467,6 +467,89 @@ async fn a_killed_replicas_shards_move_to_the_survivor_after_its_lease_and_the_g
     );
 }
 
+/// A replica stopped (SIGSTOP) in the middle of a request until its lease has run out sends
+/// nothing more of it when it wakes, whichever of its threads the kernel runs first: the deadline
+/// watcher (another thread) may not have ended the term yet, so each write checks it itself.
+#[tokio::test]
+async fn a_replica_woken_past_its_lease_sends_nothing_more_of_a_request() {
+    use common::scripted::ScriptedUpstream;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::oneshot;
+
+    let Some(pg) = Postgres::start() else { return };
+    // The upstream never says `100 Continue`: fencegate sends the head at once and holds the body
+    // for a second, in which the replica is stopped.
+    let (head_tx, head_rx) = oneshot::channel::<String>();
+    let (rest_tx, rest_rx) = oneshot::channel::<Vec<u8>>();
+    let channels = Arc::new(Mutex::new(Some((head_tx, rest_tx))));
+    let upstream = ScriptedUpstream::start(move |mut peer| {
+        let channels = channels.lock().unwrap().take();
+        async move {
+            let Some((head_tx, rest_tx)) = channels else {
+                return;
+            };
+            let Some(head) = peer.head().await else {
+                return;
+            };
+            let _ = head_tx.send(head);
+            let _ = rest_tx.send(peer.rest(Duration::from_secs(10)).await);
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &upstream.url());
+    let replica = start_replica(&config, "fg-1").await;
+    wait_for_owners(&replica, &["fg-1"]).await;
+
+    let mut client = tokio::net::TcpStream::connect(replica.proxy.addr)
+        .await
+        .unwrap();
+    client
+        .write_all(
+            b"PUT /w/1 HTTP/1.1\r\nHost: fg\r\nFencing-Token: 1\r\nContent-Length: 1\r\n\
+              Expect: 100-continue\r\n\r\nx",
+        )
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), head_rx)
+        .await
+        .expect("the head reached the upstream")
+        .unwrap();
+    assert!(head.starts_with("PUT /w/1 "), "{head}");
+    // Stopped for three leases (1 s each): the lease runs out, and the body's second of waiting
+    // for `100 Continue` with it.
+    let pid = replica.proxy.child.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+
+    let rest = tokio::time::timeout(Duration::from_secs(15), rest_rx)
+        .await
+        .expect("fencegate closed the upstream connection")
+        .unwrap();
+    assert!(
+        rest.is_empty(),
+        "the body left the replica after its lease ran out: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    // Read to the problem's end (an interim `100 Continue` may come first).
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0; 4096];
+        while !String::from_utf8_lossy(&answer).contains("lease-ended") {
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => answer.extend_from_slice(&chunk[..read]),
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains(" 503 "), "{answer}");
+    assert!(answer.contains("lease-ended"), "{answer}");
+}
+
 #[tokio::test]
 async fn a_replica_that_stops_hands_its_shards_over_cleanly() {
     let Some(TwoReplicas {
@@ -858,7 +941,7 @@ async fn the_peer_plane_serves_only_callers_that_send_the_cluster_secret() {
     };
     let upstream = common::RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = common::cluster::write_config(dir.path(), &pg, &upstream.url());
+    let config = write_config(dir.path(), &pg, &upstream.url());
     let one = common::cluster::start_replica_with_secret(&config, "fg-1", SECRET).await;
     let two = common::cluster::start_replica_with_secret(&config, "fg-2", SECRET).await;
     common::cluster::wait_for_owners(&one, &["fg-1", "fg-2"]).await;

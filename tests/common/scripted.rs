@@ -103,6 +103,13 @@ impl Peer {
         read
     }
 
+    /// Everything the client sends (what is buffered already included) until it closes the
+    /// connection or `within` runs out.
+    pub async fn rest(&mut self, within: std::time::Duration) -> Vec<u8> {
+        let _ = tokio::time::timeout(within, async { while self.fill().await > 0 {} }).await;
+        std::mem::take(&mut self.buffer)
+    }
+
     /// Writes raw bytes.
     pub async fn send(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes).await;
