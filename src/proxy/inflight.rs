@@ -210,6 +210,19 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_never_sent_is_settled_and_every_outcome_tells_the_highest_token() {
+        let (gate, resource, _dir) = gate().await;
+        let in_flight = InFlight::new(permits(&gate, &resource).await, Terms::new());
+        // The token a refused or failed leader learns from `Fencing-Token-Highest`.
+        assert_eq!(in_flight.highest(), Some(FencingToken::new(1)));
+        assert_eq!(in_flight.never_sent(), Some(FencingToken::new(1)));
+        assert!(
+            next_token_goes_through(&gate, &resource).await,
+            "nothing reached the upstream: nothing is in doubt"
+        );
+    }
+
+    #[tokio::test]
     async fn a_body_cut_off_after_the_answer_leaves_the_resource_in_doubt() {
         let (gate, resource, _dir) = gate().await;
         let in_flight = InFlight::new(permits(&gate, &resource).await, Terms::new());
