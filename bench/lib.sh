@@ -93,6 +93,26 @@ EOF
 }
 
 # Appends one result line: `record KEY=VALUE... -- JSON` merges the pairs into the JSON object.
+# A config for fencegate serving HTTPS with $WORK/server.crt and server.key, and the hot route
+# /r/{id} to the plain upstream: bench/tls.sh's (which appends its routes) and bench/pgo.sh's.
+write_tls_config() { # file database
+    cat >"$1" <<EOF
+listen = "127.0.0.1:$FENCEGATE_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+database = "$2"
+worker_threads = $PROXY_WORKERS
+
+[tls]
+cert = "$WORK/server.crt"
+key = "$WORK/server.key"
+
+[[routes]]
+path = "/r/{id}"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT"
+resource = "r:{id}"
+EOF
+}
+
 record() { # appends to $RAW
     python3 - "$RAW" "$@" <<'EOF'
 import json, sys

@@ -79,21 +79,7 @@ wait "$FENCEGATE_PID" || true
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
     -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
-cat >"$WORK/tls.toml" <<EOF
-listen = "127.0.0.1:$FENCEGATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-database = "$WORK/train-tls.db"
-worker_threads = $PROXY_WORKERS
-
-[tls]
-cert = "$WORK/server.crt"
-key = "$WORK/server.key"
-
-[[routes]]
-path = "/r/{id}"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-resource = "r:{id}"
-EOF
+write_tls_config "$WORK/tls.toml" "$WORK/train-tls.db"
 "$TRAINEE" serve --config "$WORK/tls.toml" 2>>"$WORK/fencegate-tls.log" &
 FENCEGATE_PID=$!
 PIDS+=("$FENCEGATE_PID")

@@ -124,20 +124,8 @@ http {
     }
 }
 EOF
-cat >"$WORK/fencegate.toml" <<EOF
-listen = "127.0.0.1:$FENCEGATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-database = "$WORK/fencegate.db"
-worker_threads = $PROXY_WORKERS
-
-[tls]
-cert = "$WORK/server.crt"
-key = "$WORK/server.key"
-
-[[routes]]
-path = "/r/{id}"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT"
-resource = "r:{id}"
+write_tls_config "$WORK/fencegate.toml" "$WORK/fencegate.db"
+cat >>"$WORK/fencegate.toml" <<EOF
 
 [[routes]]
 path = "/s/{id}"
