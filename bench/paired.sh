@@ -10,10 +10,17 @@
 # PUTs with the current token, as bench/run.sh's), both at once: the scheduler shares the core
 # between them, and whatever slows the core slows both. Each round prints both rates and each
 # proxy's CPU time per request (user + system, from /proc, over the same seconds); the medians of
-# fencegate / nginx end the run. With the core shared evenly the two ratios agree: the rate ratio
-# is the inverse of the CPU ratio. BINARY defaults to target/release/fencegate; ROUNDS to 5;
-# BENCH_DURATION (seconds per round) to 5; BENCH_REQUESTS=get measures unfenced GETs instead
-# (bench/wrk/get.lua). Needs wrk, nginx, taskset, curl and python3.
+# fencegate / nginx end the run. With the core shared evenly the rate ratio is the inverse of the
+# CPU ratio. Latency is not measured here: two proxies sharing a core delay each other, so a p99
+# taken at the same moment says more about the scheduler than about either (bench/run.sh
+# measures it in turn).
+#
+# BINARY defaults to target/release/fencegate; ROUNDS to 5; BENCH_DURATION (seconds per round)
+# to 5. BENCH_REQUESTS=get measures unfenced GETs instead (bench/wrk/get.lua).
+# BENCH_SETUP=shared asks bench/run.sh's shared setup the same way: two workers for each proxy,
+# and both proxies, both load generators and the upstream on CPUs 0,1. BENCH_PAIRED_JSON=FILE
+# also writes the medians there (bench/run.sh reads them). Needs wrk, nginx, taskset, curl and
+# python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BINARY=$(realpath "${1:-target/release/fencegate}")
@@ -24,6 +31,15 @@ LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
 PROXY_CPUS=${BENCH_PROXY_CPUS:-1}
 [ "$(nproc)" -ge 2 ] || PROXY_CPUS=${BENCH_PROXY_CPUS:-0}
 PROXY_WORKERS=1
+SETUP=${BENCH_SETUP:-pinned}
+case $SETUP in
+    pinned) ;;
+    shared)
+        [ "$(nproc)" -ge 2 ] || { echo "bench/paired.sh: the shared setup needs two cores" >&2; exit 2; }
+        LOAD_CPUS=0,1 PROXY_CPUS=0,1 PROXY_WORKERS=2
+        ;;
+    *) echo "bench/paired.sh: BENCH_SETUP is pinned or shared" >&2; exit 2 ;;
+esac
 UPSTREAM_PORT=18291
 NGINX_PORT=18292
 FENCEGATE_PORT=18293
@@ -81,12 +97,27 @@ print(f"round {round_}: nginx {n_rate:.0f} req/s {n_cpu:.2f} us/req, "
       f"rate ratio {f_rate / n_rate:.3f}, cpu ratio {f_cpu / n_cpu:.3f}")
 EOF
 done
-python3 - "$WORK/rounds" <<'EOF'
-import re, statistics, sys
-rows = [line for line in open(sys.argv[1]) if line.startswith("round")]
-rate = [float(re.search(r"rate ratio ([\d.]+)", r).group(1)) for r in rows]
-cpu = [float(re.search(r"cpu ratio ([\d.]+)", r).group(1)) for r in rows]
-print(f"median of {len(rows)} rounds, fencegate / nginx, at the same moment on one core:")
-print(f"  throughput        {statistics.median(rate):.3f}")
-print(f"  CPU per request   {statistics.median(cpu):.3f}")
+python3 - "$WORK/rounds" "$SETUP" "$REQUESTS" "${BENCH_PAIRED_JSON:-}" <<'EOF'
+import json, re, statistics, sys
+rounds, setup, requests, out = sys.argv[1:]
+rows = [line for line in open(rounds) if line.startswith("round")]
+def median(pattern):
+    return statistics.median(float(re.search(pattern, row).group(1)) for row in rows)
+summary = {
+    "setup": setup,
+    "requests": requests,
+    "rounds": len(rows),
+    "throughput_vs_nginx": median(r"rate ratio ([\d.]+)"),
+    "cpu_per_request_vs_nginx": median(r"cpu ratio ([\d.]+)"),
+    "nginx_per_s": median(r"nginx ([\d.]+) req/s"),
+    "fencegate_per_s": median(r"fencegate ([\d.]+) req/s"),
+    "nginx_cpu_us": median(r"nginx [\d.]+ req/s ([\d.]+) us/req"),
+    "fencegate_cpu_us": median(r"fencegate [\d.]+ req/s ([\d.]+) us/req"),
+}
+print(f"median of {len(rows)} rounds, fencegate / nginx, at the same moment on the same cores ({setup}):")
+print(f"  throughput        {summary['throughput_vs_nginx']:.3f}")
+print(f"  CPU per request   {summary['cpu_per_request_vs_nginx']:.3f}")
+if out:
+    with open(out, "w") as f:
+        json.dump(summary, f)
 EOF

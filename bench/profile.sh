@@ -10,6 +10,8 @@
 # it names. With BENCH_WAKEUPS=1 it also counts, system-wide and per CPU, the wake-ups, context
 # switches and wake-up IPIs per request: on a VM an IPI that wakes an idle CPU costs the sender
 # microseconds, and how often the load generator's CPU goes idle follows the proxy's own speed.
+# BENCH_LOAD_CPUS=0,1 BENCH_PROXY_CPUS=0,1 BENCH_PROXY_WORKERS=2 profiles bench/run.sh's shared
+# setup instead (fencegate only: nginx's workers are separate processes).
 # BINARY defaults
 # to a build with frame pointers and line tables in /tmp/fp-target, made if missing:
 #   CARGO_TARGET_DIR=/tmp/fp-target RUSTFLAGS="-C force-frame-pointers=yes" \
@@ -22,7 +24,7 @@ METHOD=${2:-put}
 SECONDS_=${3:-8}
 LOAD_CPUS=${BENCH_LOAD_CPUS:-0}
 PROXY_CPUS=${BENCH_PROXY_CPUS:-1}
-PROXY_WORKERS=1
+PROXY_WORKERS=${BENCH_PROXY_WORKERS:-1}
 UPSTREAM_PORT=18291
 FENCEGATE_PORT=18293
 ADMIN_PORT=18294

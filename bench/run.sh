@@ -7,7 +7,10 @@
 #      all in front of the same nginx `return 200`; wrk finds saturation, oha measures latency at
 #      50% of it (latency-corrected); CPU time is the process's own (/proc, user + system) over the
 #      wrk run, divided by its requests. Twice: with the proxy pinned alone on one core, and in the
-#      outside check's setup, two threads for each proxy and everything sharing two cores;
+#      outside check's setup, two threads for each proxy and everything sharing two cores. Then
+#      the throughput and CPU ratios again, both proxies at the same moment (bench/paired.sh), in
+#      both setups: on a virtual machine whose speed drifts, the ratios taken in turn move by
+#      ±0.1 between runs, these by a few hundredths;
 #   2. durable epoch advances per second;
 #   3. audited rejections per second (a zombie storm);
 #   4. RSS once 1,000,000 distinct resources have been seen;
@@ -30,12 +33,17 @@
 # Usage: bench/run.sh [BINARY]. BINARY is the fencegate under test, by default the release build
 # (made first); bench/pgo.sh's target/pgo/fencegate is the fastest. The report names it.
 #
-# Knobs (environment): BENCH_DURATION (seconds per measurement, default 10), BENCH_CONNECTIONS
-# (default 64), BENCH_FILL_RESOURCES (default 1000000), BENCH_OUT (default bench/results).
+# Knobs (environment): BENCH_DURATION (seconds per measurement, default 10), BENCH_LATENCY_ROUNDS
+# (oha runs per target, default 3), BENCH_PAIRED_ROUNDS and BENCH_PAIRED_DURATION (bench/paired.sh's
+# rounds, default 5 of 5 s), BENCH_CONNECTIONS (default 64), BENCH_FILL_RESOURCES (default
+# 1000000), BENCH_OUT (default bench/results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${BENCH_DURATION:-10}
+export BENCH_LATENCY_ROUNDS=${BENCH_LATENCY_ROUNDS:-3} # report.py reads it too
+LATENCY_ROUNDS=$BENCH_LATENCY_ROUNDS
+PAIRED_ROUNDS=${BENCH_PAIRED_ROUNDS:-5}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 FILL=${BENCH_FILL_RESOURCES:-1000000}
 OUT=${BENCH_OUT:-bench/results}
@@ -126,10 +134,13 @@ curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "${URL[fencegate]}"
 
 
 # Throughput (with CPU time per request) and latency of each target: `measure PREFIX TARGET...`,
-# with URL and CPU_PID (the process whose CPU time a target costs) filled in.
+# with URL and CPU_PID (the process whose CPU time a target costs) filled in. Latency is taken
+# LATENCY_ROUNDS times, the targets in turn within each round, and reported as medians: on a
+# virtual machine one p99 at half load moves by several times between runs.
 measure() {
     local prefix=$1
     shift
+    local -A half
     for method in PUT GET; do
         script=bench/wrk/${method,,}.lua
         for target in "$@"; do
@@ -140,10 +151,15 @@ measure() {
             cpu_after=$(cpu_seconds "${CPU_PID[$target]}")
             record scenario="${prefix}throughput" method="$method" target="$target" tool=wrk \
                 cpu_seconds="$(python3 -c "print($cpu_after - $cpu_before)")" -- "$saturation"
-            rate=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(max(1, int(s["requests"] / (s["duration_us"] / 1e6) / 2)))' "$saturation")
-            log "oha $method $target at $rate req/s ${prefix%_}"
-            record scenario="${prefix}latency" method="$method" target="$target" tool=oha rate="$rate" -- \
-                "$(run_oha "$method" "${URL[$target]}" "$rate")"
+            half[$target]=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(max(1, int(s["requests"] / (s["duration_us"] / 1e6) / 2)))' "$saturation")
+        done
+        for round in $(seq 1 "$LATENCY_ROUNDS"); do
+            for target in "$@"; do
+                log "oha $method $target at ${half[$target]} req/s ${prefix%_} (round $round)"
+                record scenario="${prefix}latency" method="$method" target="$target" tool=oha \
+                    rate="${half[$target]}" round="$round" -- \
+                    "$(run_oha "$method" "${URL[$target]}" "${half[$target]}")"
+            done
         done
     done
 }
@@ -178,6 +194,19 @@ if [ "$(nproc)" -ge 2 ]; then
     ADMIN_PORT=${pinned[4]} FENCEGATE_PID=${pinned[5]} LOAD_CPUS=${pinned[6]}
     repin_upstream "$LOAD_CPUS"
 fi
+
+# The same ratios at the same moment (bench/paired.sh: nginx and fencegate on the same cores, each
+# saturated by its own wrk, both at once), which a machine whose speed drifts between the rounds
+# above does not move: the throughput targets are judged on these.
+for setup in pinned shared; do
+    [ "$setup" = pinned ] || [ "$(nproc)" -ge 2 ] || continue
+    for requests in put get; do
+        log "paired $setup $requests"
+        BENCH_SETUP=$setup BENCH_REQUESTS=$requests BENCH_DURATION=${BENCH_PAIRED_DURATION:-5} \
+            BENCH_PAIRED_JSON=$WORK/paired.json bench/paired.sh "$BIN" "$PAIRED_ROUNDS" >&2
+        record scenario=paired -- "$(cat "$WORK/paired.json")"
+    done
+done
 
 # Storage profiles: one etcd put through the etcd-v3 profile (the body read, its key decoded) against
 # the same call through a plain path route, and a 100-key transaction (100 gates per request).
