@@ -186,8 +186,9 @@ def markdown(summary, setup):
         f"Proxies on CPU {setup['proxy_cpus']} ({setup['workers']} nginx worker(s), "
         f"{setup['workers']} fencegate worker thread(s)); wrk, oha and the upstream "
         f"(nginx `return 200`) on CPU {setup['load_cpus']}. {setup['connections']} connections, "
-        f"{setup['duration_s']} s per measurement. Latency by oha at 50% of each target's own "
-        "wrk saturation, latency-corrected; the median of each percentile over "
+        f"{setup['duration_s']} s per measurement. Latency by oha, latency-corrected, with every "
+        "proxy at the same rate (half the wrk saturation of the slower of nginx and fencegate; "
+        "the upstream alone at half its own); the median of each percentile over "
         f"{setup['latency_rounds']} rounds, the targets in turn within each.",
         "",
     ]

@@ -4,9 +4,10 @@
 #   1. throughput, latency and CPU time per request of fenced PUTs (current token: the hot path)
 #      and plain GETs, against the upstream directly, nginx proxy_pass, fencegate, and the bare
 #      hyper proxy of examples/hyper_floor.rs (hyper's server and pooled client with nothing else),
-#      all in front of the same nginx `return 200`; wrk finds saturation, oha measures latency at
-#      50% of it (latency-corrected); CPU time is the process's own (/proc, user + system) over the
-#      wrk run, divided by its requests. Twice: with the proxy pinned alone on one core, and in the
+#      all in front of the same nginx `return 200`; wrk finds saturation, oha measures latency
+#      (latency-corrected) with every proxy at the same rate, 50% of the saturation of the slower
+#      of nginx and fencegate; CPU time is the process's own (/proc, user + system) over the wrk
+#      run, divided by its requests. Twice: with the proxy pinned alone on one core, and in the
 #      outside check's setup, two threads for each proxy and everything sharing two cores. Then
 #      the throughput and CPU ratios again, both proxies at the same moment (bench/paired.sh), in
 #      both setups: on a virtual machine whose speed drifts, the ratios taken in turn move by
@@ -136,7 +137,8 @@ curl -fsS -o /dev/null -X PUT -H 'Fencing-Token: 1' "${URL[fencegate]}"
 # Throughput (with CPU time per request) and latency of each target: `measure PREFIX TARGET...`,
 # with URL and CPU_PID (the process whose CPU time a target costs) filled in. Latency is taken
 # LATENCY_ROUNDS times, the targets in turn within each round, and reported as medians: on a
-# virtual machine one p99 at half load moves by several times between runs.
+# virtual machine one p99 at half load moves by several times between runs. The upstream alone is
+# sent half its own saturation; every proxy the same rate (below).
 measure() {
     local prefix=$1
     shift
@@ -153,12 +155,25 @@ measure() {
                 cpu_seconds="$(python3 -c "print($cpu_after - $cpu_before)")" -- "$saturation"
             half[$target]=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1]); print(max(1, int(s["requests"] / (s["duration_us"] / 1e6) / 2)))' "$saturation")
         done
+        # Every proxy at the same rate, half the slower of nginx's and fencegate's saturation (the
+        # bare hyper proxy is only a reference, and gets that rate too), so that their p99s
+        # answer one question: how long a request waits at this load. (Half of each one's own
+        # saturation sent the faster proxy more requests, and on a machine whose speed drifts a
+        # rate found in a fast moment could be most of its capacity in a slow one.)
+        local proxies_rate=
+        for target in "$@"; do
+            case $target in nginx | fencegate) ;; *) continue ;; esac
+            if [ -z "$proxies_rate" ] || [ "${half[$target]}" -lt "$proxies_rate" ]; then
+                proxies_rate=${half[$target]}
+            fi
+        done
         for round in $(seq 1 "$LATENCY_ROUNDS"); do
             for target in "$@"; do
-                log "oha $method $target at ${half[$target]} req/s ${prefix%_} (round $round)"
+                local rate=$proxies_rate
+                [ "$target" = direct ] && rate=${half[direct]}
+                log "oha $method $target at $rate req/s ${prefix%_} (round $round)"
                 record scenario="${prefix}latency" method="$method" target="$target" tool=oha \
-                    rate="${half[$target]}" round="$round" -- \
-                    "$(run_oha "$method" "${URL[$target]}" "${half[$target]}")"
+                    rate="$rate" round="$round" -- "$(run_oha "$method" "${URL[$target]}" "$rate")"
             done
         done
     done
