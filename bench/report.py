@@ -16,7 +16,6 @@ from pathlib import Path
 TARGETS = ("direct", "nginx", "hyper", "fencegate")
 METHODS = ("PUT", "GET")
 
-# The issue's targets, as (label, check) over the summary below.
 def paired(s, setup, requests):
     """bench/paired.sh's medians for one setup and kind of request, if that run measured them."""
     return s.get("paired", {}).get(f"{setup} {requests}", {})
