@@ -92,7 +92,6 @@ EOF
     wait_for_port "$FENCEGATE_PORT"
 }
 
-# Appends one result line: `record KEY=VALUE... -- JSON` merges the pairs into the JSON object.
 # A config for fencegate serving HTTPS with $WORK/server.crt and server.key, and the hot route
 # /r/{id} to the plain upstream: bench/tls.sh's (which appends its routes) and bench/pgo.sh's.
 write_tls_config() { # file database
@@ -113,6 +112,7 @@ resource = "r:{id}"
 EOF
 }
 
+# Appends one result line: `record KEY=VALUE... -- JSON` merges the pairs into the JSON object.
 record() { # appends to $RAW
     python3 - "$RAW" "$@" <<'EOF'
 import json, sys

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# fencegate against nginx proxy_pass at the same moment, on the same core: a ratio that a noisy
+# fencegate against nginx proxy_pass at the same moment, on the same cores: a ratio that a noisy
 # machine does not move.
 #
 #   bench/paired.sh [BINARY] [ROUNDS]
 #
 # bench/compare.sh measures the proxies one after the other, so a virtual machine whose speed
 # drifts between rounds (steal time, a neighbour's load) moves its ratios by tens of percent.
-# Here both proxies run pinned to the same core, each saturated by its own wrk -t1 -c64 (fenced
-# PUTs with the current token, as bench/run.sh's), both at once: the scheduler shares the core
-# between them, and whatever slows the core slows both. Each round prints both rates and each
+# Here both proxies run pinned to the same core (two with BENCH_SETUP=shared), each saturated by
+# its own wrk -t1 -c64 (fenced PUTs with the current token, as bench/run.sh's), both at once: the
+# scheduler shares the cores between them, and whatever slows the machine slows both. Each round prints both rates and each
 # proxy's CPU time per request (user + system, from /proc, over the same seconds); the medians of
 # fencegate / nginx end the run. With the core shared evenly the rate ratio is the inverse of the
 # CPU ratio. Latency is not measured here: two proxies sharing a core delay each other, so a p99
